@@ -1,0 +1,362 @@
+"""Configuration: one TOML file, parsed strictly.
+
+Every section is a frozen dataclass; the parser walks the type hints, so the
+schema lives in one place.  An unknown key, a missing required key or a value
+of the wrong type is a `ConfigError` naming the file and the dotted key, and
+no program starts with a configuration it does not fully understand.
+
+Relative paths are resolved against the working directory of the program
+(`make run` runs from the checkout; the systemd unit sets
+`WorkingDirectory=/`, where the packaged configuration uses absolute paths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_PATH = "/etc/mailtresor/mailtresor.toml"
+ENV_VAR = "MAILTRESOR_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class Appliance:
+    name: str
+    hostname: str = "localhost"
+    runtime_directory: Path = Path("/run/mailtresor")
+    state_directory: Path = Path("/var/lib/mailtresor")
+
+
+@dataclass(frozen=True)
+class Control:
+    """How this appliance reaches its control endpoint (mutual TLS)."""
+
+    url: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    timeout: float = 10.0
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    # How often the current spool key version is asked again (rotation).
+    refresh_interval: float = 600.0
+    # How long a tenant key stays in memory after its last fetch.
+    key_cache_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Spool:
+    directory: Path
+    max_message_size: int = 50 * 1024 * 1024
+    # Below this much free space, new mail gets 452 4.3.1.
+    min_free_bytes: int = 64 * 1024 * 1024
+    max_entries: int = 200_000
+    # "auto": syncfs(2) when the spool is a file system of its own (one flush
+    # for a whole batch), per-file fsync otherwise.
+    sync: Literal["auto", "fsync", "syncfs"] = "auto"
+    max_tries: int = 5
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert_file: Path
+    key_file: Path
+    # CA whose certificates identify connector clients (mTLS); optional.
+    client_ca_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class Listener:
+    endpoint: str
+    tls: Literal["starttls", "implicit"]
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Connector:
+    """Who may deliver: a source network and/or a client certificate."""
+
+    name: str
+    networks: tuple[str, ...] = ()
+    client_cert: Literal["required", "optional"] = "optional"
+    # Subject common names accepted (empty: any certificate from the CA).
+    client_cert_names: tuple[str, ...] = ()
+    # Tenant this connector delivers for (an Exchange journal rule).
+    tenant: str = ""
+
+
+@dataclass(frozen=True)
+class Relay:
+    listener: tuple[Listener, ...] = ()
+    connector: tuple[Connector, ...] = ()
+    max_connections: int = 100
+    max_recipients: int = 1000
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Milter:
+    listen: str
+    enabled: bool = True
+    # "tempfail": the MTA retries later; mail is never let through un-archived.
+    # "accept": mail flows on even when it could not be archived (logged loudly).
+    on_failure: Literal["tempfail", "accept"] = "tempfail"
+    # Seconds the MTA waits for us (libmilter's timeout).
+    timeout: int = 60
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class Service:
+    shutdown_timeout: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    domains: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ControlAppliance:
+    name: str
+    # Client certificate subject common names that identify this appliance.
+    cert_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ControlServer:
+    """The reference key-custody service (mailtresor-control)."""
+
+    listen: str
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+    keystore: Path
+    audit_log: Path
+    # Where the master secret comes from: "credential:NAME" (systemd
+    # LoadCredential=), "fd:N", "prompt", or "file:PATH" (development only).
+    master_key: str = "credential:master-key"
+    appliance: tuple[ControlAppliance, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    appliance: Appliance
+    control: Control
+    spool: Spool
+    tls: TLS | None = None
+    relay: Relay = field(default_factory=Relay)
+    milter: Milter | None = None
+    service: Service = field(default_factory=Service)
+    tenant: tuple[Tenant, ...] = ()
+    control_server: ControlServer | None = None
+    source: Path = Path("")
+
+
+def locate(explicit: str | os.PathLike | None) -> Path:
+    """--config, else $MAILTRESOR_CONFIG, else the packaged default."""
+    return Path(explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict, source: Path) -> Config:
+    cfg = _build(Config, raw, source, "", skip={"source"})
+    cfg = dataclasses.replace(cfg, source=source)
+    _check(cfg, source)
+    return cfg
+
+
+def _build(cls, raw, source: Path, where: str, skip=frozenset()):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = _join(where, unknown[0])
+        raise ConfigError(f"{source}: {key}: unknown key")
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if _optional(hints[name]):
+                    continue
+                raise ConfigError(f"{source}: {key}: required key is missing")
+            continue
+        values[name] = _convert(hints[name], raw[name], source, key)
+    return cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _convert(tp, value, source: Path, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, source, key)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key}: {value!r} is not one of {allowed}")
+        return value
+    if origin is tuple:
+        item = args[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {_tname(value)}")
+        return tuple(_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key)
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {key}: expected a path (string), got {_tname(value)}")
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {_tname(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {_tname(value)}")
+        if value < 0:
+            raise ConfigError(f"{source}: {key}: must not be negative")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {_tname(value)}")
+        if value < 0:
+            raise ConfigError(f"{source}: {key}: must not be negative")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {_tname(value)}")
+        return value
+    raise TypeError(f"config schema: unsupported type {tp!r} at {key}")  # programming error
+
+
+def _tname(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _check(cfg: Config, source: Path) -> None:
+    """Cross-field rules that types alone cannot express."""
+    def fail(key, msg):
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+    if not cfg.control.url.startswith("https://"):
+        fail("control.url", "must be an https:// URL (keys travel only over TLS)")
+    if cfg.relay.listener and cfg.tls is None:
+        fail("relay.listener", "relay listeners need a [tls] section (the relay is TLS-only)")
+    if cfg.spool.max_message_size < 1024:
+        fail("spool.max_message_size", "must be at least 1024 bytes")
+    if cfg.spool.max_tries < 1:
+        fail("spool.max_tries", "must be at least 1")
+    tenants = set()
+    for i, t in enumerate(cfg.tenant):
+        if not t.name or not t.name.replace("-", "").replace("_", "").isalnum():
+            fail(f"tenant[{i}].name", f"{t.name!r}: use letters, digits, '-' and '_'")
+        if t.name in tenants:
+            fail(f"tenant[{i}].name", f"tenant {t.name!r} is defined twice")
+        tenants.add(t.name)
+        for j, d in enumerate(t.domains):
+            if "@" in d or not d or d != d.strip().lower():
+                fail(f"tenant[{i}].domains[{j}]", f"{d!r} is not a lower-case domain name")
+    names = set()
+    for i, c in enumerate(cfg.relay.connector):
+        if c.name in names:
+            fail(f"relay.connector[{i}].name", f"connector {c.name!r} is defined twice")
+        names.add(c.name)
+        for j, net in enumerate(c.networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                fail(f"relay.connector[{i}].networks[{j}]", f"{net!r} is not a network (e.g. 192.0.2.0/24)")
+        if c.tenant and c.tenant not in tenants:
+            fail(f"relay.connector[{i}].tenant", f"unknown tenant {c.tenant!r}")
+        if c.client_cert == "required" and cfg.tls is not None and cfg.tls.client_ca_file is None:
+            fail(f"relay.connector[{i}].client_cert", "'required' needs tls.client_ca_file")
+        if not c.networks and c.client_cert != "required":
+            fail(f"relay.connector[{i}]", "a connector needs networks, a required client certificate, or both")
+    for i, lst in enumerate(cfg.relay.listener):
+        if ":" not in lst.endpoint:
+            fail(f"relay.listener[{i}].endpoint", f"{lst.endpoint!r} is not a Twisted endpoint (e.g. tcp:25:interface=192.0.2.1)")
+    if cfg.milter is not None and cfg.milter.enabled:
+        try:
+            milter_socket(cfg.milter.listen)
+        except ValueError as e:
+            fail("milter.listen", str(e))
+    if cfg.control_server is not None:
+        m = cfg.control_server.master_key
+        kind = m.split(":", 1)[0]
+        if kind not in ("credential", "fd", "prompt", "file") or (kind != "prompt" and ":" not in m):
+            fail("control_server.master_key", f"{m!r}: use credential:NAME, fd:N, prompt or file:PATH")
+        seen = set()
+        for i, a in enumerate(cfg.control_server.appliance):
+            if a.name in seen:
+                fail(f"control_server.appliance[{i}].name", f"appliance {a.name!r} is defined twice")
+            seen.add(a.name)
+
+
+def milter_socket(endpoint: str) -> str:
+    """Turn a Twisted-style endpoint string into libmilter's socket syntax.
+
+    ``unix:PATH`` (or ``unix:address=PATH``) -> ``unix:/abs/PATH``;
+    ``tcp:PORT:interface=HOST`` -> ``inet:PORT@HOST``.
+    """
+    kind, _, rest = endpoint.partition(":")
+    params = rest.split(":")
+    if kind == "unix":
+        path = params[0]
+        if path.startswith("address="):
+            path = path[len("address="):]
+        if not path:
+            raise ValueError(f"{endpoint!r}: unix socket needs a path")
+        return "unix:" + os.path.abspath(path)
+    if kind in ("tcp", "tcp6"):
+        if not params[0].isdigit():
+            raise ValueError(f"{endpoint!r}: tcp needs a port number")
+        port, host = params[0], "127.0.0.1"
+        for p in params[1:]:
+            if p.startswith("interface="):
+                host = p[len("interface="):]
+        return f"{'inet6' if kind == 'tcp6' else 'inet'}:{port}@{host}"
+    raise ValueError(f"{endpoint!r}: the milter listens on unix:PATH or tcp:PORT:interface=HOST")
+
+
+def tenant_for_domain(cfg: Config) -> dict[str, str]:
+    return {d: t.name for t in cfg.tenant for d in t.domains}

@@ -1,0 +1,488 @@
+"""mailtresor-control: the reference key-custody service.
+
+In production it runs on a separate host.  It holds, per appliance, the
+spool key, volume keys and tenant keys; it releases a key only to the
+appliance it belongs to (identified by its client certificate) and appends
+every release and every refusal to a hash-chained audit log.
+
+Its key store is a file encrypted under a key stretched (Argon2id) from a
+master secret that is never stored next to it: systemd credential, file
+descriptor, or a prompt.  `file:PATH` exists for development only.
+
+A rotated key keeps its older versions, so whatever they encrypted can still
+be decrypted; appliances ask for a version explicitly when they need one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import fcntl
+import getpass
+import hashlib
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import config as configmod
+from . import crypto
+from .keys import KEY_NAME
+
+log = logging.getLogger("mailtresor.control")
+
+KEYSTORE_FORMAT = 1
+_KEYSTORE_AAD = b"mailtresor-control-keystore-v1"
+
+
+class ControlError(Exception):
+    """A user-facing error of mailtresor-control."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- master secret ----------------------------------------------------------------
+
+def read_master_secret(spec: str) -> bytes:
+    kind, _, arg = spec.partition(":")
+    if kind == "credential":
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred_dir:
+            raise ControlError(f"master_key = {spec!r} but $CREDENTIALS_DIRECTORY is not set "
+                               "(start the service with LoadCredential=/LoadCredentialEncrypted=)")
+        path = Path(cred_dir) / arg
+        try:
+            secret = path.read_bytes()
+        except OSError as e:
+            raise ControlError(f"cannot read credential {arg!r}: {e.strerror}") from None
+    elif kind == "fd":
+        try:
+            fd = int(arg)
+            with os.fdopen(fd, "rb", closefd=True) as f:
+                secret = f.read()
+        except (ValueError, OSError) as e:
+            raise ControlError(f"cannot read the master secret from fd {arg!r}: {e}") from None
+    elif kind == "prompt":
+        secret = getpass.getpass("mailtresor-control master secret: ").encode()
+    elif kind == "file":
+        try:
+            secret = Path(arg).read_bytes()
+        except OSError as e:
+            raise ControlError(f"cannot read master secret file {arg}: {e.strerror}") from None
+    else:
+        raise ControlError(f"unknown master_key source {spec!r}")
+    secret = secret.strip()
+    if len(secret) < 16:
+        raise ControlError("the master secret is shorter than 16 characters")
+    return secret
+
+
+# --- key store ------------------------------------------------------------------------
+
+class KeyStore:
+    """{appliance: {name: {"current": v, "versions": {v: {key, created}}}}}, encrypted."""
+
+    def __init__(self, path: Path, secret: bytes):
+        self.path = Path(path)
+        self._secret = secret
+        self._derived: dict[bytes, bytes] = {}
+        self._stamp = None
+        self._data: dict = {}
+
+    def _key(self, salt: bytes) -> bytes:
+        if salt not in self._derived:
+            self._derived[salt] = crypto.passphrase_key(self._secret, salt)
+        return self._derived[salt]
+
+    @contextmanager
+    def _locked(self):
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def init(self) -> None:
+        with self._locked():
+            if self.path.exists():
+                raise ControlError(f"key store {self.path} exists already")
+            self._data = {}
+            self._save(crypto.random_bytes(16))
+
+    def load(self) -> dict:
+        """The decrypted store; re-read only when the file changed."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            raise ControlError(f"no key store at {self.path} (run: mailtresor-control init)") from None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return self._data
+        doc = json.loads(self.path.read_bytes())
+        if doc.get("format") != KEYSTORE_FORMAT:
+            raise ControlError(f"{self.path}: unsupported key store format {doc.get('format')!r}")
+        salt = base64.b64decode(doc["kdf"]["salt"])
+        try:
+            plain = crypto.open_blob(self._key(salt), base64.b64decode(doc["blob"]), _KEYSTORE_AAD)
+        except crypto.DecryptionError:
+            raise ControlError(f"{self.path}: wrong master secret (the key store does not decrypt)") from None
+        self._data = json.loads(plain)
+        self._salt = salt
+        self._stamp = stamp
+        return self._data
+
+    def _save(self, salt: bytes) -> None:
+        blob = crypto.seal_blob(self._key(salt), json.dumps(self._data).encode(), _KEYSTORE_AAD)
+        doc = {"format": KEYSTORE_FORMAT,
+               "kdf": {"alg": "argon2id", "t": 3, "m": 65536, "p": 2,
+                       "salt": base64.b64encode(salt).decode()},
+               "blob": base64.b64encode(blob).decode()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(doc, indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._stamp = None
+
+    def _modify(self, fn):
+        with self._locked():
+            self._stamp = None
+            self.load()
+            result = fn(self._data)
+            self._save(self._salt)
+            return result
+
+    def create(self, appliance: str, name: str) -> int:
+        _check_names(appliance, name)
+
+        def do(data):
+            keys = data.setdefault(appliance, {})
+            if name in keys:
+                raise ControlError(f"appliance {appliance!r} already has a key {name!r} (use rotate)")
+            keys[name] = {"current": 1, "versions": {"1": _new_version()}}
+            return 1
+        return self._modify(do)
+
+    def rotate(self, appliance: str, name: str) -> int:
+        _check_names(appliance, name)
+
+        def do(data):
+            entry = data.get(appliance, {}).get(name)
+            if entry is None:
+                raise ControlError(f"appliance {appliance!r} has no key {name!r}")
+            v = max(int(x) for x in entry["versions"]) + 1
+            entry["versions"][str(v)] = _new_version()
+            entry["current"] = v
+            return v
+        return self._modify(do)
+
+    def get(self, appliance: str, name: str, version: int | None = None):
+        entry = self.load().get(appliance, {}).get(name)
+        if entry is None:
+            return None
+        v = entry["current"] if version is None else version
+        ver = entry["versions"].get(str(v))
+        if ver is None:
+            return None
+        return v, base64.b64decode(ver["key"]), ver["created"]
+
+    def listing(self) -> list[dict]:
+        rows = []
+        for appliance, keys in sorted(self.load().items()):
+            for name, entry in sorted(keys.items()):
+                rows.append({"appliance": appliance, "name": name, "current": entry["current"],
+                             "versions": sorted(int(v) for v in entry["versions"]),
+                             "created": entry["versions"][str(entry["current"])]["created"]})
+        return rows
+
+
+def _new_version() -> dict:
+    return {"key": base64.b64encode(crypto.random_key()).decode(), "created": _now()}
+
+
+def _check_names(appliance: str, name: str) -> None:
+    if not KEY_NAME.match(appliance):
+        raise ControlError(f"invalid appliance name {appliance!r}")
+    if not KEY_NAME.match(name):
+        raise ControlError(f"invalid key name {name!r} (lower-case letters, digits, '.', '_', '-')")
+
+
+# --- audit log -------------------------------------------------------------------------
+
+class AuditLog:
+    """Append-only JSON lines, each carrying the hash of the one before."""
+
+    GENESIS = "0" * 64
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, event: str, **fields) -> dict:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            prev, seq = self._tail(fd)
+            rec = {"seq": seq + 1, "time": _now(), "event": event, **fields, "prev": prev}
+            rec["hash"] = _chain_hash(rec)
+            os.write(fd, json.dumps(rec, sort_keys=True).encode() + b"\n")
+            os.fsync(fd)
+            return rec
+        finally:
+            os.close(fd)
+
+    def _tail(self, fd: int) -> tuple[str, int]:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return self.GENESIS, 0
+        start = max(0, size - 65536)
+        chunk = os.pread(fd, size - start, start)
+        last = chunk.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        rec = json.loads(last)
+        return rec["hash"], rec["seq"]
+
+    def verify(self) -> list[str]:
+        problems = []
+        prev, seq = self.GENESIS, 0
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        for n, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                problems.append(f"line {n}: not JSON")
+                continue
+            if rec.get("prev") != prev:
+                problems.append(f"line {n}: chain broken (prev hash does not match line {n - 1})")
+            if rec.get("seq") != seq + 1:
+                problems.append(f"line {n}: sequence {rec.get('seq')} follows {seq}")
+            if _chain_hash(rec) != rec.get("hash"):
+                problems.append(f"line {n}: record altered (hash mismatch)")
+            prev, seq = rec.get("hash"), rec.get("seq", seq + 1)
+        return problems
+
+
+def _chain_hash(rec: dict) -> str:
+    body = {k: v for k, v in rec.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+# --- HTTPS service ---------------------------------------------------------------------------
+
+def _peer_names(transport) -> list[str]:
+    cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
+    if cert is None:
+        return []
+    return [v.decode() for k, v in cert.get_subject().get_components() if k == b"CN"]
+
+
+def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str]):
+    """appliances: certificate CN -> appliance name."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    def reply(request, code, doc):
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(doc).encode()
+
+    class KeysResource(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            peer = request.getClientAddress()
+            peer_s = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+            names = _peer_names(request.channel.transport)
+            appliance = next((appliances[n] for n in names if n in appliances), None)
+            parts = [p.decode("utf-8", "replace") for p in request.postpath if p]
+            if appliance is None:
+                audit.append("deny", appliance=None, cert=names, peer=peer_s, path=request.path.decode(
+                    "utf-8", "replace")[:200], reason="unknown client certificate")
+                log.warning("refused %s: certificate %s belongs to no appliance", peer_s, names)
+                return reply(request, 403, {"error": "this client certificate belongs to no appliance"})
+            if not parts or len(parts) > 2 or not KEY_NAME.match(parts[0]) or \
+                    (len(parts) == 2 and not parts[1].isdigit()):
+                return reply(request, 400, {"error": "use /v1/keys/NAME or /v1/keys/NAME/VERSION"})
+            name = parts[0]
+            version = int(parts[1]) if len(parts) == 2 else None
+            try:
+                found = store.get(appliance, name, version)
+            except ControlError as e:
+                log.error("key store: %s", e)
+                return reply(request, 503, {"error": "key store unavailable"})
+            if found is None:
+                audit.append("deny", appliance=appliance, key=name, version=version, peer=peer_s,
+                             reason="no such key")
+                return reply(request, 404, {"error": f"appliance {appliance!r} has no key {name!r}"
+                                            + ("" if version is None else f" version {version}")})
+            v, key, created = found
+            audit.append("release", appliance=appliance, key=name, version=v, peer=peer_s)
+            log.info("released %s version %d to %s (%s)", name, v, appliance, peer_s)
+            return reply(request, 200, {"name": name, "version": v, "created": created,
+                                        "key": base64.b64encode(key).decode()})
+
+    class Health(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return reply(request, 200, {"status": "ok"})
+
+    root = Resource()
+    v1 = Resource()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"keys", KeysResource())
+    v1.putChild(b"health", Health())
+
+    class QuietSite(Site):
+        def log(self, request):  # the audit log is the record; no access log
+            pass
+
+    return QuietSite(root)
+
+
+def serve(cfg: configmod.Config) -> int:
+    from twisted.internet import endpoints, reactor
+    from twisted.internet import ssl as tssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from . import service
+
+    cs = cfg.control_server
+    if cs is None:
+        raise ControlError(f"{cfg.source}: no [control_server] section")
+    if cs.master_key.startswith("file:"):
+        log.warning("master secret read from a file (%s): for development only", cs.master_key[5:])
+    store = KeyStore(cs.keystore, read_master_secret(cs.master_key))
+    store.load()  # fail now if the secret is wrong or the store is missing
+    audit = AuditLog(cs.audit_log)
+    problems = audit.verify()
+    if problems:
+        raise ControlError(f"audit log {cs.audit_log} is damaged: {problems[0]}")
+    appliances = {cn: a.name for a in cs.appliance for cn in a.cert_names}
+    site = make_site(store, audit, appliances)
+    me = tssl.PrivateCertificate.loadPEM(Path(cs.cert_file).read_bytes() + Path(cs.key_file).read_bytes())
+    ca = tssl.Certificate.loadPEM(Path(cs.client_ca_file).read_bytes())
+    options = tssl.CertificateOptions(privateKey=me.privateKey.original, certificate=me.original,
+                                      verify=True, caCerts=[ca.original], requireCertificate=True,
+                                      raiseMinimumTo=tssl.TLSVersion.TLSv1_2)
+    ep = endpoints.serverFromString(reactor, cs.listen)
+    d = ep.listen(TLSMemoryBIOFactory(options, False, site))
+
+    def listening(port):
+        log.info("control endpoint listening on %s (mutual TLS), %d appliance(s)", cs.listen,
+                 len(cs.appliance))
+        service.notify("READY=1", f"STATUS=serving keys on {cs.listen}")
+
+    result = {"exit": 0}
+
+    def failed(f):
+        log.error("cannot listen on %s: %s", cs.listen, f.getErrorMessage())
+        result["exit"] = 1
+        reactor.stop()
+
+    d.addCallbacks(listening, failed)
+    reactor.run()
+    return result["exit"]
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    from . import service
+
+    p = argparse.ArgumentParser(prog="mailtresor-control", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help=f"configuration file (default ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="run the HTTPS key service")
+    sub.add_parser("init", help="create an empty key store")
+    keys = sub.add_parser("keys", help="create, rotate and list keys").add_subparsers(dest="kcmd", required=True)
+    kc = keys.add_parser("create", help="create a key for an appliance")
+    kc.add_argument("appliance")
+    kc.add_argument("name", help="e.g. spool, tenant.acme, volume.spool")
+    kc.add_argument("--if-missing", action="store_true", help="succeed quietly if the key exists")
+    kr = keys.add_parser("rotate", help="add a new current version (older versions stay readable)")
+    kr.add_argument("appliance")
+    kr.add_argument("name")
+    kl = keys.add_parser("list", help="list keys (names and versions, never material)")
+    kl.add_argument("appliance", nargs="?")
+    kl.add_argument("--json", action="store_true")
+    audit = sub.add_parser("audit", help="audit log").add_subparsers(dest="acmd", required=True)
+    audit.add_parser("verify", help="check the audit log's hash chain")
+    pki = sub.add_parser("pki", help="development certificates (never for production)")
+    pki.add_argument("directory")
+    pki.add_argument("--appliance", default="dev")
+    pki.add_argument("--hostname", default="localhost")
+    args = p.parse_args(argv)
+    service.setup_logging("info")
+    try:
+        if args.cmd == "pki":
+            from .pki import dev_pki
+            paths = dev_pki(Path(args.directory), appliance=args.appliance, hostname=args.hostname)
+            print(f"development PKI in {args.directory}: {len(paths)} files")
+            return 0
+        cfg = configmod.load(configmod.locate(args.config))
+        if args.cmd == "serve":
+            return serve(cfg)
+        cs = cfg.control_server
+        if cs is None:
+            raise ControlError(f"{cfg.source}: no [control_server] section")
+        if args.cmd == "audit":
+            problems = AuditLog(cs.audit_log).verify()
+            for pr in problems:
+                print(f"{cs.audit_log}: {pr}", file=sys.stderr)
+            if not problems:
+                print(f"{cs.audit_log}: chain intact")
+            return 1 if problems else 0
+        store = KeyStore(cs.keystore, read_master_secret(cs.master_key))
+        audit_log = AuditLog(cs.audit_log)
+        if args.cmd == "init":
+            store.init()
+            audit_log.append("init", keystore=str(cs.keystore))
+            print(f"created empty key store {cs.keystore}")
+            return 0
+        if args.kcmd == "create":
+            if args.if_missing and store.get(args.appliance, args.name) is not None:
+                return 0
+            v = store.create(args.appliance, args.name)
+            audit_log.append("create", appliance=args.appliance, key=args.name, version=v)
+            print(f"created {args.appliance}/{args.name} version {v}")
+        elif args.kcmd == "rotate":
+            v = store.rotate(args.appliance, args.name)
+            audit_log.append("rotate", appliance=args.appliance, key=args.name, version=v)
+            print(f"rotated {args.appliance}/{args.name}: current version is now {v}")
+        elif args.kcmd == "list":
+            rows = [r for r in store.listing() if args.appliance in (None, r["appliance"])]
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                print(f"{'APPLIANCE':<16} {'KEY':<24} {'CURRENT':>7}  {'VERSIONS':<12} CREATED")
+                for r in rows:
+                    vs = ",".join(map(str, r["versions"]))
+                    print(f"{r['appliance']:<16} {r['name']:<24} {r['current']:>7}  {vs:<12} {r['created']}")
+        return 0
+    except (ControlError, configmod.ConfigError) as e:
+        print(f"mailtresor-control: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

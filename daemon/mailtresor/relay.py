@@ -1,0 +1,674 @@
+"""The TLS-only SMTP relay: the target of Exchange journal rules.
+
+An ESMTP server engine on Twisted transports (Twisted's own `smtp.SMTP`
+answers a failed end-of-data with a permanent 550 and hides bare line
+feeds behind its line splitting; an archive needs both under control).
+
+What it promises:
+- nothing but EHLO/HELO/STARTTLS/NOOP/RSET/QUIT before TLS
+  (`530 5.7.0 Must issue a STARTTLS command first`); an implicit-TLS port;
+  TLS 1.2 at least;
+- who may deliver is decided per connector: source network and/or client
+  certificate; a connector may name its tenant;
+- DATA is taken byte for byte: only `<CR><LF>.<CR><LF>` ends it, dot
+  stuffing is undone, and a bare <LF> or bare <CR> anywhere is refused
+  with `550 5.5.2` and the connection closed (SMTP smuggling; the
+  behaviour of Postfix's `smtpd_forbid_bare_newline = reject`, without its
+  `normalize` mode, which would change the stored bytes);
+- `250 2.0.0 Ok: queued as ID` only once the spool says the entry is
+  durable; every storage failure is a 4xx (mailtresor.replies).
+
+The engine knows nothing of storage: it talks to a `Sink` (the spool).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol as TypingProtocol
+
+from OpenSSL import SSL, crypto as ossl
+from twisted.internet import interfaces
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from . import replies
+from .replies import Reply
+from .spool import Envelope
+
+log = logging.getLogger("mailtresor.relay")
+
+MAX_COMMAND_LINE = 4096
+MAX_ERRORS = 10
+
+
+class Writer(TypingProtocol):
+    id: str
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, envelope: Envelope): ...  # concurrent.futures.Future[str]
+
+    def abort(self) -> None: ...
+
+
+class Sink(TypingProtocol):
+    def admit(self, size_hint: int = 0) -> None: ...
+
+    def open_writer(self, size_hint: int = 0) -> Writer: ...
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+class ServerTLS:
+    """Server TLS context; asks for a client certificate without requiring
+    one, and remembers (rather than refuses) certificates that do not verify,
+    so that the SMTP dialogue can say precisely what is wrong."""
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None,
+                 min_version: str = "1.2"):
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION if min_version == "1.3" else SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_cipher_list(b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS")
+        ctx.use_certificate_chain_file(str(cert_file))
+        ctx.use_privatekey_file(str(key_file))
+        ctx.check_privatekey()
+        ctx.set_session_id(b"mailtresor-relay")
+        self._failed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        if client_ca_file is not None:
+            ctx.load_verify_locations(str(client_ca_file))
+            ca = ossl.load_certificate(ossl.FILETYPE_PEM, Path(client_ca_file).read_bytes())
+            ctx.set_client_ca_list([ca.get_subject()])
+            ctx.set_verify(SSL.VERIFY_PEER, self._verify)
+        self._ctx = ctx
+
+    def _verify(self, conn, cert, errnum, depth, ok):
+        if not ok:
+            self._failed[conn] = errnum
+        return True
+
+    def getContext(self):
+        return self._ctx
+
+    def facts(self, conn: SSL.Connection) -> dict:
+        facts = {"version": conn.get_protocol_version_name(), "cipher": conn.get_cipher_name(),
+                 "client_cert": None}
+        cert = conn.get_peer_certificate()
+        if cert is not None:
+            subject = dict(cert.get_subject().get_components())
+            facts["client_cert"] = {
+                "subject": ", ".join(f"{k.decode()}={v.decode('utf-8', 'replace')}"
+                                     for k, v in cert.get_subject().get_components()),
+                "cn": subject.get(b"CN", b"").decode("utf-8", "replace"),
+                "issuer": ", ".join(f"{k.decode()}={v.decode('utf-8', 'replace')}"
+                                    for k, v in cert.get_issuer().get_components()),
+                "sha256": cert.digest("sha256").decode(),
+                "trusted": conn not in self._failed,
+            }
+        return facts
+
+
+# --- who may deliver ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Connector:
+    name: str
+    networks: tuple = ()
+    client_cert: str = "optional"       # "required" | "optional"
+    client_cert_names: tuple = ()
+    tenant: str = ""
+
+    def network_ok(self, ip) -> bool:
+        return not self.networks or any(ip in n for n in self.networks)
+
+
+class Gate:
+    """Connector decisions; pure, so it is tested without sockets."""
+
+    def __init__(self, connectors):
+        self.connectors = [Connector(c.name, tuple(ipaddress.ip_network(n, strict=False) for n in c.networks),
+                                     c.client_cert, tuple(c.client_cert_names), c.tenant)
+                           for c in connectors]
+
+    def may_connect(self, address: str) -> bool:
+        ip = _ip(address)
+        return ip is not None and any(c.network_ok(ip) for c in self.connectors)
+
+    def choose(self, address: str, tls: dict | None) -> tuple[Connector | None, Reply | None]:
+        """The first connector this client satisfies, or the reply saying why none."""
+        ip = _ip(address)
+        cert = (tls or {}).get("client_cert")
+        trusted = bool(cert and cert["trusted"])
+        wanted_cert = False
+        for c in self.connectors:
+            if ip is None or not c.network_ok(ip):
+                continue
+            if c.client_cert_names:
+                if trusted and cert["cn"] in c.client_cert_names:
+                    return c, None
+                wanted_cert = True
+                continue
+            if c.client_cert == "required":
+                if trusted:
+                    return c, None
+                wanted_cert = True
+                continue
+            return c, None
+        if cert and not trusted:
+            return None, Reply(550, "5.7.1", "Error: client certificate not issued by a trusted CA")
+        if cert and wanted_cert:
+            return None, Reply(550, "5.7.1", f"Error: client certificate {cert['cn']!r} is not authorised here")
+        if wanted_cert:
+            return None, Reply(530, "5.7.0", "Error: a client certificate is required")
+        return None, Reply(550, "5.7.1", "Error: client not authorised")
+
+
+def _ip(address: str):
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
+
+
+# --- DATA -------------------------------------------------------------------------------------
+
+class BareLineEnding(Exception):
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+class DataReader:
+    """Undo dot stuffing and find the end of DATA, strictly.
+
+    `feed()` returns (content, rest, done): content to store, and when
+    `done`, the bytes that followed `.<CR><LF>` (pipelined commands).
+    Raises BareLineEnding for <LF> without <CR> or <CR> without <LF>.
+    """
+
+    LONG_LINE = 8192
+
+    def __init__(self):
+        self._pending = b""
+        self._line_start = True   # does _pending begin a line?
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        buf, self._pending = self._pending + data, b""
+        if self._line_start and buf[:3] == b".\r\n":
+            return b"", buf[3:], True
+        end = buf.find(b"\r\n.\r\n")
+        if end >= 0:
+            segment, tail, rest, done = buf[:end + 2], b"", buf[end + 5:], True
+        else:
+            cut = buf.rfind(b"\r\n")
+            segment, tail = (b"", buf) if cut < 0 else (buf[:cut + 2], buf[cut + 2:])
+            rest, done = b"", False
+        # Every <LF> must follow a <CR> and every <CR> precede an <LF>; a <CR>
+        # at the very end of the buffer may still meet its <LF>.
+        if segment.count(b"\n") != segment.count(b"\r\n") or b"\n" in tail:
+            raise BareLineEnding("LF")
+        if segment.count(b"\r") != segment.count(b"\r\n") or b"\r" in tail[:-1]:
+            raise BareLineEnding("CR")
+        out = segment
+        if out:
+            if self._line_start and out[:1] == b".":
+                out = out[1:]
+            out = out.replace(b"\r\n.", b"\r\n")
+            self._line_start = True
+        if len(tail) > self.LONG_LINE:
+            # A long line: pass it on but for a possible final <CR>.
+            keep = 1 if tail.endswith(b"\r") else 0
+            head, tail = tail[:len(tail) - keep], tail[len(tail) - keep:]
+            if self._line_start and head[:1] == b".":
+                head = head[1:]
+            out += head
+            self._line_start = False
+        self._pending = tail
+        return out, rest, done
+
+
+# --- the protocol --------------------------------------------------------------------------
+
+@dataclass
+class Transaction:
+    mail_from: str
+    mail_params: dict
+    connector: Connector
+    rcpt_to: list = field(default_factory=list)
+    rcpt_params: list = field(default_factory=list)
+    writer: Writer | None = None
+    reader: DataReader | None = None
+
+
+ADDRESS = re.compile(r"^<(?P<addr>[^<>]*)>(?P<params>(?: +\S+)*) *$")
+_verb = re.compile(rb"^([A-Za-z]+)(?: (.*))?$", re.S)
+
+
+@implementer(interfaces.IHandshakeListener)
+class RelayProtocol(Protocol, TimeoutMixin):
+    def __init__(self, factory: "RelayFactory", implicit_tls: bool):
+        self.factory = factory
+        self.implicit_tls = implicit_tls
+        self.tls: dict | None = None
+        self.helo = ""
+        self.esmtp = False
+        self.txn: Transaction | None = None
+        self.buffer = b""
+        self.mode = "command"          # command | data | tls | busy | closed
+        self.errors = 0
+        self.peer = ("", 0)
+        self.cid = 0
+        self.callLater = factory.clock.callLater
+        self.messages = 0
+
+    # --- connection ---
+
+    def connectionMade(self):
+        f = self.factory
+        peer = self.transport.getPeer()
+        self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self.cid = f.next_cid()
+        f.active.add(self)
+        log.info("conn %d: connect from [%s]:%s on %s", self.cid, self.peer[0], self.peer[1], f.listener_name)
+        self.setTimeout(f.timeout)
+        if self.implicit_tls:
+            self.mode = "tls"       # greet once the handshake is done
+            return
+        self._greet()
+
+    def handshakeCompleted(self):
+        self.tls = self.factory.tls.facts(self.transport.getHandle())
+        cert = self.tls["client_cert"]
+        log.info("conn %d: TLS %s %s%s", self.cid, self.tls["version"], self.tls["cipher"],
+                 f", client certificate CN={cert['cn']} ({'trusted' if cert['trusted'] else 'NOT trusted'})"
+                 if cert else "")
+        if self.implicit_tls and self.mode == "tls":
+            self.mode = "command"
+            self._greet()
+            self._process()
+        elif self.mode == "tls":
+            self.mode = "command"
+            self._process()
+
+    def _greet(self):
+        f = self.factory
+        if f.shutting_down:
+            return self._close_with(replies.SHUTTING_DOWN)
+        if len(f.active) > f.max_connections:
+            return self._close_with(Reply(421, "4.7.0", "Error: too many connections, try again later"))
+        if not f.gate.may_connect(self.peer[0]):
+            log.warning("conn %d: reject: [%s] is in no connector's networks", self.cid, self.peer[0])
+            return self._close_with(Reply(554, "5.7.1", f"Access denied: client {self.peer[0]} is not allowed"))
+        try:
+            f.sink.admit(0)
+        except Exception as e:  # noqa: BLE001 - only some failures refuse a greeting
+            refusal = replies.at_greeting(e)
+            if refusal is not None:
+                log.warning("conn %d: refused [%s]: %s", self.cid, self.peer[0], e)
+                return self._close_with(refusal)
+        self._send(f"220 {f.hostname} ESMTP mailtresor\r\n".encode())
+
+    def connectionLost(self, reason=None):
+        self.setTimeout(None)
+        self.factory.active.discard(self)
+        if self.txn is not None and self.txn.writer is not None and self.mode != "busy":
+            self.txn.writer.abort()
+        self.mode = "closed"
+        log.info("conn %d: disconnect from [%s] messages=%d", self.cid, self.peer[0], self.messages)
+        self.factory.connection_closed(self)
+
+    def timeoutConnection(self):
+        log.info("conn %d: timeout after %s from [%s]", self.cid,
+                 "DATA" if self.mode == "data" else "command", self.peer[0])
+        self._close_with(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
+
+    def _send(self, data: bytes):
+        if self.mode != "closed":
+            self.transport.write(data)
+
+    def _reply(self, reply: Reply):
+        self._send(reply.line())
+
+    def _close_with(self, reply: Reply):
+        self._reply(reply)
+        self.mode = "closed"
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    # --- input ---
+
+    def dataReceived(self, data: bytes):
+        if self.mode == "closed":
+            return
+        self.resetTimeout()
+        self.buffer += data
+        self._process()
+
+    def _process(self):
+        while self.buffer and self.mode in ("command", "data"):
+            if self.mode == "data":
+                self._data_input()
+                continue
+            nl = self.buffer.find(b"\n")
+            if nl < 0:
+                if len(self.buffer) > MAX_COMMAND_LINE:
+                    self._close_with(Reply(500, "5.5.2", "Error: line too long"))
+                return
+            line, self.buffer = self.buffer[:nl + 1], self.buffer[nl + 1:]
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                log.warning("conn %d: bare <%s> in a command from [%s]", self.cid,
+                            "LF" if not line.endswith(b"\r\n") else "CR", self.peer[0])
+                self._close_with(Reply(550, "5.5.2", "Error: bare <LF> received"
+                                       if not line.endswith(b"\r\n") else "Error: bare <CR> received"))
+                return
+            if len(line) > MAX_COMMAND_LINE:
+                self._close_with(Reply(500, "5.5.2", "Error: line too long"))
+                return
+            self._command(line[:-2])
+
+    def _command(self, line: bytes):
+        f = self.factory
+        m = _verb.match(line)
+        verb = m.group(1).upper().decode() if m else ""
+        arg_b = (m.group(2) or b"") if m else b""
+        arg = arg_b.decode("utf-8", "surrogateescape")
+        if f.shutting_down and self.txn is None and verb != "QUIT":
+            return self._close_with(replies.SHUTTING_DOWN)
+        handler = getattr(self, f"smtp_{verb}", None) if verb else None
+        if handler is None:
+            return self._error(Reply(502, "5.5.2", "Error: command not recognized"))
+        handler(arg)
+
+    def _error(self, reply: Reply):
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            return self._close_with(Reply(421, "4.7.0", f"{self.factory.hostname} Error: too many errors"))
+        self._reply(reply)
+
+    # --- commands ---
+
+    def smtp_EHLO(self, arg):
+        if not arg.strip():
+            return self._error(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+        self._reset()
+        self.helo, self.esmtp = arg.strip(), True
+        f = self.factory
+        lines = [f.hostname, "PIPELINING", f"SIZE {f.max_size}", "8BITMIME", "SMTPUTF8",
+                 "ENHANCEDSTATUSCODES"]
+        if not self.implicit_tls and self.tls is None:
+            lines.append("STARTTLS")
+        out = "".join(f"250-{ln}\r\n" for ln in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        self._send(out.encode())
+
+    def smtp_HELO(self, arg):
+        if not arg.strip():
+            return self._error(Reply(501, "5.5.4", "Syntax: HELO hostname"))
+        self._reset()
+        self.helo, self.esmtp = arg.strip(), False
+        self._send(f"250 {self.factory.hostname}\r\n".encode())
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        if self.tls is not None or self.implicit_tls:
+            return self._error(Reply(554, "5.5.1", "Error: TLS already active"))
+        self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        # Anything the client pipelined after STARTTLS was sent in the clear:
+        # drop it (CVE-2011-0411 style command injection).
+        self.buffer = b""
+        self._reset()
+        self.helo, self.esmtp = "", False
+        self.mode = "tls"
+        self.transport.startTLS(self.factory.tls)
+
+    def smtp_NOOP(self, arg):
+        self._reply(Reply(250, "2.0.0", "Ok"))
+
+    def smtp_RSET(self, arg):
+        self._reset()
+        self._reply(Reply(250, "2.0.0", "Ok"))
+
+    def smtp_QUIT(self, arg):
+        self._close_with(Reply(221, "2.0.0", "Bye"))
+
+    def smtp_VRFY(self, arg):
+        self._reply(Reply(502, "5.5.1", "VRFY command is disabled"))
+
+    def smtp_HELP(self, arg):
+        self._reply(Reply(214, "2.0.0", "See RFC 5321"))
+
+    def smtp_MAIL(self, arg):
+        f = self.factory
+        if not self.helo:
+            return self._error(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
+        if self.tls is None:
+            log.warning("conn %d: reject: MAIL before STARTTLS from [%s]", self.cid, self.peer[0])
+            return self._error(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+        if self.txn is not None:
+            return self._error(Reply(503, "5.5.1", "Error: nested MAIL command"))
+        if not arg[:5].upper() == "FROM:":
+            return self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        parsed = _address(arg[5:])
+        if parsed is None:
+            return self._error(Reply(501, "5.1.7", "Bad sender address syntax"))
+        addr, params = parsed
+        known = {"SIZE", "BODY", "SMTPUTF8"} if self.esmtp else set()
+        for k, v in params.items():
+            if k not in known:
+                return self._error(Reply(555, "5.5.4", f"Unsupported option: {k}"))
+        size_hint = 0
+        if "SIZE" in params:
+            if not (params["SIZE"] or "").isdigit():
+                return self._error(Reply(501, "5.5.4", "Bad SIZE parameter"))
+            size_hint = int(params["SIZE"])
+            if size_hint > f.max_size:
+                log.warning("conn %d: reject: SIZE=%d over the limit from [%s]", self.cid, size_hint,
+                            self.peer[0])
+                return self._error(replies.TOO_LARGE)
+        if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
+            return self._error(Reply(501, "5.5.4", "Bad BODY parameter"))
+        connector, refusal = f.gate.choose(self.peer[0], self.tls)
+        if connector is None:
+            log.warning("conn %d: reject: MAIL from [%s]: %d %s %s", self.cid, self.peer[0], *refusal)
+            return self._error(refusal)
+        try:
+            f.sink.admit(size_hint)
+        except Exception as e:  # noqa: BLE001 - every failure has a reply
+            reply = replies.for_failure(e)
+            log.warning("conn %d: reject: MAIL from [%s]: %d %s %s (%s)", self.cid, self.peer[0],
+                        *reply, e)
+            return self._reply(reply)
+        self.txn = Transaction(addr, params, connector)
+        self._reply(Reply(250, "2.1.0", "Ok"))
+
+    def smtp_RCPT(self, arg):
+        if self.txn is None:
+            return self._error(Reply(503, "5.5.1", "Error: need MAIL command"))
+        if not arg[:3].upper() == "TO:":
+            return self._error(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        parsed = _address(arg[3:])
+        if parsed is None or not parsed[0]:
+            return self._error(Reply(501, "5.1.3", "Bad recipient address syntax"))
+        addr, params = parsed
+        if params:
+            return self._error(Reply(555, "5.5.4", f"Unsupported option: {next(iter(params))}"))
+        if len(self.txn.rcpt_to) >= self.factory.max_recipients:
+            return self._reply(Reply(452, "4.5.3", "Error: too many recipients"))
+        self.txn.rcpt_to.append(addr)
+        self.txn.rcpt_params.append(params)
+        self._reply(Reply(250, "2.1.5", "Ok"))
+
+    def smtp_DATA(self, arg):
+        if arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: DATA"))
+        if self.txn is None:
+            return self._error(Reply(503, "5.5.1", "Error: need MAIL command"))
+        if not self.txn.rcpt_to:
+            return self._error(Reply(503, "5.5.1", "Error: need RCPT command"))
+        try:
+            self.txn.writer = self.factory.sink.open_writer(int(self.txn.mail_params.get("SIZE") or 0))
+        except Exception as e:  # noqa: BLE001
+            reply = replies.for_failure(e)
+            log.warning("conn %d: reject: DATA from [%s]: %d %s %s (%s)", self.cid, self.peer[0], *reply, e)
+            self._reset()
+            return self._reply(reply)
+        self.txn.reader = DataReader()
+        self.mode = "data"
+        self._send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    # --- DATA ---
+
+    def _data_input(self):
+        txn = self.txn
+        data, self.buffer = self.buffer, b""
+        try:
+            content, rest, done = txn.reader.feed(data)
+        except BareLineEnding as e:
+            log.warning("conn %d: reject: bare <%s> in DATA from [%s]", self.cid, e.what, self.peer[0])
+            self._reset()
+            return self._close_with(Reply(550, "5.5.2", f"Error: bare <{e.what}> received"))
+        if content:
+            txn.writer.write(content)
+        if done:
+            self.buffer = rest
+            self._end_of_data()
+
+    def _end_of_data(self):
+        txn, f = self.txn, self.factory
+        env = Envelope(
+            source="relay", mail_from=txn.mail_from, rcpt_to=list(txn.rcpt_to),
+            connector=txn.connector.name, tenant=txn.connector.tenant,
+            client_address=self.peer[0], client_port=self.peer[1], helo=self.helo,
+            tls=self.tls, mail_params={k: v for k, v in txn.mail_params.items()},
+            rcpt_params=list(txn.rcpt_params), received_at=time.time())
+        self.mode = "busy"
+        self.setTimeout(None)
+        self.transport.pauseProducing()
+        started = time.monotonic()
+        fut = txn.writer.commit(env)
+        f.inflight += 1
+
+        def finished(entry_id, error):
+            f.inflight -= 1
+            if self.mode == "closed":
+                if error is None:
+                    log.warning("conn %d: %s: queued, but the client left before the reply", self.cid, entry_id)
+                return
+            self.txn = None
+            if error is None:
+                self.messages += 1
+                log.info("conn %d: %s: from=<%s> nrcpt=%d size=%d connector=%s%s tls=%s queued (%.1f ms)",
+                         self.cid, entry_id, _printable(env.mail_from), len(env.rcpt_to), env.size,
+                         env.connector, f" tenant={env.tenant}" if env.tenant else "",
+                         (self.tls or {}).get("version"), (time.monotonic() - started) * 1000)
+                self._reply(Reply(250, "2.0.0", f"Ok: queued as {entry_id}"))
+            else:
+                reply = replies.for_failure(error)
+                log.warning("conn %d: not queued: from=<%s> size=%d: %d %s %s (%s)", self.cid,
+                            _printable(env.mail_from), env.size, *reply, error)
+                self._reply(reply)
+            self.mode = "command"
+            if f.shutting_down:
+                return self._close_with(replies.SHUTTING_DOWN)
+            self.setTimeout(f.timeout)
+            self.transport.resumeProducing()
+            self._process()
+
+        fut.add_done_callback(lambda fu: f.call_from_thread(
+            finished, *( (fu.result(), None) if fu.exception() is None else (None, fu.exception()))))
+
+    def _reset(self):
+        if self.txn is not None and self.txn.writer is not None:
+            self.txn.writer.abort()
+        self.txn = None
+
+    # --- shutdown ---
+
+    def shutdown(self):
+        """Stop accepting: idle sessions are told 421 4.3.2 now; a session in
+        a transaction finishes it and is told at its next command."""
+        if self.mode in ("command", "tls") and self.txn is None:
+            self._close_with(replies.SHUTTING_DOWN)
+
+    def abandon(self):
+        """Shutdown timeout: close whatever is left (nothing was acknowledged)."""
+        if self.mode != "closed":
+            self._reset()
+            self._close_with(replies.SHUTTING_DOWN)
+
+
+def _printable(s: str) -> str:
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _address(text: str):
+    """'<a@b> K=V K2' -> ('a@b', {'K': 'V', 'K2': None}); None if malformed."""
+    m = ADDRESS.match(text.strip())
+    if not m:
+        return None
+    addr = m.group("addr")
+    if ":" in addr and addr.startswith("@"):      # source route: @a,@b:user@c
+        addr = addr.split(":", 1)[1]
+    if any(c in addr for c in " \t\r\n") and not addr.startswith('"'):
+        return None
+    params = {}
+    for p in m.group("params").split():
+        k, _, v = p.partition("=")
+        params[k.upper()] = v if _ else None
+    return addr, params
+
+
+class RelayFactory(ServerFactory):
+    def __init__(self, *, sink: Sink, gate: Gate, tls: ServerTLS, hostname: str, max_size: int,
+                 max_recipients: int = 1000, max_connections: int = 100, timeout: float = 300.0,
+                 implicit_tls: bool = False, listener_name: str = "", clock=None, call_from_thread=None):
+        from twisted.internet import reactor
+        self.sink, self.gate, self.tls = sink, gate, tls
+        self.hostname, self.max_size = hostname, max_size
+        self.max_recipients, self.max_connections = max_recipients, max_connections
+        self.timeout, self.implicit_tls, self.listener_name = timeout, implicit_tls, listener_name
+        self.clock = clock or reactor
+        self.call_from_thread = call_from_thread or reactor.callFromThread
+        self.active: set[RelayProtocol] = set()
+        self.shutting_down = False
+        self.inflight = 0
+        self._cid = 0
+        self._idle_waiters = []
+
+    def next_cid(self) -> int:
+        self._cid += 1
+        return self._cid
+
+    def buildProtocol(self, addr):
+        p = RelayProtocol(self, self.implicit_tls)
+        p.factory = self
+        return p
+
+    def connection_closed(self, proto):
+        if self.shutting_down and not self.active:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def shutdown(self):
+        """Deferred firing when every session has ended."""
+        from twisted.internet.defer import Deferred, succeed
+        self.shutting_down = True
+        for p in list(self.active):
+            p.shutdown()
+        if not self.active:
+            return succeed(None)
+        d = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def abandon(self):
+        for p in list(self.active):
+            p.abandon()

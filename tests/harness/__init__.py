@@ -1,0 +1,1 @@
+"""Test and benchmark helpers that run real third-party parts (stdlib only)."""
