@@ -339,7 +339,8 @@ def milter_socket(endpoint: str) -> str:
     ``tcp:PORT:interface=HOST`` -> ``inet:PORT@HOST``.
     """
     kind, _, rest = endpoint.partition(":")
-    params = rest.split(":")
+    # Twisted endpoint syntax: ':' separates fields, '\:' is a literal colon.
+    params = [p.replace("\0", ":") for p in rest.replace("\\:", "\0").split(":")]
     if kind == "unix":
         path = params[0]
         if path.startswith("address="):

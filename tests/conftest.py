@@ -1,0 +1,47 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.harness.stack import Stack
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
+if not CORPUS.is_dir():  # a checkout elsewhere: $MAILTRESOR_CORPUS
+    CORPUS = Path(os.environ.get("MAILTRESOR_CORPUS", "/nonexistent"))
+
+
+def corpus_files() -> list[Path]:
+    if not CORPUS.is_dir():
+        pytest.skip(f"corpus not found at {CORPUS}")
+    return sorted(p for p in CORPUS.rglob("*.eml"))
+
+
+def corpus_message(path: Path) -> bytes:
+    """A corpus file as an RFC 5322 message on the wire: the mbox 'From '
+    line dropped, lines ending in CRLF (what an SMTP client sends)."""
+    raw = path.read_bytes()
+    if raw.startswith(b"From "):
+        raw = raw.split(b"\n", 1)[1] if b"\n" in raw else b""
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    return raw
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path / "stack")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def running(stack):
+    return stack.start()
+
+
+def pytest_report_header(config):
+    return [f"corpus: {CORPUS} ({'present' if CORPUS.is_dir() else 'missing'})",
+            f"postfix: {shutil.which('postfix') or shutil.which('/usr/sbin/postfix') or 'missing'}"]

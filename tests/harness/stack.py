@@ -1,0 +1,190 @@
+"""A private mailtresor stack for one test: its own directory, ports, PKI,
+control endpoint and daemon, as real processes.
+
+    stack = Stack(tmp_path)                 # config written, PKI and keys made
+    stack.start()                           # control endpoint + daemon, READY=1
+    with stack.smtp() as s: s.sendmail(...) # smtplib over STARTTLS
+    stack.entries()                         # what the spool holds, decrypted
+"""
+
+from __future__ import annotations
+
+import copy
+import smtplib
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+from mailtresor import config as configmod
+from mailtresor.keys import KeyRing, fetch_blocking
+from mailtresor.spool import SPOOL_KEY, Spool
+
+from . import devstack, tomlw
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class Stack:
+    def __init__(self, directory: Path, overrides: dict | None = None, *, milter: bool = True):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.smtp_port, self.smtps_port, self.control_port = free_port(), free_port(), free_port()
+        d, pki = self.dir, self.dir / "pki"
+        self.pki = pki
+        self.spool_dir = d / "spool"
+        self.milter_socket = d / "run" / "milter.sock"
+        doc = {
+            "appliance": {"name": "t1", "hostname": "archive.test", "runtime_directory": str(d / "run"),
+                          "state_directory": str(d / "state")},
+            "control": {"url": f"https://127.0.0.1:{self.control_port}", "ca_file": str(pki / "ca.pem"),
+                        "cert_file": str(pki / "appliance-t1.pem"), "key_file": str(pki / "appliance-t1.key"),
+                        "retry_initial": 0.2, "retry_max": 1.0, "timeout": 5.0},
+            "spool": {"directory": str(self.spool_dir), "min_free_bytes": 1 << 20},
+            "tls": {"cert_file": str(pki / "relay.pem"), "key_file": str(pki / "relay.key"),
+                    "client_ca_file": str(pki / "ca.pem")},
+            "relay": {
+                "timeout": 30.0,
+                "listener": [{"name": "smtp", "endpoint": f"tcp:{self.smtp_port}:interface=127.0.0.1",
+                              "tls": "starttls"},
+                             {"name": "smtps", "endpoint": f"tcp:{self.smtps_port}:interface=127.0.0.1",
+                              "tls": "implicit"}],
+                "connector": [{"name": "exchange-acme", "networks": ["127.0.0.0/8"], "client_cert": "required",
+                               "client_cert_names": ["exchange-acme"], "tenant": "acme"},
+                              {"name": "local", "networks": ["127.0.0.1/32"]}],
+            },
+            "service": {"shutdown_timeout": 10.0, "log_level": "info"},
+            "tenant": [{"name": "acme", "domains": ["acme.example"]},
+                       {"name": "globex", "domains": ["globex.example"]}],
+            "control_server": {"listen": f"tcp:{self.control_port}:interface=127.0.0.1",
+                               "cert_file": str(pki / "control.pem"), "key_file": str(pki / "control.key"),
+                               "client_ca_file": str(pki / "ca.pem"),
+                               "keystore": str(d / "control" / "keystore.json"),
+                               "audit_log": str(d / "control" / "audit.log"),
+                               "master_key": f"file:{d / 'control' / 'DEV-ONLY-master-secret'}",
+                               "appliance": [{"name": "t1", "cert_names": ["appliance-t1"]}]},
+        }
+        if milter:
+            doc["milter"] = {"listen": f"unix:{self.milter_socket}", "timeout": 30}
+        self.doc = merge(doc, overrides or {})
+        self.config_path = d / "mailtresor.toml"
+        self.config_path.write_text(tomlw.dumps(self.doc) + "\n")
+        self.cfg = configmod.load(self.config_path)
+        devstack.prepare(self.cfg)
+        self.control = None
+        self.daemon = None
+        self.notify = devstack.NotifySocket(d / "notify.sock")
+        self.log_path = d / "mailtresord.log"
+        self.control_log_path = d / "control.log"
+        self._logs = []
+        self._ring = None
+
+    # --- processes ---
+
+    def start_control(self):
+        f = open(self.control_log_path, "ab")
+        self._logs.append(f)
+        self.control = devstack.start_control(self.cfg, stdout=f, stderr=subprocess.STDOUT)
+
+    def stop_control(self):
+        devstack.stop(self.control)
+        self.control = None
+
+    def start_daemon(self, wait_ready: bool = True, env: dict | None = None):
+        f = open(self.log_path, "ab")
+        self._logs.append(f)
+        self.daemon = devstack.start_daemon(self.cfg, self.notify, wait_ready=wait_ready, env=env,
+                                            stdout=f, stderr=subprocess.STDOUT)
+        if not wait_ready:
+            devstack.wait_port("127.0.0.1", self.smtp_port, proc=self.daemon)
+        return self.daemon
+
+    def stop_daemon(self, timeout: float = 30.0) -> int | None:
+        rc = devstack.stop(self.daemon, timeout)
+        self.daemon = None
+        return rc
+
+    def kill_daemon(self):
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.kill()
+            self.daemon.wait()
+        self.daemon = None
+
+    def start(self):
+        self.start_control()
+        self.start_daemon()
+        return self
+
+    def close(self):
+        devstack.stop(self.daemon, 15)
+        devstack.stop(self.control, 15)
+        self.notify.close()
+        for f in self._logs:
+            f.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # --- clients ---
+
+    def client_context(self, cert: str | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+        if cert is not None:
+            ctx.load_cert_chain(str(self.pki / f"{cert}.pem"), str(self.pki / f"{cert}.key"))
+        return ctx
+
+    def smtp(self, *, implicit: bool = False, cert: str | None = None, source: str | None = None,
+             starttls: bool = True, timeout: float = 30.0) -> smtplib.SMTP:
+        src = (source, 0) if source else None
+        if implicit:
+            s = smtplib.SMTP_SSL("127.0.0.1", self.smtps_port, context=self.client_context(cert),
+                                 timeout=timeout, source_address=src)
+            s.ehlo("client.test")
+            return s
+        s = smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout, source_address=src)
+        s.ehlo("client.test")
+        if starttls:
+            s.starttls(context=self.client_context(cert))
+            s.ehlo("client.test")
+        return s
+
+    # --- what the spool holds ---
+
+    def keyring(self) -> KeyRing:
+        """The spool keys, fetched the way the archiver will: over mTLS."""
+        ring = KeyRing()
+        c = self.cfg.control
+        cur = fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, SPOOL_KEY)
+        ring.put(cur, current=True)
+        for v in range(1, cur.version):
+            ring.put(fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, SPOOL_KEY, v))
+        return ring
+
+    def open_spool(self) -> Spool:
+        return Spool(self.spool_dir, self.keyring(), min_free_bytes=0)
+
+    def entries(self) -> dict:
+        spool = self.open_spool()
+        try:
+            return {i: spool.read(i) for i in spool.ready()}
+        finally:
+            spool.close()
+
+    def spool_ids(self) -> list[str]:
+        return sorted(p.name for p in (self.spool_dir / "new").iterdir())

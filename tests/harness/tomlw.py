@@ -1,0 +1,38 @@
+"""A TOML writer for the shapes our configuration uses (tests only)."""
+
+from __future__ import annotations
+
+import json
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
+
+
+def _is_table_array(v) -> bool:
+    return isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v)
+
+
+def dumps(doc: dict, prefix: str = "") -> str:
+    out = []
+    for k, v in doc.items():
+        if not isinstance(v, dict) and not _is_table_array(v):
+            out.append(f"{k} = {_value(v)}")
+    for k, v in doc.items():
+        name = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.append(f"\n[{name}]")
+            out.append(dumps(v, name))
+        elif _is_table_array(v):
+            for item in v:
+                out.append(f"\n[[{name}]]")
+                out.append(dumps(item, name))
+    return "\n".join(x for x in out if x != "")

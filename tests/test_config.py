@@ -1,0 +1,137 @@
+"""Strict configuration: errors name the file and the key; nothing starts
+with a configuration it does not understand."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailtresor import config
+from tests.harness.stack import Stack
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def load_text(tmp_path, text: str):
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    return config.load(p), p
+
+
+BASE = """
+[appliance]
+name = "a"
+[control]
+url = "https://127.0.0.1:1"
+ca_file = "ca.pem"
+cert_file = "c.pem"
+key_file = "c.key"
+[spool]
+directory = "spool"
+"""
+
+
+def test_minimal_config_loads_with_defaults(tmp_path):
+    cfg, p = load_text(tmp_path, BASE)
+    assert cfg.appliance.name == "a" and cfg.spool.max_tries == 5 and cfg.milter is None
+    assert cfg.source == p and cfg.relay.listener == ()
+
+
+def test_dev_config_loads():
+    cfg = config.load(REPO / "conf" / "dev.toml")
+    assert [t.name for t in cfg.tenant] == ["acme", "globex"]
+    assert [lst.endpoint for lst in cfg.relay.listener] == ["tcp:10025:interface=127.0.0.1",
+                                                             "tcp:10465:interface=127.0.0.1"]
+    assert cfg.milter.listen == "unix:run/milter.sock"
+    assert cfg.control.url == "https://127.0.0.1:8444"
+
+
+def test_example_config_loads():
+    cfg = config.load(REPO / "conf" / "mailtresor.toml")
+    assert cfg.milter is not None and cfg.relay.listener
+
+
+@pytest.mark.parametrize("extra,key,message", [
+    ("[service]\nlog_levl = 'info'\n", "service.log_levl", "unknown key"),
+    ("[bogus]\nx = 1\n", "bogus", "unknown key"),
+    ("[service]\nshutdown_timeout = 'soon'\n", "service.shutdown_timeout", "expected a number"),
+    ("[service]\nlog_level = 'loud'\n", "service.log_level", "is not one of"),
+    ("[[tenant]]\nname = 'x'\n", "tenant[0].domains", "required key is missing"),
+    ("[[tenant]]\nname = 'x'\ndomains = 'x.example'\n", "tenant[0].domains", "expected a list"),
+    ("[[tenant]]\nname = 'x'\ndomains = ['X.Example']\n", "tenant[0].domains[0]", "lower-case"),
+    ("[[tenant]]\nname = 'x'\ndomains = ['x.example']\n[[tenant]]\nname = 'x'\ndomains = ['y.example']\n",
+     "tenant[1].name", "defined twice"),
+    ("[relay]\nmax_connections = -1\n", "relay.max_connections", "must not be negative"),
+    ("[relay]\nmax_connections = true\n", "relay.max_connections", "expected an integer"),
+    ("[[relay.listener]]\nendpoint = 'tcp:25'\ntls = 'none'\n", "relay.listener[0].tls", "is not one of"),
+    ("[[relay.listener]]\nendpoint = 'tcp:25'\ntls = 'starttls'\n", "relay.listener", "[tls] section"),
+    ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.300/8']\n", "relay.connector[0].networks[0]",
+     "is not a network"),
+    ("[[relay.connector]]\nname = 'x'\n", "relay.connector[0]", "needs networks"),
+    ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\ntenant = 'nobody'\n",
+     "relay.connector[0].tenant", "unknown tenant"),
+    ("[milter]\nlisten = 'inet:25@x'\n", "milter.listen", "unix:PATH or tcp"),
+    ("[milter]\nlisten = 'unix:/run/m.sock'\non_failure = 'ignore'\n", "milter.on_failure", "is not one of"),
+])
+def test_bad_configs_name_file_and_key(tmp_path, extra, key, message):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, BASE + extra)
+    text = str(e.value)
+    assert text.startswith(str(tmp_path / "m.toml") + ": " + key + ":"), text
+    assert message in text
+
+
+def test_plaintext_control_url_is_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match="control.url: must be an https://"):
+        load_text(tmp_path, BASE.replace("https://", "http://"))
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="no such configuration file"):
+        config.load(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[appliance\nname=")
+    with pytest.raises(config.ConfigError, match="bad.toml: not valid TOML"):
+        config.load(tmp_path / "bad.toml")
+
+
+def test_config_location(monkeypatch):
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    assert config.locate(None) == Path("/etc/mailtresor/mailtresor.toml")
+    monkeypatch.setenv(config.ENV_VAR, "/x/y.toml")
+    assert config.locate(None) == Path("/x/y.toml")
+    assert config.locate("/a.toml") == Path("/a.toml")
+
+
+@pytest.mark.parametrize("endpoint,expected", [
+    ("unix:/run/mailtresor/milter.sock", "unix:/run/mailtresor/milter.sock"),
+    ("unix:address=/run/m.sock", "unix:/run/m.sock"),
+    ("tcp:8891:interface=127.0.0.1", "inet:8891@127.0.0.1"),
+    ("tcp6:8891:interface=\\:\\:1", "inet6:8891@::1"),
+])
+def test_milter_socket_translation(endpoint, expected):
+    assert config.milter_socket(endpoint) == expected
+
+
+def test_daemon_refuses_a_bad_config(tmp_path):
+    """The daemon does not start: exit 2, one line naming file and key."""
+    p = tmp_path / "m.toml"
+    p.write_text(BASE.replace('directory = "spool"', 'directory = "spool"\nmax_tries = "three"'))
+    r = subprocess.run([str(VENV_BIN / "mailtresord"), "--config", str(p)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"mailtresord: {p}: spool.max_tries: expected an integer, got a string"
+    r = subprocess.run([str(VENV_BIN / "mailtresord"), "--check-config"], capture_output=True, text=True,
+                       env={"MAILTRESOR_CONFIG": str(REPO / "conf" / "dev.toml"), "PATH": "/usr/bin:/bin"},
+                       timeout=60)
+    assert r.returncode == 0 and "configuration OK" in r.stdout
+
+
+def test_generated_test_config_round_trips(tmp_path):
+    s = Stack(tmp_path / "s", milter=False)
+    try:
+        assert s.cfg.appliance.name == "t1" and s.cfg.milter is None
+        assert s.cfg.relay.connector[0].tenant == "acme"
+    finally:
+        s.close()
