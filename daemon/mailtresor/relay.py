@@ -46,6 +46,9 @@ log = logging.getLogger("mailtresor.relay")
 
 MAX_COMMAND_LINE = 4096
 MAX_ERRORS = 10
+# After our last reply, a TLS close waits for the peer's close_notify; a peer
+# that never sends it must not hold the session (and shutdown) open.
+CLOSE_GRACE = 2.0
 
 
 class Writer(TypingProtocol):
@@ -267,6 +270,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.cid = 0
         self.callLater = factory.clock.callLater
         self.messages = 0
+        self._abort_call = None
 
     # --- connection ---
 
@@ -317,6 +321,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason=None):
         self.setTimeout(None)
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self.factory.active.discard(self)
         if self.txn is not None and self.txn.writer is not None and self.mode != "busy":
             self.txn.writer.abort()
@@ -341,6 +347,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.mode = "closed"
         self.setTimeout(None)
         self.transport.loseConnection()
+        self._abort_call = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # --- input ---
 
@@ -598,10 +605,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self._close_with(replies.SHUTTING_DOWN)
 
     def abandon(self):
-        """Shutdown timeout: close whatever is left (nothing was acknowledged)."""
-        if self.mode != "closed":
+        """Shutdown timeout: drop whatever is left.  Nothing here was
+        acknowledged; a commit already handed to the spool still completes."""
+        if self.mode not in ("closed", "busy"):
             self._reset()
-            self._close_with(replies.SHUTTING_DOWN)
+            self._reply(replies.SHUTTING_DOWN)
+        self.mode = "closed"
+        self.transport.abortConnection()
 
 
 def _printable(s: str) -> str:

@@ -95,6 +95,9 @@ class Daemon:
         self.have_key = False
         self.exit_code = 0
         self._stopping = None
+        self._status_loop = None
+        self._timer = None
+        self._stop_requested = False
         self._status_file = cfg.appliance.runtime_directory / "status.json"
 
     # --- status ---
@@ -175,6 +178,15 @@ class Daemon:
         self._status_loop = task.LoopingCall(self.write_status)
         self._status_loop.start(10, now=False)
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        # A second SIGTERM while stopping is not an error (Twisted's own
+        # handler would call reactor.stop() twice).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.reactor.callFromThread(self.request_stop))
+
+    def request_stop(self):
+        if not self._stop_requested:
+            self._stop_requested = True
+            self.reactor.stop()
 
     def _listening(self, port, lst):
         self.ports.append(port)
@@ -205,6 +217,7 @@ class Daemon:
     # --- stop ---
 
     def stop(self):
+        """The 'before shutdown' trigger: the reactor waits for this Deferred."""
         from twisted.internet import defer
 
         if self._stopping is not None:
@@ -218,34 +231,38 @@ class Daemon:
             port.stopListening()
         if self.milter is not None:
             self.milter.begin_shutdown()
-        timeout = self.cfg.service.shutdown_timeout
         waits = [f.shutdown() for f in self.factories]
         if self.milter is not None:
             waits.append(self.milter.wait_idle(self.reactor))
-        all_done = defer.gatherResults(waits)
-        timer = self.reactor.callLater(timeout, self._abandon)
-
-        def finished(_):
-            if timer.active():
-                timer.cancel()
-            if self.milter is not None:
-                self.milter.stop()
-            self.spool.close(timeout=timeout)
-            self.state = "stopped"
-            if self._status_loop.running:
-                self._status_loop.stop()
-            self.set_status("stopped")
-            log.info("stopped; spool holds %d entries", self.spool.depth())
-
-        self._stopping = all_done.addBoth(finished)
+        self._stopping = defer.Deferred()
+        self._timer = self.reactor.callLater(self.cfg.service.shutdown_timeout, self._abandon)
+        defer.gatherResults(waits).addBoth(lambda _: self._finish())
         return self._stopping
 
     def _abandon(self):
-        log.warning("shutdown timeout (%.0fs): closing the remaining sessions", self.cfg.service.shutdown_timeout)
+        log.warning("shutdown timeout (%.0fs): closing the remaining sessions",
+                    self.cfg.service.shutdown_timeout)
         for f in self.factories:
             f.abandon()
         if self.milter is not None:
             self.milter.abandon()
+        # Commits already handed to the spool finish in spool.close().
+        self.reactor.callLater(0.5, self._finish)
+
+    def _finish(self):
+        if self.state == "stopped":
+            return
+        self.state = "stopped"
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.milter is not None:
+            self.milter.stop()
+        self.spool.close(timeout=self.cfg.service.shutdown_timeout)
+        if self._status_loop is not None and self._status_loop.running:
+            self._status_loop.stop()
+        self.set_status("stopped")
+        log.info("stopped; spool holds %d entries", self.spool.depth())
+        self._stopping.callback(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGHUP is not a reason to stop a mail daemon; there is nothing to reload yet.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reactor.run()
+    if daemon.milter is not None:
+        # libmilter's threads may still sit in their 5-second poll; leave
+        # without running Python's finalisation under them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(daemon.exit_code)
     return daemon.exit_code
 
 

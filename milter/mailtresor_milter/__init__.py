@@ -309,13 +309,13 @@ class MilterServer:
             self._open = 0
 
     def stop(self):
+        """Called when the daemon exits.  New MTA connections must fail (the
+        MTA then applies milter_default_action): remove the socket path.
+        smfi_stop() is not called: it blocks for libmilter's 5-second poll,
+        and the process is about to exit anyway (open transactions are
+        finished, or were abandoned at the shutdown timeout)."""
         self._stopped = True
-        try:
-            _libmilter.stop()
-        except Exception as e:  # noqa: BLE001
-            log.debug("milter stop: %s", e)
-        if self._thread is not None:
-            self._thread.join(5)
+        self.shutting_down = True
         if self.socket.startswith("unix:"):
             try:
                 os.unlink(self.socket[5:])

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from mailtresor import config as configmod
+from mailtresor.control import AuditLog, KeyStore, read_master_secret
 from mailtresor.pki import dev_pki
 
 VENV_BIN = Path(sys.executable).parent
@@ -43,18 +44,16 @@ def prepare(cfg: configmod.Config) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-    env = dict(os.environ, MAILTRESOR_CONFIG=str(cfg.source))
-    if not cs.keystore.exists():
-        _control(["init"], env)
-    for a in cs.appliance:
-        _control(["keys", "create", "--if-missing", a.name, "spool"], env)
-        for t in cfg.tenant:
-            _control(["keys", "create", "--if-missing", a.name, f"tenant.{t.name}"], env)
-
-
-def _control(args: list[str], env: dict) -> None:
-    subprocess.run([str(VENV_BIN / "mailtresor-control"), *args], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    store = KeyStore(cs.keystore, read_master_secret(cs.master_key))
+    audit = AuditLog(cs.audit_log)
+    if not store.exists():
+        store.init()
+        audit.append("init", keystore=str(cs.keystore))
+    wanted = [(a.name, "spool") for a in cs.appliance]
+    wanted += [(a.name, f"tenant.{t.name}") for a in cs.appliance for t in cfg.tenant]
+    for appliance, name in wanted:
+        if store.get(appliance, name) is None:
+            audit.append("create", appliance=appliance, key=name, version=store.create(appliance, name))
 
 
 def _port_of(endpoint: str) -> tuple[str, int] | None:

@@ -86,6 +86,7 @@ class Stack:
         self.config_path = d / "mailtresor.toml"
         self.config_path.write_text(tomlw.dumps(self.doc) + "\n")
         self.cfg = configmod.load(self.config_path)
+        self.spool_dir = self.cfg.spool.directory
         devstack.prepare(self.cfg)
         self.control = None
         self.daemon = None

@@ -1,0 +1,180 @@
+"""The reference control endpoint: key custody, release rules, audit."""
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mailtresor import crypto
+from mailtresor.control import AuditLog, ControlError, KeyStore, read_master_secret
+from mailtresor.keys import KeyRefused, fetch_blocking
+from mailtresor.pki import CA
+from tests.harness.stack import Stack
+
+VENV_BIN = Path(sys.executable).parent
+SECRET = b"correct horse battery staple 1234"
+
+
+def test_keystore_create_rotate_get(tmp_path):
+    ks = KeyStore(tmp_path / "ks.json", SECRET)
+    ks.init()
+    assert ks.create("dev", "spool") == 1
+    v1 = ks.get("dev", "spool")
+    assert ks.rotate("dev", "spool") == 2
+    v2 = ks.get("dev", "spool")
+    assert v2[0] == 2 and v2[1] != v1[1]
+    assert ks.get("dev", "spool", 1)[1] == v1[1]           # the old version stays readable
+    assert ks.get("other", "spool") is None and ks.get("dev", "spool", 3) is None
+    rows = ks.listing()
+    assert rows == [{"appliance": "dev", "name": "spool", "current": 2, "versions": [1, 2],
+                     "created": v2[2]}]
+    with pytest.raises(ControlError, match="already has a key"):
+        ks.create("dev", "spool")
+    with pytest.raises(ControlError, match="has no key"):
+        ks.rotate("dev", "nope")
+    with pytest.raises(ControlError, match="invalid key name"):
+        ks.create("dev", "../etc")
+    # A second handle (another process) sees the changes.
+    assert KeyStore(tmp_path / "ks.json", SECRET).get("dev", "spool")[1] == v2[1]
+
+
+def test_keystore_is_encrypted_and_needs_the_secret(tmp_path):
+    ks = KeyStore(tmp_path / "ks.json", SECRET)
+    ks.init()
+    ks.create("dev", "tenant.acme")
+    key = ks.get("dev", "tenant.acme")[1]
+    raw = (tmp_path / "ks.json").read_bytes()
+    assert b"tenant.acme" not in raw and key not in raw
+    import base64
+    assert base64.b64encode(key) not in raw
+    with pytest.raises(ControlError, match="wrong master secret"):
+        KeyStore(tmp_path / "ks.json", b"not the right secret at all").load()
+
+
+def test_master_secret_sources(tmp_path, monkeypatch):
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "master-key").write_bytes(SECRET + b"\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert read_master_secret("credential:master-key") == SECRET
+    r, w = os.pipe()
+    os.write(w, SECRET)
+    os.close(w)
+    assert read_master_secret(f"fd:{r}") == SECRET
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ControlError, match="CREDENTIALS_DIRECTORY is not set"):
+        read_master_secret("credential:master-key")
+    (tmp_path / "short").write_bytes(b"short")
+    with pytest.raises(ControlError, match="shorter than 16"):
+        read_master_secret(f"file:{tmp_path / 'short'}")
+
+
+def test_audit_log_chain_detects_tampering(tmp_path):
+    log = AuditLog(tmp_path / "audit.log")
+    for i in range(5):
+        log.append("release", appliance="dev", key="spool", version=i + 1)
+    assert log.verify() == []
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    altered = lines[:]
+    altered[2] = altered[2].replace('"version": 3', '"version": 9')
+    (tmp_path / "audit.log").write_text("\n".join(altered) + "\n")
+    assert any("line 3: record altered" in p for p in log.verify())
+    (tmp_path / "audit.log").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    assert any("line 3: chain broken" in p for p in log.verify())
+
+
+@pytest.fixture
+def control(tmp_path):
+    s = Stack(tmp_path / "c", milter=False)
+    s.start_control()
+    yield s
+    s.close()
+
+
+def test_release_only_to_the_owner_and_audited(control, tmp_path):
+    c = control.cfg.control
+    m = fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, "spool")
+    assert m.version == 1 and len(m.key) == crypto.KEY_SIZE
+    assert fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, "tenant.acme").key != m.key
+    assert "key=" not in repr(m) and m.key.hex() not in repr(m)
+    # A certificate from the same CA that belongs to no appliance.
+    with pytest.raises(KeyRefused, match="403"):
+        fetch_blocking(c.url, c.ca_file, control.pki / "client-exchange-acme.pem",
+                       control.pki / "client-exchange-acme.key", "spool")
+    with pytest.raises(KeyRefused, match="404"):
+        fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, "tenant.initech")
+    audit = [json.loads(line) for line in (control.dir / "control" / "audit.log").read_text().splitlines()]
+    releases = [a for a in audit if a["event"] == "release"]
+    denials = [a for a in audit if a["event"] == "deny"]
+    assert [(a["appliance"], a["key"], a["version"]) for a in releases] == [("t1", "spool", 1),
+                                                                            ("t1", "tenant.acme", 1)]
+    assert {a["reason"] for a in denials} == {"unknown client certificate", "no such key"}
+    assert AuditLog(control.dir / "control" / "audit.log").verify() == []
+    assert m.key.hex() not in (control.dir / "control" / "audit.log").read_text()
+
+
+def test_another_appliance_never_gets_these_keys(control):
+    """Namespaces are per appliance: 'spool' asked by appliance B is B's own
+    (none here), never A's."""
+    ca = CA.load(control.pki / "ca.pem", control.pki / "ca.key")
+    ca.issue_to(control.dir / "b.pem", control.dir / "b.key", "appliance-b", client=True)
+    c = control.cfg.control
+    with pytest.raises(KeyRefused, match="403"):
+        fetch_blocking(c.url, c.ca_file, control.dir / "b.pem", control.dir / "b.key", "spool")
+
+
+def test_tls_without_client_certificate_is_refused(control):
+    ctx = ssl.create_default_context(cafile=str(control.pki / "ca.pem"))
+    with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+        urllib.request.urlopen(f"{control.cfg.control.url}/v1/health", context=ctx, timeout=10).read()
+    ctx.load_cert_chain(str(control.cfg.control.cert_file), str(control.cfg.control.key_file))
+    assert json.loads(urllib.request.urlopen(f"{control.cfg.control.url}/v1/health", context=ctx,
+                                             timeout=10).read()) == {"status": "ok"}
+
+
+def cli(stack, *args, input=None):
+    return subprocess.run([str(VENV_BIN / "mailtresor-control"), "--config", str(stack.config_path), *args],
+                          capture_output=True, text=True, timeout=60, input=input)
+
+
+def test_cli_rotate_then_the_appliance_sees_both_versions(control):
+    r = cli(control, "keys", "rotate", "t1", "spool")
+    assert r.returncode == 0 and "current version is now 2" in r.stdout
+    c = control.cfg.control
+    new = fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, "spool")
+    old = fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, "spool", 1)
+    assert (new.version, old.version) == (2, 1) and new.key != old.key
+    r = cli(control, "keys", "list", "--json")
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["spool"]["versions"] == [1, 2] and rows["spool"]["current"] == 2
+    listing = cli(control, "keys", "list").stdout
+    assert "tenant.acme" in listing and new.key.hex() not in listing
+    assert cli(control, "audit", "verify").returncode == 0
+
+
+def test_cli_errors_are_clear(control, tmp_path):
+    r = cli(control, "keys", "create", "t1", "spool")
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "mailtresor-control: appliance 't1' already has a key 'spool' (use rotate)"
+    assert cli(control, "keys", "create", "--if-missing", "t1", "spool").returncode == 0
+    r = cli(control, "keys", "create", "t1", "Bad Name")
+    assert r.returncode == 1 and "invalid key name" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "wrong-secret.toml"
+    bad.write_text(control.config_path.read_text().replace(
+        str(control.dir / "control" / "DEV-ONLY-master-secret"), str(tmp_path / "other-secret")))
+    (tmp_path / "other-secret").write_text("another secret that is long enough\n")
+    r = subprocess.run([str(VENV_BIN / "mailtresor-control"), "--config", str(bad), "keys", "list"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "wrong master secret" in r.stderr
+
+
+def test_serve_refuses_a_damaged_audit_log(control):
+    control.stop_control()
+    path = control.dir / "control" / "audit.log"
+    path.write_text(path.read_text().replace('"event": "create"', '"event": "created"', 1))
+    r = cli(control, "serve")
+    assert r.returncode == 1 and "audit log" in r.stderr and "damaged" in r.stderr
