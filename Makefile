@@ -14,7 +14,9 @@ RUNTIME_DEBS := python3-twisted python3-milter python3-xapian python3-lmdb \
 	python3-ldap3 python3-argon2 python3-service-identity
 DEV_DEBS := python3-venv python3-pip python3-setuptools python3-pytest \
 	postfix swaks openssl notmuch poppler-utils cryptsetup-bin e2fsprogs \
-	libsasl2-modules procps iproute2 util-linux
+	libsasl2-modules procps iproute2 util-linux \
+	systemd dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
+	lintian python3-seccomp
 
 .PHONY: all deps run test test-fast bench clean distclean deb
 
@@ -63,3 +65,15 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) run
+
+# The Debian package, built from a copy of the checkout (tracked files plus
+# new, not ignored ones) so that the tree stays clean: build/deb/*.deb.
+# PATH starts with Debian's own directories: the build must use
+# /usr/bin/python3 and its modules, whatever python3 comes first on PATH.
+deb: deps
+	rm -rf build/deb && mkdir -p build/deb/src
+	git ls-files -z --cached --others --exclude-standard | \
+	  tar --null --ignore-failed-read -T - -cf - | tar -xf - -C build/deb/src
+	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	lintian build/deb/mailtresor_*_all.deb
+	@ls -l build/deb/*.deb
