@@ -188,7 +188,9 @@ def test_both_flush_strategies_commit(tmp_path, sync):
 
 def test_recover_removes_only_abandoned_receptions(spool):
     live = spool.open_writer()
-    live.write(b"in progress")
+    head = os.urandom(300_000)          # large enough to be on disk already
+    live.write(head)
+    assert (spool.tmp_dir / live.id).exists()
     dead = spool.tmp_dir / new_id()
     dead.write_bytes(MAGIC + b"torn")
     assert spool.recover() == 1
@@ -196,7 +198,15 @@ def test_recover_removes_only_abandoned_receptions(spool):
     assert (spool.tmp_dir / live.id).exists()
     live.write(b" and finished\r\n")
     i = live.commit(Envelope(source="t")).result(5)
-    assert spool.read(i).data == b"in progress and finished\r\n"
+    assert spool.read(i).data == head + b" and finished\r\n"
+
+
+def test_small_messages_touch_the_disk_only_at_commit(spool):
+    w = spool.open_writer()
+    w.write(b"Subject: small\r\n\r\nbody\r\n")
+    assert os.listdir(spool.tmp_dir) == []
+    i = w.commit(Envelope(source="t")).result(5)
+    assert spool.read(i).data == b"Subject: small\r\n\r\nbody\r\n"
 
 
 def test_abort_leaves_nothing(spool):
@@ -282,8 +292,10 @@ def test_write_failure_gives_io_error(tmp_path):
     try:
         with pytest.raises(SpoolIOError):
             w.commit(Envelope(source="t")).result(5)
+        w2 = s.open_writer()
+        w2.write(b"y" * 100)
         with pytest.raises(SpoolIOError):
-            s.open_writer()
+            w2.commit(Envelope(source="t")).result(5)
     finally:
         subprocess.run(["chattr", "-i", str(s.new_dir), str(s.tmp_dir)], check=True)
     assert s.read(kept).data == b"before\r\n"
@@ -293,6 +305,7 @@ def test_write_failure_gives_io_error(tmp_path):
 
 def test_live_writer_holds_its_lock(spool):
     w = spool.open_writer()
+    w.write(os.urandom(300_000))
     fd = os.open(spool.tmp_dir / w.id, os.O_RDONLY)
     try:
         with pytest.raises(BlockingIOError):

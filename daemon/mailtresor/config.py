@@ -104,6 +104,10 @@ class Relay:
     max_connections: int = 100
     max_recipients: int = 1000
     timeout: float = 300.0
+    # Processes accepting relay connections on the same listening sockets
+    # (the main one and workers); 0: one per CPU plus one, so that a process
+    # waiting for its group commit does not leave a CPU idle.
+    processes: int = 0
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,7 @@ class KeyFetcher:
     def __init__(self, reactor, client, ring: KeyRing, *, retry_initial: float = 1.0,
                  retry_max: float = 60.0, refresh_interval: float = 600.0,
                  on_status: Callable[[str], None] = lambda s: None,
+                 on_key: Callable[[KeyMaterial], None] = lambda m: None,
                  rng: random.Random | None = None):
         self._reactor = reactor
         self._client = client
@@ -241,6 +242,7 @@ class KeyFetcher:
         self._retry_max = retry_max
         self._refresh_interval = refresh_interval
         self._on_status = on_status
+        self._on_key = on_key
         self._rng = rng or random.Random()
         self._call = None
         self._stopped = False
@@ -262,7 +264,10 @@ class KeyFetcher:
         d = self._client.fetch(name)
 
         def ok(material):
+            known = self._ring.current(name)
             self._ring.put(material, current=True)
+            if known is None or known[0] != material.version:
+                self._on_key(material)
             log.info("holding %s key version %d", name, material.version)
             self.last_error = ""
             if not ready.called:

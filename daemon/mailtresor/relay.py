@@ -215,9 +215,15 @@ class DataReader:
             rest, done = b"", False
         # Every <LF> must follow a <CR> and every <CR> precede an <LF>; a <CR>
         # at the very end of the buffer may still meet its <LF>.
-        if segment.count(b"\n") != segment.count(b"\r\n") or b"\n" in tail:
+        # Remove the proper line ends; any <CR> or <LF> left is bare.
+        rest_of_lines = segment.replace(b"\r\n", b"")
+        if b"\n" in rest_of_lines:
             raise BareLineEnding("LF")
-        if segment.count(b"\r") != segment.count(b"\r\n") or b"\r" in tail[:-1]:
+        if b"\r" in rest_of_lines:
+            raise BareLineEnding("CR")
+        if b"\n" in tail:
+            raise BareLineEnding("LF")
+        if b"\r" in tail[:-1]:
             raise BareLineEnding("CR")
         out = segment
         if out:
@@ -271,6 +277,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.callLater = factory.clock.callLater
         self.messages = 0
         self._abort_call = None
+        self.log = factory.log
+        self._out: list[bytes] | None = None   # replies batched while handling input
 
     # --- connection ---
 
@@ -280,7 +288,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         self.cid = f.next_cid()
         f.active.add(self)
-        log.info("conn %d: connect from [%s]:%s on %s", self.cid, self.peer[0], self.peer[1], f.listener_name)
+        self.log.info("conn %d: connect from [%s]:%s on %s", self.cid, self.peer[0], self.peer[1], f.listener_name)
         self.setTimeout(f.timeout)
         if self.implicit_tls:
             self.mode = "tls"       # greet once the handshake is done
@@ -290,7 +298,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def handshakeCompleted(self):
         self.tls = self.factory.tls.facts(self.transport.getHandle())
         cert = self.tls["client_cert"]
-        log.info("conn %d: TLS %s %s%s", self.cid, self.tls["version"], self.tls["cipher"],
+        self.log.info("conn %d: TLS %s %s%s", self.cid, self.tls["version"], self.tls["cipher"],
                  f", client certificate CN={cert['cn']} ({'trusted' if cert['trusted'] else 'NOT trusted'})"
                  if cert else "")
         if self.implicit_tls and self.mode == "tls":
@@ -308,14 +316,14 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if len(f.active) > f.max_connections:
             return self._close_with(Reply(421, "4.7.0", "Error: too many connections, try again later"))
         if not f.gate.may_connect(self.peer[0]):
-            log.warning("conn %d: reject: [%s] is in no connector's networks", self.cid, self.peer[0])
+            self.log.warning("conn %d: reject: [%s] is in no connector's networks", self.cid, self.peer[0])
             return self._close_with(Reply(554, "5.7.1", f"Access denied: client {self.peer[0]} is not allowed"))
         try:
             f.sink.admit(0)
         except Exception as e:  # noqa: BLE001 - only some failures refuse a greeting
             refusal = replies.at_greeting(e)
             if refusal is not None:
-                log.warning("conn %d: refused [%s]: %s", self.cid, self.peer[0], e)
+                self.log.warning("conn %d: refused [%s]: %s", self.cid, self.peer[0], e)
                 return self._close_with(refusal)
         self._send(f"220 {f.hostname} ESMTP mailtresor\r\n".encode())
 
@@ -327,23 +335,43 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if self.txn is not None and self.txn.writer is not None and self.mode != "busy":
             self.txn.writer.abort()
         self.mode = "closed"
-        log.info("conn %d: disconnect from [%s] messages=%d", self.cid, self.peer[0], self.messages)
+        self.log.info("conn %d: disconnect from [%s] messages=%d", self.cid, self.peer[0], self.messages)
         self.factory.connection_closed(self)
 
     def timeoutConnection(self):
-        log.info("conn %d: timeout after %s from [%s]", self.cid,
+        self.log.info("conn %d: timeout after %s from [%s]", self.cid,
                  "DATA" if self.mode == "data" else "command", self.peer[0])
         self._close_with(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
 
     def _send(self, data: bytes):
-        if self.mode != "closed":
+        if self.mode == "closed":
+            return
+        if self._out is not None:
+            self._out.append(data)
+        else:
             self.transport.write(data)
+
+    def _batched(self, fn, *args):
+        """Run fn, sending the replies it produces as one write (one TLS
+        record for a whole pipelined group)."""
+        if self._out is not None:
+            return fn(*args)
+        self._out = []
+        try:
+            return fn(*args)
+        finally:
+            out, self._out = self._out, None
+            if out:
+                self.transport.write(b"".join(out))
 
     def _reply(self, reply: Reply):
         self._send(reply.line())
 
     def _close_with(self, reply: Reply):
         self._reply(reply)
+        if self._out:
+            self.transport.write(b"".join(self._out))
+            self._out.clear()
         self.mode = "closed"
         self.setTimeout(None)
         self.transport.loseConnection()
@@ -356,7 +384,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self.buffer += data
-        self._process()
+        self._batched(self._process)
 
     def _process(self):
         while self.buffer and self.mode in ("command", "data"):
@@ -370,7 +398,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 return
             line, self.buffer = self.buffer[:nl + 1], self.buffer[nl + 1:]
             if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                log.warning("conn %d: bare <%s> in a command from [%s]", self.cid,
+                self.log.warning("conn %d: bare <%s> in a command from [%s]", self.cid,
                             "LF" if not line.endswith(b"\r\n") else "CR", self.peer[0])
                 self._close_with(Reply(550, "5.5.2", "Error: bare <LF> received"
                                        if not line.endswith(b"\r\n") else "Error: bare <CR> received"))
@@ -427,6 +455,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if self.tls is not None or self.implicit_tls:
             return self._error(Reply(554, "5.5.1", "Error: TLS already active"))
         self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        if self._out:   # the 220 must leave in the clear, before the switch
+            self.transport.write(b"".join(self._out))
+            self._out.clear()
         # Anything the client pipelined after STARTTLS was sent in the clear:
         # drop it (CVE-2011-0411 style command injection).
         self.buffer = b""
@@ -456,7 +487,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if not self.helo:
             return self._error(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
         if self.tls is None:
-            log.warning("conn %d: reject: MAIL before STARTTLS from [%s]", self.cid, self.peer[0])
+            self.log.warning("conn %d: reject: MAIL before STARTTLS from [%s]", self.cid, self.peer[0])
             return self._error(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
         if self.txn is not None:
             return self._error(Reply(503, "5.5.1", "Error: nested MAIL command"))
@@ -476,20 +507,20 @@ class RelayProtocol(Protocol, TimeoutMixin):
                 return self._error(Reply(501, "5.5.4", "Bad SIZE parameter"))
             size_hint = int(params["SIZE"])
             if size_hint > f.max_size:
-                log.warning("conn %d: reject: SIZE=%d over the limit from [%s]", self.cid, size_hint,
+                self.log.warning("conn %d: reject: SIZE=%d over the limit from [%s]", self.cid, size_hint,
                             self.peer[0])
                 return self._error(replies.TOO_LARGE)
         if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
             return self._error(Reply(501, "5.5.4", "Bad BODY parameter"))
         connector, refusal = f.gate.choose(self.peer[0], self.tls)
         if connector is None:
-            log.warning("conn %d: reject: MAIL from [%s]: %d %s %s", self.cid, self.peer[0], *refusal)
+            self.log.warning("conn %d: reject: MAIL from [%s]: %d %s %s", self.cid, self.peer[0], *refusal)
             return self._error(refusal)
         try:
             f.sink.admit(size_hint)
         except Exception as e:  # noqa: BLE001 - every failure has a reply
             reply = replies.for_failure(e)
-            log.warning("conn %d: reject: MAIL from [%s]: %d %s %s (%s)", self.cid, self.peer[0],
+            self.log.warning("conn %d: reject: MAIL from [%s]: %d %s %s (%s)", self.cid, self.peer[0],
                         *reply, e)
             return self._reply(reply)
         self.txn = Transaction(addr, params, connector)
@@ -523,7 +554,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.txn.writer = self.factory.sink.open_writer(int(self.txn.mail_params.get("SIZE") or 0))
         except Exception as e:  # noqa: BLE001
             reply = replies.for_failure(e)
-            log.warning("conn %d: reject: DATA from [%s]: %d %s %s (%s)", self.cid, self.peer[0], *reply, e)
+            self.log.warning("conn %d: reject: DATA from [%s]: %d %s %s (%s)", self.cid, self.peer[0], *reply, e)
             self._reset()
             return self._reply(reply)
         self.txn.reader = DataReader()
@@ -538,7 +569,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         try:
             content, rest, done = txn.reader.feed(data)
         except BareLineEnding as e:
-            log.warning("conn %d: reject: bare <%s> in DATA from [%s]", self.cid, e.what, self.peer[0])
+            self.log.warning("conn %d: reject: bare <%s> in DATA from [%s]", self.cid, e.what, self.peer[0])
             self._reset()
             return self._close_with(Reply(550, "5.5.2", f"Error: bare <{e.what}> received"))
         if content:
@@ -566,19 +597,19 @@ class RelayProtocol(Protocol, TimeoutMixin):
             f.inflight -= 1
             if self.mode == "closed":
                 if error is None:
-                    log.warning("conn %d: %s: queued, but the client left before the reply", self.cid, entry_id)
+                    self.log.warning("conn %d: %s: queued, but the client left before the reply", self.cid, entry_id)
                 return
             self.txn = None
             if error is None:
                 self.messages += 1
-                log.info("conn %d: %s: from=<%s> nrcpt=%d size=%d connector=%s%s tls=%s queued (%.1f ms)",
+                self.log.info("conn %d: %s: from=<%s> nrcpt=%d size=%d connector=%s%s tls=%s queued (%.1f ms)",
                          self.cid, entry_id, _printable(env.mail_from), len(env.rcpt_to), env.size,
                          env.connector, f" tenant={env.tenant}" if env.tenant else "",
                          (self.tls or {}).get("version"), (time.monotonic() - started) * 1000)
                 self._reply(Reply(250, "2.0.0", f"Ok: queued as {entry_id}"))
             else:
                 reply = replies.for_failure(error)
-                log.warning("conn %d: not queued: from=<%s> size=%d: %d %s %s (%s)", self.cid,
+                self.log.warning("conn %d: not queued: from=<%s> size=%d: %d %s %s (%s)", self.cid,
                             _printable(env.mail_from), env.size, *reply, error)
                 self._reply(reply)
             self.mode = "command"
@@ -589,7 +620,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self._process()
 
         fut.add_done_callback(lambda fu: f.call_from_thread(
-            finished, *( (fu.result(), None) if fu.exception() is None else (None, fu.exception()))))
+            self._batched, finished, *((fu.result(), None) if fu.exception() is None else (None, fu.exception()))))
 
     def _reset(self):
         if self.txn is not None and self.txn.writer is not None:
@@ -638,7 +669,8 @@ def _address(text: str):
 class RelayFactory(ServerFactory):
     def __init__(self, *, sink: Sink, gate: Gate, tls: ServerTLS, hostname: str, max_size: int,
                  max_recipients: int = 1000, max_connections: int = 100, timeout: float = 300.0,
-                 implicit_tls: bool = False, listener_name: str = "", clock=None, call_from_thread=None):
+                 implicit_tls: bool = False, listener_name: str = "", clock=None, call_from_thread=None,
+                 log_name: str = "mailtresor.relay"):
         from twisted.internet import reactor
         self.sink, self.gate, self.tls = sink, gate, tls
         self.hostname, self.max_size = hostname, max_size
@@ -646,6 +678,7 @@ class RelayFactory(ServerFactory):
         self.timeout, self.implicit_tls, self.listener_name = timeout, implicit_tls, listener_name
         self.clock = clock or reactor
         self.call_from_thread = call_from_thread or reactor.callFromThread
+        self.log = logging.getLogger(log_name)
         self.active: set[RelayProtocol] = set()
         self.shutting_down = False
         self.inflight = 0

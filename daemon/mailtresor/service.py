@@ -69,25 +69,78 @@ def notify(*lines: str) -> None:
         log.debug("sd_notify failed: %s", e)
 
 
+class _WorkerProcess:
+    """A relay worker as the main process sees it (a Twisted ProcessProtocol)."""
+
+    def __init__(self, daemon: "Daemon", index: int):
+        from twisted.internet.protocol import ProcessProtocol
+
+        self.daemon, self.index = daemon, index
+        self.transport = None
+        self.ended = None
+        outer = self
+
+        class Proto(ProcessProtocol):
+            def connectionMade(self):
+                outer.transport = self.transport
+
+            def processEnded(self, reason):
+                outer.transport = None
+                outer.daemon._worker_ended(outer, reason.value.exitCode, reason.value.signal)
+
+        self.protocol = Proto()
+
+    def send_key(self, material) -> None:
+        if self.transport is not None:
+            import base64
+            line = json.dumps({"name": material.name, "version": material.version,
+                               "key": base64.b64encode(material.key).decode()})
+            self.transport.writeToChild(0, line.encode() + b"\n")
+
+    def signal(self, sig: str) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess(sig)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
 class Daemon:
-    def __init__(self, cfg: configmod.Config, reactor):
+    """The main process, or (worker > 0) one of its relay workers.
+
+    Workers accept relay connections on the listening sockets the main
+    process bound (and passed down as file descriptors), write to the same
+    spool, and get the spool key over their stdin; they fetch nothing, run no
+    milter and speak no sd_notify.  A worker stops on SIGTERM, or when its
+    stdin closes because the main process is gone.
+    """
+
+    def __init__(self, cfg: configmod.Config, reactor, *, worker: int = 0, listen_fds: list[int] = ()):
         from .keys import ControlClient, KeyFetcher, KeyRing
         from .spool import Spool
 
         self.cfg = cfg
         self.reactor = reactor
+        self.worker = worker
+        self.listen_fds = list(listen_fds)
         self.ring = KeyRing()
         sp = cfg.spool
         self.spool = Spool(sp.directory, self.ring, max_message_size=sp.max_message_size,
                            min_free_bytes=sp.min_free_bytes, max_entries=sp.max_entries,
                            sync=sp.sync, max_tries=sp.max_tries)
-        c = cfg.control
-        self.client = ControlClient(reactor, c.url, c.ca_file, c.cert_file, c.key_file, c.timeout)
-        self.fetcher = KeyFetcher(reactor, self.client, self.ring, retry_initial=c.retry_initial,
-                                  retry_max=c.retry_max, refresh_interval=c.refresh_interval,
-                                  on_status=self.set_status)
+        self.processes = cfg.relay.processes or (os.cpu_count() or 1) + 1
+        if not cfg.relay.listener:
+            self.processes = 1
+        self.fetcher = None
+        if not worker:
+            c = cfg.control
+            client = ControlClient(reactor, c.url, c.ca_file, c.cert_file, c.key_file, c.timeout)
+            self.fetcher = KeyFetcher(reactor, client, self.ring, retry_initial=c.retry_initial,
+                                      retry_max=c.retry_max, refresh_interval=c.refresh_interval,
+                                      on_status=self.set_status, on_key=self._key_to_workers)
         self.factories = []
         self.ports = []
+        self.workers: list[_WorkerProcess] = []
         self.milter = None
         self.state = "starting"
         self.status = "starting"
@@ -98,19 +151,22 @@ class Daemon:
         self._status_loop = None
         self._timer = None
         self._stop_requested = False
+        self._workers_done = None
         self._status_file = cfg.appliance.runtime_directory / "status.json"
 
     # --- status ---
 
     def set_status(self, text: str) -> None:
         self.status = text
-        notify(f"STATUS={text}")
-        self.write_status()
+        if not self.worker:
+            notify(f"STATUS={text}")
+            self.write_status()
 
     def write_status(self) -> None:
         doc = {"pid": os.getpid(), "state": self.state, "status": self.status, "time": time.time(),
                "spool_depth": self.spool.depth(), "spool_commits": self.spool.commits,
                "spool_flush_batches": self.spool.batches, "keys": self.ring.summary(),
+               "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
                "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None}
         try:
@@ -123,12 +179,35 @@ class Daemon:
 
     # --- start ---
 
-    def start(self):
-        from twisted.internet import defer, endpoints, task
+    def _relay_factories(self):
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from .relay import Gate, RelayFactory, ServerTLS
 
+        cfg = self.cfg
+        t = cfg.tls
+        tls = ServerTLS(t.cert_file, t.key_file, t.client_ca_file, t.min_version)
+        gate = Gate(cfg.relay.connector)
+        for lst in cfg.relay.listener:
+            implicit = lst.tls == "implicit"
+            f = RelayFactory(sink=self.spool, gate=gate, tls=tls, hostname=cfg.appliance.hostname,
+                             max_size=cfg.spool.max_message_size, max_recipients=cfg.relay.max_recipients,
+                             max_connections=max(1, cfg.relay.max_connections // self.processes),
+                             timeout=cfg.relay.timeout, implicit_tls=implicit,
+                             listener_name=lst.name or lst.endpoint, clock=self.reactor,
+                             call_from_thread=self.reactor.callFromThread,
+                             log_name=f"mailtresor.relay.w{self.worker}" if self.worker else "mailtresor.relay")
+            self.factories.append(f)
+            yield lst, (TLSMemoryBIOFactory(tls, False, f) if implicit else f)
+
+    def start(self):
+        from twisted.internet import defer, endpoints, task
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.reactor.callFromThread(self.request_stop))
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        if self.worker:
+            return self._start_worker()
         removed = self.spool.recover()
         if removed:
             log.info("spool: removed %d unfinished reception(s) (never acknowledged)", removed)
@@ -137,21 +216,9 @@ class Daemon:
         self.set_status("starting: waiting for the spool key")
         cfg = self.cfg
         listens = []
-        if cfg.relay.listener:
-            t = cfg.tls
-            tls = ServerTLS(t.cert_file, t.key_file, t.client_ca_file, t.min_version)
-            gate = Gate(cfg.relay.connector)
-            for lst in cfg.relay.listener:
-                implicit = lst.tls == "implicit"
-                f = RelayFactory(sink=self.spool, gate=gate, tls=tls, hostname=cfg.appliance.hostname,
-                                 max_size=cfg.spool.max_message_size, max_recipients=cfg.relay.max_recipients,
-                                 max_connections=cfg.relay.max_connections, timeout=cfg.relay.timeout,
-                                 implicit_tls=implicit, listener_name=lst.name or lst.endpoint,
-                                 clock=self.reactor, call_from_thread=self.reactor.callFromThread)
-                self.factories.append(f)
-                ep = endpoints.serverFromString(self.reactor, lst.endpoint)
-                listens.append(ep.listen(TLSMemoryBIOFactory(tls, False, f) if implicit else f)
-                               .addCallback(self._listening, lst))
+        for lst, factory in self._relay_factories():
+            ep = endpoints.serverFromString(self.reactor, lst.endpoint)
+            listens.append(_listen_retrying(self.reactor, ep, factory).addCallback(self._listening, lst))
         if cfg.milter is not None and cfg.milter.enabled:
             from mailtresor_milter import MilterServer
             self.milter = MilterServer(self.spool, cfg.milter, hostname=cfg.appliance.hostname,
@@ -161,6 +228,8 @@ class Daemon:
 
         def listened(_):
             self.listening = True
+            for i in range(1, self.processes):
+                self._spawn_worker(_WorkerProcess(self, i))
             self._maybe_ready()
 
         def cannot_listen(f):
@@ -177,11 +246,81 @@ class Daemon:
             task.LoopingCall(notify, "WATCHDOG=1").start(usec / 2e6, now=True)
         self._status_loop = task.LoopingCall(self.write_status)
         self._status_loop.start(10, now=False)
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
-        # A second SIGTERM while stopping is not an error (Twisted's own
-        # handler would call reactor.stop() twice).
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.reactor.callFromThread(self.request_stop))
+
+    def _start_worker(self):
+        import socket as socketmod
+
+        from twisted.internet import stdio
+        from twisted.protocols.basic import LineOnlyReceiver
+
+        from .keys import KeyMaterial
+
+        # Accept only once the key is here: before that the main process
+        # alone answers (421), so READY=1 never precedes a worker's 421.
+        pending = list(zip(self.listen_fds, self._relay_factories()))
+
+        def adopt():
+            for fd, (lst, factory) in pending:
+                family = socketmod.socket(fileno=os.dup(fd)).family
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                os.close(fd)
+            pending.clear()
+
+        daemon = self
+
+        class KeyChannel(LineOnlyReceiver):
+            delimiter = b"\n"
+
+            def lineReceived(self, line):
+                import base64
+                doc = json.loads(line)
+                daemon.ring.put(KeyMaterial(doc["name"], int(doc["version"]), base64.b64decode(doc["key"])),
+                                current=True)
+                if daemon.state == "starting":
+                    daemon.state = "running"
+                    adopt()
+
+            def connectionLost(self, reason=None):
+                if daemon.state not in ("stopping", "stopped"):
+                    log.warning("relay worker %d: the main process is gone; stopping", daemon.worker)
+                    daemon.request_stop()
+
+        stdio.StandardIO(KeyChannel(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=self.reactor)
+
+    def _spawn_worker(self, w: "_WorkerProcess"):
+        import sys as _sys
+        fds = [p.fileno() for p in self.ports]
+        child_fds = {0: "w", 1: 1, 2: 2}
+        for i, fd in enumerate(fds):
+            child_fds[3 + i] = fd
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+        args = [_sys.executable, "-m", "mailtresor.service", "--config", str(self.cfg.source),
+                "--worker", str(w.index), "--listen-fds", ",".join(str(3 + i) for i in range(len(fds)))]
+        self.reactor.spawnProcess(w.protocol, _sys.executable, args, env=env, childFDs=child_fds)
+        if w not in self.workers:
+            self.workers.append(w)
+        log.info("relay worker %d started", w.index)
+        for name in ("spool",):
+            cur = self.ring.current(name)
+            if cur is not None:
+                from .keys import KeyMaterial
+                w.send_key(KeyMaterial(name, cur[0], cur[1]))
+
+    def _key_to_workers(self, material):
+        for w in self.workers:
+            w.send_key(material)
+
+    def _worker_ended(self, w, code, sig):
+        if self.state in ("stopping", "stopped"):
+            log.info("relay worker %d exited (%s)", w.index, f"status {code}" if sig is None else f"signal {sig}")
+            if self._workers_done is not None and all(x.transport is None for x in self.workers):
+                d, self._workers_done = self._workers_done, None
+                d.callback(None)
+            return
+        log.error("relay worker %d died (%s); starting it again", w.index,
+                  f"status {code}" if sig is None else f"signal {sig}")
+        self.reactor.callLater(1.0, lambda: self.state == "running" and self._spawn_worker(w))
 
     def request_stop(self):
         if not self._stop_requested:
@@ -203,7 +342,8 @@ class Daemon:
             what = [f"{lst.endpoint}" for lst in self.cfg.relay.listener]
             if self.milter is not None:
                 what.append(f"milter {self.cfg.milter.listen}")
-            text = "accepting mail on " + ", ".join(what)
+            procs = f" ({self.processes} relay processes)" if self.processes > 1 else ""
+            text = "accepting mail on " + ", ".join(what) + procs
             log.info("%s", text)
             notify("READY=1")
             self.set_status(text)
@@ -212,7 +352,7 @@ class Daemon:
         if self.state not in ("stopping", "stopped"):
             log.error("the milter stopped on its own (%s); shutting down", error or "no error")
             self.exit_code = 1
-            self.reactor.callFromThread(self.reactor.stop)
+            self.reactor.callFromThread(self.request_stop)
 
     # --- stop ---
 
@@ -223,10 +363,11 @@ class Daemon:
         if self._stopping is not None:
             return self._stopping
         self.state = "stopping"
-        notify("STOPPING=1")
-        self.set_status("shutting down: finishing transactions in progress")
-        log.info("shutting down: no new mail; finishing transactions in progress")
-        self.fetcher.stop()
+        if not self.worker:
+            notify("STOPPING=1")
+            self.set_status("shutting down: finishing transactions in progress")
+            log.info("shutting down: no new mail; finishing transactions in progress")
+            self.fetcher.stop()
         for port in self.ports:
             port.stopListening()
         if self.milter is not None:
@@ -234,6 +375,12 @@ class Daemon:
         waits = [f.shutdown() for f in self.factories]
         if self.milter is not None:
             waits.append(self.milter.wait_idle(self.reactor))
+        live = [w for w in self.workers if w.transport is not None]
+        if live:
+            self._workers_done = defer.Deferred()
+            waits.append(self._workers_done)
+            for w in live:
+                w.signal("TERM")
         self._stopping = defer.Deferred()
         self._timer = self.reactor.callLater(self.cfg.service.shutdown_timeout, self._abandon)
         defer.gatherResults(waits).addBoth(lambda _: self._finish())
@@ -246,6 +393,8 @@ class Daemon:
             f.abandon()
         if self.milter is not None:
             self.milter.abandon()
+        for w in self.workers:
+            w.signal("KILL")
         # Commits already handed to the spool finish in spool.close().
         self.reactor.callLater(0.5, self._finish)
 
@@ -261,14 +410,38 @@ class Daemon:
         if self._status_loop is not None and self._status_loop.running:
             self._status_loop.stop()
         self.set_status("stopped")
-        log.info("stopped; spool holds %d entries", self.spool.depth())
+        if self.worker:
+            log.debug("relay worker %d stopped", self.worker)
+        else:
+            log.info("stopped; spool holds %d entries", self.spool.depth())
         self._stopping.callback(None)
+
+
+def _listen_retrying(reactor, endpoint, factory, attempts: int = 50, delay: float = 0.2):
+    """Listen; while the address is still held (relay workers of a main
+    process that was just killed are closing down), try again for ~10 s."""
+    from twisted.internet import defer, error
+
+    d = defer.Deferred()
+
+    def attempt(n):
+        def failed(f):
+            if f.check(error.CannotListenError) and n < attempts:
+                reactor.callLater(delay, attempt, n + 1)
+            else:
+                d.errback(f)
+        endpoint.listen(factory).addCallbacks(d.callback, failed)
+
+    attempt(1)
+    return d
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mailtresord", description="mailtresor archiving daemon")
     p.add_argument("--config", help=f"configuration file (default ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fds", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         cfg = configmod.load(configmod.locate(args.config))
@@ -282,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     try:
-        daemon = Daemon(cfg, reactor)
+        daemon = Daemon(cfg, reactor, worker=args.worker,
+                        listen_fds=[int(x) for x in args.listen_fds.split(",") if x])
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -139,7 +139,7 @@ class Envelope:
     sha256: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=True, separators=(",", ":")).encode()
+        return json.dumps(self.__dict__, ensure_ascii=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Envelope":
@@ -207,8 +207,10 @@ class SpoolWriter:
         self.id = entry_id
         self._spool = spool
         self._tmp = spool.tmp_dir / entry_id
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # a live writer; recover() leaves it alone
+        # The file is created at the first flush: for most messages that is
+        # in the committer thread, so the session's thread (the reactor)
+        # makes no file-system call at all.
+        self._fd = -1
         salt = crypto.random_bytes(16)
         header = json.dumps({
             "v": FORMAT_VERSION, "id": entry_id, "key": SPOOL_KEY, "key_version": key_version,
@@ -256,6 +258,9 @@ class SpoolWriter:
 
     def _flush(self) -> None:
         try:
+            if self._fd < 0:
+                self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # a live writer; recover() leaves it alone
             _write_all(self._fd, self._out)
         except OSError as e:
             self.error = _as_spool_error(e)
@@ -314,6 +319,8 @@ class SpoolWriter:
         if self._state == "done":
             return
         self._state = "done"
+        if self._fd < 0:
+            return
         self._close_fd()
         try:
             os.unlink(self._tmp)
@@ -356,6 +363,8 @@ class Spool:
         self._lock = threading.Lock()
         self._count = sum(1 for n in os.listdir(self.new_dir) if is_id(n))
         self._closed = False
+        self._free = (0.0, 0)          # (when, bytes available): statvfs at most once a second
+        self._counted = time.monotonic()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._committer = threading.Thread(target=self._run, name="spool-committer", daemon=True)
         self._committer.start()
@@ -372,13 +381,22 @@ class Spool:
             raise MessageTooLarge(f"message exceeds {self.max_message_size} bytes")
         if self.keys.current(SPOOL_KEY) is None:
             raise SpoolUnavailable("no spool key yet (control endpoint not reached)")
+        now = time.monotonic()
+        if now - self._counted > 10 or self._count >= self.max_entries:
+            # Other processes (the archiver, `mailtresor import`) change new/ too.
+            self._counted = now
+            self.ready()
         if self._count >= self.max_entries:
             raise SpoolFull(f"spool holds {self._count} entries (limit {self.max_entries})")
-        try:
-            st = os.statvfs(self.directory)
-        except OSError as e:
-            raise _as_spool_error(e) from None
-        if st.f_bavail * st.f_frsize < self.min_free_bytes + size_hint:
+        when, free = self._free
+        if now - when > 1.0 or free < self.min_free_bytes + size_hint + (16 << 20):
+            try:
+                st = os.statvfs(self.directory)
+            except OSError as e:
+                raise _as_spool_error(e) from None
+            free = st.f_bavail * st.f_frsize
+            self._free = (now, free)
+        if free < self.min_free_bytes + size_hint:
             raise SpoolFull("insufficient free space in the spool")
 
     def open_writer(self, size_hint: int = 0) -> SpoolWriter:
