@@ -10,6 +10,8 @@ control endpoint and daemon, as real processes.
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import smtplib
 import socket
 import ssl
@@ -110,8 +112,10 @@ class Stack:
     def start_daemon(self, wait_ready: bool = True, env: dict | None = None):
         f = open(self.log_path, "ab")
         self._logs.append(f)
+        # A session of its own: kill_daemon() can kill it with its relay
+        # workers, as systemd kills the unit's cgroup.
         self.daemon = devstack.start_daemon(self.cfg, self.notify, wait_ready=wait_ready, env=env,
-                                            stdout=f, stderr=subprocess.STDOUT)
+                                            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         if not wait_ready:
             devstack.wait_port("127.0.0.1", self.smtp_port, proc=self.daemon)
         return self.daemon
@@ -122,10 +126,26 @@ class Stack:
         return rc
 
     def kill_daemon(self):
+        """SIGKILL the daemon and its relay workers at once (a crash)."""
         if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.kill()
+            os.killpg(self.daemon.pid, signal.SIGKILL)
             self.daemon.wait()
         self.daemon = None
+
+    def daemon_processes(self) -> list[int]:
+        """PIDs of the daemon and its workers (its session)."""
+        if self.daemon is None:
+            return []
+        sid = self.daemon.pid
+        pids = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    if os.getsid(int(d)) == sid:
+                        pids.append(int(d))
+                except OSError:
+                    pass
+        return sorted(pids)
 
     def start(self):
         self.start_control()
