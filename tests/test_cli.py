@@ -1,0 +1,40 @@
+"""The `mailtresor` command line, run as a user runs it: a subprocess."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def mailtresor(stack, *args, check=None):
+    p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def test_status_of_a_running_daemon(running):
+    with running.smtp() as s:
+        s.sendmail("a@globex.example", ["b@acme.example"], b"Subject: x\r\n\r\nbody\r\n")
+    doc = json.loads(mailtresor(running, "status", "--json", check=0).stdout)
+    assert doc["daemon"] == "running" and doc["state"] == "running"
+    assert doc["spool"]["ready"] == 1 and doc["spool"]["set_aside"] == 0
+    assert "spool" in json.dumps(doc["keys"])
+    text = mailtresor(running, "status", check=0).stdout
+    assert "daemon:   running" in text and "1 ready" in text
+
+
+def test_status_when_stopped_exits_3(stack):
+    p = mailtresor(stack, "status", check=3)
+    assert "not running" in p.stdout
+
+
+def test_bad_config_is_named_without_traceback(tmp_path):
+    bad = tmp_path / "m.toml"
+    bad.write_text("[appliance]\nname = 3\n")
+    p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(bad), "status"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert str(bad) in p.stderr and "Traceback" not in p.stderr
