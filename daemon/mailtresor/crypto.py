@@ -13,7 +13,9 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_SIZE = 32
@@ -110,3 +112,26 @@ def sha256_hex(data: bytes) -> str:
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
+
+
+# --- Ed25519: shard seals ------------------------------------------------------
+
+class SignatureError(Exception):
+    """A signature does not verify."""
+
+
+def ed25519_public(seed: bytes) -> bytes:
+    """The raw 32-byte public key of a 32-byte Ed25519 seed."""
+    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(seed).sign(message)
+
+
+def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> None:
+    from cryptography.exceptions import InvalidSignature
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise SignatureError("Ed25519 signature does not verify") from None
