@@ -67,10 +67,48 @@ def daemon_status(cfg) -> dict:
         doc["listeners"] = published.get("listeners")
         doc["milter"] = published.get("milter")
         doc["relay_processes"] = published.get("relay_processes")
+        doc["archiver"] = published.get("archive")
     spool = cfg.spool.directory
-    doc["spool"] = {"directory": str(spool), "ready": _count(spool / "new"),
-                    "in_progress": _count(spool / "tmp"), "set_aside": _count(spool / "bad")}
+    names = sorted(n for n in _list(spool / "new") if not n.startswith("."))
+    doc["spool"] = {"directory": str(spool), "ready": len(names),
+                    "in_progress": _count(spool / "tmp"), "set_aside": _count(spool / "bad"),
+                    "unrouted": _count(spool / "unrouted")}
+    if names:
+        try:
+            oldest = (spool / "new" / names[0]).stat().st_mtime
+            doc["spool"]["archive_lag_seconds"] = round(time.time() - oldest, 1)
+        except FileNotFoundError:
+            pass
+    if cfg.archive is not None:
+        doc["shards"] = _shards(cfg.archive.directory)
     return doc
+
+
+def _list(d: Path) -> list[str]:
+    try:
+        return os.listdir(d)
+    except FileNotFoundError:
+        return []
+
+
+def _shards(root: Path) -> list[dict]:
+    from . import index
+    from .store import Store
+    out = []
+    store = Store(root, readonly=True)
+    try:
+        for t in store.tenants():
+            for m in store.months(t):
+                sh = store.shard(t, m)
+                head = sh.head()[0]
+                seal = sh.last_seal()
+                out.append({"shard": f"{t}/{m}", "records": sh.count(), "chain": head,
+                            "index_lag": max(0, head - index.indexed_seq(sh.index_dir)),
+                            "backup_lag": max(0, head - sh.backup_seq()),
+                            "unsealed": head - (seal.seq if seal else 0)})
+    finally:
+        store.close()
+    return out
 
 
 def cmd_status(cfg, args) -> int:
@@ -87,8 +125,450 @@ def cmd_status(cfg, args) -> int:
             print(f"keys:     {doc['keys']}")
         sp = doc["spool"]
         print(f"spool:    {sp['ready']} ready, {sp['in_progress']} being written, "
-              f"{sp['set_aside']} set aside ({sp['directory']})")
+              f"{sp['set_aside']} set aside, {sp['unrouted']} unrouted ({sp['directory']})"
+              + (f"; oldest waits {sp['archive_lag_seconds']}s" if "archive_lag_seconds" in sp else ""))
+        if doc.get("archiver"):
+            ar = doc["archiver"]
+            print(f"archiver: {ar.get('state')}: {ar.get('archived')} archived, {ar.get('stored')} stored, "
+                  f"{ar.get('duplicates')} duplicates, {ar.get('failed')} failed since start")
+        for sh in doc.get("shards") or []:
+            print(f"shard:    {sh['shard']}: {sh['records']} records, chain {sh['chain']}, "
+                  f"index lag {sh['index_lag']}, backup lag {sh['backup_lag']}, {sh['unsealed']} unsealed")
     return 0 if doc["daemon"] == "running" else 3   # 3: "not running", as LSB status actions
+
+
+# --- shared helpers -------------------------------------------------------------
+
+def _archive_cfg(cfg):
+    if cfg.archive is None:
+        raise UserError(f"{cfg.source}: no [archive] section: this appliance keeps no archive")
+    return cfg.archive
+
+
+def _tenant(cfg, name: str) -> str:
+    names = [t.name for t in cfg.tenant]
+    if name not in names:
+        raise UserError(f"unknown tenant {name!r} (configured: {', '.join(names) or 'none'})")
+    return name
+
+
+def _keys(cfg):
+    from .archiver import FetchingKeys, control_fetcher
+    from .keys import KeyRing
+    return FetchingKeys(KeyRing(), control_fetcher(cfg))
+
+
+def _key_errors():
+    from .keys import KeyUnavailable
+    from .store import KeyMissing, StoreError
+    return KeyUnavailable, KeyMissing, StoreError
+
+
+def _months_in(months: list[str], bounds) -> list[str]:
+    if bounds is None:
+        return months
+    lo, hi = bounds
+    out = []
+    for m in months:
+        y, mo = int(m[:4]), int(m[5:7])
+        start = time.mktime((y, mo, 1, 0, 0, 0, 0, 0, 0)) - 86400 * 2      # generous: time zones
+        end = time.mktime((y + (mo == 12), 1 if mo == 12 else mo + 1, 1, 0, 0, 0, 0, 0, 0)) + 86400 * 2
+        if (lo is None or end >= lo) and (hi is None or start <= hi):
+            out.append(m)
+    return out
+
+
+def _iso(t) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(t)))
+
+
+# --- search / show ------------------------------------------------------------------
+
+def cmd_search(cfg, args) -> int:
+    from . import index
+    from .store import Store
+    a = _archive_cfg(cfg)
+    tenant = _tenant(cfg, args.tenant)
+    query = " ".join(args.query)
+    try:
+        index.parse_query(query)
+        bounds = index.query_date_bounds(query)
+    except index.QueryError as e:
+        raise UserError(f"bad query: {e}", EXIT_USAGE)
+    store = Store(a.directory, readonly=True)
+    try:
+        months = _months_in(store.months(tenant), bounds)
+        paths = [store.root / tenant / m / "xapian" for m in months if (store.root / tenant / m / "xapian").exists()]
+        total, hits = index.search(paths, query, offset=args.offset, limit=args.limit, order=args.order)
+        keys = _keys(cfg)
+        rows = []
+        for h in hits:
+            month = Path(h.shard_path).parent.name
+            meta = store.shard(tenant, month).get_meta(h.archive_id, keys) or {}
+            sm = meta.get("summary", {})
+            rows.append({"id": h.archive_id, "shard": f"{tenant}/{month}",
+                         "date": sm.get("date") if sm.get("date") is not None else h.date,
+                         "from": sm.get("from", ""), "subject": sm.get("subject", ""),
+                         "size": sm.get("size", h.size), "message_id": sm.get("message_id", "")})
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"total": total, "results": rows}, indent=1, ensure_ascii=False))
+    else:
+        for r in rows:
+            print(f"{r['id']}  {_iso(r['date'])}  {_clip(r['from'], 32):32}  {_clip(r['subject'], 80)}")
+        print(f"{len(rows)} of about {total} message(s)", file=sys.stderr)
+    return 0
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def cmd_show(cfg, args) -> int:
+    from .store import Store
+    a = _archive_cfg(cfg)
+    tenant = _tenant(cfg, args.tenant)
+    aid = args.id.lower()
+    if len(aid) != 40 or any(c not in "0123456789abcdef" for c in aid):
+        raise UserError(f"{args.id!r} is not an archive id (40 hex digits, as `search` prints)", EXIT_USAGE)
+    store = Store(a.directory, readonly=True)
+    try:
+        month = store.locate(tenant, aid)
+        if month is None:
+            raise UserError(f"no message {aid} in the archive of {tenant}")
+        raw, meta = store.shard(tenant, month).get(aid, _keys(cfg))
+    finally:
+        store.close()
+    if args.envelope:
+        print(json.dumps({"id": aid, "tenant": tenant, "shard": f"{tenant}/{month}",
+                          "summary": meta.get("summary"), "first_seen": meta.get("first_seen"),
+                          "envelopes": meta.get("envelopes")}, indent=1, ensure_ascii=False))
+        return 0
+    if args.headers:
+        end = raw.find(b"\r\n\r\n")
+        end2 = raw.find(b"\n\n")
+        cut = min(x for x in (end if end >= 0 else len(raw), end2 if end2 >= 0 else len(raw)))
+        raw = raw[:cut] + (b"\r\n" if raw[cut:cut + 1] == b"\r" else b"\n")
+    sys.stdout.buffer.write(raw)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+# --- verify / reindex -------------------------------------------------------------------
+
+def cmd_verify(cfg, args) -> int:
+    from . import crypto, index
+    from .store import Store, verify_shard
+    a = _archive_cfg(cfg)
+    tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
+    keys = _keys(cfg)
+    try:
+        seal_public = crypto.ed25519_public(keys.seal_seed())
+    except _key_errors()[0] as e:
+        raise UserError(f"cannot get the seal key to check seals against: {e}")
+    store = Store(a.directory, readonly=True)
+    bad = checked = shards = 0
+    try:
+        for t in tenants:
+            if t not in store.tenants():
+                continue
+            for m in store.months(t):
+                shard = store.shard(t, m)
+                problems, live = verify_shard(shard, keys, seal_public)
+                lines = [str(p) for p in problems]
+                indexed = index.ids(shard.index_dir)
+                lines += [f"{t}/{m}: {x}: not in the index (mailtresor reindex --missing mends it)"
+                          for x in sorted(live - indexed)]
+                lines += [f"{t}/{m}: {x}: in the index but not in the store" for x in sorted(indexed - live)]
+                seal = shard.last_seal()
+                head = shard.head()[0]
+                if head and (seal is None or seal.seq < head):
+                    note = f"{t}/{m}: chain entries {(seal.seq if seal else 0) + 1}..{head} not sealed yet"
+                    if not args.quiet:
+                        print(note)
+                for line in lines:
+                    print(line)
+                bad += len(lines)
+                checked += len(live)
+                shards += 1
+    finally:
+        store.close()
+    print(f"verify: {checked} record(s) in {shards} shard(s): "
+          + ("all good" if not bad else f"{bad} problem(s)"), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_reindex(cfg, args) -> int:
+    from . import parse
+    from .archiver import index_terms
+    from .index import ShardIndex
+    from . import index
+    from .store import Store, WriterLock
+    import shutil
+    a = _archive_cfg(cfg)
+    tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
+    keys = _keys(cfg)
+    total = 0
+    with _writer(a.directory):
+        store = Store(a.directory)
+        try:
+            for t in tenants:
+                for m in store.months(t):
+                    shard = store.shard(t, m)
+                    live = shard.ids()
+                    if args.missing:
+                        todo = sorted(set(live) - index.ids(shard.index_dir))
+                    else:
+                        shutil.rmtree(shard.index_dir, ignore_errors=True)
+                        todo = live
+                    with ShardIndex(shard.index_dir).writer() as w:
+                        for aid in todo:
+                            raw, meta = shard.get(aid, keys)
+                            p = parse.parse_message(raw)
+                            addrs, env_only, tags = index_terms(meta, p)
+                            w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
+                                  date=p.date if p.date is not None else meta.get("first_seen", 0.0),
+                                  size=len(raw))
+                        w.set_indexed_seq(shard.head()[0])
+                    if todo or not args.missing:
+                        print(f"{t}/{m}: {len(todo)} message(s) indexed", file=sys.stderr)
+                    total += len(todo)
+        finally:
+            store.close()
+    print(f"reindex: {total} message(s) indexed", file=sys.stderr)
+    return 0
+
+
+class _writer:
+    """Take the store's writer lock, waiting a little for a batch of the
+    running daemon to end."""
+
+    def __init__(self, root):
+        from .store import WriterLock
+        self.lock = WriterLock(root)
+
+    def __enter__(self):
+        self.lock.acquire(timeout=30.0)
+        return self.lock
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+# --- restore ------------------------------------------------------------------------------
+
+def cmd_restore(cfg, args) -> int:
+    from .store import BackupDirectory, restore
+    a = _archive_cfg(cfg)
+    src = Path(args.backup) if args.backup else a.backup_directory
+    if src is None:
+        raise UserError("no backup directory: give --from or set archive.backup_directory")
+    if not Path(src).is_dir():
+        raise UserError(f"{src}: no such backup directory")
+    target = Path(args.to) if args.to else a.directory
+    tenant = _tenant(cfg, args.tenant) if args.tenant else None
+    with _writer(target):
+        counts = restore(BackupDirectory(src), target, tenant)
+    for shard, n in sorted(counts.items()):
+        print(f"{shard}: {n} record(s) restored", file=sys.stderr)
+    print(f"restore: {sum(counts.values())} record(s) in {len(counts)} shard(s) into {target}; "
+          "the index is derived: run `mailtresor reindex` next", file=sys.stderr)
+    return 0
+
+
+# --- import ---------------------------------------------------------------------------------
+
+def _messages(paths: list[str]):
+    """(label, raw bytes) of every message under the paths: .eml files,
+    directories of them, Maildir folders, mbox files."""
+    import mailbox
+    for p in map(Path, paths):
+        if not p.exists():
+            yield str(p), UserError(f"{p}: no such file or directory")
+        elif p.is_dir() and (p / "cur").is_dir() and (p / "new").is_dir():
+            md = mailbox.Maildir(p, factory=None, create=False)
+            for key in sorted(md.keys()):
+                yield f"{p}:{key}", md.get_bytes(key)
+        elif p.is_dir():
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                if f.suffix.lower() == ".eml" or f.parent.name in ("cur", "new"):
+                    yield str(f), f.read_bytes()
+        else:
+            head = p.open("rb").read(5)
+            if head == b"From ":
+                mb = mailbox.mbox(p, factory=None, create=False)
+                for i, key in enumerate(mb.keys()):
+                    yield f"{p}#{i + 1}", mb.get_bytes(key)
+            else:
+                yield str(p), p.read_bytes()
+
+
+def cmd_import(cfg, args) -> int:
+    from .archiver import Pipeline, Router
+    from .keys import KeyRing
+    from .spool import Envelope, Spool
+    from .store import BackupDirectory, Store, StoreLocked, WriterLock
+    a = _archive_cfg(cfg)
+    tenant = _tenant(cfg, args.tenant)
+    keys = _keys(cfg)
+    ring = keys.ring
+    spool_key = keys.fetch("spool", None)
+    ring.put(spool_key, current=True)
+    sp = cfg.spool
+    spool = Spool(sp.directory, ring, max_message_size=sp.max_message_size, min_free_bytes=sp.min_free_bytes,
+                  max_entries=sp.max_entries, sync=sp.sync, max_tries=sp.max_tries)
+    spooled: dict[str, tuple[str, str]] = {}   # spool id -> (where from, archive id)
+    skipped: list[str] = []
+    started = time.time()
+    try:
+        for label, raw in _messages(args.paths):
+            if isinstance(raw, Exception):
+                skipped.append(str(raw))
+                continue
+            if not raw.strip():
+                skipped.append(f"{label}: empty")
+                continue
+            try:
+                w = spool.open_writer(len(raw))
+                w.write(raw)
+                env = Envelope(source="import", connector="import", tenant=tenant, received_at=time.time(),
+                               size=len(raw), client_name=label[-200:])
+                w.commit(env).result(timeout=60)
+                spooled[w.id] = (label, keys.archive_id(tenant, _stored_bytes(raw)))
+            except Exception as e:  # noqa: BLE001 - named, counted, the rest goes on
+                skipped.append(f"{label}: {type(e).__name__}: {e}")
+            _progress("spooled", len(spooled), len(skipped))
+        _progress_end()
+    finally:
+        spool.close(timeout=60)
+    # Archive: here, when no daemon is archiving; else wait for the daemon.
+    lock = WriterLock(a.directory)
+    ids = set(spooled)
+    try:
+        lock.acquire()
+        mine = True
+    except StoreLocked:
+        mine = False
+    if mine:
+        spool = Spool(sp.directory, ring, min_free_bytes=0, max_tries=sp.max_tries)
+        store = Store(a.directory)
+        pipe = Pipeline(spool, store, keys, Router(cfg.tenant),
+                        backup=BackupDirectory(a.backup_directory) if a.backup_directory else None,
+                        seal_seed=keys.seal_seed, batch_size=a.batch_size)
+        pipe.lock = lock
+        pipe.hold_lock = True
+        try:
+            while ids & set(spool.ready()):
+                r = pipe.run_batch()
+                if r.waiting_for_key:
+                    raise UserError(f"cannot archive: {r.waiting_for_key}")
+                _progress("archived", len(ids - set(spool.ready())), 0)
+            pipe.seal_all()
+        finally:
+            store.close()
+            spool.close()
+            lock.release()
+        _progress_end()
+    else:
+        deadline = time.time() + args.wait
+        spool = Spool(sp.directory, ring, min_free_bytes=0)
+        try:
+            while ids & set(spool.ready()) and time.time() < deadline:
+                _progress("archived by the daemon", len(ids - set(spool.ready())), 0)
+                time.sleep(0.5)
+            left = ids & set(spool.ready())
+        finally:
+            spool.close()
+        _progress_end()
+        if left:
+            print(f"import: {len(left)} message(s) still wait in the spool for the daemon", file=sys.stderr)
+    return _import_summary(cfg, a, tenant, keys, spooled, skipped, started)
+
+
+def _stored_bytes(raw: bytes) -> bytes:
+    """What the archive stores for these bytes (a journal report: its original)."""
+    from . import journal
+    if journal.is_journal_report(raw):
+        try:
+            return journal.unwrap(raw).original
+        except journal.JournalError:
+            pass
+    return raw
+
+
+_progress_shown = False
+
+
+def _progress(what: str, n: int, bad: int) -> None:
+    global _progress_shown
+    if sys.stderr.isatty() or os.environ.get("MAILTRESOR_PROGRESS"):
+        sys.stderr.write(f"\r{what}: {n}" + (f" ({bad} skipped)" if bad else "") + " " * 8)
+        sys.stderr.flush()
+        _progress_shown = True
+
+
+def _progress_end() -> None:
+    global _progress_shown
+    if _progress_shown:
+        sys.stderr.write("\n")
+        _progress_shown = False
+
+
+def _import_summary(cfg, a, tenant, keys, spooled, skipped, started) -> int:
+    from .spool import Spool
+    from .store import Store
+    ring = keys.ring
+    spool = Spool(cfg.spool.directory, ring, min_free_bytes=0)
+    reasons = spool.set_aside_reasons()
+    unrouted = set(spool.unrouted_entries())
+    spool.close()
+    imported = duplicates = 0
+    aside = []
+    store = Store(a.directory, readonly=True) if (Path(a.directory) / tenant / "catalog").exists() else None
+    try:
+        for sid, (label, aid) in spooled.items():
+            if sid in reasons:
+                aside.append(f"{label}: {reasons[sid]}")
+                continue
+            if sid in unrouted:
+                aside.append(f"{label}: held as unrouted")
+                continue
+            month = store.locate(tenant, aid) if store is not None else None
+            meta = store.shard(tenant, month).get_meta(aid, keys) if month else None
+            if not meta:
+                continue                      # still waiting in the spool
+            envs = meta.get("envelopes", {})
+            first = min(envs, key=lambda k: (envs[k].get("received_at") or 0, k))
+            if first == sid:
+                imported += 1
+            else:
+                duplicates += 1
+    finally:
+        if store is not None:
+            store.close()
+    print(f"import into {tenant}: {imported} imported, {duplicates} duplicate(s), "
+          f"{len(aside)} set aside, {len(skipped)} skipped ({time.time() - started:.1f}s)")
+    for line in aside:
+        print(f"  set aside: {line}")
+    for line in skipped:
+        print(f"  skipped: {line}")
+    return 1 if (aside or skipped) else 0
+
+
+def cmd_reroute(cfg, args) -> int:
+    from .keys import KeyRing
+    from .spool import Spool
+    spool = Spool(cfg.spool.directory, KeyRing(), min_free_bytes=0)
+    try:
+        n = spool.reroute()
+    finally:
+        spool.close()
+    print(f"reroute: {n} unrouted message(s) back in the spool for the archiver")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +576,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"configuration file (default ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    s = sub.add_parser("status", help="daemon state, keys held, spool depth")
+
+    s = sub.add_parser("status", help="daemon state, keys held, spool depth, archive and index lag, shards")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("search", help="search a tenant's archive (Xapian query syntax)")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--order", choices=("date-desc", "date-asc", "relevance"), default="date-desc")
+    s.add_argument("query", nargs="+", help="e.g. from:alice subject:invoice date:2002-07-01..2002-08-01")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("show", help="a message's original bytes, as received")
+    s.add_argument("--tenant", required=True)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--headers", action="store_true", help="only the header section")
+    g.add_argument("--envelope", action="store_true", help="envelopes, journal recipients, parse flags (JSON)")
+    s.add_argument("id")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("verify", help="check every record's hash, the chains, the seals and the index")
+    s.add_argument("--tenant")
+    s.add_argument("--quiet", action="store_true", help="do not list shards with unsealed entries")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("import", help="mbox files, Maildir folders, .eml files or directories, via the spool")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running daemon to archive")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("reindex", help="rebuild the Xapian indexes from the store")
+    s.add_argument("--tenant")
+    s.add_argument("--missing", action="store_true", help="only add what the index lacks")
+    s.set_defaults(func=cmd_reindex)
+
+    s = sub.add_parser("restore", help="rebuild the store from the backup directory")
+    s.add_argument("--tenant")
+    s.add_argument("--from", dest="backup", help="backup directory (default: archive.backup_directory)")
+    s.add_argument("--to", help="store directory to create (default: archive.directory; must be empty)")
+    s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("reroute", help="give unrouted mail to the archiver again (after adding a tenant)")
+    s.set_defaults(func=cmd_reroute)
     return p
 
 
@@ -109,11 +632,19 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"mailtresor: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from .keys import KeyUnavailable
+    from .store import StoreError
     try:
         return args.func(cfg, args)
     except UserError as e:
         print(f"mailtresor: {e}", file=sys.stderr)
         return e.code
+    except KeyUnavailable as e:
+        print(f"mailtresor: no key: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except StoreError as e:
+        print(f"mailtresor: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

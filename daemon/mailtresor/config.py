@@ -123,6 +123,26 @@ class Milter:
 
 
 @dataclass(frozen=True)
+class Archive:
+    """The archiver and the store it fills."""
+
+    # Per tenant and month: DIR/TENANT/YYYY-MM/{lmdb,xapian}.
+    directory: Path
+    # A directory that receives every record and tombstone, still
+    # encrypted (it holds no keys); "" for none.
+    backup_directory: Path | None = None
+    enabled: bool = True
+    batch_size: int = 200
+    # Seconds between looks at the spool when it was empty.
+    interval: float = 0.5
+    # Seconds between seals of a shard that changed.
+    seal_interval: float = 300.0
+    # RFC 3161 time-stamping authority for seals (HTTP POST of a TSQ); "" for none.
+    tsa_url: str = ""
+    tsa_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Service:
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -165,6 +185,7 @@ class Config:
     tls: TLS | None = None
     relay: Relay = field(default_factory=Relay)
     milter: Milter | None = None
+    archive: Archive | None = None
     service: Service = field(default_factory=Service)
     tenant: tuple[Tenant, ...] = ()
     control_server: ControlServer | None = None
@@ -324,6 +345,13 @@ def _check(cfg: Config, source: Path) -> None:
             milter_socket(cfg.milter.listen)
         except ValueError as e:
             fail("milter.listen", str(e))
+    if cfg.archive is not None:
+        if cfg.archive.batch_size < 1:
+            fail("archive.batch_size", "must be at least 1")
+        if cfg.archive.tsa_url and not cfg.archive.tsa_url.startswith(("http://", "https://")):
+            fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
+        if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
+            fail("archive.backup_directory", "must not be the store directory itself")
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]

@@ -138,6 +138,10 @@ class Daemon:
             self.fetcher = KeyFetcher(reactor, client, self.ring, retry_initial=c.retry_initial,
                                       retry_max=c.retry_max, refresh_interval=c.refresh_interval,
                                       on_status=self.set_status, on_key=self._key_to_workers)
+        self.archiver = None
+        if not worker and cfg.archive is not None and cfg.archive.enabled:
+            from .archiver import Archiver
+            self.archiver = Archiver(cfg, reactor, self.spool, self.ring)
         self.factories = []
         self.ports = []
         self.workers: list[_WorkerProcess] = []
@@ -168,7 +172,8 @@ class Daemon:
                "spool_flush_batches": self.spool.batches, "keys": self.ring.summary(),
                "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
-               "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None}
+               "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
+               "archive": self.archiver.status() if self.archiver is not None else None}
         try:
             self._status_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._status_file.with_name(".status.json.tmp")
@@ -347,6 +352,11 @@ class Daemon:
             log.info("%s", text)
             notify("READY=1")
             self.set_status(text)
+            if self.archiver is not None:
+                from twisted.internet import task
+                self.archiver.start()
+                self._expiry = task.LoopingCall(self.archiver.expire_keys, self.cfg.control.key_cache_seconds)
+                self._expiry.start(60, now=False)
 
     def _milter_exited(self, error):
         if self.state not in ("stopping", "stopped"):
@@ -381,6 +391,12 @@ class Daemon:
             waits.append(self._workers_done)
             for w in live:
                 w.signal("TERM")
+        if self.archiver is not None:
+            if getattr(self, "_expiry", None) is not None and self._expiry.running:
+                self._expiry.stop()
+            # The batch in hand finishes (or is repeated at the next start:
+            # every step is idempotent); changed shards are sealed.
+            waits.append(self.archiver.stop())
         self._stopping = defer.Deferred()
         self._timer = self.reactor.callLater(self.cfg.service.shutdown_timeout, self._abandon)
         defer.gatherResults(waits).addBoth(lambda _: self._finish())

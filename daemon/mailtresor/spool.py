@@ -350,12 +350,13 @@ class Spool:
         self.new_dir = self.directory / "new"
         self.bad_dir = self.directory / "bad"
         self.tries_dir = self.directory / "tries"
+        self.unrouted_dir = self.directory / "unrouted"
         self.keys = keys
         self.max_message_size = max_message_size
         self.min_free_bytes = min_free_bytes
         self.max_entries = max_entries
         self.max_tries = max_tries
-        for d in (self.directory, self.tmp_dir, self.new_dir, self.bad_dir, self.tries_dir):
+        for d in (self.directory, self.tmp_dir, self.new_dir, self.bad_dir, self.tries_dir, self.unrouted_dir):
             d.mkdir(mode=0o700, exist_ok=True)
         if sync == "auto":
             sync = "syncfs" if os.path.ismount(self.directory) else "fsync"
@@ -609,6 +610,42 @@ class Spool:
 
     def set_aside_entries(self) -> list[str]:
         return sorted(n for n in os.listdir(self.bad_dir) if is_id(n))
+
+    def set_aside_reasons(self) -> dict[str, str]:
+        out = {}
+        for n in self.set_aside_entries():
+            try:
+                out[n] = json.loads((self.bad_dir / f"{n}.why").read_bytes())["reason"]
+            except (OSError, ValueError, KeyError):
+                out[n] = "(no note)"
+        return out
+
+    # --- mail no tenant claims: kept, still under the spool key ---
+
+    def hold_unrouted(self, entry_id: str) -> None:
+        os.rename(self.new_dir / entry_id, self.unrouted_dir / entry_id)
+        _fsync_dir(self.unrouted_dir)
+        _fsync_dir(self.new_dir)
+        with self._lock:
+            self._count = max(0, self._count - 1)
+        try:
+            os.unlink(self.tries_dir / entry_id)
+        except FileNotFoundError:
+            pass
+
+    def unrouted_entries(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.unrouted_dir) if is_id(n))
+
+    def reroute(self) -> int:
+        """Put every unrouted entry back in new/ (after tenants changed)."""
+        names = self.unrouted_entries()
+        for n in names:
+            os.rename(self.unrouted_dir / n, self.new_dir / n)
+        if names:
+            _fsync_dir(self.new_dir)
+            with self._lock:
+                self._count += len(names)
+        return len(names)
 
 
 def _fsync_dir(path: Path) -> None:

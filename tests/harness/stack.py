@@ -72,6 +72,9 @@ class Stack:
                               {"name": "local", "networks": ["127.0.0.1/32"]}],
             },
             "service": {"shutdown_timeout": 10.0, "log_level": "info"},
+            # Off unless a test turns it on: the ingest tests look at the spool.
+            "archive": {"directory": str(d / "store"), "backup_directory": str(d / "backup"),
+                        "enabled": False, "interval": 0.2},
             "tenant": [{"name": "acme", "domains": ["acme.example"]},
                        {"name": "globex", "domains": ["globex.example"]}],
             "control_server": {"listen": f"tcp:{self.control_port}:interface=127.0.0.1",
@@ -97,6 +100,12 @@ class Stack:
         self.control_log_path = d / "control.log"
         self._logs = []
         self._ring = None
+
+    def reconfigure(self, overrides: dict) -> None:
+        """Change the configuration file (takes effect at the next daemon start)."""
+        self.doc = merge(self.doc, overrides)
+        self.config_path.write_text(tomlw.dumps(self.doc) + "\n")
+        self.cfg = configmod.load(self.config_path)
 
     # --- processes ---
 

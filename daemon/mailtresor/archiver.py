@@ -1,0 +1,482 @@
+"""The archiver: spool -> parse -> route -> dedup -> store -> index -> backup
+-> unspool.
+
+`Pipeline.run_batch()` is the blocking work (one thread: it is the single
+writer of every shard); `Archiver` runs it on a one-thread pool from the
+reactor.  Every step is idempotent (docs/ARCHIVE.md): a spool entry is
+removed only after its records are committed, indexed and shipped to the
+backup, so a crash anywhere means the entry comes again with the same
+result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import journal, parse
+from .index import ShardIndex
+from .keys import KeyMaterial, KeyUnavailable
+from .spool import KeyNotHeld, SpoolCorrupt
+from .store import (UNROUTED, BackupDirectory, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock, month_of)
+
+log = logging.getLogger("mailtresor.archiver")
+
+SEAL_KEY = "seal"
+
+
+def domain_of(address: str) -> str:
+    a = address.strip().strip("<>").rstrip(".")
+    return a.rsplit("@", 1)[1].lower() if "@" in a else ""
+
+
+class Router:
+    """Tenant by domain: exact match of an envelope address's domain."""
+
+    def __init__(self, tenants):
+        self.by_domain = {d: t.name for t in tenants for d in t.domains}
+        self.names = {t.name for t in tenants}
+
+    def tenants(self, addresses: list[str], connector_tenant: str = "") -> list[str]:
+        found = {self.by_domain[d] for d in map(domain_of, addresses) if d in self.by_domain}
+        if connector_tenant and connector_tenant in self.names:
+            found.add(connector_tenant)
+        return sorted(found)
+
+
+@dataclass
+class Prepared:
+    entry_id: str
+    raw: bytes                       # what is stored: the message, or the original inside a journal report
+    parsed: parse.Parsed
+    envelope: dict
+    addresses: list[str]             # every envelope address (routing, `envelope:` terms)
+    tenants: list[str]
+    month: str
+
+
+@dataclass
+class BatchResult:
+    archived: int = 0                # spool entries finished
+    stored: int = 0                  # new records
+    duplicates: int = 0              # records that were there already
+    unrouted: int = 0
+    failed: int = 0
+    set_aside: int = 0
+    waiting_for_key: str = ""
+    locked: str = ""
+    shards: set = field(default_factory=set)
+
+
+def envelope_addresses(env: dict) -> list[str]:
+    out = [env.get("mail_from") or ""] + list(env.get("rcpt_to") or [])
+    j = env.get("journal")
+    if j:
+        out.append(j.get("sender") or "")
+        out += [r["address"] for r in j.get("recipients", [])]
+        out += [r[k] for r in j.get("recipients", []) for k in ("expanded", "forwarded") if r.get(k)]
+    seen, res = set(), []
+    for a in out:
+        a = a.strip().strip("<>").lower()
+        if a and a not in seen:
+            seen.add(a)
+            res.append(a)
+    return res
+
+
+def prepare(entry, router: Router) -> Prepared:
+    """A spool entry as the store wants it.  Pure but for parsing."""
+    env = dict(entry.envelope.__dict__)
+    env["spool_id"] = entry.id
+    raw = entry.data
+    if journal.is_journal_report(raw):
+        try:
+            rep = journal.unwrap(raw)
+        except journal.JournalError as e:
+            # Kept as received, flagged: an unusable report is still mail.
+            env["journal_error"] = str(e)
+            log.warning("%s: journal report cannot be unwrapped (%s); archived as it is", entry.id, e)
+        else:
+            raw = rep.original
+            env["journal"] = {"sender": rep.sender, "message_id": rep.message_id,
+                              "recipients": [r.__dict__ for r in rep.recipients],
+                              "extra": rep.extra, "report_size": len(entry.data)}
+    parsed = parse.parse_message(raw)
+    if "journal_error" in env:
+        parsed.flags.append("journal-unwrap-failed")
+    addresses = envelope_addresses(env)
+    tenants = router.tenants(addresses, entry.envelope.tenant)
+    return Prepared(entry.id, raw, parsed, env, addresses, tenants,
+                    month_of(parsed.date, entry.envelope.received_at or time.time()))
+
+
+def summary_of(p: parse.Parsed) -> dict:
+    return {"date": p.date, "from": p.from_header, "subject": p.subject, "message_id": p.message_id,
+            "size": p.size, "flags": list(p.flags),
+            "attachments": [a.filename for a in p.attachments if a.filename]}
+
+
+def index_terms(meta: dict, parsed: parse.Parsed) -> tuple[list[str], list[str], list[str]]:
+    """(every envelope address, those not in the headers, tags) over all
+    envelopes a record has (a duplicate adds its recipients)."""
+    addrs, tags = [], set()
+    for env in meta.get("envelopes", {}).values():
+        addrs += envelope_addresses(env)
+        tags.add(env.get("source") or "unknown")
+        if env.get("journal"):
+            tags.add("journal")
+    addrs = list(dict.fromkeys(addrs))
+    in_headers = set(parsed.from_) | set(parsed.to) | set(parsed.cc) | set(parsed.bcc)
+    return addrs, [a for a in addrs if a not in in_headers], sorted(tags)
+
+
+class Pipeline:
+    """The blocking part; one instance per store, used from one thread."""
+
+    def __init__(self, spool, store: Store, keys: Keys, router: Router, *,
+                 backup: BackupDirectory | None = None, seal_seed=None, seal_interval: float = 300.0,
+                 timestamper=None, batch_size: int = 200, clock=time.time):
+        self.spool = spool
+        self.store = store
+        self.keys = keys
+        self.router = router
+        self.backup = backup
+        self.seal_seed = seal_seed            # callable -> 32-byte seed or None
+        self.seal_interval = seal_interval
+        self.timestamper = timestamper
+        self.batch_size = batch_size
+        self.clock = clock
+        self._dirty: dict[tuple[str, str], float] = {}     # shard -> first unsealed change
+        self.totals = BatchResult()
+        self.lock = WriterLock(store.root)
+        self.hold_lock = False            # a CLI import keeps it for its whole run
+
+    def run_batch(self) -> BatchResult:
+        if self.lock.fd is None:
+            try:
+                self.lock.acquire()
+            except StoreLocked as e:
+                return BatchResult(locked=str(e))
+        try:
+            return self._run_batch()
+        finally:
+            if not self.hold_lock:
+                self.lock.release()
+
+    def _run_batch(self) -> BatchResult:
+        res = BatchResult()
+        ids = self.spool.ready(limit=self.batch_size)
+        prepared: list[Prepared] = []
+        for eid in ids:
+            try:
+                p = self._prepare(eid)
+            except (KeyUnavailable, KeyMissing) as e:
+                res.waiting_for_key = str(e)
+                break
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - one poison message never stops the rest
+                self._failed(eid, f"cannot prepare: {type(e).__name__}: {e}", res)
+                continue
+            if not p.tenants:
+                self.spool.hold_unrouted(eid)
+                log.warning("%s: no tenant claims any of its %d envelope address(es); held in %s",
+                            eid, len(p.addresses), UNROUTED)
+                res.unrouted += 1
+                continue
+            prepared.append(p)
+        done = self._store(prepared, res)
+        if done is None:
+            return self._account(res)
+        for eid in done:
+            self.spool.done(eid)
+            res.archived += 1
+        self._seal_due()
+        return self._account(res)
+
+    def _account(self, res: BatchResult) -> BatchResult:
+        t = self.totals
+        for k in ("archived", "stored", "duplicates", "unrouted", "failed", "set_aside"):
+            setattr(t, k, getattr(t, k) + getattr(res, k))
+        t.waiting_for_key = res.waiting_for_key
+        return res
+
+    def _prepare(self, eid: str) -> Prepared:
+        try:
+            entry = self.spool.read(eid)
+        except KeyNotHeld as e:
+            fetch = getattr(self.keys, "fetch", None)
+            if fetch is None:
+                raise KeyMissing(e.name, e.version) from None
+            self.keys.ring.put(fetch(e.name, e.version))
+            entry = self.spool.read(eid)
+        except SpoolCorrupt as e:
+            raise ValueError(str(e)) from None
+        return prepare(entry, self.router)
+
+    def _failed(self, eid: str, reason: str, res: BatchResult) -> None:
+        log.error("%s: %s", eid, reason)
+        res.failed += 1
+        try:
+            if self.spool.failed(eid, reason):
+                res.set_aside += 1
+        except FileNotFoundError:
+            pass
+
+    def _store(self, prepared: list[Prepared], res: BatchResult) -> list[str] | None:
+        """Store, index, back up.  Returns the spool ids that are finished,
+        or None when the batch must wait (a key is missing)."""
+        rows: dict[str, list[tuple[Prepared, Item]]] = defaultdict(list)
+        try:
+            for p in prepared:
+                for t in p.tenants:
+                    rows[t].append((p, Item(self.keys.archive_id(t, p.raw), p.month, p.raw, p.entry_id,
+                                            p.envelope, summary_of(p.parsed))))
+        except (KeyUnavailable, KeyMissing) as e:
+            res.waiting_for_key = str(e)
+            return None
+        failed: set[str] = set()
+        indexed: dict[tuple[str, str], list] = defaultdict(list)
+        for tenant, group in rows.items():
+            try:
+                outs = self.store.store(tenant, [it for _, it in group], self.keys)
+                pairs = list(zip(group, outs))
+            except (KeyUnavailable, KeyMissing) as e:
+                res.waiting_for_key = str(e)
+                return None
+            except Exception:  # noqa: BLE001 - find the entry that breaks the batch
+                pairs = []
+                for (p, it) in group:
+                    try:
+                        (o,) = self.store.store(tenant, [it], self.keys)
+                        pairs.append(((p, it), o))
+                    except (KeyUnavailable, KeyMissing) as e:
+                        res.waiting_for_key = str(e)
+                        return None
+                    except Exception as e:  # noqa: BLE001
+                        failed.add(p.entry_id)
+                        self._failed(p.entry_id, f"cannot store for {tenant}: {type(e).__name__}: {e}", res)
+            for (p, it), o in pairs:
+                if o.new_record:
+                    res.stored += 1
+                else:
+                    res.duplicates += 1
+                indexed[(tenant, o.month)].append((o, p))
+                log.info("%s: archived for %s as %s/%s%s", p.entry_id, tenant, o.month, o.aid,
+                         "" if o.new_record else " (duplicate: envelope added)" if o.new_envelope
+                         else " (already archived)")
+        for (tenant, month), docs in indexed.items():
+            shard = self.store.shard(tenant, month)
+            try:
+                with ShardIndex(shard.index_dir).writer() as w:
+                    for o, p in docs:
+                        addrs, env_only, tags = index_terms(o.meta, p.parsed)
+                        w.add(o.aid, p.parsed, envelope=addrs, envelope_only=env_only, tags=tags,
+                              date=p.parsed.date if p.parsed.date is not None else p.envelope.get("received_at", 0.0),
+                              size=len(p.raw))
+                    w.set_indexed_seq(shard.head()[0])
+                if self.backup is not None:
+                    self.backup.ship(shard)
+            except Exception as e:  # noqa: BLE001 - the entries stay in the spool and come again
+                log.error("%s/%s: cannot index or back up: %s: %s", tenant, month, type(e).__name__, e)
+                for _, p in docs:
+                    if p.entry_id not in failed:
+                        failed.add(p.entry_id)
+                        self._failed(p.entry_id, f"index/backup of {tenant}/{month}: {type(e).__name__}", res)
+                continue
+            res.shards.add((tenant, month))
+            self._dirty.setdefault((tenant, month), self.clock())
+        return [p.entry_id for p in prepared if p.entry_id not in failed]
+
+    def _seal_due(self, force: bool = False) -> None:
+        if not self._dirty or self.seal_seed is None:
+            return
+        now = self.clock()
+        due = [k for k, t in self._dirty.items() if force or now - t >= self.seal_interval]
+        if not due:
+            return
+        try:
+            seed = self.seal_seed()
+        except (KeyUnavailable, KeyMissing) as e:
+            log.warning("cannot seal %d shard(s): %s", len(due), e)
+            return
+        if seed is None:
+            return
+        for tenant, month in due:
+            shard = self.store.shard(tenant, month)
+            try:
+                s = shard.seal(seed, timestamper=self.timestamper)
+                if self.backup is not None:
+                    self.backup.ship(shard)
+            except Exception as e:  # noqa: BLE001 - sealing is retried at the next interval
+                log.error("%s/%s: cannot seal: %s: %s", tenant, month, type(e).__name__, e)
+                continue
+            del self._dirty[(tenant, month)]
+            if s is not None:
+                log.info("%s/%s: sealed at chain entry %d%s", tenant, month, s.seq,
+                         " (with a time stamp)" if s.tsa_token else "")
+
+    def seal_all(self) -> None:
+        if not self._dirty:
+            return
+        with self.lock if self.lock.fd is None else _nothing():
+            self._seal_due(force=True)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FetchingKeys(Keys):
+    """Tenant keys fetched from the control endpoint when first needed
+    (blocking: the archiver thread and the CLI), kept in memory only."""
+
+    def __init__(self, ring, fetch):
+        super().__init__(ring)
+        self.fetch = fetch            # (name, version|None) -> KeyMaterial; raises KeyUnavailable
+
+    def _sub(self, tenant, version, info):
+        name = f"tenant.{tenant}"
+        if self.ring.get(name, version) is None:
+            self.ring.put(self.fetch(name, version))
+        return super()._sub(tenant, version, info)
+
+    def current(self, tenant):
+        name = f"tenant.{tenant}"
+        if self.ring.current(name) is None:
+            m = self.fetch(name, None)
+            self.ring.put(m, current=True)
+        return super().current(tenant)
+
+    def seal_seed(self) -> bytes:
+        cur = self.ring.current(SEAL_KEY)
+        if cur is None:
+            self.ring.put(self.fetch(SEAL_KEY, None), current=True)
+            cur = self.ring.current(SEAL_KEY)
+        return cur[1]
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+
+def control_fetcher(cfg):
+    """(name, version) -> KeyMaterial over the appliance's mTLS identity."""
+    from .keys import fetch_blocking
+    c = cfg.control
+
+    def fetch(name: str, version: int | None = None) -> KeyMaterial:
+        return fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, name, version, timeout=c.timeout)
+    return fetch
+
+
+def make_timestamper(url: str, ca_file: Path | None):
+    if not url:
+        return None
+    from . import tsa
+    return lambda message: tsa.timestamp(url, message, ca_file)
+
+
+class Archiver:
+    """Runs the pipeline from the reactor: a batch at a time on a thread
+    of its own, again at once while the spool has entries, else after
+    `interval` seconds."""
+
+    def __init__(self, cfg, reactor, spool, ring, *, fetch=None):
+        from twisted.python.threadpool import ThreadPool
+
+        a = cfg.archive
+        self.cfg, self.reactor, self.spool = cfg, reactor, spool
+        self.keys = FetchingKeys(ring, fetch or control_fetcher(cfg))
+        self.store = Store(a.directory)
+        backup = BackupDirectory(a.backup_directory) if a.backup_directory else None
+        self.pipeline = Pipeline(spool, self.store, self.keys, Router(cfg.tenant), backup=backup,
+                                 seal_seed=self.keys.seal_seed, seal_interval=a.seal_interval,
+                                 timestamper=make_timestamper(a.tsa_url, a.tsa_ca_file),
+                                 batch_size=a.batch_size)
+        self.interval = a.interval
+        self.pool = ThreadPool(1, 1, name="archiver")
+        self._call = None
+        self._running = None
+        self._stopped = False
+        self.last_batch = 0.0
+        self.status_text = "starting"
+        self._key_wait = 0.0
+
+    def start(self) -> None:
+        self.pool.start()
+        self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        if not self._stopped:
+            self._call = self.reactor.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        from twisted.internet import threads
+        self._call = None
+        if self._stopped:
+            return
+        self._running = threads.deferToThreadPool(self.reactor, self.pool, self.pipeline.run_batch)
+        self._running.addCallbacks(self._after, self._crashed)
+
+    def _after(self, res: BatchResult) -> None:
+        self._running = None
+        self.last_batch = time.time()
+        if res.waiting_for_key:
+            self._key_wait = min(max(self._key_wait * 2, 1.0), self.cfg.control.retry_max)
+            self.status_text = f"waiting for a key: {res.waiting_for_key}"
+            log.warning("archiver: %s; next try in %.0fs", res.waiting_for_key, self._key_wait)
+            self._schedule(self._key_wait)
+            return
+        if res.locked:
+            self.status_text = f"paused: {res.locked}"
+            self._schedule(max(self.interval, 1.0))
+            return
+        self._key_wait = 0.0
+        busy = res.archived + res.failed + res.unrouted
+        self.status_text = "archiving" if busy else "idle"
+        self._schedule(0 if busy >= self.pipeline.batch_size else self.interval)
+
+    def _crashed(self, f) -> None:
+        self._running = None
+        log.error("archiver batch failed: %s", f.getErrorMessage())
+        self.status_text = f"error: {f.getErrorMessage()}"
+        self._schedule(max(self.interval, 5.0))
+
+    def expire_keys(self, max_age: float) -> None:
+        if self.keys.ring.expire("tenant.", max_age):
+            self.pool.callInThread(self.keys.forget)
+
+    def stop(self):
+        """Finish the batch in hand, seal what changed, stop the thread."""
+        from twisted.internet import defer, threads
+
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        d = self._running if self._running is not None else defer.succeed(None)
+
+        def sealed(_):
+            return threads.deferToThreadPool(self.reactor, self.pool, self._close)
+
+        def done(_):
+            self.pool.stop()
+        return d.addBoth(sealed).addBoth(done)
+
+    def _close(self) -> None:
+        try:
+            self.pipeline.seal_all()
+        finally:
+            self.store.close()
+
+    def status(self) -> dict:
+        t = self.pipeline.totals
+        return {"state": self.status_text, "archived": t.archived, "stored": t.stored,
+                "duplicates": t.duplicates, "unrouted": t.unrouted, "failed": t.failed,
+                "set_aside": t.set_aside, "last_batch": self.last_batch}

@@ -1,0 +1,707 @@
+"""The archive's one Xapian schema: term prefixes, value slots, the writer,
+the query language and search.
+
+One Xapian database per shard (`store/TENANT/YYYY-MM/xapian/`).  The index
+is derived data: the store (LMDB) is the truth and `mailtresor reindex`
+rebuilds an index from it.  It holds terms only: a document's data is its
+archive id, its values are its date and size.  No subject, address or body
+text is stored in a form that can be read back as text (terms are, by their
+nature, the words of the message: the index directory must be protected like
+the store, but it never holds a message's plaintext in order).
+
+Writers are batched: `ShardIndex.writer()` opens the database, the caller
+adds a batch, the batch and the `mt:indexed_seq` mark are committed together
+and the database is closed again, so that the CLI can take the write lock
+between two batches of a running daemon.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import email.utils
+import hashlib
+import logging
+import math
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import xapian
+
+if TYPE_CHECKING:  # parse.py is the producer of what is indexed here
+    from .parse import Parsed
+
+log = logging.getLogger("mailtresor.index")
+
+# --------------------------------------------------------------------------
+# The schema (cf. notmuch lib/prefix.cc).  Change nothing here without a
+# reindex: the terms on disk are made from this table.
+#
+# field            prefix       kind      what is indexed
+# ---------------  -----------  --------  ------------------------------------
+# from:            XFROM        address   From: addresses and display-name words
+# to:              XTO          address   To:
+# cc:              XCC          address   Cc:
+# bcc:             XBCC         address   Bcc: header plus envelope-only
+#                                         recipients (in RCPT TO / the journal
+#                                         report, in no header)
+# envelope:        XENV         address   every envelope address: MAIL FROM,
+#                                         RCPT TO, journal report recipients
+# subject:         XSUBJECT     text      Subject:
+# body:            XBODY        text      the body text parse.py extracted
+# attachment:      XATTACHMENT  text      attachment file names: their words,
+#                                         and the whole name lower-cased as
+#                                         one term (for attachment:report*)
+# attachment-text: XATEXT       text      text extracted from attachments
+# id:, mid:        XMID         boolean   Message-ID, exact, without <>
+# tag:             K            boolean   tenant tags, exact (case-sensitive)
+# flag:            XFLAG        boolean   parse flags of the message and of
+#                                         its attachments (lower-case)
+# aid:             Q            boolean   archive id; the unique term of a
+#                                         document (replace_document by it)
+# (free text)      XNAME        text      internal: From: and To: as text
+#                                         (names and address words), so free
+#                                         text finds senders and recipients
+#
+# Free text (no field) searches subject, body, attachment names, attachment
+# text and XNAME.  date: and size: are ranges over the value slots below.
+#
+# kind "text": TermGenerator, english stemmer, STEM_SOME (the unstemmed word
+#   with positions, for phrases; Z+prefix+stem for plain words), words over
+#   64 bytes skipped, CJK n-grams.
+# kind "address": exact lower-cased terms, no stemming, no positions.  For
+#   "Alice Smith <Alice.Smith+tax@Mail.Example.com>":
+#     alice.smith+tax@mail.example.com   the whole address
+#     alice.smith+tax, alice.smith       local part, without +detail
+#     alice, smith, tax                  words of the local part
+#     mail.example.com, example.com      domain and parent domains (2 labels+)
+#     alice, smith                       display-name words
+# kind "boolean": exact terms, filters (no weight).
+#
+# Multi-character prefixes followed by an upper-case letter get a ':' in
+# between (Xapian's convention).  Terms over 245 bytes (Xapian's limit) are
+# cut and end in '#' and a hash of the whole term, on both the indexing and
+# the query side, so an over-long address or Message-ID is still found
+# exactly.
+# --------------------------------------------------------------------------
+
+PREFIXES: dict[str, str] = {
+    "from": "XFROM",
+    "to": "XTO",
+    "cc": "XCC",
+    "bcc": "XBCC",
+    "envelope": "XENV",
+    "subject": "XSUBJECT",
+    "body": "XBODY",
+    "attachment": "XATTACHMENT",
+    "attachment-text": "XATEXT",
+    "id": "XMID",
+    "mid": "XMID",
+    "tag": "K",
+    "flag": "XFLAG",
+    "aid": "Q",
+}
+_NAME_PREFIX = "XNAME"
+_ADDRESS_FIELDS = ("from", "to", "cc", "bcc", "envelope")
+_TEXT_FIELDS = ("subject", "body", "attachment", "attachment-text")
+FREE_TEXT_PREFIXES = (PREFIXES["subject"], PREFIXES["body"], PREFIXES["attachment"],
+                      PREFIXES["attachment-text"], _NAME_PREFIX)
+
+SLOT_DATE = 0   # xapian.sortable_serialise(unix time)
+SLOT_SIZE = 1   # xapian.sortable_serialise(size in bytes)
+
+META_INDEXED_SEQ = "mt:indexed_seq"
+
+MAX_TERM = 245              # bytes, Xapian's limit (glass backend)
+MAX_WORD = 64               # bytes, longer words are not indexed (base64 debris)
+WILDCARD_LIMIT = 1024       # a wildcard expanding to more terms is an error
+_POS_GAP = 100              # between fields/attachments: no phrase across them
+
+_STEM_LANGUAGE = "english"
+
+
+class QueryError(Exception):
+    """A query that cannot be run; the message names the problem."""
+
+
+class IndexLocked(Exception):
+    """Another writer held the shard's index lock past the timeout."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    archive_id: str
+    shard_path: Path
+    date: float
+    size: int
+    rank: int
+
+
+# --- terms -----------------------------------------------------------------
+
+def _term(prefix: str, value: str) -> str | None:
+    """prefix + value as a Xapian term, within the term length limit."""
+    if not value:
+        return None
+    if len(prefix) > 1 and "A" <= value[0] <= "Z":
+        value = ":" + value
+    term = prefix + value
+    raw = term.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_TERM:
+        return term
+    digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
+    head = raw[:MAX_TERM - 1 - len(digest)].decode("utf-8", "ignore")
+    return f"{head}#{digest}"
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _address_values(addr: str) -> list[str]:
+    """The exact values an address is found by (see the table above)."""
+    a = addr.strip().strip("<>").strip().lower()
+    if not a:
+        return []
+    values = [a]
+    if "@" in a:
+        local, _, domain = a.rpartition("@")
+        if local:
+            values.append(local)
+            if "+" in local:
+                values.append(local.split("+", 1)[0])
+            values.extend(_words(local))
+        labels = [label for label in domain.split(".") if label]
+        if len(labels) == 1:
+            values.append(labels[0])
+        for i in range(len(labels) - 1):
+            values.append(".".join(labels[i:]))
+    else:
+        values.extend(_words(a))
+    return values
+
+
+def _split_addresses(items: Iterable[str]) -> list[tuple[str, str]]:
+    """(display name, address) pairs from header values or bare addresses;
+    never raises, whatever the header looks like."""
+    out: list[tuple[str, str]] = []
+    for item in items:
+        if not item or not isinstance(item, str):
+            continue
+        try:
+            pairs = [(n, a) for n, a in email.utils.getaddresses([item]) if n or a]
+        except Exception:  # noqa: BLE001 - header parsing of hostile input
+            pairs = []
+        if not pairs:
+            stripped = item.strip()
+            pairs = [("", stripped)] if "@" in stripped and " " not in stripped else [(stripped, "")]
+        out.extend(pairs)
+    return out
+
+
+# --- writing ---------------------------------------------------------------
+
+def _has_db(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(p.name.startswith("iam") for p in path.iterdir())
+    except OSError:
+        return False
+
+
+class IndexWriter:
+    """Adds and deletes documents of one shard inside one batch
+    (`ShardIndex.writer()`); nothing is visible before the batch commits."""
+
+    def __init__(self, db: xapian.WritableDatabase):
+        self._db = db
+        self._tg = xapian.TermGenerator()
+        self._tg.set_stemmer(xapian.Stem(_STEM_LANGUAGE))
+        self._tg.set_stemming_strategy(xapian.TermGenerator.STEM_SOME)
+        self._tg.set_flags(xapian.TermGenerator.FLAG_CJK_NGRAM)
+        self._tg.set_max_word_length(MAX_WORD)
+        self.added = 0
+        self.deleted = 0
+
+    def add(self, archive_id: str, parsed: "Parsed", *, envelope: list[str],
+            envelope_only: list[str], tags: list[str], date: float, size: int) -> None:
+        """Index (or re-index) one message under its archive id."""
+        unique = _term(PREFIXES["aid"], archive_id)
+        if unique is None:
+            raise ValueError("empty archive id")
+        doc = xapian.Document()
+        doc.set_data(archive_id)
+        doc.add_boolean_term(unique)
+        doc.add_value(SLOT_DATE, xapian.sortable_serialise(float(date)))
+        doc.add_value(SLOT_SIZE, xapian.sortable_serialise(float(size)))
+
+        def boolean(field: str, value: str) -> None:
+            term = _term(PREFIXES[field], value)
+            if term is not None:
+                doc.add_boolean_term(term)
+
+        def addresses(field: str, items: Iterable[str]) -> None:
+            prefix = PREFIXES[field]
+            for name, addr in _split_addresses(items):
+                for value in _address_values(addr) + _words(name):
+                    term = _term(prefix, value)
+                    if term is not None:
+                        doc.add_term(term, 0)   # wdf 0: a filter, like boolean terms
+
+        addresses("from", [parsed.from_header, *parsed.from_])
+        addresses("to", parsed.to)
+        addresses("cc", parsed.cc)
+        addresses("bcc", [*parsed.bcc, *envelope_only])
+        addresses("envelope", [*envelope, *envelope_only])
+
+        mid = (parsed.message_id or "").strip().strip("<>").strip()
+        boolean("id", mid)
+        for tag in tags:
+            boolean("tag", tag)
+        for flag in parsed.flags:
+            boolean("flag", flag.lower())
+        for att in parsed.attachments:
+            for flag in att.flags:
+                boolean("flag", flag.lower())
+
+        tg = self._tg
+        tg.set_document(doc)
+        tg.set_termpos(0)
+
+        def text(prefix: str, value: str) -> None:
+            if value:
+                tg.index_text(value, 1, prefix)
+                tg.increase_termpos(_POS_GAP)
+
+        text(PREFIXES["subject"], parsed.subject)
+        text(PREFIXES["body"], parsed.body_text)
+        for att in parsed.attachments:
+            if att.filename:
+                text(PREFIXES["attachment"], att.filename)
+                term = _term(PREFIXES["attachment"], att.filename.strip().lower())
+                if term is not None:
+                    doc.add_term(term, 0)
+            text(PREFIXES["attachment-text"], att.text)
+        text(_NAME_PREFIX, parsed.from_header or " ".join(parsed.from_))
+        for item in parsed.to:
+            text(_NAME_PREFIX, item)
+
+        self._db.replace_document(unique, doc)
+        self.added += 1
+
+    def delete(self, archive_id: str) -> None:
+        """Remove a message's document; no error if there is none."""
+        unique = _term(PREFIXES["aid"], archive_id)
+        if unique is not None:
+            self._db.delete_document(unique)
+            self.deleted += 1
+
+    def set_indexed_seq(self, seq: int) -> None:
+        """The store sequence number this index is complete up to; committed
+        with the batch's documents."""
+        self._db.set_metadata(META_INDEXED_SEQ, str(int(seq)))
+
+
+class ShardIndex:
+    """The Xapian database of one shard."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _open(self, timeout: float) -> xapian.WritableDatabase:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        pause = 0.01
+        while True:
+            try:
+                return xapian.WritableDatabase(str(self.path), xapian.DB_CREATE_OR_OPEN)
+            except xapian.DatabaseLockError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise IndexLocked(f"index {self.path} is locked by another writer "
+                                      f"(waited {timeout:g}s)") from None
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.5)
+
+    @contextmanager
+    def writer(self, timeout: float = 30.0) -> Iterator[IndexWriter]:
+        """Open the index for one batch: commits the batch on a clean exit,
+        discards it on an exception, and always releases the lock."""
+        db = self._open(timeout)
+        try:
+            db.begin_transaction(True)
+            w = IndexWriter(db)
+            try:
+                yield w
+                db.commit_transaction()
+            except BaseException:
+                try:
+                    db.cancel_transaction()
+                except xapian.Error:
+                    pass
+                raise
+        finally:
+            db.close()
+
+
+def indexed_seq(path: Path) -> int:
+    """The `mt:indexed_seq` mark of a shard index; 0 if there is no index."""
+    path = Path(path)
+    if not _has_db(path):
+        return 0
+    db = xapian.Database(str(path))
+    try:
+        value = db.get_metadata(META_INDEXED_SEQ)
+        return int(value.decode() if isinstance(value, bytes) else value) if value else 0
+    finally:
+        db.close()
+
+
+def ids(path: Path) -> set[str]:
+    """Every archive id in a shard index."""
+    path = Path(path)
+    if not _has_db(path):
+        return set()
+    db = xapian.Database(str(path))
+    try:
+        prefix = PREFIXES["aid"]
+        out = set()
+        for item in db.allterms(prefix):
+            term = item.term.decode("utf-8", "surrogateescape")
+            out.add(term[len(prefix):])
+        return out
+    finally:
+        db.close()
+
+
+# --- the query language ----------------------------------------------------
+
+def _text(s) -> str:
+    return s.decode("utf-8", "replace") if isinstance(s, bytes) else s
+
+
+def _wildcard(prefix: str, value: str, field: str) -> xapian.Query:
+    stem = value[:-1]
+    if not stem or "*" in stem:
+        raise QueryError(f"{field}:{value}: a wildcard needs at least one character "
+                         "before a single trailing '*'")
+    term = _term(prefix, stem)
+    return xapian.Query(xapian.Query.OP_WILDCARD, term, WILDCARD_LIMIT,
+                        xapian.Query.WILDCARD_LIMIT_ERROR)
+
+
+class _AddressField(xapian.FieldProcessor):
+    def __init__(self, field: str):
+        super().__init__()
+        self.field = field
+        self.prefix = PREFIXES[field]
+
+    def __call__(self, raw) -> xapian.Query:
+        value = _text(raw).strip()
+        if value.endswith("*"):
+            return _wildcard(self.prefix, value.lower().lstrip("<"), self.field)
+        value = value.strip("<>").strip().lower()
+        if value.startswith("@"):
+            value = value[1:]
+        words = _words(value)
+        if not value or not words:
+            raise QueryError(f"{self.field}: needs an address, a part of one or a name")
+        if any(c.isspace() for c in value):
+            return xapian.Query(xapian.Query.OP_AND, [xapian.Query(_term(self.prefix, w))
+                                                      for w in words])
+        exact = xapian.Query(_term(self.prefix, value))
+        if "@" in value or words == [value]:
+            return exact
+        # alice.smith: the local part alice.smith, or the words alice and smith
+        return xapian.Query(xapian.Query.OP_OR, [exact, xapian.Query(
+            xapian.Query.OP_AND, [xapian.Query(_term(self.prefix, w)) for w in words])])
+
+
+class _BooleanField(xapian.FieldProcessor):
+    def __init__(self, field: str, normalise=lambda v: v):
+        super().__init__()
+        self.field = field
+        self.prefix = PREFIXES[field]
+        self.normalise = normalise
+
+    def __call__(self, raw) -> xapian.Query:
+        value = self.normalise(_text(raw).strip())
+        if not value:
+            raise QueryError(f"{self.field}: needs a value")
+        if value.endswith("*"):
+            return _wildcard(self.prefix, value, self.field)
+        return xapian.Query(_term(self.prefix, value))
+
+
+_DATE_RE = re.compile(r"^(\d{4})(?:-(\d{1,2})(?:-(\d{1,2}))?)?$")
+
+
+def _date_period(text: str, whole: str) -> tuple[float, float]:
+    """(first instant, first instant after) of YYYY, YYYY-MM or YYYY-MM-DD, UTC."""
+    m = _DATE_RE.match(text)
+    if not m:
+        raise QueryError(f"bad date {text!r} in date:{whole}: "
+                         "use YYYY-MM-DD, YYYY-MM or YYYY")
+    year, month, day = int(m[1]), m[2], m[3]
+    try:
+        if day is not None:
+            start = datetime.date(year, int(month), int(day))
+            end = start + datetime.timedelta(days=1)
+        elif month is not None:
+            start = datetime.date(year, int(month), 1)
+            end = datetime.date(year + (start.month == 12), start.month % 12 + 1, 1)
+        else:
+            start = datetime.date(year, 1, 1)
+            end = datetime.date(year + 1, 1, 1)
+    except ValueError as e:
+        raise QueryError(f"bad date {text!r} in date:{whole}: {e}") from None
+    return (float(calendar.timegm(start.timetuple())), float(calendar.timegm(end.timetuple())))
+
+
+def _split_range(value: str, field: str) -> tuple[str, str]:
+    if ".." in value:
+        lo, _, hi = value.partition("..")
+        if ".." in hi:
+            raise QueryError(f"{field}:{value}: a range is FROM..TO")
+        if not lo and not hi:
+            raise QueryError(f"{field}:{value}: a range needs at least one end")
+        return lo.strip(), hi.strip()
+    if not value:
+        raise QueryError(f"{field}: needs a value or a range FROM..TO")
+    return value, value
+
+
+def _value_query(slot: int, lo: float | None, hi: float | None) -> xapian.Query:
+    if lo is not None and hi is not None:
+        return xapian.Query(xapian.Query.OP_VALUE_RANGE, slot,
+                            xapian.sortable_serialise(lo), xapian.sortable_serialise(hi))
+    if lo is not None:
+        return xapian.Query(xapian.Query.OP_VALUE_GE, slot, xapian.sortable_serialise(lo))
+    return xapian.Query(xapian.Query.OP_VALUE_LE, slot, xapian.sortable_serialise(hi))
+
+
+class _DateField(xapian.FieldProcessor):
+    """date:2002-07-01..2002-08-01, date:..2002-08, date:2002.., date:2002-07.
+    Both ends inclusive (to the last instant of the end's day, month or
+    year), UTC."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, tuple[float | None, float | None]] = {}
+
+    def __call__(self, raw) -> xapian.Query:
+        value = _text(raw).strip()
+        a, b = _split_range(value, "date")
+        lo = _date_period(a, value)[0] if a else None
+        hi = math.nextafter(_date_period(b, value)[1], -math.inf) if b else None
+        if lo is not None and hi is not None and lo > hi:
+            raise QueryError(f"date:{value}: the range ends before it starts")
+        q = _value_query(SLOT_DATE, lo, hi)
+        self.seen[str(q)] = (lo, hi)
+        return q
+
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?$")
+_SIZE_UNIT = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3}
+
+
+def _size(text: str, whole: str) -> float:
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise QueryError(f"bad size {text!r} in size:{whole}: use bytes, "
+                         "or k, M, G (powers of 1000), e.g. size:10k..2M")
+    return float(math.floor(float(m[1]) * _SIZE_UNIT[m[2].lower()]))
+
+
+class _SizeField(xapian.FieldProcessor):
+    def __call__(self, raw) -> xapian.Query:
+        value = _text(raw).strip()
+        a, b = _split_range(value, "size")
+        lo = _size(a, value) if a else None
+        hi = _size(b, value) if b else None
+        if lo is not None and hi is not None and lo > hi:
+            raise QueryError(f"size:{value}: the range ends before it starts")
+        return _value_query(SLOT_SIZE, lo, hi)
+
+
+_FLAGS = (xapian.QueryParser.FLAG_BOOLEAN | xapian.QueryParser.FLAG_PHRASE
+          | xapian.QueryParser.FLAG_LOVEHATE | xapian.QueryParser.FLAG_WILDCARD
+          | xapian.QueryParser.FLAG_PURE_NOT | xapian.QueryParser.FLAG_CJK_NGRAM)
+
+# Xapian field names are word characters only; "attachment-text:" is
+# rewritten to this before parsing (outside quotes).
+_ATTACHMENT_TEXT_ALIAS = "attachment_text"
+_ATTACHMENT_TEXT_RE = re.compile(r"(^|[\s(+\-])attachment-text:")
+
+
+def _precheck(text: str) -> str:
+    """What Xapian would silently re-parse as plain words (it retries a query
+    it cannot parse without its operators) is an error here."""
+    parts = text.split('"')
+    if len(parts) % 2 == 0:
+        raise QueryError('unbalanced quotes: a phrase is missing its closing "')
+    depth = 0
+    for outside in parts[::2]:
+        for c in outside:
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+                if depth < 0:
+                    raise QueryError("unbalanced parentheses: a ')' without its '('")
+    if depth > 0:
+        raise QueryError(f"unbalanced parentheses: {depth} '(' not closed")
+    for i in range(0, len(parts), 2):
+        parts[i] = _ATTACHMENT_TEXT_RE.sub(rf"\1{_ATTACHMENT_TEXT_ALIAS}:", parts[i])
+    return '"'.join(parts)
+
+
+def _parse(text: str) -> tuple[xapian.Query, _DateField]:
+    dates = _DateField()
+    if not text or not text.strip():
+        return xapian.Query.MatchAll, dates
+    qp = xapian.QueryParser()
+    qp.set_stemmer(xapian.Stem(_STEM_LANGUAGE))
+    qp.set_stemming_strategy(xapian.QueryParser.STEM_SOME)
+    qp.set_default_op(xapian.Query.OP_AND)
+    qp.set_max_expansion(WILDCARD_LIMIT, xapian.Query.WILDCARD_LIMIT_ERROR,
+                         xapian.QueryParser.FLAG_WILDCARD)
+    for prefix in FREE_TEXT_PREFIXES:
+        qp.add_prefix("", prefix)
+    for field in _TEXT_FIELDS:
+        name = _ATTACHMENT_TEXT_ALIAS if field == "attachment-text" else field
+        qp.add_prefix(name, PREFIXES[field])
+    # Field processors must outlive parse_query(): keep them referenced.
+    procs: list[xapian.FieldProcessor] = [dates]
+    qp.add_boolean_prefix("date", dates, False)
+    procs.append(_SizeField())
+    qp.add_boolean_prefix("size", procs[-1], False)
+    for field in _ADDRESS_FIELDS:     # several from: terms must all match
+        procs.append(_AddressField(field))
+        qp.add_boolean_prefix(field, procs[-1], False)
+    strip_id = lambda v: v.strip("<>").strip()  # noqa: E731
+    for field in ("id", "mid"):       # a message has one id: id:a id:b is either
+        procs.append(_BooleanField(field, strip_id))
+        qp.add_boolean_prefix(field, procs[-1], "id")
+    procs.append(_BooleanField("aid"))
+    qp.add_boolean_prefix("aid", procs[-1], True)
+    procs.append(_BooleanField("tag"))
+    qp.add_boolean_prefix("tag", procs[-1], False)
+    procs.append(_BooleanField("flag", str.lower))
+    qp.add_boolean_prefix("flag", procs[-1], False)
+    try:
+        query = qp.parse_query(_precheck(text), _FLAGS)
+    except xapian.QueryParserError as e:
+        raise QueryError(f"bad query: {e.get_msg()}") from None
+    return query, dates
+
+
+def parse_query(text: str) -> xapian.Query:
+    """The Xapian query for a search string; raises QueryError.
+
+    AND, OR, NOT, XOR (capitals), parentheses, "phrases", +must -mustnot,
+    trailing-* wildcards, field:value (see PREFIXES), date:FROM..TO and
+    size:FROM..TO.  Words without an operator between them must all match.
+    An empty string matches every message."""
+    return _parse(text)[0]
+
+
+_CONJUNCTIVE = (xapian.Query.OP_AND, xapian.Query.OP_FILTER)
+_FIRST_ONLY = (xapian.Query.OP_AND_NOT, xapian.Query.OP_AND_MAYBE, xapian.Query.OP_SCALE_WEIGHT)
+_VALUE_OPS = (xapian.Query.OP_VALUE_RANGE, xapian.Query.OP_VALUE_GE, xapian.Query.OP_VALUE_LE)
+
+
+def _bounds(q: xapian.Query, seen: dict) -> tuple[float | None, float | None] | None:
+    op = q.get_type()
+    if op in _CONJUNCTIVE:
+        lo = hi = None
+        restricted = False
+        for i in range(q.get_num_subqueries()):
+            b = _bounds(q.get_subquery(i), seen)
+            if b is None:
+                continue
+            restricted = True
+            if b[0] is not None:
+                lo = b[0] if lo is None else max(lo, b[0])
+            if b[1] is not None:
+                hi = b[1] if hi is None else min(hi, b[1])
+        return (lo, hi) if restricted else None
+    if op in _FIRST_ONLY:
+        return _bounds(q.get_subquery(0), seen)
+    if op in _VALUE_OPS:
+        return seen.get(str(q))
+    return None   # OR, XOR, NEAR, leaf terms...: no restriction known
+
+
+def query_date_bounds(text: str) -> tuple[float | None, float | None] | None:
+    """The (first, last) instants (UTC unix time, either may be None for an
+    open end) that every match of `text` lies in, or None if the query does
+    not restrict the date.  Conservative: a date: under OR, XOR or NOT does
+    not count.  Raises QueryError like parse_query()."""
+    query, dates = _parse(text)
+    if not dates.seen:
+        return None
+    return _bounds(query, dates.seen)
+
+
+# --- searching -------------------------------------------------------------
+
+_ORDERS = ("date-desc", "date-asc", "relevance")
+
+
+def _user_wildcard_message(msg: str) -> str:
+    for field, prefix in sorted(PREFIXES.items(), key=lambda fp: -len(fp[1])):
+        if msg.startswith("Wildcard " + prefix):
+            return f"Wildcard {field}:{msg[len('Wildcard ' + prefix):]}"
+    for prefix in FREE_TEXT_PREFIXES:
+        if msg.startswith("Wildcard " + prefix):
+            return "Wildcard " + msg[len("Wildcard " + prefix):]
+    return msg
+
+
+def search(paths: list[Path], query: str, *, offset: int = 0, limit: int = 50,
+           order: str = "date-desc") -> tuple[int, list[Hit]]:
+    """Search several shard indexes as one; (estimated matches, hits)."""
+    if order not in _ORDERS:
+        raise ValueError(f"order must be one of {', '.join(_ORDERS)}, not {order!r}")
+    q = parse_query(query)
+    shards = [Path(p) for p in paths if _has_db(Path(p))]
+    if not shards:
+        return 0, []
+    for attempt in range(3):
+        db = xapian.Database()
+        for p in shards:
+            db.add_database(xapian.Database(str(p)))
+        try:
+            enq = xapian.Enquire(db)
+            enq.set_query(q)
+            if order == "date-desc":
+                enq.set_sort_by_value_then_relevance(SLOT_DATE, True)
+            elif order == "date-asc":
+                enq.set_sort_by_value_then_relevance(SLOT_DATE, False)
+            else:
+                enq.set_sort_by_relevance_then_value(SLOT_DATE, True)
+            mset = enq.get_mset(offset, limit)
+            hits = []
+            for m in mset:
+                doc = m.document
+                data = doc.get_data()
+                hits.append(Hit(
+                    archive_id=data.decode() if isinstance(data, bytes) else data,
+                    shard_path=shards[(m.docid - 1) % len(shards)],
+                    date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
+                    size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))),
+                    rank=m.rank))
+            return mset.get_matches_estimated(), hits
+        except xapian.WildcardError as e:
+            raise QueryError(f"{_user_wildcard_message(e.get_msg())}: "
+                             "make the wildcard longer") from None
+        except xapian.DatabaseModifiedError:
+            if attempt == 2:
+                raise
+        finally:
+            db.close()
+    raise AssertionError("unreachable")

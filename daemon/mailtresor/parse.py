@@ -1,0 +1,829 @@
+"""What the index needs from a raw message: addresses, subject, date, text.
+
+`parse_message(raw)` is pure and never raises: whatever is wrong with a
+message becomes a flag, and whatever can still be read is returned.  It never
+re-serialises `raw` (the archive keeps the bytes as they arrived; parsing only
+extracts).
+
+Headers are decoded with the `email.policy.default` header classes, one
+header at a time; when one of them raises on a broken value (several do, see
+tests/test_parse.py) that header is decoded the compat32 way instead
+(`email.header.decode_header`, `email.utils.getaddresses`) and the message
+gets the flag ``bad-header:NAME``.  Raw 8-bit bytes in headers (common in
+spam) are read as UTF-8, else in the charset of the message's first text
+part, else as windows-1252, before any decoding: the default policy would
+turn them into U+FFFD.
+
+Body text is the text of the inline text/plain and text/html parts (HTML
+without tags, script and style; entities resolved), in message order; both
+alternatives of a multipart/alternative are kept, as a reader may have seen
+either.  Everything else is an attachment: a part with a file name, with
+``Content-Disposition: attachment``, or of a non-text type.  Attachment text
+comes from text/* parts, PDF (`pdftotext`), Office Open XML (.docx, .xlsx,
+.pptx) and attached messages (message/rfc822: their From, To, Cc, Date,
+Subject and body text; the attachments of an attached message are listed
+after it, flattened, down to MAX_DEPTH levels).
+
+Message flags:
+
+    bad-header:NAME     the default policy raised on header NAME; decoded the compat32 way
+    defects             the email parser recorded defects (bad MIME structure, bad base64...)
+    unknown-charset     a text part or header declares a charset Python does not know
+    undecodable-part    a text part's bytes are not valid in its charset; decoded with replacement
+    text-truncated      body_text was cut at MAX_TEXT characters
+    too-many-parts      more than MAX_PARTS MIME parts; the rest were not read
+    parse-error         the parser itself failed; what could be read is returned
+
+Attachment flags:
+
+    undecodable         the transfer encoding or the charset is broken; partial text
+    unsupported-type    no text extractor for this type (images, signatures...)
+    too-large           not handed to an extractor (over PDF_MAX_BYTES, OOXML_MAX_BYTES)
+    pdftotext-failed    pdftotext exited non-zero, timed out or is missing
+    ooxml-failed        not a readable zip / OOXML package
+    ooxml-limit         uncompressed size over OOXML_MAX_UNCOMPRESSED (zip bomb guard); partial text
+    depth-limit         an attached message nested deeper than MAX_DEPTH; not read
+    text-truncated      text cut at MAX_TEXT characters
+"""
+
+from __future__ import annotations
+
+import binascii
+import calendar
+import codecs
+import email
+import email.header
+import email.message
+import email.parser
+import email.policy
+import email.utils
+import functools
+import io
+import quopri
+import re
+import subprocess
+import zipfile
+from dataclasses import dataclass, field
+from html import unescape
+from html.parser import HTMLParser
+
+MAX_TEXT = 1_000_000                 # characters of body_text, and of each attachment's text
+MAX_DEPTH = 3                        # levels of attached messages read
+MAX_PARTS = 1000                     # MIME parts read per message (nested messages included)
+MAX_NESTING = 60                     # multipart levels followed (the parser recurses per level)
+PDF_MAX_BYTES = 32 * 1024 * 1024     # larger PDFs are not handed to pdftotext
+PDF_TIMEOUT = 20.0                   # seconds
+PDF_MAX_PAGES = 2000
+OOXML_MAX_BYTES = 64 * 1024 * 1024   # compressed package size
+OOXML_MAX_UNCOMPRESSED = 64 * 1024 * 1024
+_HTML_MAX_INPUT = 4 * MAX_TEXT       # characters of markup handed to the HTML stripper
+
+_DEFAULT = email.policy.default
+
+
+@dataclass
+class Attachment:
+    filename: str          # decoded (RFC 2231/2047), "" if none
+    content_type: str      # lowercased maintype/subtype
+    size: int              # decoded payload bytes
+    text: str              # extracted text ("" if none)
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Parsed:
+    message_id: str        # without <>, stripped, "" if none
+    date: float | None     # unix time from Date:, None if absent/unparseable
+    from_header: str       # the decoded From: header as display text
+    from_: list[str]       # addresses, lowercased
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]         # header Bcc: (envelope-only recipients come from elsewhere)
+    subject: str           # decoded, unfolded, "" if none
+    body_text: str
+    attachments: list[Attachment]
+    flags: list[str]
+    size: int              # len(raw)
+
+
+def parse_message(raw: bytes) -> Parsed:
+    """Extract the indexable content of `raw`.  Never raises on bad input."""
+    ctx = _Ctx()
+    try:
+        msg = _parse_bytes(raw, ctx)
+        head = _headers(msg, ctx)
+        body = _TextBuf(MAX_TEXT)
+        try:
+            _walk(msg, ctx, body, depth=0, nesting=0)
+        except Exception:   # a bug or a parser corner we did not foresee: keep what we have
+            ctx.flag("parse-error")
+        if body.truncated:
+            ctx.flag("text-truncated")
+        return Parsed(message_id=head["message_id"], date=head["date"],
+                      from_header=head["from_header"], from_=head["from"], to=head["to"],
+                      cc=head["cc"], bcc=head["bcc"], subject=head["subject"],
+                      body_text=_safe(body.text()), attachments=ctx.attachments,
+                      flags=ctx.flags, size=len(raw))
+    except Exception:
+        ctx.flag("parse-error")
+        return Parsed(message_id="", date=None, from_header="", from_=[], to=[], cc=[], bcc=[],
+                      subject="", body_text="", attachments=ctx.attachments, flags=ctx.flags,
+                      size=len(raw))
+
+
+# ---------------------------------------------------------------- plumbing
+
+class _Ctx:
+    def __init__(self):
+        self.flags: list[str] = []
+        self.attachments: list[Attachment] = []
+        self.parts = 0
+        self.hint: str | None = None     # charset of the first text part, for 8-bit headers
+
+    def flag(self, f: str) -> None:
+        if f not in self.flags:
+            self.flags.append(f)
+
+
+class _TextBuf:
+    """Text pieces up to a limit of characters."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pieces: list[str] = []
+        self.n = 0
+        self.truncated = False
+
+    def add(self, s: str) -> None:
+        s = s.replace("\r\n", "\n").strip()
+        if not s:
+            return
+        if self.n + len(s) > self.limit:
+            s = s[:max(0, self.limit - self.n)]
+            self.truncated = True
+            if not s:
+                return
+        self.pieces.append(s)
+        self.n += len(s) + 2
+
+    def text(self) -> str:
+        return "\n\n".join(self.pieces)
+
+
+def _parse_bytes(raw: bytes, ctx: _Ctx) -> email.message.Message:
+    try:
+        return email.parser.BytesParser(policy=_DEFAULT).parsebytes(raw)
+    except Exception:
+        ctx.flag("parse-error")
+    try:   # a nesting too deep for the parser's recursion, or a parser bug: headers only
+        return email.parser.BytesParser(policy=_DEFAULT).parsebytes(raw, headersonly=True)
+    except Exception:
+        return email.message.EmailMessage(policy=_DEFAULT)
+
+
+def _flag_defects(part, ctx: _Ctx) -> None:
+    if getattr(part, "defects", None):
+        ctx.flag("defects")
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_NEWLINES = re.compile(r"[\r\n]+")
+_WS_RUN = re.compile(r"[ \t\f\v\u00a0]+")
+_BLANK_LINES = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
+
+
+def _safe(s: str) -> str:
+    """Any lone surrogate left (there should be none) would break UTF-8 encoding downstream."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
+@functools.lru_cache(maxsize=256)
+def _codec(charset: str) -> str | None:
+    """Python's name for a MIME charset, None if unknown or not a text encoding."""
+    try:
+        name = codecs.lookup(charset).name
+        b"a".decode(name)
+        return name
+    except Exception:
+        return None
+
+
+def _norm_charset(charset) -> str:
+    if not charset or not isinstance(charset, str):
+        return ""
+    return charset.strip().strip("\"'").strip().lower()
+
+
+def _decode(data: bytes, charset) -> tuple[str, list[str]]:
+    """Decode text bytes in their declared charset; fall back to UTF-8, then
+    windows-1252 (every byte but five maps).  Returns (text, problems) where
+    problems are "unknown-charset" / "undecodable"."""
+    problems: list[str] = []
+    cs = _norm_charset(charset)
+    codec = _codec(cs) if cs else None
+    if cs and codec is None:
+        problems.append("unknown-charset")
+    if codec:
+        try:
+            return data.decode(codec), problems
+        except Exception:
+            pass
+    try:
+        text = data.decode("utf-8")
+        if codec:   # declared something else, and it did not fit
+            problems.append("undecodable")
+        return text, problems
+    except UnicodeDecodeError:
+        pass
+    if codec and codec != "ascii":
+        try:
+            return data.decode(codec, "replace"), problems + ["undecodable"]
+        except Exception:
+            pass
+    # unlabelled, mislabelled or unknown 8-bit text: by far most often windows-1252
+    text = data.decode("cp1252", "replace")
+    if codec or "\ufffd" in text:
+        problems.append("undecodable")
+    return text, problems
+
+
+def _unsurrogate(s: str, hint: str | None = None) -> str:
+    """Header text as the parser left it (raw 8-bit bytes as surrogate
+    escapes) to real text: UTF-8 if it is, else the hint charset, else cp1252."""
+    if not _SURROGATE.search(s):
+        return s
+    b = s.encode("utf-8", "surrogateescape")
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    codec = _codec(hint) if hint else None
+    if codec and codec != "ascii":
+        try:
+            return b.decode(codec)
+        except Exception:
+            pass
+    return b.decode("cp1252", "replace")
+
+
+# ---------------------------------------------------------------- headers
+
+_ADDR_HEADERS = ("from", "to", "cc", "bcc")
+
+
+def _raw_headers(msg) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        if not isinstance(value, str):
+            value = str(value)
+        out.setdefault(name.strip().lower(), []).append(value)
+    return out
+
+
+def _unfold(value: str) -> str:
+    return _NEWLINES.sub("", value)
+
+
+def _decode_words(text: str, hint: str | None) -> str:
+    """compat32 decoding: RFC 2047 encoded words, each in its own charset."""
+    try:
+        chunks = email.header.decode_header(text)
+    except Exception:
+        return text
+    out = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, bytes):
+            if charset is None:   # the plain stretches: raw, already text once
+                out.append(_unsurrogate(chunk.decode("ascii", "surrogateescape"), hint))
+            else:
+                out.append(_decode(chunk, charset)[0])
+        else:
+            out.append(chunk)
+    # decode_header drops the whitespace between an encoded word and plain text
+    # inconsistently; join the way make_header() does
+    return _join_words(out, chunks)
+
+
+def _join_words(out: list[str], chunks) -> str:
+    if len(out) <= 1:
+        return "".join(out)
+    res = out[0]
+    for i in range(1, len(out)):
+        prev_encoded = chunks[i - 1][1] is not None
+        cur_encoded = chunks[i][1] is not None
+        if prev_encoded and cur_encoded:
+            res += out[i]
+        elif res.endswith((" ", "\t")) or out[i].startswith((" ", "\t")):
+            res += out[i]
+        else:
+            res += " " + out[i]
+    return res
+
+
+def _message_hint(msg) -> str | None:
+    """The charset of the first part that declares one (for raw 8-bit headers)."""
+    try:
+        for n, part in enumerate(msg.walk()):
+            if n > 20:
+                break
+            cs = _norm_charset(_shell(part).get_param("charset"))
+            if cs and _codec(cs):
+                return cs
+    except Exception:
+        pass
+    return None
+
+
+def _headers(msg, ctx: _Ctx) -> dict:
+    raw = _raw_headers(msg)
+    if any(_SURROGATE.search(v) for vs in raw.values() for v in vs):
+        ctx.hint = _message_hint(msg)
+    return _decode_headers(raw, ctx, ctx.hint)
+
+
+def _decode_headers(raw: dict[str, list[str]], ctx: _Ctx, hint: str | None) -> dict:
+    res: dict = {"from_header": ""}
+    for name in _ADDR_HEADERS:
+        addrs: list[str] = []
+        texts: list[str] = []
+        for value in raw.get(name, ()):
+            text, found = _address_header(name, value, ctx, hint)
+            texts.append(text)
+            for a in found:
+                if a not in addrs:
+                    addrs.append(a)
+        res[name] = addrs
+        if name == "from":
+            res["from_header"] = _safe(", ".join(t for t in texts if t))
+    subj = raw.get("subject")
+    res["subject"] = _safe(_unstructured("subject", subj[0], ctx, hint)) if subj else ""
+    mid = raw.get("message-id")
+    res["message_id"] = _message_id(_unsurrogate(_unfold(mid[0]), hint)) if mid else ""
+    date = raw.get("date")
+    res["date"] = _date(_unsurrogate(_unfold(date[0]), hint)) if date else None
+    return res
+
+
+def _unstructured(name: str, value: str, ctx: _Ctx, hint) -> str:
+    text = _unsurrogate(_unfold(value), hint)
+    try:
+        return str(_DEFAULT.header_factory(name, text)).strip()
+    except Exception:
+        ctx.flag(f"bad-header:{name}")
+        return _decode_words(text, hint).strip()
+
+
+def _address_header(name: str, value: str, ctx: _Ctx, hint) -> tuple[str, list[str]]:
+    text = _unsurrogate(_unfold(value), hint)
+    try:
+        h = _DEFAULT.header_factory(name, text)
+        addrs = [a.addr_spec.strip().lower() for a in h.addresses]
+        return str(h).strip(), [a for a in addrs if a and a != "<>"]
+    except Exception:
+        ctx.flag(f"bad-header:{name}")
+    decoded = _decode_words(text, hint).strip()
+    try:
+        pairs = email.utils.getaddresses([text])
+    except Exception:
+        pairs = []
+    addrs = []
+    for _, addr in pairs:
+        addr = _decode_words(addr, hint).strip().lower()
+        if addr and addr != "<>":
+            addrs.append(addr)
+    return decoded, addrs
+
+
+_MSGID = re.compile(r"<([^<>]*)>")
+
+
+def _message_id(value: str) -> str:
+    m = _MSGID.search(value)
+    v = m.group(1) if m else value
+    return _safe(v.strip().strip("<>").strip())
+
+
+def _date(value: str) -> float | None:
+    try:
+        t = email.utils.parsedate_tz(value)
+        if t is None:
+            return None
+        # no zone given: UTC, not the appliance's local time (parsedate's mktime_tz would use that)
+        return float(calendar.timegm(t[:6]) - (t[9] or 0))
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------- MIME walk
+
+def _shell(part) -> email.message.Message:
+    """A compat32 view of a part's MIME headers: compat32's parameter parsing
+    never raises, whatever the value."""
+    m = email.message.Message()
+    for name, value in part.raw_items():
+        if name.lower() in ("content-type", "content-disposition", "content-transfer-encoding"):
+            m[name] = value if isinstance(value, str) else str(value)
+    try:
+        m.set_default_type(part.get_default_type())
+    except Exception:
+        pass
+    return m
+
+
+def _filename(shell: email.message.Message, hint) -> str:
+    try:
+        name = shell.get_filename() or ""
+    except Exception:
+        name = ""
+    if not name:
+        return ""
+    name = _unsurrogate(_unfold(name), hint)
+    if "=?" in name:
+        name = _decode_words(name, hint)
+    return _safe(name.strip())
+
+
+def _disposition(shell) -> str:
+    try:
+        return (shell.get_content_disposition() or "").lower()
+    except Exception:
+        return ""
+
+
+def _content_type(shell) -> str:
+    try:
+        return shell.get_content_type().lower()
+    except Exception:
+        return "application/octet-stream"
+
+
+def _cte(shell) -> str:
+    return str(shell.get("content-transfer-encoding", "")).strip().lower()
+
+
+def _payload_bytes(part) -> tuple[bytes, bool]:
+    """The decoded payload and whether its transfer encoding was sound."""
+    before = len(part.defects)
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if data is None:   # get_payload gave up: the raw payload as bytes
+        try:
+            p = part.get_payload()
+            data = p.encode("ascii", "surrogateescape") if isinstance(p, str) else b""
+        except Exception:
+            data = b""
+        return data, False
+    return data, len(part.defects) == before
+
+
+def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
+    ctx.parts += 1
+    if ctx.parts > MAX_PARTS:
+        ctx.flag("too-many-parts")
+        return
+    _flag_defects(part, ctx)
+    shell = _shell(part)
+    ctype = _content_type(shell)
+    maintype = ctype.split("/", 1)[0]
+    payload = part.get_payload()
+    if maintype == "multipart" and isinstance(payload, list):
+        if nesting >= MAX_NESTING:
+            ctx.flag("too-many-parts")
+            return
+        for sub in payload:
+            _walk(sub, ctx, body, depth, nesting + 1)
+        return
+    filename = _filename(shell, ctx.hint)
+    disposition = _disposition(shell)
+    if maintype == "message" and isinstance(payload, list):
+        _attached_messages(part, shell, ctype, filename, ctx, depth, nesting)
+        return
+    is_body = (not filename and disposition != "attachment"
+               and (ctype in ("text/plain", "text/html") or maintype == "multipart"))
+    data, sound = _payload_bytes(part)
+    if is_body:
+        # (a multipart without its boundary has its raw MIME body here: still the message's text)
+        text, problems = _text_of(data, shell, ctype)
+        if not sound or "undecodable" in problems:
+            ctx.flag("undecodable-part")
+        if "unknown-charset" in problems:
+            ctx.flag("unknown-charset")
+        body.add(text)
+        return
+    att = Attachment(filename=filename, content_type=ctype, size=len(data), text="", flags=[])
+    if not sound:
+        att.flags.append("undecodable")
+    _extract(att, data, shell)
+    att.text = _safe(att.text)
+    ctx.attachments.append(att)
+
+
+def _text_of(data: bytes, shell, ctype: str) -> tuple[str, list[str]]:
+    charset = None
+    try:
+        charset = shell.get_param("charset")
+        if isinstance(charset, tuple):   # RFC 2231 form
+            charset = email.utils.collapse_rfc2231_value(charset)
+    except Exception:
+        pass
+    if ctype == "text/html" and not charset:
+        charset = _meta_charset(data)
+    text, problems = _decode(data, charset)
+    if ctype == "text/html":
+        text = html_to_text(text)
+    return text, problems
+
+
+_META_CHARSET = re.compile(rb"<meta[^>]+charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.I)
+
+
+def _meta_charset(data: bytes) -> str | None:
+    m = _META_CHARSET.search(data[:4096])
+    return m.group(1).decode("ascii") if m else None
+
+
+# ---------------------------------------------------------------- attached messages
+
+def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nesting: int) -> None:
+    subs = part.get_payload()
+    if ctype not in ("message/rfc822", "message/global"):
+        # delivery-status and the like: header blocks; their lines are the text
+        lines = []
+        for sub in subs:
+            try:
+                for k, v in sub.raw_items():
+                    lines.append(f"{k}: {_unsurrogate(_unfold(str(v)), ctx.hint)}")
+            except Exception:
+                pass
+        text = "\n".join(lines)
+        ctx.attachments.append(Attachment(filename=filename, content_type=ctype,
+                                          size=len(text.encode("utf-8", "replace")),
+                                          text=_safe(text[:MAX_TEXT]), flags=[]))
+        return
+    att = Attachment(filename=filename, content_type=ctype, size=0, text="", flags=[])
+    ctx.attachments.append(att)
+    if not subs:
+        att.flags.append("undecodable")
+        return
+    inner = subs[0]
+    if _cte(shell) in ("base64", "quoted-printable"):
+        # not allowed for message/rfc822, but sent: the parser took the encoded
+        # text for a message; decode it and parse again
+        inner = _reparse_encoded(inner, _cte(shell), att)
+    att.size = _size_of(inner)
+    if depth + 1 > MAX_DEPTH:
+        att.flags.append("depth-limit")
+        return
+    if att.size == 0:
+        att.flags.append("undecodable")
+    sub = _Ctx()
+    sub.parts = ctx.parts
+    sub.hint = ctx.hint
+    raw = _raw_headers(inner)
+    if any(_SURROGATE.search(v) for vs in raw.values() for v in vs):
+        sub.hint = _message_hint(inner) or ctx.hint
+    head = _decode_headers(raw, sub, sub.hint)
+    text = _TextBuf(MAX_TEXT)
+    lines = []
+    if head["from_header"]:
+        lines.append(f"From: {head['from_header']}")
+    for name in ("to", "cc"):
+        for value in raw.get(name, ()):
+            lines.append(f"{name.capitalize()}: {_safe(_decode_words(_unsurrogate(_unfold(value), sub.hint), sub.hint).strip())}")
+    if raw.get("date"):
+        lines.append(f"Date: {_safe(_unsurrogate(_unfold(raw['date'][0]), sub.hint).strip())}")
+    if head["subject"]:
+        lines.append(f"Subject: {head['subject']}")
+    text.add("\n".join(lines))
+    try:
+        _walk(inner, sub, text, depth + 1, nesting + 1)
+    except Exception:
+        att.flags.append("undecodable")
+    ctx.parts = sub.parts
+    for f in sub.flags:
+        if f in ("defects", "too-many-parts"):
+            ctx.flag(f)
+        elif f not in att.flags:
+            att.flags.append(f)
+    if text.truncated:
+        att.flags.append("text-truncated")
+    att.text = _safe(text.text())
+    ctx.attachments.extend(sub.attachments)
+
+
+def _reparse_encoded(inner, cte: str, att: Attachment):
+    """message/rfc822 with a base64 or quoted-printable body (not allowed, but
+    sent): the parser took the encoded text for a message.  Put that text
+    back together from what it parsed, decode it and parse the result."""
+    payload = inner.get_payload()
+    if not isinstance(payload, str):
+        att.flags.append("undecodable")
+        return inner
+    head = "".join(f"{k}: {v}\r\n" for k, v in inner.raw_items())
+    encoded = ((head + "\r\n" if head else "") + payload).encode("ascii", "surrogateescape")
+    try:
+        if cte == "base64":
+            data = binascii.a2b_base64(b"".join(encoded.split()))
+        else:
+            data = quopri.decodestring(encoded)
+        return email.parser.BytesParser(policy=_DEFAULT).parsebytes(data)
+    except Exception:
+        att.flags.append("undecodable")
+        return inner
+
+
+def _size_of(msg, depth: int = 0) -> int:
+    """Size of an attached message, estimated from what the parser kept (it
+    keeps no offsets, and rendering the message again is what parse must not
+    do): header lines, payloads, boundary lines."""
+    try:
+        n = sum(len(k) + len(v) + 4 for k, v in msg.raw_items()) + 2
+        payload = msg.get_payload()
+        if isinstance(payload, str):
+            return n + len(payload)
+        if depth > MAX_NESTING:
+            return n
+        boundary = len(msg.get_boundary("") or "") + 6
+        return n + sum(_size_of(p, depth + 1) + boundary for p in payload) + boundary
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------- attachment text
+
+_TEXT_EXTS = (".txt", ".csv", ".log", ".md", ".htm", ".html", ".xml", ".json", ".ics", ".vcf", ".tsv")
+_OOXML_EXTS = (".docx", ".docm", ".dotx", ".xlsx", ".xlsm", ".pptx", ".pptm", ".ppsx")
+
+
+def _extract(att: Attachment, data: bytes, shell) -> None:
+    name = att.filename.lower()
+    ctype = att.content_type
+    if ctype == "application/pdf" or name.endswith(".pdf") or data[:5] == b"%PDF-":
+        att.text = pdf_text(data, att.flags)
+    elif ("openxmlformats-officedocument" in ctype or name.endswith(_OOXML_EXTS)
+          or (data[:2] == b"PK" and ctype in ("application/octet-stream", "application/zip")
+              and _is_ooxml(data))):
+        att.text = ooxml_text(data, att.flags)
+    elif ctype.startswith("text/") or name.endswith(_TEXT_EXTS):
+        kind = "text/html" if ctype == "text/html" or name.endswith((".htm", ".html")) else ctype
+        text, problems = _text_of(data, shell, kind)
+        if problems and "undecodable" not in att.flags:
+            att.flags.append("undecodable")
+        att.text = text
+    else:
+        att.flags.append("unsupported-type")
+    att.text = att.text.replace("\r\n", "\n").strip()
+    if len(att.text) > MAX_TEXT:
+        att.text = att.text[:MAX_TEXT]
+        att.flags.append("text-truncated")
+
+
+def pdf_text(data: bytes, flags: list[str]) -> str:
+    """Text of a PDF by `pdftotext` (poppler), or "" with a flag."""
+    if len(data) > PDF_MAX_BYTES:
+        flags.append("too-large")
+        return ""
+    try:
+        r = subprocess.run(["pdftotext", "-q", "-l", str(PDF_MAX_PAGES), "-enc", "UTF-8", "-", "-"],
+                           input=data, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           timeout=PDF_TIMEOUT, check=False)
+    except (OSError, subprocess.SubprocessError):   # missing binary, timeout (the child is killed)
+        flags.append("pdftotext-failed")
+        return ""
+    if r.returncode != 0:
+        flags.append("pdftotext-failed")
+        return ""
+    return r.stdout[:4 * MAX_TEXT].decode("utf-8", "replace").replace("\f", "\n")
+
+
+def _is_ooxml(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return "[Content_Types].xml" in z.namelist()
+    except Exception:
+        return False
+
+
+_OOXML_TOKEN = re.compile(
+    rb"<(?:w:t|a:t|t)(?:\s[^>]*)?>([^<]*)</(?:w:t|a:t|t)>"   # a text node
+    rb"|</(?:w:p|a:p|si|row)>|<(?:w:br|w:cr|a:br)\b[^>]*/>"  # a paragraph, shared string, row, line break
+    rb"|<(w:tab)\b[^>]*/>|</(c)>")                           # a tab, a spreadsheet cell
+_SLIDE = re.compile(r"ppt/slides/slide(\d+)\.xml$")
+
+
+def _ooxml_members(names: list[str]) -> list[str]:
+    wanted = [n for n in ("word/document.xml", "xl/sharedStrings.xml") if n in names]
+    slides = sorted((int(m.group(1)), n) for n in names if (m := _SLIDE.match(n)))
+    return wanted + [n for _, n in slides]
+
+
+def ooxml_text(data: bytes, flags: list[str]) -> str:
+    """Text nodes of a .docx / .xlsx / .pptx, reading at most
+    OOXML_MAX_UNCOMPRESSED bytes in all (declared sizes are not trusted)."""
+    if len(data) > OOXML_MAX_BYTES:
+        flags.append("too-large")
+        return ""
+    out: list[str] = []
+    budget = OOXML_MAX_UNCOMPRESSED
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            members = _ooxml_members(z.namelist())
+            if not members:
+                flags.append("ooxml-failed")
+                return ""
+            for name in members:
+                with z.open(name) as f:
+                    xml = f.read(budget + 1)
+                if len(xml) > budget:
+                    xml = xml[:budget]
+                    flags.append("ooxml-limit")
+                budget -= len(xml)
+                out.append(_ooxml_xml_text(xml))
+                if budget <= 0:
+                    if "ooxml-limit" not in flags:
+                        flags.append("ooxml-limit")
+                    break
+    except Exception:
+        flags.append("ooxml-failed")
+    return "\n\n".join(t for t in out if t)
+
+
+def _ooxml_xml_text(xml: bytes) -> str:
+    pieces: list[bytes] = []
+    for m in _OOXML_TOKEN.finditer(xml):
+        if m.group(1) is not None:
+            pieces.append(m.group(1))
+        elif m.group(2):
+            pieces.append(b"\t")
+        elif m.group(3):
+            pieces.append(b" ")
+        else:
+            pieces.append(b"\n")
+    text = unescape(b"".join(pieces).decode("utf-8", "replace"))
+    return _BLANK_LINES.sub("\n", text).strip()
+
+
+# ---------------------------------------------------------------- HTML
+
+_BLOCK_TAGS = frozenset("""address article aside blockquote br caption center dd div dl dt
+    fieldset figcaption figure footer form h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre
+    section table tbody thead tfoot title tr ul""".split())
+_CELL_TAGS = frozenset(("td", "th"))
+_DROP_TAGS = frozenset(("script", "style", "template"))
+
+
+class _Stripper(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.drop = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _DROP_TAGS:
+            self.drop += 1
+        elif tag in _BLOCK_TAGS:
+            self.out.append("\n")
+        elif tag in _CELL_TAGS:
+            self.out.append("\t")
+        elif tag == "img":
+            for k, v in attrs:
+                if k == "alt" and v:
+                    self.out.append(f" {v} ")
+
+    def handle_startendtag(self, tag, attrs):
+        if tag not in _DROP_TAGS:
+            self.handle_starttag(tag, attrs)
+
+    def handle_endtag(self, tag):
+        if tag in _DROP_TAGS:
+            self.drop = max(0, self.drop - 1)
+        elif tag in _BLOCK_TAGS:
+            self.out.append("\n")
+
+    def handle_data(self, data):
+        if not self.drop:
+            self.out.append(data)
+
+
+_TAG = re.compile(r"<[^>]*>")
+_DROP_BLOCK = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of HTML: tags, script and style dropped, entities resolved."""
+    markup = markup[:_HTML_MAX_INPUT]
+    try:
+        p = _Stripper()
+        p.feed(markup)
+        p.close()
+        text = "".join(p.out)
+    except Exception:   # the stdlib parser is lenient, but never trust that
+        text = unescape(_TAG.sub(" ", _DROP_BLOCK.sub(" ", markup)))
+    text = _WS_RUN.sub(" ", text.replace("\r", ""))
+    return _BLANK_LINES.sub("\n\n", text).strip()
