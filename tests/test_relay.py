@@ -404,3 +404,47 @@ def test_watchdog_and_status(stack):
     assert status["state"] == "running" and status["pid"] == stack.daemon.pid
     assert [k["name"] for k in status["keys"]] == ["spool"]
     assert "key" not in json.dumps(status["keys"]).replace('"keys"', "")
+
+
+@pytest.mark.parametrize("tls_version", ["TLSv1_2", "TLSv1_3"])
+def test_tls_session_resumption_does_not_skip_the_certificate_check(tmp_path, tls_version):
+    """A certificate from a foreign CA with the connector's name is refused;
+    resuming that TLS session on a new connection must not turn it into a
+    trusted one (the verify callback does not run on resumption)."""
+    import socket
+    st = Stack(tmp_path / "c", {"relay": {"connector": [
+        {"name": "exchange-acme", "networks": ["127.0.0.3/32"], "client_cert": "required",
+         "client_cert_names": ["exchange-acme"], "tenant": "acme"}]}}).start()
+    try:
+        _resumption(st, tls_version)
+    finally:
+        st.close()
+
+
+def _resumption(st, tls_version):
+    import socket
+    ctx = st.client_context("outsider")
+    ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, tls_version)
+
+    def attempt(session=None):
+        sock = socket.create_connection(("127.0.0.1", st.smtps_port), timeout=10, source_address=("127.0.0.3", 0))
+        tls = ctx.wrap_socket(sock, server_hostname="localhost", session=session)
+        f = tls.makefile("rb")
+        f.readline()
+        tls.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        tls.sendall(b"MAIL FROM:<journal@acme.example>\r\n")
+        reply = f.readline()
+        tls.sendall(b"QUIT\r\n")
+        f.readline()
+        session, reused = tls.session, tls.session_reused
+        tls.close()
+        return reply, session, reused
+
+    reply, session, _ = attempt()
+    assert reply.startswith(b"550 5.7.1") and b"trusted CA" in reply
+    for _ in range(2):
+        reply, _, reused = attempt(session)
+        assert not reused                 # the relay offers no resumption at all
+        assert reply.startswith(b"550 5.7.1") and b"trusted CA" in reply, (reply, reused)

@@ -83,7 +83,13 @@ class ServerTLS:
         ctx.use_certificate_chain_file(str(cert_file))
         ctx.use_privatekey_file(str(key_file))
         ctx.check_privatekey()
-        ctx.set_session_id(b"mailtresor-relay")
+        # No session resumption: the client-certificate verdict comes from
+        # the verify callback, which does not run when a session is
+        # resumed, so a resumed session of a refused certificate would
+        # look trusted.  A full handshake per connection is what journaling
+        # MTAs (few, long connections) cost anyway.
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
         self._failed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if client_ca_file is not None:
             ctx.load_verify_locations(str(client_ca_file))
