@@ -380,7 +380,16 @@ def make_timestamper(url: str, ca_file: Path | None):
     if not url:
         return None
     from . import tsa
-    return lambda message: tsa.timestamp(url, message, ca_file)
+
+    def stamp(message: bytes) -> bytes:
+        # A TSA outage must not stop sealing: the seal is signed anyway,
+        # without the third-party time, and the log says so.
+        try:
+            return tsa.timestamp(url, message, ca_file)
+        except tsa.TimestampError as e:
+            log.warning("seal without a time stamp: %s", e)
+            return b""
+    return stamp
 
 
 class Archiver:

@@ -280,6 +280,8 @@ def cmd_verify(cfg, args) -> int:
                 shard = store.shard(t, m)
                 problems, live = verify_shard(shard, keys, seal_public)
                 lines = [str(p) for p in problems]
+                if a.tsa_ca_file is not None:
+                    lines += _check_timestamps(shard, a.tsa_ca_file)
                 indexed = index.ids(shard.index_dir)
                 lines += [f"{t}/{m}: {x}: not in the index (mailtresor reindex --missing mends it)"
                           for x in sorted(live - indexed)]
@@ -300,6 +302,25 @@ def cmd_verify(cfg, args) -> int:
     print(f"verify: {checked} record(s) in {shards} shard(s): "
           + ("all good" if not bad else f"{bad} problem(s)"), file=sys.stderr)
     return 1 if bad else 0
+
+
+def _check_timestamps(shard, ca_file) -> list[str]:
+    import struct
+    from . import tsa
+    from .store import Seal, seal_message
+    out = []
+    for number, raw in shard.seals_from(1):
+        try:
+            s = Seal.decode(number, raw)
+        except (struct.error, _key_errors()[2]):
+            continue                                   # reported by verify_shard
+        if not s.tsa_token:
+            continue
+        try:
+            tsa.verify(s.tsa_token, seal_message(shard.tenant, shard.month, s.seq, s.head, s.time), ca_file)
+        except tsa.TimestampError as e:
+            out.append(f"{shard.tenant}/{shard.month}: seal {number}: time stamp does not verify: {e}")
+    return out
 
 
 def cmd_reindex(cfg, args) -> int:

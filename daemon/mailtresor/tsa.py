@@ -1,0 +1,67 @@
+"""RFC 3161 time stamps for shard seals, with the `openssl ts` tool.
+
+A seal may carry the reply of a time-stamping authority over the bytes the
+seal signs (store.seal_message): proof from a third party that the chain head
+existed at that time.  Queries and replies are built and checked by
+`openssl ts` (Debian's openssl package), sent over HTTP(S) with the
+standard library.  What is time-stamped is a hash of the chain head: no
+message content, no key, leaves the appliance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class TimestampError(Exception):
+    """The TSA could not be reached, refused, or its reply does not verify."""
+
+
+def _openssl(args: list[str], data: bytes | None = None, timeout: float = 20.0) -> bytes:
+    try:
+        p = subprocess.run(["openssl", "ts", *args], input=data, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TimestampError(f"openssl ts: {e}") from None
+    if p.returncode != 0:
+        raise TimestampError("openssl ts " + args[0] + ": " + p.stderr.decode(errors="replace").strip()[-300:])
+    return p.stdout
+
+
+def query(message: bytes) -> bytes:
+    """A DER time-stamp query (SHA-256 of `message`, asking for the TSA's certificate)."""
+    return _openssl(["-query", "-data", "/dev/stdin", "-sha256", "-cert"], message)
+
+
+def timestamp(url: str, message: bytes, ca_file: Path | None = None, timeout: float = 20.0) -> bytes:
+    """The TSA's DER reply for `message`; checked against `ca_file` when given."""
+    req = urllib.request.Request(url, data=query(message), method="POST",
+                                 headers={"Content-Type": "application/timestamp-query"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            reply = resp.read(1 << 20)
+    except (urllib.error.URLError, OSError) as e:
+        raise TimestampError(f"time-stamping authority {url}: {e}") from None
+    if ca_file is not None:
+        verify(reply, message, ca_file)
+    return reply
+
+
+def verify(reply: bytes, message: bytes, ca_file: Path) -> str:
+    """Check a reply against `message` and the TSA's CA; returns the time it states."""
+    fd, path = tempfile.mkstemp(prefix="mailtresor-tsr-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(reply)
+        _openssl(["-verify", "-in", path, "-data", "/dev/stdin", "-CAfile", str(ca_file)], message)
+        text = _openssl(["-reply", "-in", path, "-text"]).decode(errors="replace")
+    finally:
+        os.unlink(path)
+    for line in text.splitlines():
+        if line.startswith("Time stamp:"):
+            return line.split(":", 1)[1].strip()
+    return ""
