@@ -346,15 +346,18 @@ def cmd_reindex(cfg, args) -> int:
                     else:
                         shutil.rmtree(shard.index_dir, ignore_errors=True)
                         todo = live
-                    with ShardIndex(shard.index_dir).writer() as w:
-                        for aid in todo:
-                            raw, meta = shard.get(aid, keys)
-                            p = parse.parse_message(raw)
-                            addrs, env_only, tags = index_terms(meta, p)
-                            w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
-                                  date=p.date if p.date is not None else meta.get("first_seen", 0.0),
-                                  size=len(raw))
-                        w.set_indexed_seq(shard.head()[0])
+                    # A writer per 500 documents: Xapian keeps a transaction in memory.
+                    for start in range(0, max(len(todo), 1), 500):
+                        with ShardIndex(shard.index_dir).writer() as w:
+                            for aid in todo[start:start + 500]:
+                                raw, meta = shard.get(aid, keys)
+                                p = parse.parse_message(raw)
+                                addrs, env_only, tags = index_terms(meta, p)
+                                w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
+                                      date=p.date if p.date is not None else meta.get("first_seen", 0.0),
+                                      size=len(raw))
+                            if start + 500 >= len(todo):
+                                w.set_indexed_seq(shard.head()[0])
                     if todo or not args.missing:
                         print(f"{t}/{m}: {len(todo)} message(s) indexed", file=sys.stderr)
                     total += len(todo)

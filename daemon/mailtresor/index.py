@@ -4,10 +4,11 @@ the query language and search.
 One Xapian database per shard (`store/TENANT/YYYY-MM/xapian/`).  The index
 is derived data: the store (LMDB) is the truth and `mailtresor reindex`
 rebuilds an index from it.  It holds terms only: a document's data is its
-archive id, its values are its date and size.  No subject, address or body
-text is stored in a form that can be read back as text (terms are, by their
-nature, the words of the message: the index directory must be protected like
-the store, but it never holds a message's plaintext in order).
+archive id, its values are its date and size; no subject, address or body
+is stored as document data or value.  The terms themselves are the words and
+addresses of the message, not encrypted, and with their positions (kept for
+phrase search) the word order of a text field can be rebuilt: the index
+directory is as sensitive as the messages and must be protected as such.
 
 Writers are batched: `ShardIndex.writer()` opens the database, the caller
 adds a batch, the batch and the `mt:indexed_seq` mark are committed together
@@ -197,8 +198,8 @@ def _split_addresses(items: Iterable[str]) -> list[tuple[str, str]]:
         except Exception:  # noqa: BLE001 - header parsing of hostile input
             pairs = []
         if not pairs:
-            stripped = item.strip()
-            pairs = [("", stripped)] if "@" in stripped and " " not in stripped else [(stripped, "")]
+            item = item.strip()
+            pairs = [("", item)] if "@" in item and " " not in item else [(item, "")]
         out.extend(pairs)
     return out
 
@@ -393,14 +394,33 @@ def _wildcard(prefix: str, value: str, field: str) -> xapian.Query:
                         xapian.Query.WILDCARD_LIMIT_ERROR)
 
 
-class _AddressField(xapian.FieldProcessor):
-    def __init__(self, field: str):
+class _Field(xapian.FieldProcessor):
+    """A field processor that does not raise through Xapian (an exception
+    through the SWIG director leaks a little each time): the first error is
+    kept and raised by _parse() once parse_query() has returned."""
+
+    def __init__(self, errors: list[Exception]):
         super().__init__()
+        self.errors = errors
+
+    def __call__(self, raw) -> xapian.Query:
+        try:
+            return self.make(_text(raw).strip())
+        except Exception as e:  # noqa: BLE001 - re-raised by _parse()
+            self.errors.append(e)
+            return xapian.Query.MatchNothing
+
+    def make(self, value: str) -> xapian.Query:
+        raise NotImplementedError
+
+
+class _AddressField(_Field):
+    def __init__(self, errors: list[Exception], field: str):
+        super().__init__(errors)
         self.field = field
         self.prefix = PREFIXES[field]
 
-    def __call__(self, raw) -> xapian.Query:
-        value = _text(raw).strip()
+    def make(self, value: str) -> xapian.Query:
         if value.endswith("*"):
             return _wildcard(self.prefix, value.lower().lstrip("<"), self.field)
         value = value.strip("<>").strip().lower()
@@ -420,15 +440,15 @@ class _AddressField(xapian.FieldProcessor):
             xapian.Query.OP_AND, [xapian.Query(_term(self.prefix, w)) for w in words])])
 
 
-class _BooleanField(xapian.FieldProcessor):
-    def __init__(self, field: str, normalise=lambda v: v):
-        super().__init__()
+class _BooleanField(_Field):
+    def __init__(self, errors: list[Exception], field: str, normalise=lambda v: v):
+        super().__init__(errors)
         self.field = field
         self.prefix = PREFIXES[field]
         self.normalise = normalise
 
-    def __call__(self, raw) -> xapian.Query:
-        value = self.normalise(_text(raw).strip())
+    def make(self, value: str) -> xapian.Query:
+        value = self.normalise(value)
         if not value:
             raise QueryError(f"{self.field}: needs a value")
         if value.endswith("*"):
@@ -483,17 +503,16 @@ def _value_query(slot: int, lo: float | None, hi: float | None) -> xapian.Query:
     return xapian.Query(xapian.Query.OP_VALUE_LE, slot, xapian.sortable_serialise(hi))
 
 
-class _DateField(xapian.FieldProcessor):
+class _DateField(_Field):
     """date:2002-07-01..2002-08-01, date:..2002-08, date:2002.., date:2002-07.
     Both ends inclusive (to the last instant of the end's day, month or
     year), UTC."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, errors: list[Exception]):
+        super().__init__(errors)
         self.seen: dict[str, tuple[float | None, float | None]] = {}
 
-    def __call__(self, raw) -> xapian.Query:
-        value = _text(raw).strip()
+    def make(self, value: str) -> xapian.Query:
         a, b = _split_range(value, "date")
         lo = _date_period(a, value)[0] if a else None
         hi = math.nextafter(_date_period(b, value)[1], -math.inf) if b else None
@@ -516,9 +535,8 @@ def _size(text: str, whole: str) -> float:
     return float(math.floor(float(m[1]) * _SIZE_UNIT[m[2].lower()]))
 
 
-class _SizeField(xapian.FieldProcessor):
-    def __call__(self, raw) -> xapian.Query:
-        value = _text(raw).strip()
+class _SizeField(_Field):
+    def make(self, value: str) -> xapian.Query:
         a, b = _split_range(value, "size")
         lo = _size(a, value) if a else None
         hi = _size(b, value) if b else None
@@ -560,7 +578,8 @@ def _precheck(text: str) -> str:
 
 
 def _parse(text: str) -> tuple[xapian.Query, _DateField]:
-    dates = _DateField()
+    errors: list[Exception] = []
+    dates = _DateField(errors)
     if not text or not text.strip():
         return xapian.Query.MatchAll, dates
     qp = xapian.QueryParser()
@@ -574,28 +593,28 @@ def _parse(text: str) -> tuple[xapian.Query, _DateField]:
     for field in _TEXT_FIELDS:
         name = _ATTACHMENT_TEXT_ALIAS if field == "attachment-text" else field
         qp.add_prefix(name, PREFIXES[field])
-    # Field processors must outlive parse_query(): keep them referenced.
-    procs: list[xapian.FieldProcessor] = [dates]
-    qp.add_boolean_prefix("date", dates, False)
-    procs.append(_SizeField())
-    qp.add_boolean_prefix("size", procs[-1], False)
-    for field in _ADDRESS_FIELDS:     # several from: terms must all match
-        procs.append(_AddressField(field))
-        qp.add_boolean_prefix(field, procs[-1], False)
+    # (field, processor, grouping): False = several must all match, True or a
+    # group name = any of them (a message has one id).  The processors must
+    # outlive parse_query(): this list holds them.
     strip_id = lambda v: v.strip("<>").strip()  # noqa: E731
-    for field in ("id", "mid"):       # a message has one id: id:a id:b is either
-        procs.append(_BooleanField(field, strip_id))
-        qp.add_boolean_prefix(field, procs[-1], "id")
-    procs.append(_BooleanField("aid"))
-    qp.add_boolean_prefix("aid", procs[-1], True)
-    procs.append(_BooleanField("tag"))
-    qp.add_boolean_prefix("tag", procs[-1], False)
-    procs.append(_BooleanField("flag", str.lower))
-    qp.add_boolean_prefix("flag", procs[-1], False)
+    fields: list[tuple[str, xapian.FieldProcessor, bool | str]] = [
+        ("date", dates, False),
+        ("size", _SizeField(errors), False),
+        *((f, _AddressField(errors, f), False) for f in _ADDRESS_FIELDS),
+        ("id", _BooleanField(errors, "id", strip_id), "id"),
+        ("mid", _BooleanField(errors, "mid", strip_id), "id"),
+        ("aid", _BooleanField(errors, "aid"), True),
+        ("tag", _BooleanField(errors, "tag"), False),
+        ("flag", _BooleanField(errors, "flag", str.lower), False),
+    ]
+    for name, proc, grouping in fields:
+        qp.add_boolean_prefix(name, proc, grouping)
     try:
         query = qp.parse_query(_precheck(text), _FLAGS)
     except xapian.QueryParserError as e:
         raise QueryError(f"bad query: {e.get_msg()}") from None
+    if errors:
+        raise errors[0]
     return query, dates
 
 
@@ -650,6 +669,7 @@ def query_date_bounds(text: str) -> tuple[float | None, float | None] | None:
 # --- searching -------------------------------------------------------------
 
 _ORDERS = ("date-desc", "date-asc", "relevance")
+EXACT_COUNT = 10_000
 
 
 def _user_wildcard_message(msg: str) -> str:
@@ -664,7 +684,11 @@ def _user_wildcard_message(msg: str) -> str:
 
 def search(paths: list[Path], query: str, *, offset: int = 0, limit: int = 50,
            order: str = "date-desc") -> tuple[int, list[Hit]]:
-    """Search several shard indexes as one; (estimated matches, hits)."""
+    """Search several shard indexes as one: (number of matches, hits).
+
+    The number is exact in date order, and in relevance order up to
+    EXACT_COUNT matches (an estimate beyond).  Paths without an index (a
+    month with no mail) are skipped.  Raises QueryError."""
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {', '.join(_ORDERS)}, not {order!r}")
     q = parse_query(query)
@@ -684,7 +708,13 @@ def search(paths: list[Path], query: str, *, offset: int = 0, limit: int = 50,
                 enq.set_sort_by_value_then_relevance(SLOT_DATE, False)
             else:
                 enq.set_sort_by_relevance_then_value(SLOT_DATE, True)
-            mset = enq.get_mset(offset, limit)
+            # Count every match, not Xapian's rounded estimate (6000 for 4244
+            # in the corpus): a date-ordered match visits them all anyway, a
+            # relevance-ordered one is exact up to EXACT_COUNT matches.
+            checkatleast = db.get_doccount()
+            if order == "relevance":
+                checkatleast = min(checkatleast, max(EXACT_COUNT, offset + limit))
+            mset = enq.get_mset(offset, limit, checkatleast)
             hits = []
             for m in mset:
                 doc = m.document
