@@ -41,9 +41,13 @@ Decisions:
   or Message-Id line is kept there too (the first one wins).
 - More than one message/rfc822 part is a JournalError, not "take the first":
   Exchange never sends that, and taking one would silently leave the other
-  message out of the archive; an error sets the entry aside for a person.
+  message out of the archive; on a JournalError the caller keeps the whole
+  report (the archiver archives it as received, flagged).
 - A report without its closing boundary line is a JournalError (truncated:
   the attached message may be incomplete).
+- The line break before a boundary line belongs to the boundary: CRLF if the
+  report's first boundary line ends in CRLF, else LF (so an attached message
+  that ends in a bare CR keeps it in a report with LF lines).
 """
 
 from __future__ import annotations
@@ -113,7 +117,11 @@ def unwrap(raw: bytes) -> JournalReport:
     boundary = top.get_boundary()
     if not boundary:
         raise JournalError("journal report is multipart without a boundary parameter")
-    parts = _parts(raw, body_start, boundary.encode("ascii", "surrogateescape"))
+    try:
+        boundary_bytes = boundary.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        raise JournalError("journal report has an unusable boundary parameter") from None
+    parts = _parts(raw, body_start, boundary_bytes)
 
     report_part = None
     originals = []
@@ -183,10 +191,15 @@ def _parts(raw: bytes, body_start: int, boundary: bytes) -> list[tuple[int, int]
     delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.M)
     parts: list[tuple[int, int]] = []
     start = None
+    crlf = True   # the report's line ending, as its first boundary line has it
     for m in delimiter.finditer(raw, body_start):
-        if start is not None:
+        if start is None:
+            crlf = m.group(0).endswith(b"\r")
+        else:
+            # the line break before a boundary line is the boundary's; in a
+            # report with LF lines a CR before it belongs to the part
             end = m.start()
-            if raw[end - 2:end] == b"\r\n" and end - 2 >= start:
+            if crlf and raw[end - 2:end] == b"\r\n" and end - 2 >= start:
                 end -= 2
             elif raw[end - 1:end] == b"\n" and end - 1 >= start:
                 end -= 1

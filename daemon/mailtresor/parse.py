@@ -32,7 +32,9 @@ Message flags:
     undecodable-part    a text part's bytes are not valid in its charset; decoded with replacement
     text-truncated      body_text was cut at MAX_TEXT characters
     too-many-parts      more than MAX_PARTS MIME parts; the rest were not read
-    parse-error         the parser itself failed; what could be read is returned
+    too-deep            multiparts nested deeper than MAX_NESTING; the deeper ones were not read
+    parse-error         the parser itself failed (e.g. its recursion limit); the headers
+                        are read and the undivided body is taken as text
 
 Attachment flags:
 
@@ -44,6 +46,10 @@ Attachment flags:
     ooxml-limit         uncompressed size over OOXML_MAX_UNCOMPRESSED (zip bomb guard); partial text
     depth-limit         an attached message nested deeper than MAX_DEPTH; not read
     text-truncated      text cut at MAX_TEXT characters
+
+An attached message (message/rfc822) also carries the message flags of its
+own headers and parts (``bad-header:NAME``, ``undecodable-part``...); its
+``size`` is an estimate (the parser keeps no offsets into `raw`).
 """
 
 from __future__ import annotations
@@ -206,7 +212,7 @@ def _codec(charset: str) -> str | None:
     """Python's name for a MIME charset, None if unknown or not a text encoding."""
     try:
         name = codecs.lookup(charset).name
-        b"a".decode(name)
+        b"a".decode(name, "replace")   # refuses bytes-to-bytes codecs (zlib, base64...)
         return name
     except Exception:
         return None
@@ -494,10 +500,11 @@ def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
     payload = part.get_payload()
     if maintype == "multipart" and isinstance(payload, list):
         if nesting >= MAX_NESTING:
-            ctx.flag("too-many-parts")
+            ctx.flag("too-deep")
             return
         for sub in payload:
-            _walk(sub, ctx, body, depth, nesting + 1)
+            if isinstance(sub, email.message.Message):
+                _walk(sub, ctx, body, depth, nesting + 1)
         return
     filename = _filename(shell, ctx.hint)
     disposition = _disposition(shell)
@@ -595,7 +602,8 @@ def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nest
         lines.append(f"From: {head['from_header']}")
     for name in ("to", "cc"):
         for value in raw.get(name, ()):
-            lines.append(f"{name.capitalize()}: {_safe(_decode_words(_unsurrogate(_unfold(value), sub.hint), sub.hint).strip())}")
+            decoded = _decode_words(_unsurrogate(_unfold(value), sub.hint), sub.hint)
+            lines.append(f"{name.capitalize()}: {_safe(decoded.strip())}")
     if raw.get("date"):
         lines.append(f"Date: {_safe(_unsurrogate(_unfold(raw['date'][0]), sub.hint).strip())}")
     if head["subject"]:
@@ -603,11 +611,11 @@ def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nest
     text.add("\n".join(lines))
     try:
         _walk(inner, sub, text, depth + 1, nesting + 1)
-    except Exception:
-        att.flags.append("undecodable")
+    except Exception:   # as in parse_message: keep what was read, say so
+        ctx.flag("parse-error")
     ctx.parts = sub.parts
     for f in sub.flags:
-        if f in ("defects", "too-many-parts"):
+        if f in ("defects", "too-many-parts", "too-deep"):
             ctx.flag(f)
         elif f not in att.flags:
             att.flags.append(f)
@@ -625,9 +633,9 @@ def _reparse_encoded(inner, cte: str, att: Attachment):
     if not isinstance(payload, str):
         att.flags.append("undecodable")
         return inner
-    head = "".join(f"{k}: {v}\r\n" for k, v in inner.raw_items())
-    encoded = ((head + "\r\n" if head else "") + payload).encode("ascii", "surrogateescape")
     try:
+        head = "".join(f"{k}: {v}\r\n" for k, v in inner.raw_items())
+        encoded = ((head + "\r\n" if head else "") + payload).encode("utf-8", "surrogateescape")
         if cte == "base64":
             data = binascii.a2b_base64(b"".join(encoded.split()))
         else:
