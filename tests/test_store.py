@@ -337,3 +337,15 @@ def test_lmdb_env_is_a_real_lmdb_file(tmp_path, keys):
     with env.begin() as txn:
         assert txn.stat(records)["entries"] == 5
     env.close()
+
+
+def test_outcomes_come_in_the_order_of_the_items(tmp_path, keys):
+    """Items of several months in one batch: the caller pairs outcome i
+    with item i (the archiver indexes by that pairing)."""
+    st = Store(tmp_path)
+    items = [item(keys, "acme", RAW + f"{i}\r\n".encode(), f"e{i}", month=m)
+             for i, m in enumerate(["2002-09", "2002-07", "2002-08", "2002-07", "2002-09"])]
+    outs = st.store("acme", items, keys)
+    assert [o.aid for o in outs] == [it.aid for it in items]
+    assert [o.month for o in outs] == ["2002-09", "2002-07", "2002-08", "2002-07", "2002-09"]
+    st.close()

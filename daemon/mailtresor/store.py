@@ -656,13 +656,15 @@ class Store:
     def store(self, tenant: str, items: list[Item], keys: Keys) -> list[Outcome]:
         """Store a batch for one tenant.  An id already in the catalog goes
         to the shard that holds it, whatever month this copy suggests."""
-        by_month: dict[str, list[Item]] = {}
-        for it in items:
+        by_month: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
             it.month = self.locate(tenant, it.aid) or it.month
-            by_month.setdefault(it.month, []).append(it)
-        out = []
-        for month, group in sorted(by_month.items()):
-            out += self.shard(tenant, month).store(group, keys)
+            by_month.setdefault(it.month, []).append(i)
+        out: list[Outcome | None] = [None] * len(items)
+        for month, idx in sorted(by_month.items()):
+            # Outcomes in the order of `items`: callers zip them together.
+            for i, o in zip(idx, self.shard(tenant, month).store([items[i] for i in idx], keys)):
+                out[i] = o
         # After the shard commit: a crash before this line leaves an entry
         # that the spool will bring again, and locate() then still misses;
         # month_of() gives the same month for the same spool entry.
