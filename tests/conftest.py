@@ -7,9 +7,12 @@ import pytest
 from tests.harness.stack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
-if not CORPUS.is_dir():  # a checkout elsewhere: $MAILTRESOR_CORPUS
-    CORPUS = Path(os.environ.get("MAILTRESOR_CORPUS", "/nonexistent"))
+# Beside the checkout (../shared/corpus), else $MAILTRESOR_CORPUS, else the
+# workspace's shared folder (a clone elsewhere, as CI may make).
+_CANDIDATES = [REPO.parent / "shared" / "corpus" / "spamassassin",
+               Path(os.environ.get("MAILTRESOR_CORPUS", "/nonexistent")),
+               Path("/work/shared/corpus/spamassassin")]
+CORPUS = next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])
 
 
 def corpus_files() -> list[Path]:
