@@ -349,3 +349,20 @@ def test_outcomes_come_in_the_order_of_the_items(tmp_path, keys):
     assert [o.aid for o in outs] == [it.aid for it in items]
     assert [o.month for o in outs] == ["2002-09", "2002-07", "2002-08", "2002-07", "2002-09"]
     st.close()
+
+
+def test_a_damaged_backup_frame_is_never_truncated_away(tmp_path, keys):
+    st, shard, ids = filled(tmp_path / "store", keys, n=3)
+    backup = BackupDirectory(tmp_path / "backup")
+    backup.ship(shard)
+    log_path = backup.path("acme", "2002-08")
+    data = bytearray(log_path.read_bytes())
+    data[30] ^= 0x01                                   # inside frame 1
+    log_path.write_bytes(bytes(data))
+    from mailtresor import store as storemod
+    storemod._checked_size.clear()
+    st.store("acme", [item(keys, "acme", RAW + b"more\r\n", "e7")], keys)
+    with pytest.raises(StoreError, match="damaged at byte 0"):
+        backup.ship(shard)
+    assert log_path.read_bytes() == bytes(data)        # nothing dropped
+    st.close()

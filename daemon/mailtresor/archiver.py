@@ -179,7 +179,9 @@ class Pipeline:
             except FileNotFoundError:
                 continue
             except Exception as e:  # noqa: BLE001 - one poison message never stops the rest
-                self._failed(eid, f"cannot prepare: {type(e).__name__}: {e}", res)
+                # The reason is stored and logged in the clear: the
+                # exception's class only, never its text (it may quote the message).
+                self._failed(eid, f"cannot prepare: {type(e).__name__}", res)
                 continue
             if not p.tenants:
                 self.spool.hold_unrouted(eid)
@@ -258,7 +260,7 @@ class Pipeline:
                         return None
                     except Exception as e:  # noqa: BLE001
                         failed.add(p.entry_id)
-                        self._failed(p.entry_id, f"cannot store for {tenant}: {type(e).__name__}: {e}", res)
+                        self._failed(p.entry_id, f"cannot store for {tenant}: {type(e).__name__}", res)
             for (p, it), o in pairs:
                 if o.new_record:
                     res.stored += 1
@@ -281,11 +283,12 @@ class Pipeline:
                 if self.backup is not None:
                     self.backup.ship(shard)
             except Exception as e:  # noqa: BLE001 - the entries stay in the spool and come again
+                # Not the messages' fault: no tries counted, nothing set
+                # aside; the archiver pauses and tries again (backing off).
                 log.error("%s/%s: cannot index or back up: %s: %s", tenant, month, type(e).__name__, e)
+                res.waiting_for_key = f"index or backup of {tenant}/{month} failed ({type(e).__name__})"
                 for _, p in docs:
-                    if p.entry_id not in failed:
-                        failed.add(p.entry_id)
-                        self._failed(p.entry_id, f"index/backup of {tenant}/{month}: {type(e).__name__}", res)
+                    failed.add(p.entry_id)
                 continue
             res.shards.add((tenant, month))
             self._dirty.setdefault((tenant, month), self.clock())
@@ -439,7 +442,7 @@ class Archiver:
         self.last_batch = time.time()
         if res.waiting_for_key:
             self._key_wait = min(max(self._key_wait * 2, 1.0), self.cfg.control.retry_max)
-            self.status_text = f"waiting for a key: {res.waiting_for_key}"
+            self.status_text = f"paused: {res.waiting_for_key}"
             log.warning("archiver: %s; next try in %.0fs", res.waiting_for_key, self._key_wait)
             self._schedule(self._key_wait)
             return

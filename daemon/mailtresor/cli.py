@@ -71,7 +71,8 @@ def daemon_status(cfg) -> dict:
     spool = cfg.spool.directory
     names = sorted(n for n in _list(spool / "new") if not n.startswith("."))
     doc["spool"] = {"directory": str(spool), "ready": len(names),
-                    "in_progress": _count(spool / "tmp"), "set_aside": _count(spool / "bad"),
+                    "in_progress": _count(spool / "tmp"),
+                    "set_aside": sum(1 for n in _list(spool / "bad") if not n.endswith(".why") and not n.startswith(".")),
                     "unrouted": _count(spool / "unrouted")}
     if names:
         try:

@@ -129,7 +129,7 @@ class Archive:
     # Per tenant and month: DIR/TENANT/YYYY-MM/{lmdb,xapian}.
     directory: Path
     # A directory that receives every record and tombstone, still
-    # encrypted (it holds no keys); "" for none.
+    # encrypted (it holds no keys); leave the key out for no backup.
     backup_directory: Path | None = None
     enabled: bool = True
     batch_size: int = 200

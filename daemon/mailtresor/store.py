@@ -708,13 +708,21 @@ class BackupDirectory:
             return 0
         path = self.path(shard.tenant, shard.month)
         path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             _truncate_torn_tail(fd, path)
-            os.write(fd, b"".join(frames))
+            data = b"".join(frames)
+            os.write(fd, data)
             os.fsync(fd)
+            _checked_size[path] = _checked_size.get(path, 0) + len(data)
+        except BaseException:
+            _checked_size.pop(path, None)
+            raise
         finally:
             os.close(fd)
+        if created:
+            _fsync_parent(path)
         with shard.env.begin(write=True) as txn:
             txn.put(b"backup_seq", struct.pack(">Q", last), db=shard.state)
             if new_seals:
@@ -734,6 +742,14 @@ class BackupDirectory:
                 for log_path in sorted(tdir.glob("*.log")):
                     out.append((tdir.name, log_path.stem, log_path))
         return out
+
+
+def _fsync_parent(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _frame(kind: int, seq: int, payload: bytes) -> bytes:
@@ -758,14 +774,31 @@ def read_frames(path: Path):
         pos = end
 
 
+_checked_size: dict[Path, int] = {}     # log -> size known to end on a frame boundary
+
+
 def _truncate_torn_tail(fd: int, path: Path) -> None:
+    """Drop an incomplete last frame (a crash in the middle of an append).
+    Anything else that does not read back -- a damaged frame with frames
+    after it -- is refused, never truncated: the log is the backup."""
     size = os.fstat(fd).st_size
+    if _checked_size.get(path) == size:
+        return
     good = 0
     for kind, seq, payload in read_frames(path):
         good += _FRAME.size + len(payload) + 4
     if good != size:
-        log.warning("%s: dropping a torn tail of %d bytes", path, size - good)
+        with open(path, "rb") as f:
+            f.seek(good)
+            rest = f.read(_FRAME.size)
+        torn = len(rest) < _FRAME.size or (
+            rest[:4] == FRAME_MAGIC and good + _FRAME.size + _FRAME.unpack(rest)[3] + 4 > size)
+        if not torn:
+            raise StoreError(f"{path}: damaged at byte {good} with {size - good} bytes after it; "
+                             "not appending (move the log aside and run a full backup)")
+        log.warning("%s: dropping a torn last frame of %d bytes", path, size - good)
         os.ftruncate(fd, good)
+    _checked_size[path] = good
 
 
 def restore(backup: BackupDirectory, root: Path, tenant: str | None = None) -> dict[str, int]:
