@@ -18,7 +18,7 @@ DEV_DEBS := python3-venv python3-pip python3-setuptools python3-pytest \
 	systemd dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
 	lintian python3-seccomp
 
-.PHONY: all deps run test test-fast bench clean distclean deb
+.PHONY: all deps run test test-fast bench bench-archive clean distclean deb
 
 all: deps
 
@@ -58,6 +58,9 @@ test-fast: deps
 
 bench: deps
 	$(VPY) bench/ingest
+
+bench-archive: deps
+	$(VPY) bench/archive
 
 clean:
 	rm -rf build *.egg-info daemon/*.egg-info .pytest_cache
