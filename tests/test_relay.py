@@ -1,6 +1,5 @@
 """The relay end to end: a real daemon process, real TLS, real clients."""
 
-import smtplib
 import ssl
 import subprocess
 import time
@@ -411,7 +410,6 @@ def test_tls_session_resumption_does_not_skip_the_certificate_check(tmp_path, tl
     """A certificate from a foreign CA with the connector's name is refused;
     resuming that TLS session on a new connection must not turn it into a
     trusted one (the verify callback does not run on resumption)."""
-    import socket
     st = Stack(tmp_path / "c", {"relay": {"connector": [
         {"name": "exchange-acme", "networks": ["127.0.0.3/32"], "client_cert": "required",
          "client_cert_names": ["exchange-acme"], "tenant": "acme"}]}}).start()

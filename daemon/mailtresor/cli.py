@@ -325,12 +325,12 @@ def _check_timestamps(shard, ca_file) -> list[str]:
 
 
 def cmd_reindex(cfg, args) -> int:
-    from . import parse
+    import shutil
+
+    from . import index, parse
     from .archiver import index_terms
     from .index import ShardIndex
-    from . import index
-    from .store import Store, WriterLock
-    import shutil
+    from .store import Store
     a = _archive_cfg(cfg)
     tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
     keys = _keys(cfg)
@@ -434,7 +434,6 @@ def _messages(paths: list[str]):
 
 def cmd_import(cfg, args) -> int:
     from .archiver import Pipeline, Router
-    from .keys import KeyRing
     from .spool import Envelope, Spool
     from .store import BackupDirectory, Store, StoreLocked, WriterLock
     a = _archive_cfg(cfg)

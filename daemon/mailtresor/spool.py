@@ -586,15 +586,7 @@ class Spool:
         note = {"id": entry_id, "reason": reason, "time": time.time(),
                 "tries": self.tries(entry_id) if tries is None else tries}
         _atomic_write(self.bad_dir / f"{entry_id}.why", json.dumps(note).encode())
-        os.rename(self.new_dir / entry_id, self.bad_dir / entry_id)
-        _fsync_dir(self.bad_dir)
-        _fsync_dir(self.new_dir)
-        with self._lock:
-            self._count = max(0, self._count - 1)
-        try:
-            os.unlink(self.tries_dir / entry_id)
-        except FileNotFoundError:
-            pass
+        self._move_out(entry_id, self.bad_dir)
         log.warning("%s: set aside in bad/: %s", entry_id, reason)
 
     def requeue(self, entry_id: str) -> None:
@@ -623,8 +615,12 @@ class Spool:
     # --- mail no tenant claims: kept, still under the spool key ---
 
     def hold_unrouted(self, entry_id: str) -> None:
-        os.rename(self.new_dir / entry_id, self.unrouted_dir / entry_id)
-        _fsync_dir(self.unrouted_dir)
+        self._move_out(entry_id, self.unrouted_dir)
+
+    def _move_out(self, entry_id: str, dest: Path) -> None:
+        """Move an entry from new/ to `dest` durably; forget its tries."""
+        os.rename(self.new_dir / entry_id, dest / entry_id)
+        _fsync_dir(dest)
         _fsync_dir(self.new_dir)
         with self._lock:
             self._count = max(0, self._count - 1)
