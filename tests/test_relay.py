@@ -378,7 +378,14 @@ def test_sigterm_finishes_transactions_then_421(running):
     running.daemon.terminate()
     assert running.notify.wait_for("STOPPING=1", timeout=10)
     assert idle.reply() == (421, "421 4.3.2 Service shutting down, closing transmission channel\r\n")
-    # New connections are no longer accepted.
+    # New connections are no longer accepted.  The relay worker processes
+    # close their copies of the listening socket when their SIGTERM arrives
+    # (the main process sends it on its own); wait until no process listens.
+    deadline = time.monotonic() + 10
+    while subprocess.run(["ss", "-Hltn", f"sport = :{running.smtp_port}"], capture_output=True,
+                         text=True).stdout.strip():
+        assert time.monotonic() < deadline, "still listening 10 s after SIGTERM"
+        time.sleep(0.05)
     with pytest.raises(OSError):
         RawSMTP(running.smtp_port, timeout=2).reply()
     busy.send(b"second half\r\n.\r\n")

@@ -18,6 +18,7 @@ between two batches of a running daemon.
 
 from __future__ import annotations
 
+import os
 import typing
 
 import calendar
@@ -314,8 +315,25 @@ class ShardIndex:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def _open(self, timeout: float) -> xapian.WritableDatabase:
+    def _create(self) -> None:
+        """Make the database atomically: an empty one is committed beside it
+        and renamed into place.  A directory without a revision file
+        (`iam*`) is a creation cut short by a crash: it never held a
+        committed document, and Xapian refuses to open it, so it goes."""
+        import shutil
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = self.path.with_name(self.path.name + ".new")
+        shutil.rmtree(fresh, ignore_errors=True)
+        db = xapian.WritableDatabase(str(fresh), xapian.DB_CREATE)
+        db.commit()
+        db.close()
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.rename(fresh, self.path)
+
+    def _open(self, timeout: float) -> xapian.WritableDatabase:
+        if not _has_db(self.path):
+            self._create()
         deadline = time.monotonic() + timeout
         pause = 0.01
         while True:
