@@ -66,6 +66,42 @@ def test_same_message_twice_is_one_record_with_both_envelopes(tmp_path, keys):
     st.close()
 
 
+def _mapped(path) -> bool:
+    """Whether this process has `path` mapped (LMDB maps data.mdb)."""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+def test_least_recently_used_shards_are_closed_and_reopen_intact(tmp_path, keys):
+    st = Store(tmp_path, max_open_shards=2)
+    months = ["2002-01", "2002-02", "2002-03", "2002-04"]
+    stored = {}
+    for m in months:
+        raw = RAW + m.encode() + b"\r\n"
+        (out,) = st.store("acme", [item(keys, "acme", raw, month=m)], keys)
+        stored[m] = (out.aid, raw)
+        assert len(st.open_shards()) <= 2
+    # The two most recent stay open, the older ones are closed and unmapped.
+    assert st.open_shards() == [("acme", "2002-03"), ("acme", "2002-04")]
+    assert not _mapped(tmp_path / "acme" / "2002-01" / "lmdb" / "data.mdb")
+    assert _mapped(tmp_path / "acme" / "2002-04" / "lmdb" / "data.mdb")
+    # A hit moves a shard to the recent end; a reopened shard reads and
+    # writes as before, its chain continuing where it was.
+    st.shard("acme", "2002-03")
+    assert st.shard("acme", "2002-01").get(stored["2002-01"][0], keys)[0] == stored["2002-01"][1]
+    assert st.open_shards() == [("acme", "2002-03"), ("acme", "2002-01")]
+    st.store("acme", [item(keys, "acme", b"From: x@y\r\n\r\nlater\r\n", month="2002-02")], keys)
+    assert st.shard("acme", "2002-02").count() == 2 and st.shard("acme", "2002-02").head()[0] == 4
+    for m, (aid, raw) in stored.items():
+        shard = st.shard("acme", m)
+        assert shard.get(aid, keys)[0] == raw
+        assert verify_shard(shard, keys, None)[0] == []
+    st.close()
+    assert st.open_shards() == []
+    with pytest.raises(ValueError):
+        Store(tmp_path, max_open_shards=0)
+
+
 def test_ids_are_per_tenant_and_stable_across_rotation():
     ring = ring_with("acme", versions=1)
     k1 = Keys(ring)

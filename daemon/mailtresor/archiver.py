@@ -406,7 +406,7 @@ class Archiver:
         a = cfg.archive
         self.cfg, self.reactor, self.spool = cfg, reactor, spool
         self.keys = FetchingKeys(ring, fetch or control_fetcher(cfg))
-        self.store = Store(a.directory)
+        self.store = Store(a.directory, max_open_shards=a.max_open_shards)
         backup = BackupDirectory(a.backup_directory) if a.backup_directory else None
         self.pipeline = Pipeline(spool, self.store, self.keys, Router(cfg.tenant), backup=backup,
                                  seal_seed=self.keys.seal_seed, seal_interval=a.seal_interval,

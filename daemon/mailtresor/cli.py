@@ -479,7 +479,7 @@ def cmd_import(cfg, args) -> int:
         mine = False
     if mine:
         spool = Spool(sp.directory, ring, min_free_bytes=0, max_tries=sp.max_tries)
-        store = Store(a.directory)
+        store = Store(a.directory, max_open_shards=a.max_open_shards)
         pipe = Pipeline(spool, store, keys, Router(cfg.tenant),
                         backup=BackupDirectory(a.backup_directory) if a.backup_directory else None,
                         seal_seed=keys.seal_seed, batch_size=a.batch_size)

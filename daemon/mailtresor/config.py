@@ -133,6 +133,10 @@ class Archive:
     backup_directory: Path | None = None
     enabled: bool = True
     batch_size: int = 200
+    # Shard environments the archiver keeps open (least recently used is
+    # closed first).  Each open shard's touched pages stay in the process's
+    # RSS; raise this with many tenants writing at once.
+    max_open_shards: int = 4
     # Seconds between looks at the spool when it was empty.
     interval: float = 0.5
     # Seconds between seals of a shard that changed.
@@ -348,6 +352,8 @@ def _check(cfg: Config, source: Path) -> None:
     if cfg.archive is not None:
         if cfg.archive.batch_size < 1:
             fail("archive.batch_size", "must be at least 1")
+        if cfg.archive.max_open_shards < 1:
+            fail("archive.max_open_shards", "must be at least 1")
         if cfg.archive.tsa_url and not cfg.archive.tsa_url.startswith(("http://", "https://")):
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
