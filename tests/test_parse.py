@@ -85,6 +85,21 @@ def test_whole_corpus_parses_without_raising_and_fast():
 
 
 @pytest.mark.slow
+def test_tree_split_under_compat32_reads_the_same_as_under_policy_default(monkeypatch):
+    """parse.py splits the MIME tree with the compat32 policy because it is a
+    third faster; the default policy must not have given a different result
+    for any corpus message (CRLF as sent, and LF as published)."""
+    files = corpus_files()
+    raws = [corpus_message(f) for f in files] + [f.read_bytes() for f in files[::7]]
+    fast = [parse_message(r) for r in raws]
+    monkeypatch.setattr(parse, "_TREE", email.policy.default)
+    slow = [parse_message(r) for r in raws]
+    assert parse._TREE is email.policy.default
+    differ = [i for i, (a, b) in enumerate(zip(fast, slow)) if a != b]
+    assert differ == [], f"{len(differ)} messages differ, first {files[differ[0] % len(files)]}"
+
+
+@pytest.mark.slow
 def test_corpus_as_published_lf_and_mbox_line():
     """The hard folders once more, bytes exactly as in the files (LF line
     endings, some with stray CRs, mbox From line included)."""

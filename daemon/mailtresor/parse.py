@@ -5,9 +5,16 @@ message becomes a flag, and whatever can still be read is returned.  It never
 re-serialises `raw` (the archive keeps the bytes as they arrived; parsing only
 extracts).
 
-Headers are decoded with the `email.policy.default` header classes, one
-header at a time; when one of them raises on a broken value (several do, see
-tests/test_parse.py) that header is decoded the compat32 way instead
+The MIME tree is split by the email package's parser under the compat32
+policy, and headers are decoded with the `email.policy.default` header
+classes, one header at a time.  (The parser under policy.default gives the
+same tree, but builds a header object every time it, or we, look at a part's
+Content-Type: a third of all parsing time.  Every Content-Type and
+Content-Disposition parameter is read the compat32 way anyway, see _shell(),
+because compat32's parameter parsing never raises.  tests/test_parse.py
+checks that both give the same result over the corpus.)  When a header
+class raises on a broken value (several do, see tests/test_parse.py), that
+header is decoded the compat32 way instead
 (`email.header.decode_header`, `email.utils.getaddresses`) and the message
 gets the flag ``bad-header:NAME``.  Raw 8-bit bytes in headers (common in
 spam) are read as UTF-8, else in the charset of the message's first text
@@ -84,7 +91,8 @@ OOXML_MAX_BYTES = 64 * 1024 * 1024   # compressed package size
 OOXML_MAX_UNCOMPRESSED = 64 * 1024 * 1024
 _HTML_MAX_INPUT = 4 * MAX_TEXT       # characters of markup handed to the HTML stripper
 
-_DEFAULT = email.policy.default
+_DEFAULT = email.policy.default      # header decoding
+_TREE = email.policy.compat32        # splitting the MIME tree (see the module's docstring)
 
 
 @dataclass
@@ -178,13 +186,13 @@ class _TextBuf:
 
 def _parse_bytes(raw: bytes, ctx: _Ctx) -> email.message.Message:
     try:
-        return email.parser.BytesParser(policy=_DEFAULT).parsebytes(raw)
+        return email.parser.BytesParser(policy=_TREE).parsebytes(raw)
     except Exception:
         ctx.flag("parse-error")
     try:   # a nesting too deep for the parser's recursion, or a parser bug: headers only
-        return email.parser.BytesParser(policy=_DEFAULT).parsebytes(raw, headersonly=True)
+        return email.parser.BytesParser(policy=_TREE).parsebytes(raw, headersonly=True)
     except Exception:
-        return email.message.EmailMessage(policy=_DEFAULT)
+        return email.message.Message(policy=_TREE)
 
 
 def _flag_defects(part, ctx: _Ctx) -> None:
@@ -640,7 +648,7 @@ def _reparse_encoded(inner, cte: str, att: Attachment):
             data = binascii.a2b_base64(b"".join(encoded.split()))
         else:
             data = quopri.decodestring(encoded)
-        return email.parser.BytesParser(policy=_DEFAULT).parsebytes(data)
+        return email.parser.BytesParser(policy=_TREE).parsebytes(data)
     except Exception:
         att.flags.append("undecodable")
         return inner
