@@ -724,3 +724,27 @@ def test_a_creation_cut_short_by_a_crash_is_replaced(tmp_path):
     with index.ShardIndex(path).writer() as w:
         w.set_indexed_seq(7)
     assert index.indexed_seq(path) == 7 and index.ids(path) == set()
+
+
+def test_bare_address_shortcut_agrees_with_getaddresses():
+    """_split_addresses() skips email.utils.getaddresses() for a bare
+    address; for every address parse.py finds in the corpus, and for the
+    odd shapes below, that must give what getaddresses() gives."""
+    from mailtresor.parse import parse_message
+    addrs = set()
+    for f in corpus_files():
+        p = parse_message(corpus_message(f))
+        addrs.update(p.from_ + p.to + p.cc + p.bcc)
+    addrs |= {"a@b", "first.last+tag@sub.example.co.uk", "o'brien@example.ie", "x@[127.0.0.1]",
+              "a@b@c", "@example.com", "user@", "a b@c", '"q"@example.com', "a,b@c", "a@b.",
+              "UPPER@Example.COM", "ümlaut@exämple.de", "a;b@c", "a:b@c", "(c)a@b"}
+    shortcut = 0
+    for a in sorted(addrs):
+        if index._BARE_ADDRESS.fullmatch(a):
+            shortcut += 1
+            full = [(n, x) for n, x in email.utils.getaddresses([a]) if n or x]
+            assert full == [("", a)], a
+            assert index._split_addresses([a]) == full
+    assert shortcut > 2000           # the corpus's addresses do take the shortcut
+    for odd in ("a@b@c", '"q"@example.com', "a b@c", "x@[127.0.0.1]", "(c)a@b"):
+        assert not index._BARE_ADDRESS.fullmatch(odd)

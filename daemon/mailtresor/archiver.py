@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import journal, parse
+from . import parse, parseworker
 from .index import ShardIndex
 from .keys import KeyMaterial, KeyUnavailable
 from .spool import KeyNotHeld, SpoolCorrupt
@@ -87,24 +88,22 @@ def envelope_addresses(env: dict) -> list[str]:
     return res
 
 
-def prepare(entry, router: Router) -> Prepared:
-    """A spool entry as the store wants it.  Pure but for parsing."""
+def prepare(entry, router: Router, digested: dict | None = None) -> Prepared:
+    """A spool entry as the store wants it.  `digested` is
+    `parseworker.digest(entry.data)` when a parser process made it; without
+    it, it is made here."""
     env = dict(entry.envelope.__dict__)
     env["spool_id"] = entry.id
+    d = digested if digested is not None else parseworker.digest(entry.data)
     raw = entry.data
-    if journal.is_journal_report(raw):
-        try:
-            rep = journal.unwrap(raw)
-        except journal.JournalError as e:
-            # Kept as received, flagged: an unusable report is still mail.
-            env["journal_error"] = str(e)
-            log.warning("%s: journal report cannot be unwrapped (%s); archived as it is", entry.id, e)
-        else:
-            raw = rep.original
-            env["journal"] = {"sender": rep.sender, "message_id": rep.message_id,
-                              "recipients": [r.__dict__ for r in rep.recipients],
-                              "extra": rep.extra, "report_size": len(entry.data)}
-    parsed = parse.parse_message(raw)
+    if d["journal_error"] is not None:
+        # Kept as received, flagged: an unusable report is still mail.
+        env["journal_error"] = d["journal_error"]
+        log.warning("%s: journal report cannot be unwrapped (%s); archived as it is", entry.id, d["journal_error"])
+    elif d["journal"] is not None:
+        raw = d["original"]
+        env["journal"] = d["journal"]
+    parsed = d["parsed"]
     if "journal_error" in env:
         parsed.flags.append("journal-unwrap-failed")
     addresses = envelope_addresses(env)
@@ -138,7 +137,8 @@ class Pipeline:
 
     def __init__(self, spool, store: Store, keys: Keys, router: Router, *,
                  backup: BackupDirectory | None = None, seal_seed=None, seal_interval: float = 300.0,
-                 timestamper=None, batch_size: int = 200, clock=time.time):
+                 timestamper=None, batch_size: int = 200, clock=time.time,
+                 parser: parseworker.ParserPool | None = None):
         self.spool = spool
         self.store = store
         self.keys = keys
@@ -153,6 +153,12 @@ class Pipeline:
         self.totals = BatchResult()
         self.lock = WriterLock(store.root)
         self.hold_lock = False            # a CLI import keeps it for its whole run
+        # Parsing in child processes (None: in this thread).  While a batch
+        # is stored and indexed, the next one is already being parsed:
+        # entry id -> (spool entry, future of its digest).
+        self.parser = parser
+        self.parse_timeout = parseworker.PARSE_TIMEOUT
+        self._ahead: dict[str, tuple[object, Future]] = {}
 
     def run_batch(self) -> BatchResult:
         if self.lock.fd is None:
@@ -169,10 +175,14 @@ class Pipeline:
     def _run_batch(self) -> BatchResult:
         res = BatchResult()
         ids = self.spool.ready(limit=self.batch_size)
-        prepared: list[Prepared] = []
+        entries = []
         for eid in ids:
+            ahead = self._ahead.pop(eid, None)
+            if ahead is not None:
+                entries.append((eid, *ahead))
+                continue
             try:
-                p = self._prepare(eid)
+                entry = self._read(eid)
             except (KeyUnavailable, KeyMissing) as e:
                 res.waiting_for_key = str(e)
                 break
@@ -183,6 +193,19 @@ class Pipeline:
                 # exception's class only, never its text (it may quote the message).
                 self._failed(eid, f"cannot prepare: {type(e).__name__}", res)
                 continue
+            entries.append((eid, entry, self.parser.submit(entry.data) if self.parser else None))
+        self._drop_ahead()
+        digests = self._digests(entries)
+        prepared: list[Prepared] = []
+        for eid, entry, _ in entries:
+            try:
+                d = digests.get(eid)
+                if isinstance(d, Exception):
+                    raise d
+                p = prepare(entry, self.router, d)
+            except Exception as e:  # noqa: BLE001 - as above
+                self._failed(eid, f"cannot prepare: {type(e).__name__}", res)
+                continue
             if not p.tenants:
                 self.spool.hold_unrouted(eid)
                 log.warning("%s: no tenant claims any of its %d envelope address(es); held in %s",
@@ -190,14 +213,76 @@ class Pipeline:
                 res.unrouted += 1
                 continue
             prepared.append(p)
+        if not res.waiting_for_key:
+            self._parse_ahead(set(ids))
         done = self._store(prepared, res)
         if done is None:
+            self._drop_ahead()
             return self._account(res)
-        for eid in done:
-            self.spool.done(eid)
-            res.archived += 1
+        self.spool.done_many(done)
+        res.archived += len(done)
         self._seal_due()
         return self._account(res)
+
+    def _read(self, eid: str):
+        try:
+            return self.spool.read(eid)
+        except KeyNotHeld as e:
+            fetch = getattr(self.keys, "fetch", None)
+            if fetch is None:
+                raise KeyMissing(e.name, e.version) from None
+            self.keys.ring.put(fetch(e.name, e.version))
+            return self.spool.read(eid)
+        except SpoolCorrupt as e:
+            raise ValueError(str(e)) from None
+
+    def _digests(self, entries) -> dict[str, dict | Exception]:
+        """Each entry's digest from the parser processes: eid -> digest, or
+        the exception that stands for it.  When a parser process dies, the
+        entries it had are parsed again one at a time, each in a process of
+        its own, so that only a message that kills a parser by itself is
+        blamed (and set aside after max_tries); the rest go on."""
+        out: dict[str, dict | Exception] = {}
+        lost = []
+        for eid, entry, fut in entries:
+            if fut is None:
+                continue
+            try:
+                out[eid] = parseworker.wait(fut, self.parse_timeout)
+            except parseworker.ParserDied:
+                lost.append((eid, entry))
+            except Exception as e:  # noqa: BLE001
+                out[eid] = e
+        for eid, entry in lost:
+            try:
+                out[eid] = parseworker.wait(self.parser.submit(entry.data), self.parse_timeout)
+            except parseworker.ParserDied as e:
+                log.error("%s: the parser process died or hung on this message", eid)
+                out[eid] = e
+            except Exception as e:  # noqa: BLE001
+                out[eid] = e
+        return out
+
+    def _parse_ahead(self, current: set[str]) -> None:
+        """Start parsing the next batch while this one is stored.  Only
+        reads the spool: an entry is immutable until it is done, and the
+        next batch uses a digest only for the entry it was made from."""
+        if self.parser is None:
+            return
+        for eid in self.spool.ready(limit=self.batch_size + len(current)):
+            if len(self._ahead) >= self.batch_size:
+                break
+            if eid in current or eid in self._ahead:
+                continue
+            try:
+                entry = self._read(eid)
+            except Exception:  # noqa: BLE001 - the next batch reads it again and says what is wrong
+                continue
+            self._ahead[eid] = (entry, self.parser.submit(entry.data))
+
+    def _drop_ahead(self) -> None:
+        # Their answers still come back and are thrown away.
+        self._ahead.clear()
 
     def _account(self, res: BatchResult) -> BatchResult:
         t = self.totals
@@ -205,19 +290,6 @@ class Pipeline:
             setattr(t, k, getattr(t, k) + getattr(res, k))
         t.waiting_for_key = res.waiting_for_key
         return res
-
-    def _prepare(self, eid: str) -> Prepared:
-        try:
-            entry = self.spool.read(eid)
-        except KeyNotHeld as e:
-            fetch = getattr(self.keys, "fetch", None)
-            if fetch is None:
-                raise KeyMissing(e.name, e.version) from None
-            self.keys.ring.put(fetch(e.name, e.version))
-            entry = self.spool.read(eid)
-        except SpoolCorrupt as e:
-            raise ValueError(str(e)) from None
-        return prepare(entry, self.router)
 
     def _failed(self, eid: str, reason: str, res: BatchResult) -> None:
         log.error("%s: %s", eid, reason)
@@ -379,6 +451,10 @@ def control_fetcher(cfg):
     return fetch
 
 
+def make_parser(processes: int) -> parseworker.ParserPool | None:
+    return parseworker.ParserPool(processes) if processes > 0 else None
+
+
 def make_timestamper(url: str, ca_file: Path | None):
     if not url:
         return None
@@ -411,7 +487,7 @@ class Archiver:
         self.pipeline = Pipeline(spool, self.store, self.keys, Router(cfg.tenant), backup=backup,
                                  seal_seed=self.keys.seal_seed, seal_interval=a.seal_interval,
                                  timestamper=make_timestamper(a.tsa_url, a.tsa_ca_file),
-                                 batch_size=a.batch_size)
+                                 batch_size=a.batch_size, parser=make_parser(a.parse_processes))
         self.interval = a.interval
         self.pool = ThreadPool(1, 1, name="archiver")
         self._call = None
@@ -486,6 +562,8 @@ class Archiver:
             self.pipeline.seal_all()
         finally:
             self.store.close()
+            if self.pipeline.parser is not None:
+                self.pipeline.parser.close()
 
     def status(self) -> dict:
         t = self.pipeline.totals

@@ -433,7 +433,7 @@ def _messages(paths: list[str]):
 
 
 def cmd_import(cfg, args) -> int:
-    from .archiver import Pipeline, Router
+    from .archiver import Pipeline, Router, make_parser
     from .spool import Envelope, Spool
     from .store import BackupDirectory, Store, StoreLocked, WriterLock
     a = _archive_cfg(cfg)
@@ -482,7 +482,8 @@ def cmd_import(cfg, args) -> int:
         store = Store(a.directory, max_open_shards=a.max_open_shards)
         pipe = Pipeline(spool, store, keys, Router(cfg.tenant),
                         backup=BackupDirectory(a.backup_directory) if a.backup_directory else None,
-                        seal_seed=keys.seal_seed, batch_size=a.batch_size)
+                        seal_seed=keys.seal_seed, batch_size=a.batch_size,
+                        parser=make_parser(a.parse_processes))
         pipe.lock = lock
         pipe.hold_lock = True
         try:
@@ -493,6 +494,8 @@ def cmd_import(cfg, args) -> int:
                 _progress("archived", len(ids - set(spool.ready())), 0)
             pipe.seal_all()
         finally:
+            if pipe.parser is not None:
+                pipe.parser.close()
             store.close()
             spool.close()
             lock.release()

@@ -137,6 +137,9 @@ class Archive:
     # closed first).  Each open shard's touched pages stay in the process's
     # RSS; raise this with many tenants writing at once.
     max_open_shards: int = 4
+    # Child processes that parse mail for the archiver (0: parse in the
+    # archiver's own thread).  See mailtresor/parseworker.py.
+    parse_processes: int = 1
     # Seconds between looks at the spool when it was empty.
     interval: float = 0.5
     # Seconds between seals of a shard that changed.
@@ -354,6 +357,8 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.batch_size", "must be at least 1")
         if cfg.archive.max_open_shards < 1:
             fail("archive.max_open_shards", "must be at least 1")
+        if not 0 <= cfg.archive.parse_processes <= 64:
+            fail("archive.parse_processes", "must be between 0 and 64")
         if cfg.archive.tsa_url and not cfg.archive.tsa_url.startswith(("http://", "https://")):
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:

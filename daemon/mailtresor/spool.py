@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import queue
+import re
 import secrets
 import struct
 import threading
@@ -165,8 +166,11 @@ def new_id(now: float | None = None) -> str:
     return "".join(_CROCKFORD[(n >> (5 * i)) & 31] for i in range(25, -1, -1))
 
 
+_ID = re.compile(f"[{_CROCKFORD}]{{26}}")
+
+
 def is_id(name: str) -> bool:
-    return len(name) == 26 and all(c in _CROCKFORD for c in name)
+    return _ID.fullmatch(name) is not None
 
 
 # --- records ------------------------------------------------------------------
@@ -548,17 +552,27 @@ class Spool:
     def done(self, entry_id: str) -> None:
         """The entry is safely archived: remove it.  Only the archiver calls
         this, and only after its records are committed."""
-        try:
-            os.unlink(self.new_dir / entry_id)
-        except FileNotFoundError:
-            pass
-        else:
+        self.done_many([entry_id])
+
+    def done_many(self, entry_ids: list[str]) -> None:
+        """`done()` for a batch: the tries directory (almost always empty) is
+        listed once instead of an unlink that fails for each entry."""
+        for entry_id in entry_ids:
+            try:
+                os.unlink(self.new_dir / entry_id)
+            except FileNotFoundError:
+                continue
             with self._lock:
                 self._count = max(0, self._count - 1)
         try:
-            os.unlink(self.tries_dir / entry_id)
+            tried = set(os.listdir(self.tries_dir))
         except FileNotFoundError:
-            pass
+            return
+        for entry_id in tried.intersection(entry_ids):
+            try:
+                os.unlink(self.tries_dir / entry_id)
+            except FileNotFoundError:
+                pass
 
     def tries(self, entry_id: str) -> int:
         try:

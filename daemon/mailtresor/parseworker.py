@@ -1,0 +1,287 @@
+"""Parsing in helper processes.
+
+Parsing is the largest part of the archiver's work (the email package is
+pure Python), and it needs neither keys nor the store: its input is a
+message's bytes, its output plain data.  So the archiver hands it to
+`parse_processes` child processes (`python3 -m mailtresor.parseworker`) and
+meanwhile commits and indexes the previous batch on its own thread: the
+work of a batch is spread over two cores instead of one.
+
+It also keeps the parsing of hostile input out of the process that holds the
+keys: a child gets message bytes on stdin and answers with JSON on stdout
+(never pickle, so a child that went wrong cannot make the daemon run code).
+A child never sees a key, has no store or spool open, and is killed by the
+kernel when the daemon dies (PR_SET_PDEATHSIG).
+
+Wire format, both directions: 4-byte big-endian length, then the payload.
+Request: the raw message.  Answer: JSON of `digest()`'s result.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+
+from . import journal, parse
+
+log = logging.getLogger("mailtresor.parseworker")
+
+_LEN = struct.Struct(">I")
+# Seconds a message may take in a parser process (pdftotext has its own,
+# shorter limit); a child that takes longer is killed, and the message is
+# tried again alone, then set aside like any other that cannot be prepared.
+PARSE_TIMEOUT = 300.0
+
+
+class ParserDied(Exception):
+    """The child process exited before it answered (a crash, OOM kill...)."""
+
+
+# --------------------------------------------------------------- the work
+
+def digest(raw: bytes) -> dict:
+    """Unwrap a journal report and parse: everything `archiver.prepare`
+    needs from the bytes.  Pure; never raises on bad input."""
+    out: dict = {"original": None, "journal": None, "journal_error": None}
+    if journal.is_journal_report(raw):
+        try:
+            rep = journal.unwrap(raw)
+        except journal.JournalError as e:
+            out["journal_error"] = str(e)
+        else:
+            out["original"] = rep.original
+            out["journal"] = {"sender": rep.sender, "message_id": rep.message_id,
+                              "recipients": [r.__dict__ for r in rep.recipients],
+                              "extra": rep.extra, "report_size": len(raw)}
+            raw = rep.original
+    out["parsed"] = parse.parse_message(raw)
+    return out
+
+
+def _to_wire(d: dict) -> bytes:
+    p = d["parsed"]
+    doc = dict(d, parsed=dict(p.__dict__, attachments=[a.__dict__ for a in p.attachments]))
+    if d["original"] is not None:
+        doc["original"] = base64.b64encode(d["original"]).decode("ascii")
+    return json.dumps(doc).encode("utf-8")
+
+
+def _from_wire(data: bytes) -> dict:
+    doc = json.loads(data)
+    p = doc["parsed"]
+    p["attachments"] = [parse.Attachment(**a) for a in p["attachments"]]
+    doc["parsed"] = parse.Parsed(**p)
+    if doc["original"] is not None:
+        doc["original"] = base64.b64decode(doc["original"])
+    return doc
+
+
+# --------------------------------------------------------------- the child
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)            # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the EOF on stdin still ends us
+        pass
+
+
+def _read_exactly(f, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def main() -> int:
+    _die_with_parent()
+    if os.getppid() == 1:                        # the parent died before prctl
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr                      # nothing else may write to the answer pipe
+    while True:
+        head = _read_exactly(inp, _LEN.size)
+        if head is None:
+            return 0
+        raw = _read_exactly(inp, _LEN.unpack(head)[0])
+        if raw is None:
+            return 0
+        data = _to_wire(digest(raw))
+        out.write(_LEN.pack(len(data)) + data)
+        out.flush()
+
+
+# --------------------------------------------------------------- the parent
+
+COMMAND = [sys.executable, "-m", "mailtresor.parseworker"]
+
+
+class _Child:
+    """One child process.  A writer thread feeds it requests and a reader
+    thread collects its answers, which come back in request order: so
+    `submit()` never waits for the child (a batch is handed over at once and
+    parsed while the archiver stores the previous one), and neither side
+    can block the other on a full pipe."""
+
+    def __init__(self, number: int):
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(COMMAND, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                     close_fds=True)
+        self.pending: deque[Future] = deque()
+        self.lock = threading.Lock()
+        self.dead = False
+        self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.reader = threading.Thread(target=self._read, name=f"parser-{number}-reader", daemon=True)
+        self.writer = threading.Thread(target=self._write, name=f"parser-{number}-writer", daemon=True)
+        self.reader.start()
+        self.writer.start()
+
+    def submit(self, raw: bytes) -> Future:
+        fut: Future = Future()
+        fut.child = self
+        with self.lock:
+            if self.dead:
+                fut.set_exception(ParserDied("parser process is gone"))
+                return fut
+            self.pending.append(fut)
+        self.requests.put(raw)
+        return fut
+
+    def _write(self) -> None:
+        f = self.proc.stdin
+        try:
+            while True:
+                raw = self.requests.get()
+                if raw is None:
+                    break
+                f.write(_LEN.pack(len(raw)))
+                f.write(raw)
+                f.flush()
+        except (OSError, ValueError):
+            self._fail_all()
+        finally:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def _read(self) -> None:
+        f = self.proc.stdout
+        while True:
+            head = _read_exactly(f, _LEN.size)
+            data = _read_exactly(f, _LEN.unpack(head)[0]) if head is not None else None
+            if data is None:
+                break
+            with self.lock:
+                fut = self.pending.popleft() if self.pending else None
+            if fut is None:              # an answer nobody asked for: the child is not sane
+                break
+            try:
+                result = _from_wire(data)
+            except Exception as e:  # noqa: BLE001 - a malformed answer fails that message only
+                fut.set_exception(ParserDied(f"malformed answer from the parser: {type(e).__name__}"))
+            else:
+                fut.set_result(result)
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        with self.lock:
+            self.dead = True
+            pending, self.pending = list(self.pending), deque()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(ParserDied(f"parser process {self.proc.pid} exited"))
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        """Kill the process; its reader fails what it still had."""
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.requests.put(None)              # the writer closes stdin: the child ends
+        self.writer.join(timeout=5)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=5)
+        self.writer.join(timeout=5)
+
+
+def wait(fut: Future, timeout: float):
+    """The future's result; a parser that takes longer than `timeout` is
+    killed, and its unanswered requests (this one too) fail with ParserDied."""
+    try:
+        return fut.result(timeout=timeout)
+    except TimeoutError:
+        child = getattr(fut, "child", None)
+        if child is not None:
+            child.kill()
+        try:
+            return fut.result(timeout=10)
+        except TimeoutError:
+            raise ParserDied("parser process did not answer in time") from None
+
+
+class ParserPool:
+    """`size` child processes, started when first used and again after one
+    died; requests are spread over them in turn."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError("a parser pool needs at least one process")
+        self.size = size
+        self._children: list[_Child | None] = [None] * size
+        self._next = 0
+        self.restarts = 0
+
+    def submit(self, raw: bytes) -> Future:
+        i = self._next
+        self._next = (i + 1) % self.size
+        child = self._children[i]
+        if child is None or child.dead:
+            if child is not None:
+                self.restarts += 1
+                log.warning("parser process %d exited; starting another", child.proc.pid)
+                child.close()
+            child = self._children[i] = _Child(i)
+        return child.submit(raw)
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children if c is not None and not c.dead]
+
+    def close(self) -> None:
+        for i, c in enumerate(self._children):
+            if c is not None:
+                c.close()
+                self._children[i] = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
