@@ -20,13 +20,14 @@ from pathlib import Path
 
 from . import parse, parseworker
 from .index import ShardIndex
-from .keys import KeyMaterial, KeyUnavailable
+# FetchingKeys and control_fetcher are in store and keys: the CLI uses them
+# without importing the archiver.
+from .keys import KeyUnavailable, control_fetcher
 from .spool import KeyNotHeld, SpoolCorrupt
-from .store import (UNROUTED, BackupDirectory, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock, month_of)
+from .store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
+                    month_of)
 
 log = logging.getLogger("mailtresor.archiver")
-
-SEAL_KEY = "seal"
 
 
 def domain_of(address: str) -> str:
@@ -407,48 +408,6 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-class FetchingKeys(Keys):
-    """Tenant keys fetched from the control endpoint when first needed
-    (blocking: the archiver thread and the CLI), kept in memory only."""
-
-    def __init__(self, ring, fetch):
-        super().__init__(ring)
-        self.fetch = fetch            # (name, version|None) -> KeyMaterial; raises KeyUnavailable
-
-    def _sub(self, tenant, version, info):
-        name = f"tenant.{tenant}"
-        if self.ring.get(name, version) is None:
-            self.ring.put(self.fetch(name, version))
-        return super()._sub(tenant, version, info)
-
-    def current(self, tenant):
-        name = f"tenant.{tenant}"
-        if self.ring.current(name) is None:
-            m = self.fetch(name, None)
-            self.ring.put(m, current=True)
-        return super().current(tenant)
-
-    def seal_seed(self) -> bytes:
-        cur = self.ring.current(SEAL_KEY)
-        if cur is None:
-            self.ring.put(self.fetch(SEAL_KEY, None), current=True)
-            cur = self.ring.current(SEAL_KEY)
-        return cur[1]
-
-    def forget(self) -> None:
-        self._cache.clear()
-
-
-def control_fetcher(cfg):
-    """(name, version) -> KeyMaterial over the appliance's mTLS identity."""
-    from .keys import fetch_blocking
-    c = cfg.control
-
-    def fetch(name: str, version: int | None = None) -> KeyMaterial:
-        return fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, name, version, timeout=c.timeout)
-    return fetch
 
 
 def make_parser(processes: int) -> parseworker.ParserPool | None:

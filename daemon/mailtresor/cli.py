@@ -154,8 +154,8 @@ def _tenant(cfg, name: str) -> str:
 
 
 def _keys(cfg):
-    from .archiver import FetchingKeys, control_fetcher
-    from .keys import KeyRing
+    from .keys import KeyRing, control_fetcher
+    from .store import FetchingKeys
     return FetchingKeys(KeyRing(), control_fetcher(cfg))
 
 

@@ -153,6 +153,16 @@ def fetch_blocking(url: str, ca_file: Path, cert_file: Path, key_file: Path, nam
     return parse_key_response(body, name)
 
 
+def control_fetcher(cfg):
+    """(name, version) -> KeyMaterial over the appliance's mTLS identity
+    (its configuration's [control] section), blocking."""
+    c = cfg.control
+
+    def fetch(name: str, version: int | None = None) -> KeyMaterial:
+        return fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, name, version, timeout=c.timeout)
+    return fetch
+
+
 def _error_text(body: bytes) -> str:
     try:
         return str(json.loads(body)["error"])[:200]

@@ -190,6 +190,43 @@ class Keys:
         return hmac.digest(self.id_key(tenant), raw, "sha256")[:ID_BYTES].hex()
 
 
+SEAL_KEY = "seal"
+
+
+class FetchingKeys(Keys):
+    """Tenant keys fetched from the control endpoint when first needed
+    (blocking: the archiver thread and the CLI), kept in memory only.
+    `fetch(name, version|None) -> KeyMaterial` raises KeyUnavailable
+    (mailtresor.keys.control_fetcher makes one)."""
+
+    def __init__(self, ring, fetch):
+        super().__init__(ring)
+        self.fetch = fetch
+
+    def _sub(self, tenant, version, info):
+        name = tenant_key_name(tenant)
+        if self.ring.get(name, version) is None:
+            self.ring.put(self.fetch(name, version))
+        return super()._sub(tenant, version, info)
+
+    def current(self, tenant):
+        name = tenant_key_name(tenant)
+        if self.ring.current(name) is None:
+            m = self.fetch(name, None)
+            self.ring.put(m, current=True)
+        return super().current(tenant)
+
+    def seal_seed(self) -> bytes:
+        cur = self.ring.current(SEAL_KEY)
+        if cur is None:
+            self.ring.put(self.fetch(SEAL_KEY, None), current=True)
+            cur = self.ring.current(SEAL_KEY)
+        return cur[1]
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+
 def _aad(kind: bytes, tenant: str, month: str, aid: bytes, head: bytes) -> bytes:
     return b"mailtresor/" + kind + b"/1\0" + tenant.encode() + b"\0" + month.encode() + b"\0" + aid + head
 
