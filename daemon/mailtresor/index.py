@@ -25,7 +25,6 @@ import calendar
 import datetime
 import email.utils
 import hashlib
-import logging
 import math
 import re
 import time
@@ -36,10 +35,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import xapian
 
+from .lazylog import LazyLogger
+
 if TYPE_CHECKING:  # parse.py is the producer of what is indexed here
     from .parse import Parsed
 
-log = logging.getLogger("mailtresor.index")
+log = LazyLogger("mailtresor.index")
 
 # --------------------------------------------------------------------------
 # The schema (cf. notmuch lib/prefix.cc).  Change nothing here without a

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import random
 import re
 import ssl
@@ -30,8 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import crypto
+from .lazylog import LazyLogger
 
-log = logging.getLogger("mailtresor.keys")
+log = LazyLogger("mailtresor.keys")
 
 KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 

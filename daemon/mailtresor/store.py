@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import os
 import struct
 import time
@@ -36,8 +35,9 @@ import lmdb
 import zstandard
 
 from . import crypto
+from .lazylog import LazyLogger
 
-log = logging.getLogger("mailtresor.store")
+log = LazyLogger("mailtresor.store")
 
 ID_BYTES = 20
 RECORD_MAGIC = b"MTR1"
