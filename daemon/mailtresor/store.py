@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
-import zstandard
 
 from . import crypto
 from .lazylog import LazyLogger
@@ -231,10 +230,15 @@ def _aad(kind: bytes, tenant: str, month: str, aid: bytes, head: bytes) -> bytes
     return b"mailtresor/" + kind + b"/1\0" + tenant.encode() + b"\0" + month.encode() + b"\0" + aid + head
 
 
-_ZC = zstandard.ZstdCompressor(level=3)
+_ZC = None                 # the zstd compressor, made when first needed
 
 
 def seal_record(raw: bytes, tenant: str, month: str, aid: bytes, version: int, key: bytes) -> bytes:
+    global _ZC
+    if _ZC is None:
+        # Imported here: reading metadata (a CLI search) needs no zstd.
+        import zstandard
+        _ZC = zstandard.ZstdCompressor(level=3)
     head = _REC_HEAD.pack(RECORD_MAGIC, FORMAT, version, len(raw), hashlib.sha256(raw).digest())
     return head + crypto.seal_blob(key, _ZC.compress(raw), _aad(b"record", tenant, month, aid, head))
 
@@ -250,6 +254,7 @@ def record_header(blob: bytes) -> tuple[int, int, int, bytes]:
 
 
 def open_record(blob: bytes, tenant: str, month: str, aid: bytes, keys: Keys) -> bytes:
+    import zstandard
     _, version, size, digest = record_header(blob)
     head = blob[:_REC_HEAD.size]
     try:
