@@ -659,23 +659,35 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"mailtresor: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from .keys import KeyUnavailable
-    from .store import StoreError
     try:
         return args.func(cfg, args)
     except UserError as e:
         print(f"mailtresor: {e}", file=sys.stderr)
         return e.code
-    except KeyUnavailable as e:
-        print(f"mailtresor: no key: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except StoreError as e:
-        print(f"mailtresor: {e}", file=sys.stderr)
-        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:
+        message = _failure(e)
+        if message is None:
+            raise
+        print(f"mailtresor: {message}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _failure(e: Exception) -> str | None:
+    """The line to print for a missing key or a store problem; None for
+    anything else.  Their classes are looked up only in modules already
+    imported (an instance cannot exist otherwise), so that `status` and
+    the rest need not import the key client and the store just for this."""
+    keys = sys.modules.get(__package__ + ".keys")
+    if keys is not None and isinstance(e, keys.KeyUnavailable):
+        return f"no key: {e}"
+    store = sys.modules.get(__package__ + ".store")
+    if store is not None and isinstance(e, store.StoreError):
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":
