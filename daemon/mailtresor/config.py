@@ -30,8 +30,13 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names file and key."""
 
 
+# Each section has a docstring: dataclass() makes one with inspect.signature()
+# for a class without, at import, which every `mailtresor` command pays for.
+
 @dataclass(frozen=True)
 class Appliance:
+    """[appliance]: this appliance's name and directories."""
+
     name: str
     hostname: str = "localhost"
     runtime_directory: Path = Path("/run/mailtresor")
@@ -57,6 +62,8 @@ class Control:
 
 @dataclass(frozen=True)
 class Spool:
+    """[spool]: the encrypted spool between ingest and the archive."""
+
     directory: Path
     max_message_size: int = 50 * 1024 * 1024
     # Below this much free space, new mail gets 452 4.3.1.
@@ -70,6 +77,8 @@ class Spool:
 
 @dataclass(frozen=True)
 class TLS:
+    """[tls]: the relay's certificate and what it asks of clients."""
+
     cert_file: Path
     key_file: Path
     # CA whose certificates identify connector clients (mTLS); optional.
@@ -79,6 +88,8 @@ class TLS:
 
 @dataclass(frozen=True)
 class Listener:
+    """[[relay.listener]]: one relay listening endpoint."""
+
     endpoint: str
     tls: Literal["starttls", "implicit"]
     name: str = ""
@@ -99,6 +110,8 @@ class Connector:
 
 @dataclass(frozen=True)
 class Relay:
+    """[relay]: the TLS-only SMTP relay."""
+
     listener: tuple[Listener, ...] = ()
     connector: tuple[Connector, ...] = ()
     max_connections: int = 100
@@ -112,6 +125,8 @@ class Relay:
 
 @dataclass(frozen=True)
 class Milter:
+    """[milter]: the milter for an MTA in front of the appliance."""
+
     listen: str
     enabled: bool = True
     # "tempfail": the MTA retries later; mail is never let through un-archived.
@@ -151,18 +166,24 @@ class Archive:
 
 @dataclass(frozen=True)
 class Service:
+    """[service]: the daemon itself."""
+
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 @dataclass(frozen=True)
 class Tenant:
+    """[[tenant]]: an archive of its own for mail to its domains."""
+
     name: str
     domains: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class ControlAppliance:
+    """[[control_server.appliance]]: an appliance the control endpoint serves."""
+
     name: str
     # Client certificate subject common names that identify this appliance.
     cert_names: tuple[str, ...]
@@ -186,6 +207,8 @@ class ControlServer:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole file."""
+
     appliance: Appliance
     control: Control
     spool: Spool
