@@ -23,7 +23,6 @@ import typing
 
 import calendar
 import datetime
-import email.utils
 import hashlib
 import math
 import re
@@ -199,6 +198,7 @@ _BARE_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
 def _split_addresses(items: Iterable[str]) -> list[tuple[str, str]]:
     """(display name, address) pairs from header values or bare addresses;
     never raises, whatever the header looks like."""
+    import email.utils      # here: searching (the CLI's status, search) needs no email package
     out: list[tuple[str, str]] = []
     for item in items:
         if not item or not isinstance(item, str):
