@@ -109,3 +109,12 @@ def test_help_and_status_import_no_archive_code(stack):
         assert p.returncode in (0, 3), (args, p.stderr[-2000:])
         bad = unwanted(names, NOT_FOR_THE_CLI | CRYPTOGRAPHY_BACKEND | ARCHIVE_ONLY)
         assert not bad, f"mailtresor {' '.join(args)} imported {bad} (a new top-level import?)"
+
+
+def test_status_of_an_archive_imports_no_key_client(archive):
+    # Index lag and the like need the store and Xapian, but no key, no
+    # TLS, no email package.
+    p, names = imported(cli(archive, "status"))
+    assert p.returncode == 3 and "shard:    acme/2002-08: 3 records" in p.stdout, p.stdout + p.stderr[-2000:]
+    bad = unwanted(names, NOT_FOR_THE_CLI | CRYPTOGRAPHY_BACKEND | {"mailtresor.keys", "ssl", "http.client", "email"})
+    assert not bad, f"mailtresor status imported {bad} (a new top-level import?)"
