@@ -12,11 +12,17 @@ import hmac
 import os
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+# cryptography's primitives are imported where they are used: each of them
+# imports cryptography 38's whole OpenSSL backend (X.509, every algorithm),
+# ~25 ms that `mailtresor status` and `--help` need not pay.  AES-GCM is
+# cryptography's AESGCM, whatever the start-up cost: a vetted AEAD is not
+# traded for start-up time.
+
+
+def AESGCM(key: bytes):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+    return _AESGCM(key)
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -52,6 +58,8 @@ def derive(key: bytes, salt: bytes, info: bytes, length: int = KEY_SIZE) -> byte
 
 def derive_reference(key: bytes, salt: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
     """cryptography's HKDF, to check `derive` against."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
 
 
@@ -122,16 +130,20 @@ class SignatureError(Exception):
 
 def ed25519_public(seed: bytes) -> bytes:
     """The raw 32-byte public key of a 32-byte Ed25519 seed."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     return Ed25519PrivateKey.from_private_bytes(seed).sign(message)
 
 
 def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> None:
     from cryptography.exceptions import InvalidSignature
     try:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
     except (InvalidSignature, ValueError):
         raise SignatureError("Ed25519 signature does not verify") from None
