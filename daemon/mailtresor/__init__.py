@@ -4,3 +4,10 @@ Ingest (relay, milter) ends at the spool; the archive begins there.
 """
 
 __version__ = "0.1.0"
+
+# The configuration file, and the variable that names another one.  Here
+# rather than in mailtresor.config, which re-exports them, so that
+# `mailtresor --help` names them without importing the configuration schema
+# (about half of what --help costs).
+CONFIG_PATH = "/etc/mailtresor/mailtresor.toml"
+CONFIG_ENV_VAR = "MAILTRESOR_CONFIG"

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config as configmod
+from . import CONFIG_ENV_VAR, CONFIG_PATH
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -632,7 +632,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mailtresor", description="mailtresor archive administration")
-    p.add_argument("--config", help=f"configuration file (default ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")
+    p.add_argument("--config", help=f"configuration file (default ${CONFIG_ENV_VAR} or {CONFIG_PATH})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -686,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import config as configmod     # here: --help and usage errors need none of it
     try:
         cfg = configmod.load(configmod.locate(args.config))
     except configmod.ConfigError as e:

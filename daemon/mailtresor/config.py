@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-DEFAULT_PATH = "/etc/mailtresor/mailtresor.toml"
-ENV_VAR = "MAILTRESOR_CONFIG"
+# Defined in the package, where the CLI's --help finds them without this module.
+from . import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH
 
 
 class ConfigError(Exception):
