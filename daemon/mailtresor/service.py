@@ -17,9 +17,7 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
-from pathlib import Path
 
 from . import config as configmod
 
