@@ -240,9 +240,10 @@ class Pipeline:
     def _digests(self, entries) -> dict[str, dict | Exception]:
         """Each entry's digest from the parser processes: eid -> digest, or
         the exception that stands for it.  When a parser process dies, the
-        entries it had are parsed again one at a time, each in a process of
-        its own, so that only a message that kills a parser by itself is
-        blamed (and set aside after max_tries); the rest go on."""
+        entries it had are parsed again one at a time (a dead parser is
+        replaced before the next), so that only a message that kills a
+        parser by itself is blamed (and set aside after max_tries); the
+        rest go on."""
         out: dict[str, dict | Exception] = {}
         lost = []
         for eid, entry, fut in entries:
