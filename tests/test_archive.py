@@ -239,6 +239,63 @@ def test_index_gap_is_reported_and_mended(arch):
     assert len(search(arch, "acme", "subject:indexed")) == 3
 
 
+def _rewrite_index_data(index_dir, change) -> list[str]:
+    """Apply change(aid, listing, docs) -> new data to every document; the ids."""
+    import xapian
+
+    from mailtresor.index import split_data
+    db = xapian.WritableDatabase(str(index_dir), xapian.DB_OPEN)
+    try:
+        docs = [(p.docid, db.get_document(p.docid)) for p in db.postlist("")]
+        out = []
+        for docid, doc in docs:
+            aid, listing = split_data(doc.get_data())
+            doc.set_data(change(aid, listing, docs))
+            db.replace_document(docid, doc)
+            out.append(aid)
+        db.commit()
+        return out
+    finally:
+        db.close()
+
+
+def test_search_lists_from_the_index_and_checks_it(arch):
+    with arch.smtp() as s:
+        for i in range(3):
+            s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"Listed {i}"))
+    wait_archived(arch)
+    arch.stop_daemon()
+    want = {h["id"]: h for h in search(arch, "acme", "subject:listed")}
+    assert sorted(h["subject"] for h in want.values()) == ["Listed 0", "Listed 1", "Listed 2"]
+    index_dir = arch.cfg.archive.directory / "acme" / "2002-08" / "xapian"
+    docs = {}
+
+    def keep(aid, listing, _):
+        docs[aid] = listing
+        return aid.encode() + listing
+    _rewrite_index_data(index_dir, keep)
+    assert all(v.startswith(b"MTL1") for v in docs.values()) and set(want) <= set(docs)
+    # Not one subject in clear in the index's document data.
+    docdata = (index_dir / "docdata.glass").read_bytes()
+    assert b"Listed" not in docdata and b"alice@globex.example" not in docdata
+
+    # Listings moved to the wrong documents: they do not open there, verify
+    # names each, and search shows the truth from the store.
+    aids = sorted(docs)
+    swap = {a: docs[aids[(i + 1) % len(aids)]] for i, a in enumerate(aids)}
+    _rewrite_index_data(index_dir, lambda aid, listing, _: aid.encode() + swap[aid])
+    assert {h["id"]: h for h in search(arch, "acme", "subject:listed")} == want
+    p = cli(arch, "verify", "--tenant", "acme", check=1)
+    assert p.stdout.decode().count("the index's listing is damaged") == len(aids)
+    cli(arch, "reindex", "--tenant", "acme", check=0)
+    cli(arch, "verify", "--tenant", "acme", check=0)
+
+    # An index from before listings (the id alone): search reads the store.
+    _rewrite_index_data(index_dir, lambda aid, listing, _: aid.encode())
+    assert {h["id"]: h for h in search(arch, "acme", "subject:listed")} == want
+    assert b"all good" in cli(arch, "verify", "--tenant", "acme", check=0).stderr
+
+
 def test_backup_restore_bit_for_bit(arch):
     files = corpus_files()[::150]
     with arch.smtp() as s:

@@ -10,8 +10,8 @@ import pytest
 
 from mailtresor import crypto
 from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.store import (BackupDirectory, Item, Keys, RecordCorrupt, Store, StoreError, month_of,
-                              read_frames, restore, verify_shard)
+from mailtresor.store import (LISTING_FIELDS, BackupDirectory, Item, Keys, RecordCorrupt, Store, StoreError,
+                              month_of, open_listing, read_frames, restore, seal_listing, verify_shard)
 from tests.conftest import corpus_files, corpus_message
 
 SEED = os.urandom(32)
@@ -142,6 +142,32 @@ def test_a_tenant_cannot_read_another_tenants_record(tmp_path, keys):
     with pytest.raises(RecordCorrupt):
         open_record(blob, "globex", out.month, bytes.fromhex(out.aid), Keys(ring))
     st.close()
+
+
+def test_listing_opens_only_for_its_tenant_shard_and_id(tmp_path, keys):
+    summary = {"date": 1030010400.0, "from": "Alice <a@globex.example>", "subject": "Secret merger 42",
+               "message_id": "<x@globex.example>", "size": 81, "flags": ["f"], "attachments": ["a.pdf"]}
+    aid = bytes.fromhex(keys.archive_id("acme", RAW))
+    blob = seal_listing(summary, "acme", "2002-08", aid, keys)
+    assert b"merger" not in blob and b"globex" not in blob
+    assert open_listing(blob, "acme", "2002-08", aid, keys) == {f: summary[f] for f in LISTING_FIELDS}
+    for tenant, month, other_id in (("globex", "2002-08", aid), ("acme", "2002-09", aid),
+                                    ("acme", "2002-08", bytes(20))):
+        with pytest.raises(RecordCorrupt, match="does not decrypt"):
+            open_listing(blob, tenant, month, other_id, keys)
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    with pytest.raises(RecordCorrupt, match="does not decrypt"):
+        open_listing(bytes(flipped), "acme", "2002-08", aid, keys)
+    with pytest.raises(RecordCorrupt, match="bad magic"):
+        open_listing(b"MTM1" + blob[4:], "acme", "2002-08", aid, keys)
+    # A rotated key: the listing names its version and still opens.
+    ring = ring_with("acme", versions=2)
+    v1 = KeyRing()
+    v1.put(KeyMaterial("tenant.acme", 1, ring.get("tenant.acme", 1)), current=True)
+    blob1 = seal_listing(summary, "acme", "2002-08", aid, Keys(v1))
+    assert blob1[5:9] == struct.pack(">I", 1)
+    assert open_listing(blob1, "acme", "2002-08", aid, Keys(ring))["subject"] == "Secret merger 42"
 
 
 def test_no_plaintext_in_lmdb_files(tmp_path, keys):

@@ -208,8 +208,7 @@ def cmd_search(cfg, args) -> int:
         rows = []
         for h in hits:
             month = Path(h.shard_path).parent.name
-            meta = store.shard(tenant, month).get_meta(h.archive_id, keys) or {}
-            sm = meta.get("summary", {})
+            sm = store.listing(tenant, month, h.archive_id, h.listing, keys)
             rows.append({"id": h.archive_id, "shard": f"{tenant}/{month}",
                          "date": sm.get("date") if sm.get("date") is not None else h.date,
                          "from": sm.get("from", ""), "subject": sm.get("subject", ""),
@@ -284,10 +283,12 @@ def cmd_verify(cfg, args) -> int:
                 lines = [str(p) for p in problems]
                 if a.tsa_ca_file is not None:
                     lines += _check_timestamps(shard, a.tsa_ca_file)
-                indexed = index.ids(shard.index_dir)
+                docs = index.listings(shard.index_dir)
+                indexed = set(docs)
                 lines += [f"{t}/{m}: {x}: not in the index (mailtresor reindex --missing mends it)"
                           for x in sorted(live - indexed)]
                 lines += [f"{t}/{m}: {x}: in the index but not in the store" for x in sorted(indexed - live)]
+                lines += _check_listings(t, m, docs, live, keys)
                 seal = shard.last_seal()
                 head = shard.head()[0]
                 if head and (seal is None or seal.seq < head):
@@ -304,6 +305,23 @@ def cmd_verify(cfg, args) -> int:
     print(f"verify: {checked} record(s) in {shards} shard(s): "
           + ("all good" if not bad else f"{bad} problem(s)"), file=sys.stderr)
     return 1 if bad else 0
+
+
+def _check_listings(tenant: str, month: str, docs: dict, live: set, keys) -> list[str]:
+    """An index document's listing (what search shows) must open for its
+    own tenant, shard and id; one without a listing (an index built before
+    they existed) is not a problem: search reads the store instead."""
+    from .store import RecordCorrupt, open_listing
+    out = []
+    for aid in sorted(live & set(docs)):
+        if not docs[aid]:
+            continue
+        try:
+            open_listing(docs[aid], tenant, month, bytes.fromhex(aid), keys)
+        except (RecordCorrupt, ValueError) as e:
+            out.append(f"{tenant}/{month}: {aid}: the index's listing is damaged ({e}); "
+                       "mailtresor reindex mends it")
+    return out
 
 
 def _check_timestamps(shard, ca_file) -> list[str]:
@@ -331,7 +349,7 @@ def cmd_reindex(cfg, args) -> int:
     from . import index, parse
     from .archiver import index_terms
     from .index import ShardIndex
-    from .store import Store
+    from .store import Store, seal_listing
     a = _archive_cfg(cfg)
     tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
     keys = _keys(cfg)
@@ -357,7 +375,9 @@ def cmd_reindex(cfg, args) -> int:
                                 addrs, env_only, tags = index_terms(meta, p)
                                 w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
                                       date=p.date if p.date is not None else meta.get("first_seen", 0.0),
-                                      size=len(raw))
+                                      size=len(raw),
+                                      listing=seal_listing(meta.get("summary") or {}, t, m,
+                                                           bytes.fromhex(aid), keys))
                             if start + 500 >= len(todo):
                                 w.set_indexed_seq(shard.head()[0])
                     if todo or not args.missing:

@@ -143,6 +143,7 @@ class Hit:
     date: float
     size: int
     rank: int
+    listing: bytes = b""     # the store's encrypted listing blob; empty in an older index
 
 
 # --- terms -----------------------------------------------------------------
@@ -241,13 +242,16 @@ class IndexWriter:
         self.deleted = 0
 
     def add(self, archive_id: str, parsed: "Parsed", *, envelope: list[str],
-            envelope_only: list[str], tags: list[str], date: float, size: int) -> None:
-        """Index (or re-index) one message under its archive id."""
+            envelope_only: list[str], tags: list[str], date: float, size: int,
+            listing: bytes = b"") -> None:
+        """Index (or re-index) one message under its archive id.  `listing`
+        is the store's encrypted listing blob (what a result line shows),
+        kept in the document data after the id."""
         unique = _term(PREFIXES["aid"], archive_id)
         if unique is None:
             raise ValueError("empty archive id")
         doc = xapian.Document()
-        doc.set_data(archive_id)
+        doc.set_data(archive_id.encode() + listing)
         doc.add_boolean_term(unique)
         doc.add_value(SLOT_DATE, xapian.sortable_serialise(float(date)))
         doc.add_value(SLOT_SIZE, xapian.sortable_serialise(float(size)))
@@ -378,6 +382,19 @@ class ShardIndex:
             db.close()
 
 
+_LISTING_MAGIC = b"MTL1"   # store.LISTING_MAGIC; never in a (lower-case hex) archive id
+
+
+def split_data(data: bytes | str) -> tuple[str, bytes]:
+    """A document's data: (archive id, the listing blob after it or b"")."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    cut = data.find(_LISTING_MAGIC)
+    if cut < 0:
+        return data.decode("utf-8", "surrogateescape"), b""
+    return data[:cut].decode("utf-8", "surrogateescape"), data[cut:]
+
+
 def indexed_seq(path: Path) -> int:
     """The `mt:indexed_seq` mark of a shard index; 0 if there is no index."""
     path = Path(path)
@@ -403,6 +420,23 @@ def ids(path: Path) -> set[str]:
         for item in db.allterms(prefix):
             term = item.term.decode("utf-8", "surrogateescape")
             out.add(term[len(prefix):])
+        return out
+    finally:
+        db.close()
+
+
+def listings(path: Path) -> dict[str, bytes]:
+    """Every archive id in a shard index, with the listing blob its document
+    carries (b"" for none)."""
+    path = Path(path)
+    if not _has_db(path):
+        return {}
+    db = xapian.Database(str(path))
+    try:
+        out = {}
+        for item in db.postlist(""):
+            aid, listing = split_data(db.get_document(item.docid).get_data())
+            out[aid] = listing
         return out
     finally:
         db.close()
@@ -748,9 +782,9 @@ def search(paths: list[Path], query: str, *, offset: int = 0, limit: int = 50,
             hits = []
             for m in mset:
                 doc = m.document
-                data = doc.get_data()
+                aid, listing = split_data(doc.get_data())
                 hits.append(Hit(
-                    archive_id=data.decode() if isinstance(data, bytes) else data,
+                    archive_id=aid, listing=listing,
                     shard_path=shards[(m.docid - 1) % len(shards)],
                     date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
                     size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))),

@@ -41,6 +41,7 @@ log = LazyLogger("mailtresor.store")
 ID_BYTES = 20
 RECORD_MAGIC = b"MTR1"
 META_MAGIC = b"MTM1"
+LISTING_MAGIC = b"MTL1"
 FORMAT = 1
 _REC_HEAD = struct.Struct(">4sBIQ32s")        # magic, format, key version, raw size, sha256(raw)
 _META_HEAD = struct.Struct(">4sBI")           # magic, format, key version
@@ -275,6 +276,37 @@ def seal_meta(doc: dict, tenant: str, month: str, aid: bytes, version: int, key:
     head = _META_HEAD.pack(META_MAGIC, FORMAT, version)
     body = json.dumps(doc, ensure_ascii=True, separators=(",", ":"), sort_keys=True).encode()
     return head + crypto.seal_blob(key, body, _aad(b"meta", tenant, month, aid, head))
+
+
+# What a search result line shows, kept (encrypted like the metadata) in the
+# shard index's document data so that a search reads no LMDB at all.  It is
+# derived from the message bytes only, so it never goes stale.
+LISTING_FIELDS = ("date", "from", "subject", "message_id", "size")
+
+
+def seal_listing(summary: dict, tenant: str, month: str, aid: bytes, keys: Keys) -> bytes:
+    """The listing of a record with this summary, under the tenant's current key."""
+    version, key = keys.current(tenant)
+    head = _META_HEAD.pack(LISTING_MAGIC, FORMAT, version)
+    body = json.dumps({f: summary.get(f) for f in LISTING_FIELDS},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+    return head + crypto.seal_blob(key, body, _aad(b"listing", tenant, month, aid, head))
+
+
+def open_listing(blob: bytes, tenant: str, month: str, aid: bytes, keys: Keys) -> dict:
+    """The listing fields of one search hit; RecordCorrupt if the blob is
+    not one, or does not decrypt for this tenant, shard and id."""
+    if len(blob) < _META_HEAD.size or blob[:4] != LISTING_MAGIC:
+        raise RecordCorrupt("not a listing blob (bad magic)")
+    _, fmt, version = _META_HEAD.unpack_from(blob)
+    if fmt != FORMAT:
+        raise RecordCorrupt(f"listing format {fmt} is not supported")
+    try:
+        body = crypto.open_blob(keys.store_key(tenant, version), blob[_META_HEAD.size:],
+                                _aad(b"listing", tenant, month, aid, blob[:_META_HEAD.size]))
+    except crypto.DecryptionError:
+        raise RecordCorrupt("listing does not decrypt (altered, or not this tenant's)") from None
+    return json.loads(body)
 
 
 def open_meta(blob: bytes, tenant: str, month: str, aid: bytes, keys: Keys) -> dict:
@@ -690,6 +722,20 @@ class Store:
                 self._shards.pop(oldest).close()
         self._shards[key] = s
         return s
+
+    def listing(self, tenant: str, month: str, aid: str, blob: bytes, keys: Keys) -> dict:
+        """What a search result shows of one record: from the index's
+        listing blob, or from the record's metadata when the index has none
+        (built before listings) or one that does not open (the index is
+        derived, the store is the truth; `verify` reports such an index)."""
+        if blob:
+            try:
+                return open_listing(blob, tenant, month, bytes.fromhex(aid), keys)
+            except (RecordCorrupt, ValueError):
+                log.warning("%s/%s: the index's listing of %s does not open; read from the store",
+                            tenant, month, aid)
+        meta = self.shard(tenant, month).get_meta(aid, keys) or {}
+        return meta.get("summary") or {}
 
     def open_shards(self) -> list[tuple[str, str]]:
         """(tenant, month) of the shards open now, least recently used first."""
