@@ -225,3 +225,25 @@ def test_pipeline_with_and_without_parser_processes_store_the_same(tmp_path):
     # Archive ids differ (each run has its own tenant key); the summaries,
     # made from the parse, must not.
     assert sorted(results[0]) == sorted(results[1])
+
+
+def test_no_lmdb_map_outlives_a_batch(tmp_path):
+    """Between batches the archiver holds no LMDB environment open, so what
+    a batch touched is not counted in the daemon's memory ever after."""
+    raws = [corpus_message(f) for f in corpus_files()[2::40]]
+    spool, store, pipe = _pipeline(tmp_path, None)
+    try:
+        _put(spool, raws)
+        assert pipe.run_batch().archived == 50
+        mdb = [p for p in (tmp_path / "store").rglob("data.mdb")]
+        assert any("catalog" in str(p) for p in mdb) and any("lmdb" in str(p) for p in mdb)
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+        assert [str(p) for p in mdb if str(p) in maps] == []
+        assert store.open_shards() == []
+        while pipe.run_batch().archived:
+            pass
+        assert sum(store.shard("acme", m).count() for m in store.months("acme")) == len(raws)
+    finally:
+        store.close()
+        spool.close()

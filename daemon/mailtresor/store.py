@@ -694,6 +694,8 @@ class Store:
         self._catalogs: dict[str, tuple[lmdb.Environment, object]] = {}
 
     def close(self) -> None:
+        """Close (unmap) every open environment.  The store stays usable:
+        the next access opens what it needs again."""
         for s in self._shards.values():
             s.close()
         for env, _ in self._catalogs.values():
