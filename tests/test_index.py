@@ -356,6 +356,15 @@ def test_query_date_bounds_matches_what_search_finds(dated):
     assert len(outside) == len(DATES) - len(dates)
 
 
+def test_prepared_query_is_the_same_search(dated):
+    for q in ("date:2002-07-01..2002-08-01", "invoice date:2002-07", "invoice", ""):
+        pq = index.prepare(q)
+        assert str(pq.query) == str(parse_query(q)) and pq.bounds == query_date_bounds(q)
+        assert search([dated], pq, limit=1000) == search([dated], q, limit=1000)
+    with pytest.raises(QueryError, match="unbalanced"):
+        index.prepare("(invoice")
+
+
 # --- bad queries -------------------------------------------------------------
 
 @pytest.mark.parametrize("q,message", [

@@ -195,15 +195,14 @@ def cmd_search(cfg, args) -> int:
     tenant = _tenant(cfg, args.tenant)
     query = " ".join(args.query)
     try:
-        index.parse_query(query)
-        bounds = index.query_date_bounds(query)
+        prepared = index.prepare(query)
     except index.QueryError as e:
         raise UserError(f"bad query: {e}", EXIT_USAGE)
     store = Store(a.directory, readonly=True)
     try:
-        months = _months_in(store.months(tenant), bounds)
-        paths = [store.root / tenant / m / "xapian" for m in months if (store.root / tenant / m / "xapian").exists()]
-        total, hits = index.search(paths, query, offset=args.offset, limit=args.limit, order=args.order)
+        months = _months_in(store.months(tenant), prepared.bounds)
+        paths = [store.root / tenant / m / "xapian" for m in months]
+        total, hits = index.search(paths, prepared, offset=args.offset, limit=args.limit, order=args.order)
         keys = _keys(cfg)
         rows = []
         for h in hits:

@@ -724,10 +724,23 @@ def query_date_bounds(text: str) -> tuple[float | None, float | None] | None:
     open end) that every match of `text` lies in, or None if the query does
     not restrict the date.  Conservative: a date: under OR, XOR or NOT does
     not count.  Raises QueryError like parse_query()."""
+    return prepare(text).bounds
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A search string parsed once: its Xapian query and its date bounds
+    (see query_date_bounds)."""
+    text: str
+    query: xapian.Query
+    bounds: tuple[float | None, float | None] | None
+
+
+def prepare(text: str) -> Prepared:
+    """parse_query() and query_date_bounds() in one parse; search() takes
+    the result in place of the string.  Raises QueryError."""
     query, dates = _parse(text)
-    if not dates.seen:
-        return None
-    return _bounds(query, dates.seen)
+    return Prepared(text, query, _bounds(query, dates.seen) if dates.seen else None)
 
 
 # --- searching -------------------------------------------------------------
@@ -746,16 +759,17 @@ def _user_wildcard_message(msg: str) -> str:
     return msg
 
 
-def search(paths: list[Path], query: str, *, offset: int = 0, limit: int = 50,
+def search(paths: list[Path], query: str | Prepared, *, offset: int = 0, limit: int = 50,
            order: str = "date-desc") -> tuple[int, list[Hit]]:
     """Search several shard indexes as one: (number of matches, hits).
 
-    The number is exact in date order, and in relevance order up to
-    EXACT_COUNT matches (an estimate beyond).  Paths without an index (a
-    month with no mail) are skipped.  Raises QueryError."""
+    `query` is a search string or what prepare() made of one.  The number
+    is exact in date order, and in relevance order up to EXACT_COUNT
+    matches (an estimate beyond).  Paths without an index (a month with no
+    mail) are skipped.  Raises QueryError."""
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {', '.join(_ORDERS)}, not {order!r}")
-    q = parse_query(query)
+    q = query.query if isinstance(query, Prepared) else parse_query(query)
     shards = [Path(p) for p in paths if _has_db(Path(p))]
     if not shards:
         return 0, []
