@@ -601,6 +601,56 @@ def test_search_offset_limit_and_relevance(shards):
     assert (total, [h.archive_id for h in hits]) == (1, ["m8d15"])
 
 
+def test_shard_walk_equals_one_combined_sort(tmp_path):
+    """search() in date order walks the shards by the dates they hold and
+    only counts the rest; it must give what one sort over all of them gives,
+    also when shards' date ranges overlap (a late message with an old Date:,
+    a future one) and when dates tie."""
+    import random
+    rnd = random.Random(7)
+    paths = []
+    for k in range(5):
+        path = tmp_path / f"s{k}"
+        with ShardIndex(path).writer() as w:
+            for i in range(120):
+                if i % 10 == 0:
+                    date = utc(2001, 1, 1) + rnd.randrange(5 * 31 * 86400)    # anywhere
+                else:
+                    date = utc(2002, k + 1, 1) + rnd.randrange(28 * 86400)
+                if i % 25 == 0:
+                    date = utc(2002, 3, 3)                                       # ties across shards
+                words = " ".join(w_ for w_, p in (("alpha", 2), ("beta", 3), ("gamma", 7)) if i % p == 0)
+                w.add(f"s{k}m{i}", msg(subject=f"report {words}"), envelope=[], envelope_only=[], tags=[],
+                      date=date, size=i)
+        paths.append(path)
+    paths.append(tmp_path / "no-index")
+    rnd.shuffle(paths)
+
+    def reference(q, offset, limit, descending):
+        db = xapian.Database()
+        for p in paths:
+            if (p / "iamglass").exists():
+                db.add_database(xapian.Database(str(p)))
+        enq = xapian.Enquire(db)
+        enq.set_query(parse_query(q))
+        enq.set_sort_by_value(SLOT_DATE, descending)
+        mset = enq.get_mset(0, 10_000, db.get_doccount())
+        dates = [xapian.sortable_unserialise(m.document.get_value(SLOT_DATE)) for m in mset]
+        return mset.get_matches_estimated(), dates[offset:offset + limit]
+
+    for q in ("report", "alpha", "gamma", "beta -alpha", "alpha OR gamma", "nothing", "date:2002-03"):
+        for offset, limit in ((0, 20), (0, 1), (7, 13), (100, 50), (590, 20), (0, 0), (0, 10_000)):
+            for order in ("date-desc", "date-asc"):
+                total, hits = search(paths, q, offset=offset, limit=limit, order=order)
+                want_total, want_dates = reference(q, offset, limit, order == "date-desc")
+                assert total == want_total, (q, offset, limit, order)
+                assert [h.date for h in hits] == want_dates, (q, offset, limit, order)
+                assert [h.rank for h in hits] == list(range(offset, offset + len(hits)))
+                assert len({h.archive_id for h in hits}) == len(hits)
+                for h in hits:
+                    assert h.shard_path.name == h.archive_id.split("m")[0]
+
+
 def test_search_counts_exactly(tmp_path):
     path = tmp_path / "x"
     with ShardIndex(path).writer() as w:

@@ -221,10 +221,9 @@ def _split_addresses(items: Iterable[str]) -> list[tuple[str, str]]:
 # --- writing ---------------------------------------------------------------
 
 def _has_db(path: Path) -> bool:
-    try:
-        return path.is_dir() and any(p.name.startswith("iam") for p in path.iterdir())
-    except OSError:
-        return False
+    """Whether `path` holds a Xapian database (its version file is written
+    last when one is created)."""
+    return any(os.path.exists(os.path.join(path, name)) for name in ("iamglass", "iamchert"))
 
 
 class IndexWriter:
@@ -769,41 +768,19 @@ def search(paths: list[Path], query: str | Prepared, *, offset: int = 0, limit: 
     mail) are skipped.  Raises QueryError."""
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {', '.join(_ORDERS)}, not {order!r}")
+    if offset < 0 or limit < 0:
+        raise ValueError("offset and limit must not be negative")
     q = query.query if isinstance(query, Prepared) else parse_query(query)
     shards = [Path(p) for p in paths if _has_db(Path(p))]
     if not shards:
         return 0, []
     for attempt in range(3):
-        db = xapian.Database()
-        for p in shards:
-            db.add_database(xapian.Database(str(p)))
+        dbs = []
         try:
-            enq = xapian.Enquire(db)
-            enq.set_query(q)
-            if order == "date-desc":
-                enq.set_sort_by_value_then_relevance(SLOT_DATE, True)
-            elif order == "date-asc":
-                enq.set_sort_by_value_then_relevance(SLOT_DATE, False)
-            else:
-                enq.set_sort_by_relevance_then_value(SLOT_DATE, True)
-            # Count every match, not Xapian's rounded estimate (6000 for 4244
-            # in the corpus): a date-ordered match visits them all anyway, a
-            # relevance-ordered one is exact up to EXACT_COUNT matches.
-            checkatleast = db.get_doccount()
+            dbs = [xapian.Database(str(p)) for p in shards]
             if order == "relevance":
-                checkatleast = min(checkatleast, max(EXACT_COUNT, offset + limit))
-            mset = enq.get_mset(offset, limit, checkatleast)
-            hits = []
-            for m in mset:
-                doc = m.document
-                aid, listing = split_data(doc.get_data())
-                hits.append(Hit(
-                    archive_id=aid, listing=listing,
-                    shard_path=shards[(m.docid - 1) % len(shards)],
-                    date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
-                    size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))),
-                    rank=m.rank))
-            return mset.get_matches_estimated(), hits
+                return _by_relevance(shards, dbs, q, offset, limit)
+            return _by_date(shards, dbs, q, offset, limit, descending=(order == "date-desc"))
         except xapian.WildcardError as e:
             raise QueryError(f"{_user_wildcard_message(e.get_msg())}: "
                              "make the wildcard longer") from None
@@ -811,5 +788,64 @@ def search(paths: list[Path], query: str | Prepared, *, offset: int = 0, limit: 
             if attempt == 2:
                 raise
         finally:
-            db.close()
+            for db in dbs:
+                db.close()
     raise AssertionError("unreachable")
+
+
+def _hit(doc: xapian.Document, path: Path, rank: int) -> Hit:
+    aid, listing = split_data(doc.get_data())
+    return Hit(archive_id=aid, listing=listing, shard_path=path, rank=rank,
+               date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
+               size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))))
+
+
+def _by_relevance(shards: list[Path], dbs: list, q: xapian.Query, offset: int,
+                  limit: int) -> tuple[int, list[Hit]]:
+    # Relevance needs the statistics of all shards together: one combined
+    # database.  Exact up to EXACT_COUNT matches, Xapian's estimate beyond.
+    db = xapian.Database()
+    for d in dbs:
+        db.add_database(d)
+    enq = xapian.Enquire(db)
+    enq.set_query(q)
+    enq.set_sort_by_relevance_then_value(SLOT_DATE, True)
+    mset = enq.get_mset(offset, limit, min(db.get_doccount(), max(EXACT_COUNT, offset + limit)))
+    return mset.get_matches_estimated(), [_hit(m.document, shards[(m.docid - 1) % len(shards)], m.rank)
+                                          for m in mset]
+
+
+def _by_date(shards: list[Path], dbs: list, q: xapian.Query, offset: int, limit: int,
+             descending: bool) -> tuple[int, list[Hit]]:
+    """Shard by shard, the newest (oldest) first by the date range each
+    holds: once `offset + limit` hits are in hand that sort before every
+    date a shard holds, that shard and the rest are only counted, which
+    costs no sorting and no document reads.  Each count is exact: Xapian is
+    asked to check every document."""
+    need = offset + limit
+    order = []
+    for i, db in enumerate(dbs):
+        bound = db.get_value_upper_bound(SLOT_DATE) if descending else db.get_value_lower_bound(SLOT_DATE)
+        if not bound:
+            continue                        # no documents
+        edge = xapian.sortable_unserialise(bound)
+        order.append((-edge if descending else edge, i))
+    order.sort()
+    total = 0
+    cands: list[tuple] = []     # (sort key, place in the walk, rank in its shard, document, shard)
+    for n, (edge_key, i) in enumerate(order):
+        enq = xapian.Enquire(dbs[i])
+        enq.set_query(q)
+        everything = dbs[i].get_doccount()
+        if need == 0 or (len(cands) >= need and cands[need - 1][0] < edge_key):
+            total += enq.get_mset(0, 0, everything).get_matches_estimated()
+            continue
+        enq.set_sort_by_value_then_relevance(SLOT_DATE, descending)
+        mset = enq.get_mset(0, need, everything)
+        total += mset.get_matches_estimated()
+        for m in mset:
+            date = xapian.sortable_unserialise(m.document.get_value(SLOT_DATE))
+            cands.append((-date if descending else date, n, m.rank, m.document, i))
+        cands.sort(key=lambda c: c[:3])
+        del cands[need:]
+    return total, [_hit(c[3], shards[c[4]], offset + r) for r, c in enumerate(cands[offset:])]
