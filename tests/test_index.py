@@ -619,7 +619,8 @@ def test_shard_walk_equals_one_combined_sort(tmp_path):
                     date = utc(2002, k + 1, 1) + rnd.randrange(28 * 86400)
                 if i % 25 == 0:
                     date = utc(2002, 3, 3)                                       # ties across shards
-                words = " ".join(w_ for w_, p in (("alpha", 2), ("beta", 3), ("gamma", 7)) if i % p == 0)
+                words = " ".join(w_ for w_, p in (("alpha", 2), ("beta", 3), ("gamma", 7), ("delta", 37))
+                                 if i % p == 0)
                 w.add(f"s{k}m{i}", msg(subject=f"report {words}"), envelope=[], envelope_only=[], tags=[],
                       date=date, size=i)
         paths.append(path)
@@ -638,7 +639,8 @@ def test_shard_walk_equals_one_combined_sort(tmp_path):
         dates = [xapian.sortable_unserialise(m.document.get_value(SLOT_DATE)) for m in mset]
         return mset.get_matches_estimated(), dates[offset:offset + limit]
 
-    for q in ("report", "alpha", "gamma", "beta -alpha", "alpha OR gamma", "nothing", "date:2002-03"):
+    for q in ("report", "alpha", "gamma", "delta", "beta -alpha", "alpha OR gamma", "nothing", "date:2002-03",
+              "delta OR date:2001"):
         for offset, limit in ((0, 20), (0, 1), (7, 13), (100, 50), (590, 20), (0, 0), (0, 10_000)):
             for order in ("date-desc", "date-asc"):
                 total, hits = search(paths, q, offset=offset, limit=limit, order=order)

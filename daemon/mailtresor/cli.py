@@ -201,7 +201,7 @@ def cmd_search(cfg, args) -> int:
     store = Store(a.directory, readonly=True)
     try:
         months = _months_in(store.months(tenant), prepared.bounds)
-        paths = [store.root / tenant / m / "xapian" for m in months]
+        paths = store.index_paths(tenant, months)
         total, hits = index.search(paths, prepared, offset=args.offset, limit=args.limit, order=args.order)
         keys = _keys(cfg)
         rows = []

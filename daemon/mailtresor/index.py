@@ -220,7 +220,7 @@ def _split_addresses(items: Iterable[str]) -> list[tuple[str, str]]:
 
 # --- writing ---------------------------------------------------------------
 
-def _has_db(path: Path) -> bool:
+def _has_db(path: Path | str) -> bool:
     """Whether `path` holds a Xapian database (its version file is written
     last when one is created)."""
     return any(os.path.exists(os.path.join(path, name)) for name in ("iamglass", "iamchert"))
@@ -758,7 +758,7 @@ def _user_wildcard_message(msg: str) -> str:
     return msg
 
 
-def search(paths: list[Path], query: str | Prepared, *, offset: int = 0, limit: int = 50,
+def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, limit: int = 50,
            order: str = "date-desc") -> tuple[int, list[Hit]]:
     """Search several shard indexes as one: (number of matches, hits).
 
@@ -771,13 +771,17 @@ def search(paths: list[Path], query: str | Prepared, *, offset: int = 0, limit: 
     if offset < 0 or limit < 0:
         raise ValueError("offset and limit must not be negative")
     q = query.query if isinstance(query, Prepared) else parse_query(query)
-    shards = [Path(p) for p in paths if _has_db(Path(p))]
-    if not shards:
-        return 0, []
     for attempt in range(3):
-        dbs = []
+        dbs, shards = [], []
         try:
-            dbs = [xapian.Database(str(p)) for p in shards]
+            for p in paths:
+                try:
+                    dbs.append(xapian.Database(os.fspath(p)))
+                except xapian.DatabaseNotFoundError:
+                    continue        # no index there (yet): a month without mail
+                shards.append(p)
+            if not shards:
+                return 0, []
             if order == "relevance":
                 return _by_relevance(shards, dbs, q, offset, limit)
             return _by_date(shards, dbs, q, offset, limit, descending=(order == "date-desc"))
@@ -795,7 +799,7 @@ def search(paths: list[Path], query: str | Prepared, *, offset: int = 0, limit: 
 
 def _hit(doc: xapian.Document, path: Path, rank: int) -> Hit:
     aid, listing = split_data(doc.get_data())
-    return Hit(archive_id=aid, listing=listing, shard_path=path, rank=rank,
+    return Hit(archive_id=aid, listing=listing, shard_path=Path(path), rank=rank,
                date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
                size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))))
 
@@ -815,13 +819,28 @@ def _by_relevance(shards: list[Path], dbs: list, q: xapian.Query, offset: int,
                                           for m in mset]
 
 
+def _date_enquire(db, q: xapian.Query) -> xapian.Enquire:
+    enq = xapian.Enquire(db)
+    enq.set_query(q)
+    # No relevance weights: the order is the date's (notmuch does the
+    # same), which spares a weight computation for every match.
+    enq.set_weighting_scheme(xapian.BoolWeight())
+    return enq
+
+
+# Matches per shard below which the shards left are sorted together (one
+# Enquire: cheaper when there are few matches to sort) rather than one by one.
+_SPARSE = 200
+
+
 def _by_date(shards: list[Path], dbs: list, q: xapian.Query, offset: int, limit: int,
              descending: bool) -> tuple[int, list[Hit]]:
     """Shard by shard, the newest (oldest) first by the date range each
-    holds: once `offset + limit` hits are in hand that sort before every
-    date a shard holds, that shard and the rest are only counted, which
-    costs no sorting and no document reads.  Each count is exact: Xapian is
-    asked to check every document."""
+    holds.  Once `offset + limit` hits are in hand that sort before every
+    date the next shard holds, the shards left are only counted (together),
+    which costs no sorting and no document reads.  When the shards walked
+    so far suggest that few matches are left, the rest are sorted together
+    in one go.  Counts are exact: Xapian is asked to check every document."""
     need = offset + limit
     order = []
     for i, db in enumerate(dbs):
@@ -832,20 +851,43 @@ def _by_date(shards: list[Path], dbs: list, q: xapian.Query, offset: int, limit:
         order.append((-edge if descending else edge, i))
     order.sort()
     total = 0
-    cands: list[tuple] = []     # (sort key, place in the walk, rank in its shard, document, shard)
-    for n, (edge_key, i) in enumerate(order):
-        enq = xapian.Enquire(dbs[i])
-        enq.set_query(q)
-        everything = dbs[i].get_doccount()
-        if need == 0 or (len(cands) >= need and cands[need - 1][0] < edge_key):
-            total += enq.get_mset(0, 0, everything).get_matches_estimated()
-            continue
-        enq.set_sort_by_value_then_relevance(SLOT_DATE, descending)
-        mset = enq.get_mset(0, need, everything)
-        total += mset.get_matches_estimated()
+    cands: list[tuple] = []     # (sort key, place in the walk, rank there, document, shard)
+
+    def take(mset, place, shard_of) -> None:
         for m in mset:
             date = xapian.sortable_unserialise(m.document.get_value(SLOT_DATE))
-            cands.append((-date if descending else date, n, m.rank, m.document, i))
+            cands.append((-date if descending else date, place, m.rank, m.document, shard_of(m.docid)))
         cands.sort(key=lambda c: c[:3])
         del cands[need:]
+
+    def done(edge_key: float) -> bool:
+        # The bounds are sorted: no shard after this one can reach the page either.
+        return need == 0 or (len(cands) >= need and cands[need - 1][0] < edge_key)
+
+    walked = seen_docs = 0
+    for n, (edge_key, i) in enumerate(order):
+        if done(edge_key):
+            break
+        left = sum(dbs[j].get_doccount() for _, j in order[n:])
+        if seen_docs and total * left <= _SPARSE * (len(order) - n) * seen_docs:
+            break
+        enq = _date_enquire(dbs[i], q)
+        enq.set_sort_by_value(SLOT_DATE, descending)
+        mset = enq.get_mset(0, need, dbs[i].get_doccount())
+        total += mset.get_matches_estimated()
+        take(mset, n, lambda docid, i=i: i)
+        walked, seen_docs = n + 1, seen_docs + dbs[i].get_doccount()
+    rest = [i for _, i in order[walked:]]
+    if rest:
+        db = xapian.Database()
+        for i in rest:
+            db.add_database(dbs[i])
+        enq = _date_enquire(db, q)
+        if done(order[walked][0]):
+            total += enq.get_mset(0, 0, db.get_doccount()).get_matches_estimated()
+        else:
+            enq.set_sort_by_value(SLOT_DATE, descending)
+            mset = enq.get_mset(0, need, db.get_doccount())
+            total += mset.get_matches_estimated()
+            take(mset, walked, lambda docid: rest[(docid - 1) % len(rest)])
     return total, [_hit(c[3], shards[c[4]], offset + r) for r, c in enumerate(cands[offset:])]

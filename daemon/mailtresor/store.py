@@ -709,10 +709,20 @@ class Store:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def months(self, tenant: str) -> list[str]:
-        d = self.root / tenant
-        if not d.is_dir():
+        """The tenant's shards (YYYY-MM), oldest first.  Plain os calls: a
+        search lists them every time."""
+        d = os.path.join(self.root, tenant)
+        try:
+            names = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(p.name for p in d.iterdir() if len(p.name) == 7 and (p / "lmdb" / "data.mdb").exists())
+        return sorted(n for n in names
+                      if len(n) == 7 and os.path.exists(os.path.join(d, n, "lmdb", "data.mdb")))
+
+    def index_paths(self, tenant: str, months: list[str]) -> list[str]:
+        """The Xapian directories of these shards (whether they exist or not)."""
+        d = os.path.join(self.root, tenant)
+        return [os.path.join(d, m, "xapian") for m in months]
 
     def shard(self, tenant: str, month: str) -> Shard:
         key = (tenant, month)
