@@ -776,7 +776,8 @@ def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, l
         try:
             for p in paths:
                 try:
-                    dbs.append(xapian.Database(os.fspath(p)))
+                    # Glass named outright: no probing for other backends' files.
+                    dbs.append(xapian.Database(os.fspath(p), xapian.DB_BACKEND_GLASS))
                 except xapian.DatabaseNotFoundError:
                     continue        # no index there (yet): a month without mail
                 shards.append(p)

@@ -708,16 +708,17 @@ class Store:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def months(self, tenant: str) -> list[str]:
-        """The tenant's shards (YYYY-MM), oldest first.  Plain os calls: a
-        search lists them every time."""
+    def months(self, tenant: str, *, check: bool = True) -> list[str]:
+        """The tenant's shards (YYYY-MM), oldest first.  `check=False` skips
+        the test that each has its LMDB file (a search, which only opens
+        the indexes, lists them every time)."""
         d = os.path.join(self.root, tenant)
         try:
             names = os.listdir(d)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n for n in names
-                      if len(n) == 7 and os.path.exists(os.path.join(d, n, "lmdb", "data.mdb")))
+        return sorted(n for n in names if len(n) == 7 and n[4] == "-" and n[:4].isdigit() and n[5:].isdigit()
+                      and (not check or os.path.exists(os.path.join(d, n, "lmdb", "data.mdb"))))
 
     def index_paths(self, tenant: str, months: list[str]) -> list[str]:
         """The Xapian directories of these shards (whether they exist or not)."""
