@@ -186,6 +186,20 @@ def test_cli_user_errors(arch):
                          (("show", "--tenant", "acme", "0" * 40), b"no archive for tenant acme")):
         p = cli(arch, *args)
         assert p.returncode != 0 and needle in p.stderr and b"Traceback" not in p.stderr, (args, p.stderr)
+    # The appliance's own TLS key unusable: named, no traceback.
+    text = arch.config_path.read_text()
+    key_file = str(arch.cfg.control.key_file)
+    assert text.count(key_file) == 1
+    garbage = arch.config_path.parent / "garbage.key"
+    garbage.write_text("not a key\n")
+    for bad, needle in ((arch.config_path.parent, b"Is a directory"), (garbage, b"not a certificate and its private key")):
+        edited = arch.config_path.with_name("edited.toml")
+        edited.write_text(text.replace(key_file, str(bad)))
+        for args in (("verify",), ("verify", "--tenant", "acme")):
+            p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(edited), *args],
+                               cwd=REPO, capture_output=True, timeout=120)
+            assert p.returncode == 1 and b"Traceback" not in p.stderr, (args, p.stderr)
+            assert b"[control] " in p.stderr and needle in p.stderr and str(bad).encode() in p.stderr, p.stderr
     arch.stop_control()
     with arch.smtp() as s:
         s.sendmail("alice@globex.example", ["bob@acme.example"], msg("Before the outage"))

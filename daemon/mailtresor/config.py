@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -24,6 +25,8 @@ from typing import Literal
 
 # Defined in the package, where the CLI's --help finds them without this module.
 from . import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH
+
+_TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,55}$")   # "tenant." + this is a key name
 
 
 class ConfigError(Exception):
@@ -343,8 +346,11 @@ def _check(cfg: Config, source: Path) -> None:
         fail("spool.max_tries", "must be at least 1")
     tenants = set()
     for i, t in enumerate(cfg.tenant):
-        if not t.name or not t.name.replace("-", "").replace("_", "").isalnum():
-            fail(f"tenant[{i}].name", f"{t.name!r}: use letters, digits, '-' and '_'")
+        if not _TENANT_NAME.match(t.name):
+            # It names the tenant's key at the control endpoint (tenant.NAME),
+            # whose names are lower case; and a directory in the store.
+            fail(f"tenant[{i}].name", f"{t.name!r}: use lower-case letters, digits, '-' and '_', "
+                 "starting with a letter or digit, at most 56 characters")
         if t.name in tenants:
             fail(f"tenant[{i}].name", f"tenant {t.name!r} is defined twice")
         tenants.add(t.name)

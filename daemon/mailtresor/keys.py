@@ -48,6 +48,11 @@ class KeyRefused(KeyUnavailable):
     """The control endpoint answered, but will not release this key."""
 
 
+class IdentityUnusable(KeyUnavailable):
+    """The appliance's own TLS files ([control] ca_file, cert_file,
+    key_file) cannot be read or do not fit together."""
+
+
 @dataclass(frozen=True)
 class KeyMaterial:
     name: str
@@ -136,9 +141,7 @@ def fetch_blocking(url: str, ca_file: Path, cert_file: Path, key_file: Path, nam
     import http.client
 
     parts = urllib.parse.urlsplit(url)
-    ctx = ssl.create_default_context(cafile=str(ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx = client_context(ca_file, cert_file, key_file)
     conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=ctx, timeout=timeout)
     try:
         conn.request("GET", key_path(name, version))
@@ -151,6 +154,28 @@ def fetch_blocking(url: str, ca_file: Path, cert_file: Path, key_file: Path, nam
     if resp.status != 200:
         raise KeyRefused(f"control endpoint refused key {name!r}: {resp.status} {_error_text(body)}")
     return parse_key_response(body, name)
+
+
+def client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The mTLS client context for the control endpoint; IdentityUnusable
+    naming the [control] setting and file at fault."""
+    for setting, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise IdentityUnusable(f"[control] {setting} {path}: {e.strerror or e}") from None
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+    except (ssl.SSLError, ValueError) as e:
+        raise IdentityUnusable(f"[control] ca_file {ca_file}: not a usable CA certificate ({e})") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except (ssl.SSLError, ValueError) as e:
+        raise IdentityUnusable(f"[control] cert_file {cert_file} and key_file {key_file}: "
+                               f"not a certificate and its private key ({e})") from None
+    return ctx
 
 
 def control_fetcher(cfg):
