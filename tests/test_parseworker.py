@@ -247,3 +247,29 @@ def test_no_lmdb_map_outlives_a_batch(tmp_path):
     finally:
         store.close()
         spool.close()
+
+
+def test_no_parser_process_can_start_parsing_goes_on_in_process(tmp_path, monkeypatch, caplog):
+    """fork/exec failing (out of memory, limits) does not stop archiving:
+    the pool parses in process, says so, and starts a child again later."""
+    raws = [corpus_message(f) for f in corpus_files()[3::200]]
+    monkeypatch.setattr(parseworker, "COMMAND", [str(tmp_path / "no-such-program")])
+    parser = ParserPool(1)
+    spool, store, pipe = _pipeline(tmp_path, parser)
+    try:
+        _put(spool, raws)
+        with caplog.at_level("ERROR", logger="mailtresor.parseworker"):
+            r = pipe.run_batch()
+        assert (r.archived, r.set_aside, r.failed) == (len(raws), 0, 0)
+        assert parser.in_process >= len(raws) and parser.pids() == []
+        assert "cannot start a parser process (No such file or directory)" in caplog.text
+        # The same digests as a child gives, and a child again once it can start.
+        monkeypatch.setattr(parseworker, "COMMAND", [sys.executable, "-m", "mailtresor.parseworker"])
+        parser._spawn_after = 0.0
+        before = parser.in_process
+        assert parseworker.wait(parser.submit(raws[0]), 60) == parseworker.wait(parser._here(raws[0]), 60)
+        assert parser.in_process == before + 1 and len(parser.pids()) == 1
+    finally:
+        parser.close()
+        store.close()
+        spool.close()

@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -42,6 +43,8 @@ _LEN = struct.Struct(">I")
 # shorter limit); a child that takes longer is killed, and the message is
 # tried again alone, then set aside like any other that cannot be prepared.
 PARSE_TIMEOUT = 300.0
+# Seconds to parse in process after a child could not be started.
+SPAWN_RETRY = 30.0
 
 
 class ParserDied(Exception):
@@ -260,6 +263,8 @@ class ParserPool:
         self._children: list[_Child | None] = [None] * size
         self._next = 0
         self.restarts = 0
+        self.in_process = 0          # messages parsed here because no child could be started
+        self._spawn_after = 0.0
 
     def submit(self, raw: bytes) -> Future:
         i = self._next
@@ -270,8 +275,29 @@ class ParserPool:
                 self.restarts += 1
                 log.warning("parser process %d exited; starting another", child.proc.pid)
                 child.close()
-            child = self._children[i] = _Child(i)
+                self._children[i] = None
+            if time.monotonic() < self._spawn_after:
+                return self._here(raw)
+            try:
+                child = self._children[i] = _Child(i)
+            except OSError as e:
+                # fork/exec failed (out of memory, process or file limits):
+                # parse in this process, as parse_processes = 0 does, rather
+                # than stop archiving; try a child again after a while.
+                self._spawn_after = time.monotonic() + SPAWN_RETRY
+                log.error("cannot start a parser process (%s); parsing in the archiver itself "
+                          "for the next %d s", e.strerror or e, SPAWN_RETRY)
+                return self._here(raw)
         return child.submit(raw)
+
+    def _here(self, raw: bytes) -> Future:
+        self.in_process += 1
+        fut: Future = Future()
+        try:
+            fut.set_result(_from_wire(_to_wire(digest(raw))))     # the same types as a child's answer
+        except Exception as e:  # noqa: BLE001 - stands for this message, like a child's error answer
+            fut.set_exception(e)
+        return fut
 
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self._children if c is not None and not c.dead]
