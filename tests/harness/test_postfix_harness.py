@@ -119,7 +119,7 @@ def test_starttls_is_queued_and_discarded(pf, cert):
 def test_sendmail_goes_through_pickup_and_is_discarded(pf):
     offset = pf.log_offset()
     pf.sendmail("c@example.org", ["b@example.com"], b"Subject: local\n\n.\nbody\n")
-    m = pf.wait_for_log(rf"pickup\[\d+\]: (\w+): uid=0 from=<c@example\.org>", start=offset)
+    m = pf.wait_for_log(r"pickup\[\d+\]: (\w+): uid=0 from=<c@example\.org>", start=offset)
     assert_discarded(pf, m.group(1), sender="c@example.org")
     pf.wait_queue_empty()
 
