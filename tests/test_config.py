@@ -76,6 +76,10 @@ def test_example_config_loads():
     ("[[relay.connector]]\nname = 'x'\n", "relay.connector[0]", "needs networks"),
     ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\ntenant = 'nobody'\n",
      "relay.connector[0].tenant", "unknown tenant"),
+    ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\nrecipients = ['journal']\n",
+     "relay.connector[0].recipients[0]", "'journal' is not an address"),
+    ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\nrecipients = 'j@x.example'\n",
+     "relay.connector[0].recipients", "expected a list"),
     ("[milter]\nlisten = 'inet:25@x'\n", "milter.listen", "unix:PATH or tcp"),
     ("[milter]\nlisten = 'unix:/run/m.sock'\non_failure = 'ignore'\n", "milter.on_failure", "is not one of"),
 ])

@@ -222,6 +222,33 @@ def test_too_many_recipients(stack):
         stack.close()
 
 
+def test_a_connector_takes_only_its_journal_addresses(tmp_path):
+    """With `recipients` set, any other RCPT TO is refused (550 5.1.1), so
+    that a secret journal address keeps strangers' mail out; case does not
+    matter; what was accepted is spooled for the accepted address only."""
+    st = Stack(tmp_path / "c", {"relay": {"connector": [
+        {"name": "local", "networks": ["127.0.0.1/32"],
+         "recipients": ["Journal-7f3a9@archive.acme.example"]}]}}).start()
+    try:
+        s = ready_session(st)
+        assert s.cmd("MAIL FROM:<a@globex.example>")[0] == 250
+        code, text = s.cmd("RCPT TO:<bob@acme.example>")
+        assert code == 550 and text.startswith("550 5.1.1 ") and "journal address" in text
+        assert s.cmd("RCPT TO:<journal-7F3A9@Archive.Acme.Example>")[0] == 250
+        assert s.cmd("DATA")[0] == 354
+        s.send(b"Subject: kept\r\n\r\nbody\r\n.\r\n")
+        assert s.reply()[0] == 250
+        assert s.cmd("MAIL FROM:<a@globex.example>")[0] == 250
+        assert s.cmd("RCPT TO:<journal-7f3a9@archive.acme.example.evil>")[0] == 550
+        assert s.cmd("DATA")[0] == 503                     # no recipient was accepted
+        s.close()
+        (entry,) = st.entries().values()
+        assert entry.envelope.rcpt_to == ["journal-7F3A9@Archive.Acme.Example"]
+        assert "not a recipient of connector local" in st.log()
+    finally:
+        st.close()
+
+
 def test_who_may_connect(tmp_path):
     """Unknown networks are refused at the greeting; a connector that needs
     a certificate says which one is missing or wrong."""

@@ -109,6 +109,9 @@ class Connector:
     client_cert_names: tuple[str, ...] = ()
     # Tenant this connector delivers for (an Exchange journal rule).
     tenant: str = ""
+    # The journal addresses this connector may deliver to (RCPT TO, compared
+    # without regard to case); empty: any recipient.
+    recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,10 @@ def _check(cfg: Config, source: Path) -> None:
                 fail(f"relay.connector[{i}].networks[{j}]", f"{net!r} is not a network (e.g. 192.0.2.0/24)")
         if c.tenant and c.tenant not in tenants:
             fail(f"relay.connector[{i}].tenant", f"unknown tenant {c.tenant!r}")
+        for j, r in enumerate(c.recipients):
+            local, at, domain = r.rpartition("@")
+            if not at or not local or not domain or any(ch.isspace() or ch in "<>," for ch in r):
+                fail(f"relay.connector[{i}].recipients[{j}]", f"{r!r} is not an address (local@domain)")
         if c.client_cert == "required" and cfg.tls is not None and cfg.tls.client_ca_file is None:
             fail(f"relay.connector[{i}].client_cert", "'required' needs tls.client_ca_file")
         if not c.networks and c.client_cert != "required":

@@ -133,9 +133,13 @@ class Connector:
     client_cert: str = "optional"       # "required" | "optional"
     client_cert_names: tuple = ()
     tenant: str = ""
+    recipients: frozenset = frozenset()     # lower case; empty: any
 
     def network_ok(self, ip) -> bool:
         return not self.networks or any(ip in n for n in self.networks)
+
+    def recipient_ok(self, address: str) -> bool:
+        return not self.recipients or address.lower() in self.recipients
 
 
 class Gate:
@@ -143,7 +147,8 @@ class Gate:
 
     def __init__(self, connectors):
         self.connectors = [Connector(c.name, tuple(ipaddress.ip_network(n, strict=False) for n in c.networks),
-                                     c.client_cert, tuple(c.client_cert_names), c.tenant)
+                                     c.client_cert, tuple(c.client_cert_names), c.tenant,
+                                     frozenset(r.lower() for r in getattr(c, "recipients", ())))
                            for c in connectors]
 
     def may_connect(self, address: str) -> bool:
@@ -543,6 +548,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
         addr, params = parsed
         if params:
             return self._error(Reply(555, "5.5.4", f"Unsupported option: {next(iter(params))}"))
+        if not self.txn.connector.recipient_ok(addr):
+            # Not a journal address of this connector: an unguessable
+            # journal address only protects the archive if others bounce.
+            self.log.warning("conn %d: reject: RCPT from [%s]: not a recipient of connector %s",
+                             self.cid, self.peer[0], self.txn.connector.name)
+            return self._reply(Reply(550, "5.1.1", "Error: recipient address rejected: "
+                                                   "not a journal address of this connector"))
         if len(self.txn.rcpt_to) >= self.factory.max_recipients:
             return self._reply(Reply(452, "4.5.3", "Error: too many recipients"))
         self.txn.rcpt_to.append(addr)
