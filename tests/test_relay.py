@@ -347,6 +347,64 @@ def test_control_refusing_the_key_keeps_refusing_mail(tmp_path):
         st.close()
 
 
+def test_a_revoked_spool_key_is_dropped_and_mail_refused_until_released(tmp_path):
+    """An outage keeps the key (availability); a 403 from the control
+    endpoint while refreshing means this appliance may no longer have it:
+    every relay process drops it and answers 4xx, nothing already accepted
+    is lost, and mail flows again once the key is released again."""
+    st = Stack(tmp_path / "r", {"control": {"refresh_interval": 0.5}, "relay": {"processes": 3}})
+    try:
+        st.start()
+        with st.smtp() as c:
+            c.sendmail("a@globex.example", ["b@acme.example"], MESSAGE)
+        assert len(st.spool_ids()) == 1
+
+        def mail_replies(n=12):
+            """Over n connections (spread over the relay processes by the
+            kernel): the greeting if it refuses, else the answer to MAIL."""
+            replies = set()
+            for _ in range(n):
+                s = RawSMTP(st.smtp_port)
+                code, text = s.reply()
+                if code == 220:
+                    assert s.cmd("EHLO client.test")[0] == 250
+                    assert s.starttls(st.client_context())[0] == 220
+                    assert s.cmd("EHLO client.test")[0] == 250
+                    code, text = s.cmd("MAIL FROM:<a@globex.example>")
+                replies.add(text.split(" ", 2)[0] + " " + text.split(" ", 2)[1] if code != 250 else "250")
+                s.close()
+            return replies
+
+        def wait_log(text, timeout=30):
+            deadline = time.monotonic() + timeout
+            while text not in st.log():
+                assert time.monotonic() < deadline, st.log()[-3000:]
+                time.sleep(0.1)
+
+        st.stop_control()                          # an outage: the key is kept
+        time.sleep(1.5)
+        assert mail_replies(4) == {"250"}
+        st.reconfigure({"control_server": {"appliance": [{"name": "t1", "cert_names": ["someone-else"]}]}})
+        st.start_control()                         # now it refuses this appliance: 403
+        wait_log("the control endpoint no longer releases the spool key")
+        time.sleep(0.5)                            # the workers read the news from their pipe
+        assert mail_replies() == {"421 4.3.0"}
+        assert any(m.startswith("STATUS=") and "no longer releases the spool key" in m for m in st.notify.messages)
+        assert len(st.spool_ids()) == 1
+        st.stop_control()
+        st.reconfigure({"control_server": {"appliance": [{"name": "t1", "cert_names": ["appliance-t1"]}]}})
+        st.start_control()
+        wait_log("releases the spool key again")
+        time.sleep(0.5)
+        assert mail_replies() == {"250"}
+        with st.smtp() as c:
+            c.sendmail("a@globex.example", ["b@acme.example"], MESSAGE)
+        assert len(st.spool_ids()) == 2
+        assert len(st.entries()) == 2                 # both still readable
+    finally:
+        st.close()
+
+
 def _tmpfs(path, size):
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],

@@ -45,7 +45,17 @@ class ControlUnreachable(KeyUnavailable):
 
 
 class KeyRefused(KeyUnavailable):
-    """The control endpoint answered, but will not release this key."""
+    """The control endpoint answered, but will not release this key.
+    `status` is its HTTP status, if it gave one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# Answers that mean "this appliance may not have this key (any more)": a
+# key held is then dropped, not kept as through an outage.
+REVOKED = (403, 404)
 
 
 class IdentityUnusable(KeyUnavailable):
@@ -126,6 +136,15 @@ class KeyRing:
             self._keys.clear()
             self._current.clear()
 
+    def drop(self, name: str) -> int:
+        """Drop every version of the key `name`; how many there were."""
+        with self._lock:
+            gone = [k for k in self._keys if k[0] == name]
+            for k in gone:
+                del self._keys[k]
+            self._current.pop(name, None)
+        return len(gone)
+
     def summary(self) -> list[dict]:
         now = self._clock()
         with self._lock:
@@ -152,7 +171,8 @@ def fetch_blocking(url: str, ca_file: Path, cert_file: Path, key_file: Path, nam
     finally:
         conn.close()
     if resp.status != 200:
-        raise KeyRefused(f"control endpoint refused key {name!r}: {resp.status} {_error_text(body)}")
+        raise KeyRefused(f"control endpoint refused key {name!r}: {resp.status} {_error_text(body)}",
+                         resp.status)
     return parse_key_response(body, name)
 
 
@@ -236,7 +256,7 @@ class ControlClient:
         def check(result):
             code, body = result
             if code != 200:
-                raise KeyRefused(f"control endpoint refused key {name!r}: {code} {_error_text(body)}")
+                raise KeyRefused(f"control endpoint refused key {name!r}: {code} {_error_text(body)}", code)
             return parse_key_response(body, name)
 
         def unreachable(f):
@@ -269,6 +289,7 @@ class KeyFetcher:
                  retry_max: float = 60.0, refresh_interval: float = 600.0,
                  on_status: Callable[[str], None] = lambda s: None,
                  on_key: Callable[[KeyMaterial], None] = lambda m: None,
+                 on_revoke: Callable[[str], None] = lambda name: None,
                  rng: random.Random | None = None):
         self._reactor = reactor
         self._client = client
@@ -278,6 +299,7 @@ class KeyFetcher:
         self._refresh_interval = refresh_interval
         self._on_status = on_status
         self._on_key = on_key
+        self._on_revoke = on_revoke
         self._rng = rng or random.Random()
         self._call = None
         self._stopped = False
@@ -311,8 +333,19 @@ class KeyFetcher:
 
         def failed(f):
             self.last_error = f.getErrorMessage() if f.check(KeyUnavailable) else repr(f.value)
-            if ready.called:
-                # We hold a key already; keep it and ask again later.
+            holding = self._ring.current(name) is not None
+            if holding and f.check(KeyRefused) and f.value.status in REVOKED:
+                # Not an outage: the control endpoint says this appliance
+                # may no longer have the key.  Drop it (mail is then refused
+                # with 4xx, as at a start without it) and ask again, as at
+                # a start, in case it is released again.
+                self._ring.drop(name)
+                holding = False
+                log.error("the control endpoint no longer releases the %s key (%s); dropped it",
+                          name, self.last_error)
+                self._on_revoke(name)
+            if holding:
+                # We hold the key; an outage or an error: keep it and ask again later.
                 log.warning("could not refresh %s key: %s", name, self.last_error)
                 self._schedule(self._refresh_interval, lambda: self._try(name, self._retry_initial, ready))
                 return

@@ -95,6 +95,10 @@ class _WorkerProcess:
                                "key": base64.b64encode(material.key).decode()})
             self.transport.writeToChild(0, line.encode() + b"\n")
 
+    def drop_key(self, name: str) -> None:
+        if self.transport is not None:
+            self.transport.writeToChild(0, json.dumps({"drop": name}).encode() + b"\n")
+
     def signal(self, sig: str) -> None:
         if self.transport is not None:
             try:
@@ -135,7 +139,8 @@ class Daemon:
             client = ControlClient(reactor, c.url, c.ca_file, c.cert_file, c.key_file, c.timeout)
             self.fetcher = KeyFetcher(reactor, client, self.ring, retry_initial=c.retry_initial,
                                       retry_max=c.retry_max, refresh_interval=c.refresh_interval,
-                                      on_status=self.set_status, on_key=self._key_to_workers)
+                                      on_status=self.set_status, on_key=self._key_to_workers,
+                                      on_revoke=self._key_revoked)
         self.archiver = None
         if not worker and cfg.archive is not None and cfg.archive.enabled:
             from .archiver import Archiver
@@ -148,6 +153,7 @@ class Daemon:
         self.status = "starting"
         self.listening = False
         self.have_key = False
+        self._revoked: set[str] = set()
         self.exit_code = 0
         self._stopping = None
         self._status_loop = None
@@ -277,6 +283,11 @@ class Daemon:
             def lineReceived(self, line):
                 import base64
                 doc = json.loads(line)
+                if "drop" in doc:
+                    daemon.ring.drop(doc["drop"])
+                    log.warning("relay worker %d: %s key revoked; refusing mail until it is back",
+                                daemon.worker, doc["drop"])
+                    return
                 daemon.ring.put(KeyMaterial(doc["name"], int(doc["version"]), base64.b64decode(doc["key"])),
                                 current=True)
                 if daemon.state == "starting":
@@ -313,6 +324,16 @@ class Daemon:
     def _key_to_workers(self, material):
         for w in self.workers:
             w.send_key(material)
+        if material.name in self._revoked:
+            self._revoked.discard(material.name)
+            log.info("the control endpoint releases the %s key again; accepting mail", material.name)
+            self.set_status(f"accepting mail again: the control endpoint released the {material.name} key")
+
+    def _key_revoked(self, name: str):
+        self._revoked.add(name)
+        for w in self.workers:
+            w.drop_key(name)
+        self.set_status(f"refusing mail (4xx): the control endpoint no longer releases the {name} key")
 
     def _worker_ended(self, w, code, sig):
         if self.state in ("stopping", "stopped"):
