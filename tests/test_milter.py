@@ -178,6 +178,31 @@ def test_on_failure_accept_lets_mail_through_and_says_so():
         r.close()
 
 
+def test_on_failure_accept_decides_per_message_not_per_connection():
+    """Accept mode with no spool key at connect: the connection goes on;
+    a message sent while the key is missing passes unarchived (logged), and
+    the next one on the same connection, once the key is there, is archived."""
+    r = MilterRig({"milter": {"on_failure": "accept"}}, start_control=False)
+    try:
+        r.stack.start_daemon(wait_ready=False)
+        deadline = time.monotonic() + 10
+        while not r.stack.milter_socket.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with r.smtp() as s:
+            assert s.sendmail("a@globex.example", ["b@acme.example"], b"Subject: first\r\n\r\n1\r\n") == {}
+            assert r.stack.spool_ids() == []
+            r.stack.start_control()
+            assert r.stack.notify.wait_for("READY=1", timeout=30)
+            assert s.sendmail("a@globex.example", ["b@acme.example"], b"Subject: second\r\n\r\n2\r\n") == {}
+        assert [e.data for e in r.stack.entries().values()] == [b"Subject: second\r\n\r\n2\r\n"]
+        log = r.stack.log()
+        assert "each message is decided at MAIL FROM" in log
+        assert log.count("NOT ARCHIVED, accepted by policy") == 1
+    finally:
+        r.close()
+
+
 def test_daemon_down_means_postfix_tempfails(rig):
     """milter_default_action = tempfail (conf/postfix-main.cf): no archive,
     no delivery."""

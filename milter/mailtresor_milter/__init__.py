@@ -75,7 +75,7 @@ class ArchiveMilter(Milter.Base):
 
     def _refuse(self, reply: replies.Reply, why: str):
         """Tell the MTA; TEMPFAIL for 4xx, REJECT for 5xx.  In accept mode
-        (except for a full connection refusal) let the mail through."""
+        let this message through (never a whole connection: see connect)."""
         q = self.getsymval("i") or "-"
         if self.server.settings.on_failure == "accept":
             log.error("%s: NOT ARCHIVED, accepted by policy (on_failure=accept): %s", q, why)
@@ -101,15 +101,23 @@ class ArchiveMilter(Milter.Base):
             self.client_address, self.client_port = hostaddr[0], int(hostaddr[1])
         elif hostaddr:
             self.client_address = str(hostaddr)
+        refusal, why = None, ""
         if self.server.shutting_down:
-            return self._refuse(replies.SHUTTING_DOWN, "shutting down")
-        try:
-            self.server.spool.admit(0)
-        except Exception as e:  # noqa: BLE001
-            refusal = replies.at_greeting(e)
-            if refusal is not None:
-                return self._refuse(refusal, str(e))
-        return Milter.CONTINUE
+            refusal, why = replies.SHUTTING_DOWN, "shutting down"
+        else:
+            try:
+                self.server.spool.admit(0)
+            except Exception as e:  # noqa: BLE001
+                refusal, why = replies.at_greeting(e), str(e)
+        if refusal is None:
+            return Milter.CONTINUE
+        if self.server.settings.on_failure == "accept":
+            # ACCEPT here would let every message of the connection through
+            # unarchived, even once the spool is back: decide per message.
+            log.warning("connection from %s while mail cannot be archived (%s); each message "
+                        "is decided at MAIL FROM (on_failure=accept)", self.client_address or "-", why)
+            return Milter.CONTINUE
+        return self._refuse(refusal, why)
 
     def hello(self, heloname):
         self.helo = _text(heloname)
