@@ -26,6 +26,31 @@ def test_status_of_a_running_daemon(running):
     assert "daemon:   running" in text and "1 ready" in text
 
 
+def _core_limit(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as f:
+        (line,) = [x for x in f if x.startswith("Max core file size")]
+    return " ".join(line.split()[4:6])
+
+
+def test_no_process_that_holds_keys_can_dump_core(running):
+    """Started by hand (no unit's LimitCORE=0), the daemon, its relay
+    workers and the control endpoint still set their core limit to 0."""
+    import os
+    pids = [running.daemon.pid, running.control.pid]
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == running.daemon.pid]
+    assert workers, "relay workers expected"
+    for pid in pids + workers:
+        assert _core_limit(pid) == "0 0", pid
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
+
+
 def test_status_when_stopped_exits_3(stack):
     p = mailtresor(stack, "status", check=3)
     assert "not running" in p.stdout

@@ -278,6 +278,7 @@ def test_daemon_unit_matches_the_daemon_and_its_configuration(tmp_path, daemon_u
                        "SystemCallArchitectures": "native", "LockPersonality": "yes"}.items():
         assert one(u, f"Service.{key}") == value, key
     assert u["Service.SystemCallFilter"][0] == "@system-service"
+    assert one(u, "Service.LimitCORE") == "0"   # keys and mail never in a core file
     assert "Service.PrivateUsers" not in u  # would void CAP_NET_BIND_SERVICE
     assert "Service.SupplementaryGroups" not in u  # the socket's group comes from its setgid directory
 
@@ -297,6 +298,7 @@ def test_control_unit_matches_the_control_service(control_unit):
     assert cred.split(":")[0] == name
     assert u.get("Service.CapabilityBoundingSet") == []
     assert one(u, "Service.PrivateUsers") == "yes"
+    assert one(u, "Service.LimitCORE") == "0"
     config_path = one(u, "Service.ExecStart").split()[2]
     assert one(u, "Unit.ConditionPathExists") == config_path
 
@@ -497,6 +499,7 @@ def test_exchange_connectors_are_valid_configuration(cfg):
         parsed = config.parse(raw, Path("exchange-journaling.md"))
         for c in parsed.relay.connector:
             assert c.client_cert == "required" and c.client_cert_names and c.networks and c.tenant, c
+            assert c.recipients, c          # the journal address, so that strangers' mail bounces
     for needle in ("JournalingReportNdrTo", "New-JournalRule", "New-OutboundConnector", "New-SendConnector",
                    "TlsCertificateName", "client_cert_names"):
         assert needle in doc, needle

@@ -11,3 +11,14 @@ __version__ = "0.1.0"
 # (about half of what --help costs).
 CONFIG_PATH = "/etc/mailtresor/mailtresor.toml"
 CONFIG_ENV_VAR = "MAILTRESOR_CONFIG"
+
+
+def no_core_dumps() -> None:
+    """Set this process's core size limit to zero (soft and hard), so that a
+    crash of a process holding keys or mail never writes them to a disk
+    (the units also say LimitCORE=0; this covers a start by hand)."""
+    import resource
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass

@@ -704,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import no_core_dumps
+    no_core_dumps()                       # some commands hold tenant keys and mail
     args = build_parser().parse_args(argv)
     from . import config as configmod     # here: --help and usage errors need none of it
     try:

@@ -407,7 +407,8 @@ def serve(cfg: configmod.Config) -> int:
 # --- CLI ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from . import service
+    from . import no_core_dumps, service
+    no_core_dumps()
 
     p = argparse.ArgumentParser(prog="mailtresor-control", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help=f"configuration file (default ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")

@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{cfg.source}: configuration OK")
         return 0
+    from . import no_core_dumps
+    no_core_dumps()
     setup_logging(cfg.service.log_level)
     from twisted.internet import reactor
 
