@@ -405,6 +405,34 @@ def test_a_revoked_spool_key_is_dropped_and_mail_refused_until_released(tmp_path
         st.close()
 
 
+def test_workers_serve_each_listener_as_configured_after_a_late_listen(tmp_path):
+    """The STARTTLS port's listen has to retry (its address is still held)
+    while the implicit-TLS one succeeds at once: every relay process must
+    still serve each port with that port's own TLS mode."""
+    import socket
+    import threading
+    st = Stack(tmp_path / "w", {"relay": {"processes": 3}})
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", st.smtp_port))          # bound, not listening: EADDRINUSE for the daemon
+    threading.Timer(1.5, blocker.close).start()
+    try:
+        st.start()
+        deadline = time.monotonic() + 30
+        while st.log().count("accepting on") < 2:      # both workers took their sockets
+            assert time.monotonic() < deadline, st.log()[-2000:]
+            time.sleep(0.1)
+        for _ in range(24):                             # spread over the three processes by the kernel
+            plain = RawSMTP(st.smtp_port, timeout=5)
+            assert plain.reply()[0] == 220              # plaintext greeting: STARTTLS mode
+            plain.close()
+            tls = RawSMTP(st.smtps_port, implicit=True, context=st.client_context(), timeout=5)
+            assert tls.reply()[0] == 220                # greeting inside TLS: implicit mode
+            tls.close()
+    finally:
+        blocker.close()
+        st.close()
+
+
 def _tmpfs(path, size):
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],

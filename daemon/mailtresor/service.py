@@ -235,7 +235,11 @@ class Daemon:
             self.milter.start()
         d = defer.gatherResults(listens, consumeErrors=True)
 
-        def listened(_):
+        def listened(ports):
+            # In listener order, whatever order the listens finished in (one
+            # may have retried): workers pair the sockets they are handed
+            # with the configured listeners by position.
+            self.ports = list(ports) + [p for p in self.ports if p not in ports]
             self.listening = True
             for i in range(1, self.processes):
                 self._spawn_worker(_WorkerProcess(self, i))
@@ -269,11 +273,14 @@ class Daemon:
         pending = list(zip(self.listen_fds, self._relay_factories()))
 
         def adopt():
+            names = []
             for fd, (lst, factory) in pending:
                 family = socketmod.socket(fileno=os.dup(fd)).family
                 self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
                 os.close(fd)
+                names.append(f"{lst.endpoint} ({lst.tls} TLS)")
             pending.clear()
+            log.info("relay worker %d accepting on %s", self.worker, ", ".join(names))
 
         daemon = self
 
