@@ -1,5 +1,6 @@
 """The relay end to end: a real daemon process, real TLS, real clients."""
 
+import os
 import ssl
 import subprocess
 import time
@@ -430,6 +431,38 @@ def test_workers_serve_each_listener_as_configured_after_a_late_listen(tmp_path)
             tls.close()
     finally:
         blocker.close()
+        st.close()
+
+
+def test_a_worker_that_dies_before_ready_is_started_again(tmp_path):
+    """No key yet (control down): a relay worker killed then is restarted,
+    and once the key comes every process serves mail."""
+    import signal as sig
+    st = Stack(tmp_path / "d", {"relay": {"processes": 2}})
+    try:
+        st.start_daemon(wait_ready=False)
+        deadline = time.monotonic() + 30
+        while "relay worker 1 started" not in st.log():
+            assert time.monotonic() < deadline, st.log()[-2000:]
+            time.sleep(0.1)
+        (worker,) = [p for p in st.daemon_processes() if p != st.daemon.pid]
+        os.kill(worker, sig.SIGKILL)
+        while st.log().count("relay worker 1 started") < 2:
+            assert time.monotonic() < deadline, st.log()[-2000:]
+            time.sleep(0.1)
+        assert "relay worker 1 died (signal 9); starting it again" in st.log()
+        assert "READY=1" not in st.notify.messages
+        st.start_control()
+        assert st.notify.wait_for("READY=1", timeout=30)
+        while "relay worker 1 accepting on" not in st.log():
+            assert time.monotonic() < deadline, st.log()[-2000:]
+            time.sleep(0.1)
+        for _ in range(10):
+            with st.smtp() as c:
+                c.sendmail("a@globex.example", ["b@acme.example"], MESSAGE)
+        assert len(st.spool_ids()) == 10
+        assert len(st.daemon_processes()) == 2
+    finally:
         st.close()
 
 

@@ -76,6 +76,8 @@ class _WorkerProcess:
         self.daemon, self.index = daemon, index
         self.transport = None
         self.ended = None
+        self.started_at = 0.0
+        self.delay = 0.0          # before the next restart; grows while it keeps dying
         outer = self
 
         class Proto(ProcessProtocol):
@@ -319,6 +321,7 @@ class Daemon:
         args = [_sys.executable, "-m", "mailtresor.service", "--config", str(self.cfg.source),
                 "--worker", str(w.index), "--listen-fds", ",".join(str(3 + i) for i in range(len(fds)))]
         self.reactor.spawnProcess(w.protocol, _sys.executable, args, env=env, childFDs=child_fds)
+        w.started_at = time.monotonic()
         if w not in self.workers:
             self.workers.append(w)
         log.info("relay worker %d started", w.index)
@@ -349,9 +352,14 @@ class Daemon:
                 d, self._workers_done = self._workers_done, None
                 d.callback(None)
             return
-        log.error("relay worker %d died (%s); starting it again", w.index,
-                  f"status {code}" if sig is None else f"signal {sig}")
-        self.reactor.callLater(1.0, lambda: self.state == "running" and self._spawn_worker(w))
+        # Also before READY (still waiting for the key): a worker that is
+        # not restarted then would be missing for the daemon's whole life.
+        # One that keeps dying is restarted less and less often.
+        lived = time.monotonic() - w.started_at
+        w.delay = 1.0 if lived > 60 else min(w.delay * 2, 60.0) if w.delay else 1.0
+        log.error("relay worker %d died (%s); starting it again in %.0f s", w.index,
+                  f"status {code}" if sig is None else f"signal {sig}", w.delay)
+        self.reactor.callLater(w.delay, lambda: self.state not in ("stopping", "stopped") and self._spawn_worker(w))
 
     def request_stop(self):
         if not self._stop_requested:
