@@ -69,6 +69,7 @@ class BatchResult:
     failed: int = 0
     set_aside: int = 0
     waiting_for_key: str = ""
+    deferred: int = 0                # entries put off because a tenant's key is missing
     locked: str = ""
     shards: set = field(default_factory=set)
 
@@ -160,6 +161,11 @@ class Pipeline:
         self.parser = parser
         self.parse_timeout = parseworker.PARSE_TIMEOUT
         self._ahead: dict[str, tuple[object, Future]] = {}
+        # Entries that wait for a tenant's key, and when to try them again:
+        # they stay in the spool (no try counted) while the other tenants'
+        # mail goes on.  tenant -> seconds to wait before its next try.
+        self._deferred: dict[str, float] = {}
+        self._key_waits: dict[str, float] = {}
 
     def run_batch(self) -> BatchResult:
         if self.lock.fd is None:
@@ -179,9 +185,21 @@ class Pipeline:
             if not self.hold_lock:
                 self.lock.release()
 
+    def _next_ids(self) -> list[str]:
+        """The oldest ready entries, skipping those that wait for a key."""
+        if not self._deferred:
+            return self.spool.ready(limit=self.batch_size)
+        limit = self.batch_size + len(self._deferred)
+        ready = self.spool.ready(limit=limit)
+        if len(ready) < limit:                 # every entry was listed: forget the finished ones
+            listed = set(ready)
+            self._deferred = {e: t for e, t in self._deferred.items() if e in listed}
+        now = self.clock()
+        return [e for e in ready if self._deferred.get(e, 0.0) <= now][:self.batch_size]
+
     def _run_batch(self) -> BatchResult:
         res = BatchResult()
-        ids = self.spool.ready(limit=self.batch_size)
+        ids = self._next_ids()
         entries = []
         for eid in ids:
             ahead = self._ahead.pop(eid, None)
@@ -223,9 +241,6 @@ class Pipeline:
         if not res.waiting_for_key:
             self._parse_ahead(set(ids))
         done = self._store(prepared, res)
-        if done is None:
-            self._drop_ahead()
-            return self._account(res)
         self.spool.done_many(done)
         res.archived += len(done)
         self._seal_due()
@@ -308,18 +323,25 @@ class Pipeline:
         except FileNotFoundError:
             pass
 
-    def _store(self, prepared: list[Prepared], res: BatchResult) -> list[str] | None:
-        """Store, index, back up.  Returns the spool ids that are finished,
-        or None when the batch must wait (a key is missing)."""
+    def _store(self, prepared: list[Prepared], res: BatchResult) -> list[str]:
+        """Store, index, back up.  Returns the spool ids that are finished.
+        A tenant whose key cannot be had holds back only the entries that
+        go to it (they are tried again later, with no try counted); its
+        other tenants' copies of them are stored now, and stored again
+        idempotently when the entry comes back."""
         rows: dict[str, list[tuple[Prepared, Item]]] = defaultdict(list)
-        try:
-            for p in prepared:
-                for t in p.tenants:
-                    rows[t].append((p, Item(self.keys.archive_id(t, p.raw), p.month, p.raw, p.entry_id,
-                                            p.envelope, summary_of(p.parsed))))
-        except (KeyUnavailable, KeyMissing) as e:
-            res.waiting_for_key = str(e)
-            return None
+        blocked: dict[str, str] = {}          # tenant -> why its key is missing
+        for p in prepared:
+            for t in p.tenants:
+                if t in blocked:
+                    continue
+                try:
+                    aid = self.keys.archive_id(t, p.raw)
+                except (KeyUnavailable, KeyMissing) as e:
+                    blocked[t] = str(e)
+                    rows.pop(t, None)
+                    continue
+                rows[t].append((p, Item(aid, p.month, p.raw, p.entry_id, p.envelope, summary_of(p.parsed))))
         failed: set[str] = set()
         indexed: dict[tuple[str, str], list] = defaultdict(list)
         for tenant, group in rows.items():
@@ -327,8 +349,8 @@ class Pipeline:
                 outs = self.store.store(tenant, [it for _, it in group], self.keys)
                 pairs = list(zip(group, outs))
             except (KeyUnavailable, KeyMissing) as e:
-                res.waiting_for_key = str(e)
-                return None
+                blocked[tenant] = str(e)
+                continue
             except Exception:  # noqa: BLE001 - find the entry that breaks the batch
                 pairs = []
                 for (p, it) in group:
@@ -336,8 +358,8 @@ class Pipeline:
                         (o,) = self.store.store(tenant, [it], self.keys)
                         pairs.append(((p, it), o))
                     except (KeyUnavailable, KeyMissing) as e:
-                        res.waiting_for_key = str(e)
-                        return None
+                        blocked[tenant] = str(e)
+                        break
                     except Exception as e:  # noqa: BLE001
                         failed.add(p.entry_id)
                         self._failed(p.entry_id, f"cannot store for {tenant}: {type(e).__name__}", res)
@@ -374,7 +396,32 @@ class Pipeline:
                 continue
             res.shards.add((tenant, month))
             self._dirty.setdefault((tenant, month), self.clock())
-        return [p.entry_id for p in prepared if p.entry_id not in failed]
+        waiting = self._defer(prepared, blocked, res)
+        return [p.entry_id for p in prepared if p.entry_id not in failed and p.entry_id not in waiting]
+
+    def _defer(self, prepared: list[Prepared], blocked: dict[str, str], res: BatchResult) -> set[str]:
+        """Put off the entries that go to a tenant without its key; the wait
+        doubles per tenant (1 s .. 60 s) while its key stays missing."""
+        for t in {t for p in prepared for t in p.tenants} - set(blocked):
+            self._key_waits.pop(t, None)
+        if not blocked:
+            return set()
+        for t in blocked:
+            self._key_waits[t] = min(max(self._key_waits.get(t, 0.5) * 2, 1.0), 60.0)
+        res.waiting_for_key = "; ".join(dict.fromkeys([*filter(None, [res.waiting_for_key]), *blocked.values()]))
+        now = self.clock()
+        waiting = set()
+        for p in prepared:
+            held = [t for t in p.tenants if t in blocked]
+            if held:
+                waiting.add(p.entry_id)
+                self._deferred[p.entry_id] = now + max(self._key_waits[t] for t in held)
+            else:
+                self._deferred.pop(p.entry_id, None)
+        res.deferred = len(waiting)
+        log.warning("%d entr%s wait for a key (%s); the rest go on", len(waiting),
+                    "y" if len(waiting) == 1 else "ies", res.waiting_for_key)
+        return waiting
 
     def _seal_due(self, force: bool = False) -> None:
         if not self._dirty or self.seal_seed is None:
@@ -484,7 +531,11 @@ class Archiver:
     def _after(self, res: BatchResult) -> None:
         self._running = None
         self.last_batch = time.time()
-        if res.waiting_for_key:
+        busy = res.archived + res.failed + res.unrouted
+        # Pause (backing off) when nothing could be done, or something other
+        # than a tenant's key failed; entries that only wait for a tenant's
+        # key do not hold back the rest.
+        if res.waiting_for_key and (not busy or not res.deferred):
             self._key_wait = min(max(self._key_wait * 2, 1.0), self.cfg.control.retry_max)
             self.status_text = f"paused: {res.waiting_for_key}"
             log.warning("archiver: %s; next try in %.0fs", res.waiting_for_key, self._key_wait)
@@ -495,8 +546,9 @@ class Archiver:
             self._schedule(max(self.interval, 1.0))
             return
         self._key_wait = 0.0
-        busy = res.archived + res.failed + res.unrouted
         self.status_text = "archiving" if busy else "idle"
+        if res.waiting_for_key:
+            self.status_text += f"; some mail waits for a key: {res.waiting_for_key}"
         self._schedule(0 if busy >= self.pipeline.batch_size else self.interval)
 
     def _crashed(self, f) -> None:

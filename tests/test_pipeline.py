@@ -1,0 +1,76 @@
+"""The archiver's pipeline on a real spool and store, without a daemon:
+a tenant whose key cannot be had holds back only its own mail."""
+
+import os
+
+from mailtresor.archiver import Pipeline, Router
+from mailtresor.config import Tenant
+from mailtresor.keys import KeyMaterial, KeyRing
+from mailtresor.spool import Envelope, Spool
+from mailtresor.store import Keys, Store
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def msg(n: int, to: str) -> bytes:
+    return (f"From: a@elsewhere.example\r\nTo: {to}\r\nSubject: message {n}\r\n"
+            f"Date: Thu, 22 Aug 2002 10:00:00 +0000\r\nMessage-ID: <{n}@elsewhere.example>\r\n\r\n"
+            f"body {n}\r\n").encode()
+
+
+def test_a_missing_tenant_key_holds_back_only_that_tenants_mail(tmp_path):
+    ring = KeyRing()
+    for name in ("spool", "tenant.acme", "seal"):
+        ring.put(KeyMaterial(name, 1, os.urandom(32)), current=True)      # no tenant.globex
+    clock = Clock()
+    spool = Spool(tmp_path / "spool", ring, max_tries=2, sync="fsync")
+    store = Store(tmp_path / "store")
+    pipe = Pipeline(spool, store, Keys(ring), Router([Tenant("acme", ("acme.example",)),
+                                                      Tenant("globex", ("globex.example",))]),
+                    seal_seed=lambda: b"s" * 32, batch_size=4, clock=clock)
+    kinds = {}
+    for n in range(12):
+        to = ("b@acme.example", "c@globex.example", "b@acme.example, c@globex.example")[n % 3]
+        w = spool.open_writer(0)
+        w.write(msg(n, to))
+        eid = w.commit(Envelope(source="relay", mail_from="a@elsewhere.example",
+                                rcpt_to=[a.strip() for a in to.split(",")])).result()
+        kinds[eid] = n % 3
+    try:
+        results = []
+        for _ in range(10):                       # bounded: 12 entries, 4 a batch
+            r = pipe.run_batch()
+            results.append(r)
+            if not r.archived and not r.deferred:
+                break
+        # Every acme-only entry is done; the others wait in the spool,
+        # with no try counted, and were not picked again before their time.
+        left = set(spool.ready())
+        assert left == {e for e, k in kinds.items() if k != 0}
+        assert os.listdir(spool.tries_dir) == [] and os.listdir(spool.bad_dir) == []
+        assert sum(r.deferred for r in results) == 8 and "tenant.globex" in results[0].waiting_for_key
+        assert pipe.run_batch().archived == 0     # nothing due yet
+        acme = sum(store.shard("acme", m).count() for m in store.months("acme"))
+        assert acme == 8                          # the four shared messages' acme copies too
+        assert store.months("globex") == []
+
+        # The key comes; once the wait is over everything is archived, the
+        # shared messages' acme copies are not stored twice.
+        ring.put(KeyMaterial("tenant.globex", 1, os.urandom(32)), current=True)
+        clock.now += 61
+        for _ in range(10):
+            if not pipe.run_batch().archived:
+                break
+        assert spool.ready() == []
+        assert sum(store.shard("acme", m).count() for m in store.months("acme")) == 8
+        assert sum(store.shard("globex", m).count() for m in store.months("globex")) == 8
+        assert pipe.totals.archived == 12 and pipe.totals.failed == 0
+    finally:
+        store.close()
+        spool.close()
