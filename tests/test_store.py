@@ -314,6 +314,34 @@ def test_seal_by_another_key_is_reported(tmp_path, keys):
     st.close()
 
 
+def test_seals_by_every_version_of_the_seal_key_verify(tmp_path, keys):
+    """After a seal key rotation the older seals still verify (verify is
+    given every version's public key); a foreign key's seal does not."""
+    from mailtresor.store import FetchingKeys, Item
+    st, shard, ids = filled(tmp_path, keys)
+    v1, v2 = os.urandom(32), os.urandom(32)
+    shard.seal(v1)
+    raw = b"Subject: after the rotation\r\n\r\nx\r\n"
+    st.store("acme", [Item(aid=keys.archive_id("acme", raw), month="2002-08", raw=raw, envelope_key="e9",
+                           envelope={"source": "relay"}, summary={})], keys)
+    shard = st.shard("acme", "2002-08")
+    shard.seal(v2)
+    both = [crypto.ed25519_public(v1), crypto.ed25519_public(v2)]
+    assert problems(shard, keys, both) == []
+    assert problems(shard, keys, both[1]) == ["acme/2002-08: seal 1 was made with another key"]
+    # The CLI's key source: every version the control endpoint has, oldest first.
+    ring = KeyRing()
+    fetched = []
+
+    def fetch(name, version):
+        fetched.append((name, version))
+        seed = {1: v1, 2: v2}[version or 2]
+        return KeyMaterial(name, version or 2, seed)
+    assert FetchingKeys(ring, fetch).seal_seeds() == [v1, v2]
+    assert fetched == [("seal", None), ("seal", 1)]
+    st.close()
+
+
 def test_tombstone_keeps_the_chain_valid(tmp_path, keys):
     st, shard, ids = filled(tmp_path, keys)
     assert shard.delete(ids[0], "retention expired")

@@ -267,7 +267,7 @@ def cmd_verify(cfg, args) -> int:
     tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
     keys = _keys(cfg)
     try:
-        seal_public = crypto.ed25519_public(keys.seal_seed())
+        seal_public = {crypto.ed25519_public(seed) for seed in keys.seal_seeds()}
     except _key_errors()[0] as e:
         raise UserError(f"cannot get the seal key to check seals against: {e}")
     store = Store(a.directory, readonly=True)

@@ -30,6 +30,10 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 import lmdb
 
@@ -222,6 +226,18 @@ class FetchingKeys(Keys):
             self.ring.put(self.fetch(SEAL_KEY, None), current=True)
             cur = self.ring.current(SEAL_KEY)
         return cur[1]
+
+    def seal_seeds(self) -> list[bytes]:
+        """Every version of the seal key, oldest first: seals made before a
+        rotation stay verifiable."""
+        self.seal_seed()
+        version = self.ring.current(SEAL_KEY)[0]
+        out = []
+        for v in range(1, version + 1):
+            if self.ring.get(SEAL_KEY, v) is None:
+                self.ring.put(self.fetch(SEAL_KEY, v))
+            out.append(self.ring.get(SEAL_KEY, v))
+        return out
 
     def forget(self) -> None:
         self._cache.clear()
@@ -534,11 +550,15 @@ class Problem:
         return f"{self.shard}: " + (f"{self.aid}: " if self.aid else "") + self.what
 
 
-def verify_shard(shard: Shard, keys: Keys | None, seal_public: bytes | None) -> tuple[list[Problem], set[str]]:
+def verify_shard(shard: Shard, keys: Keys | None,
+                 seal_public: bytes | Iterable[bytes] | None) -> tuple[list[Problem], set[str]]:
     """Check the chain's links, every record and metadata blob against the
     chain, every record's SHA-256 (when `keys` is given), and every seal
-    (against `seal_public` when given).  Returns the problems and the set of
-    live ids (for the caller's index check)."""
+    (made by one of the public keys `seal_public`, when given: every
+    version of the appliance's seal key).  Returns the problems and the set
+    of live ids (for the caller's index check)."""
+    publics = None if seal_public is None else (
+        {seal_public} if isinstance(seal_public, bytes) else set(seal_public))
     name = f"{shard.tenant}/{shard.month}"
     problems: list[Problem] = []
     live_add: dict[bytes, bytes] = {}          # id -> digest of its record, per the chain
@@ -616,7 +636,7 @@ def verify_shard(shard: Shard, keys: Keys | None, seal_public: bytes | None) -> 
         if hashes[s.seq] != s.head:
             problems.append(Problem(name, "", f"seal {number} does not match chain entry {s.seq} "
                                               "(chain rewritten)"))
-        if seal_public is not None and not hmac.compare_digest(s.public_key, seal_public):
+        if publics is not None and not any(hmac.compare_digest(s.public_key, k) for k in publics):
             problems.append(Problem(name, "", f"seal {number} was made with another key"))
         try:
             crypto.ed25519_verify(s.public_key, s.signature,
