@@ -74,3 +74,43 @@ def test_a_missing_tenant_key_holds_back_only_that_tenants_mail(tmp_path):
     finally:
         store.close()
         spool.close()
+
+
+def test_an_implausible_date_is_replaced_by_the_arrival_time(tmp_path):
+    """A Date: in 2099 (or before 1970) would sort first (last) for ever and
+    sit in a shard of its own: the archive uses the arrival time instead,
+    for the shard, the date order and date: searches; the listing still
+    shows the header's date."""
+    from mailtresor import index
+    ring = KeyRing()
+    for name in ("spool", "tenant.acme", "seal"):
+        ring.put(KeyMaterial(name, 1, os.urandom(32)), current=True)
+    spool = Spool(tmp_path / "spool", ring, sync="fsync")
+    store = Store(tmp_path / "store")
+    keys = Keys(ring)
+    pipe = Pipeline(spool, store, keys, Router([Tenant("acme", ("acme.example",))]), batch_size=10)
+    arrival = 1_030_010_400.0                                   # 2002-08-22
+    dates = {"future": "Thu, 01 Jan 2099 00:00:00 +0000", "old": "Mon, 01 Jan 1960 00:00:00 +0000",
+             "fine": "Wed, 21 Aug 2002 09:00:00 +0000"}
+    for tag, date in dates.items():
+        raw = (f"From: a@elsewhere.example\r\nTo: b@acme.example\r\nSubject: {tag}\r\nDate: {date}\r\n"
+               f"Message-ID: <{tag}@x>\r\n\r\nbody\r\n").encode()
+        w = spool.open_writer(0)
+        w.write(raw)
+        w.commit(Envelope(source="relay", mail_from="a@elsewhere.example", rcpt_to=["b@acme.example"],
+                          received_at=arrival)).result()
+    try:
+        assert pipe.run_batch().archived == 3
+        assert store.months("acme") == ["2002-08"]
+        paths = store.index_paths("acme", ["2002-08"])
+        total, hits = index.search(paths, "", limit=10)
+        by_tag = {store.listing("acme", "2002-08", h.archive_id, h.listing, keys)["subject"]: h for h in hits}
+        assert by_tag["future"].date == arrival and by_tag["old"].date == arrival
+        assert by_tag["fine"].date == 1_029_920_400.0
+        assert [h.archive_id for h in hits][-1] == by_tag["fine"].archive_id      # newest first
+        assert index.search(paths, "date:2099", limit=10)[0] == 0
+        listing = store.listing("acme", "2002-08", by_tag["future"].archive_id, by_tag["future"].listing, keys)
+        assert listing["date"] == 4070908800.0                # what the header says
+    finally:
+        store.close()
+        spool.close()

@@ -25,7 +25,7 @@ from .index import ShardIndex
 from .keys import KeyUnavailable, control_fetcher
 from .spool import KeyNotHeld, SpoolCorrupt
 from .store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
-                    month_of, seal_listing)
+                    effective_date, month_of, seal_listing)
 
 log = logging.getLogger("mailtresor.archiver")
 
@@ -379,7 +379,7 @@ class Pipeline:
                     for o, p in docs:
                         addrs, env_only, tags = index_terms(o.meta, p.parsed)
                         w.add(o.aid, p.parsed, envelope=addrs, envelope_only=env_only, tags=tags,
-                              date=p.parsed.date if p.parsed.date is not None else p.envelope.get("received_at", 0.0),
+                              date=effective_date(p.parsed.date, p.envelope.get("received_at") or o.meta["first_seen"]),
                               size=len(p.raw),
                               listing=seal_listing(o.meta.get("summary") or {}, tenant, o.month,
                                                    bytes.fromhex(o.aid), self.keys))

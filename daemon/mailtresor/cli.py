@@ -342,13 +342,20 @@ def _check_timestamps(shard, ca_file) -> list[str]:
     return out
 
 
+def _arrival(meta: dict) -> float:
+    """When a record's message first arrived: its earliest envelope's
+    received_at, else when it was first stored."""
+    times = [e.get("received_at") for e in meta.get("envelopes", {}).values() if e.get("received_at")]
+    return min(times) if times else float(meta.get("first_seen") or 0.0)
+
+
 def cmd_reindex(cfg, args) -> int:
     import shutil
 
     from . import index, parse
     from .archiver import index_terms
     from .index import ShardIndex
-    from .store import Store, seal_listing
+    from .store import Store, effective_date, seal_listing
     a = _archive_cfg(cfg)
     tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
     keys = _keys(cfg)
@@ -373,7 +380,7 @@ def cmd_reindex(cfg, args) -> int:
                                 p = parse.parse_message(raw)
                                 addrs, env_only, tags = index_terms(meta, p)
                                 w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
-                                      date=p.date if p.date is not None else meta.get("first_seen", 0.0),
+                                      date=effective_date(p.date, _arrival(meta)),
                                       size=len(raw),
                                       listing=seal_listing(meta.get("summary") or {}, t, m,
                                                            bytes.fromhex(aid), keys))

@@ -81,13 +81,19 @@ def tenant_key_name(tenant: str) -> str:
     return f"tenant.{tenant}"
 
 
-def month_of(date: float | None, received_at: float) -> str:
-    """The shard a message goes to: its Date: month when that is plausible
-    (1970 .. a day after arrival), else the arrival month (UTC)."""
-    t = received_at
+def effective_date(date: float | None, received_at: float) -> float:
+    """A message's date for the archive (its shard, its place in date order,
+    `date:` searches): the Date: header when that is plausible (1970 .. a
+    day after arrival), else the arrival time.  A spam Date: of 2099 must
+    not sort first for ever."""
     if date is not None and 0 <= date <= received_at + 86400:
-        t = date
-    return time.strftime("%Y-%m", time.gmtime(t))
+        return date
+    return received_at
+
+
+def month_of(date: float | None, received_at: float) -> str:
+    """The shard a message goes to: the month (UTC) of its effective_date."""
+    return time.strftime("%Y-%m", time.gmtime(effective_date(date, received_at)))
 
 
 def chain_hash(seq: int, op: int, aid: bytes, digest: bytes, when: float, prev: bytes) -> bytes:
