@@ -161,9 +161,9 @@ class Pipeline:
         self.parser = parser
         self.parse_timeout = parseworker.PARSE_TIMEOUT
         self._ahead: dict[str, tuple[object, Future]] = {}
-        # Entries that wait for a tenant's key, and when to try them again:
+        # Entries that wait for a tenant's key -> when to try them again:
         # they stay in the spool (no try counted) while the other tenants'
-        # mail goes on.  tenant -> seconds to wait before its next try.
+        # mail goes on.  And per such tenant, the current wait in seconds.
         self._deferred: dict[str, float] = {}
         self._key_waits: dict[str, float] = {}
 
