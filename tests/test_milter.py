@@ -43,6 +43,15 @@ class MilterRig:
             self.stack.start()
         self.pf.start()
 
+    def start_daemon_without_key(self):
+        """The daemon with no control endpoint to ask: its milter socket is
+        there, but it holds no spool key."""
+        self.stack.start_daemon(wait_ready=False)
+        deadline = time.monotonic() + 10
+        while not self.stack.milter_socket.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
     def smtp(self, tls=True):
         s = smtplib.SMTP("127.0.0.1", self.pf.smtpd_port, timeout=60)
         s.ehlo("client.test")
@@ -135,11 +144,7 @@ def test_no_key_tempfails_then_flows():
     once the control endpoint answers, the same mail is accepted."""
     r = MilterRig(start_control=False)
     try:
-        r.stack.start_daemon(wait_ready=False)
-        deadline = time.monotonic() + 10
-        while not r.stack.milter_socket.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        r.start_daemon_without_key()
         # The milter tempfails at connect; Postfix then greets with 421.
         with pytest.raises(smtplib.SMTPConnectError) as e:
             r.smtp()
@@ -184,11 +189,7 @@ def test_on_failure_accept_decides_per_message_not_per_connection():
     the next one on the same connection, once the key is there, is archived."""
     r = MilterRig({"milter": {"on_failure": "accept"}}, start_control=False)
     try:
-        r.stack.start_daemon(wait_ready=False)
-        deadline = time.monotonic() + 10
-        while not r.stack.milter_socket.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        r.start_daemon_without_key()
         with r.smtp() as s:
             assert s.sendmail("a@globex.example", ["b@acme.example"], b"Subject: first\r\n\r\n1\r\n") == {}
             assert r.stack.spool_ids() == []

@@ -318,30 +318,27 @@ def seal_listing(summary: dict, tenant: str, month: str, aid: bytes, keys: Keys)
 def open_listing(blob: bytes, tenant: str, month: str, aid: bytes, keys: Keys) -> dict:
     """The listing fields of one search hit; RecordCorrupt if the blob is
     not one, or does not decrypt for this tenant, shard and id."""
-    if len(blob) < _META_HEAD.size or blob[:4] != LISTING_MAGIC:
-        raise RecordCorrupt("not a listing blob (bad magic)")
-    _, fmt, version = _META_HEAD.unpack_from(blob)
-    if fmt != FORMAT:
-        raise RecordCorrupt(f"listing format {fmt} is not supported")
-    try:
-        body = crypto.open_blob(keys.store_key(tenant, version), blob[_META_HEAD.size:],
-                                _aad(b"listing", tenant, month, aid, blob[:_META_HEAD.size]))
-    except crypto.DecryptionError:
-        raise RecordCorrupt("listing does not decrypt (altered, or not this tenant's)") from None
-    return json.loads(body)
+    return _open_json(blob, LISTING_MAGIC, b"listing", "listing", tenant, month, aid, keys)
 
 
 def open_meta(blob: bytes, tenant: str, month: str, aid: bytes, keys: Keys) -> dict:
-    if len(blob) < _META_HEAD.size or blob[:4] != META_MAGIC:
-        raise RecordCorrupt("not a metadata blob (bad magic)")
+    return _open_json(blob, META_MAGIC, b"meta", "metadata", tenant, month, aid, keys)
+
+
+def _open_json(blob: bytes, magic: bytes, kind: bytes, what: str, tenant: str, month: str, aid: bytes,
+               keys: Keys) -> dict:
+    """A metadata or listing blob: header (magic, format, key version),
+    then the AEAD-sealed JSON document."""
+    if len(blob) < _META_HEAD.size or blob[:4] != magic:
+        raise RecordCorrupt(f"not a {what} blob (bad magic)")
     _, fmt, version = _META_HEAD.unpack_from(blob)
     if fmt != FORMAT:
-        raise RecordCorrupt(f"metadata format {fmt} is not supported")
+        raise RecordCorrupt(f"{what} format {fmt} is not supported")
     try:
         body = crypto.open_blob(keys.store_key(tenant, version), blob[_META_HEAD.size:],
-                                _aad(b"meta", tenant, month, aid, blob[:_META_HEAD.size]))
+                                _aad(kind, tenant, month, aid, blob[:_META_HEAD.size]))
     except crypto.DecryptionError:
-        raise RecordCorrupt("metadata does not decrypt (altered, or not this tenant's)") from None
+        raise RecordCorrupt(f"{what} does not decrypt (altered, or not this tenant's)") from None
     return json.loads(body)
 
 
