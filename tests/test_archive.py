@@ -48,6 +48,16 @@ def search(stack, tenant, query, check=0) -> list[dict]:
     return json.loads(p.stdout)["results"] if p.returncode == 0 else []
 
 
+def archive_then_stop(stack, subject: str, n: int) -> None:
+    """n messages to acme ("SUBJECT 0", ...) through the relay, archived,
+    then the daemon stopped (its shards sealed) for the test to work on."""
+    with stack.smtp() as s:
+        for i in range(n):
+            s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"{subject} {i}"))
+    wait_archived(stack)
+    stack.stop_daemon()
+
+
 @pytest.fixture
 def arch(tmp_path):
     s = Stack(tmp_path / "stack", ON)
@@ -211,11 +221,7 @@ def test_cli_user_errors(arch):
 
 
 def test_tamper_is_reported_by_verify(arch):
-    with arch.smtp() as s:
-        for i in range(5):
-            s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"Tamper {i}"))
-    wait_archived(arch)
-    arch.stop_daemon()
+    archive_then_stop(arch, "Tamper", 5)
     keys = keys_of(arch)
     st = Store(arch.cfg.archive.directory)
     shard = st.shard("acme", "2002-08")
@@ -240,11 +246,7 @@ def test_tamper_is_reported_by_verify(arch):
 
 
 def test_index_gap_is_reported_and_mended(arch):
-    with arch.smtp() as s:
-        for i in range(3):
-            s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"Indexed {i}"))
-    wait_archived(arch)
-    arch.stop_daemon()
+    archive_then_stop(arch, "Indexed", 3)
     shutil.rmtree(arch.cfg.archive.directory / "acme" / "2002-08" / "xapian")
     p = cli(arch, "verify", "--tenant", "acme", check=1)
     assert p.stdout.count(b"not in the index") == 3
@@ -274,11 +276,7 @@ def _rewrite_index_data(index_dir, change) -> list[str]:
 
 
 def test_search_lists_from_the_index_and_checks_it(arch):
-    with arch.smtp() as s:
-        for i in range(3):
-            s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"Listed {i}"))
-    wait_archived(arch)
-    arch.stop_daemon()
+    archive_then_stop(arch, "Listed", 3)
     want = {h["id"]: h for h in search(arch, "acme", "subject:listed")}
     assert sorted(h["subject"] for h in want.values()) == ["Listed 0", "Listed 1", "Listed 2"]
     index_dir = arch.cfg.archive.directory / "acme" / "2002-08" / "xapian"
