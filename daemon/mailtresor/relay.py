@@ -148,7 +148,7 @@ class Gate:
     def __init__(self, connectors):
         self.connectors = [Connector(c.name, tuple(ipaddress.ip_network(n, strict=False) for n in c.networks),
                                      c.client_cert, tuple(c.client_cert_names), c.tenant,
-                                     frozenset(r.lower() for r in getattr(c, "recipients", ())))
+                                     frozenset(r.lower() for r in c.recipients))
                            for c in connectors]
 
     def may_connect(self, address: str) -> bool:
