@@ -25,7 +25,7 @@ all: deps
 # Installing postfix must neither ask questions nor start the system
 # instance: preseed "No configuration" and forbid service starts through
 # policy-rc.d for the duration of the install only.
-$(VENV)/.deps: Makefile setup.cfg
+$(VENV)/.deps: Makefile setup.cfg daemon/bin/mailtresor
 	@missing=""; for p in $(RUNTIME_DEBS) $(DEV_DEBS); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
 	done; \
@@ -42,6 +42,10 @@ $(VENV)/.deps: Makefile setup.cfg
 	fi
 	@[ -x $(VPY) ] || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(VPY) -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null
+	@# The command, as /usr/bin/mailtresor in the package, with the venv's python and the checkout's modules.
+	@sed -e '1s|^#!.*python3|#!$(CURDIR)/$(VPY)|' -e 's|"/usr/lib/python3/dist-packages"|"$(CURDIR)/daemon"|' \
+	  daemon/bin/mailtresor > $(VENV)/bin/mailtresor
+	@chmod 755 $(VENV)/bin/mailtresor
 	@touch $@
 
 deps: $(VENV)/.deps

@@ -129,6 +129,7 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
     import subprocess
     import sys
     import time
+    from pathlib import Path
 
     from mailtresor.archiver import FetchingKeys, control_fetcher
     from mailtresor.keys import KeyRing
@@ -160,9 +161,11 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
         finally:
             store.close()
 
+        # The `mailtresor` command as installed: the running daemon answers.
+        command = [str(Path(sys.executable).parent / "mailtresor"), "--config", str(st.config_path)]
+
         def search(tenant, query):
-            p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(st.config_path),
-                                "search", "--json", "--limit", "10000", "--tenant", tenant, query],
+            p = subprocess.run([*command, "search", "--json", "--limit", "10000", "--tenant", tenant, query],
                                cwd=REPO, capture_output=True, timeout=120)
             assert p.returncode == 0, p.stderr
             return {h["id"] for h in json.loads(p.stdout)["results"]}
@@ -172,6 +175,8 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
             p = parse_message(m)
             for tenant in ("acme", "globex"):
                 aid = keys.archive_id(tenant, m)
+                shown = subprocess.run([*command, "show", "--tenant", tenant, aid], capture_output=True, timeout=120)
+                assert (shown.returncode, shown.stdout) == (0, m), shown.stderr
                 words = [w for w in p.subject.split() if w.isalpha() and len(w) > 4][:2]
                 if words:
                     assert aid in search(tenant, " ".join(f"subject:{w}" for w in words)), (p.subject, tenant)
@@ -188,6 +193,7 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
                 if checked["attachment"] >= 10:
                     break
         assert checked["subject"] > 40 and checked["from"] > 60 and checked["attachment"] >= 5, checked
+        assert st.log().count("mailtresor.query: query socket: uid 0") >= sum(checked.values())
     finally:
         rig.close()
 

@@ -5,6 +5,7 @@ import email
 import email.header
 import email.policy
 import email.utils
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -809,3 +810,33 @@ def test_bare_address_shortcut_agrees_with_getaddresses():
     assert shortcut > 2000           # the corpus's addresses do take the shortcut
     for odd in ("a@b@c", '"q"@example.com', "a b@c", "x@[127.0.0.1]", "(c)a@b"):
         assert not index._BARE_ADDRESS.fullmatch(odd)
+
+
+def test_readers_keep_shards_open_and_see_new_commits_and_rebuilds(tmp_path):
+    """index.Readers (the daemon's query socket): a reader given back is
+    used again, brought up to the newest commit; an index rebuilt in a new
+    directory (`reindex`) is opened afresh; at most `limit` stay open."""
+    paths = [tmp_path / f"s{k}" for k in range(3)]
+    for k, p in enumerate(paths):
+        add(ShardIndex(p), f"s{k}m0", msg(subject="first"), date=utc(2002, 1, 1))
+    readers = index.Readers(limit=2)
+    total, hits = index.search(paths, "first", readers=readers)
+    assert total == 3 and readers.open_count() == 2          # the least recently used one closed
+    kept = readers.take(paths[2])
+    readers.give(paths[2], kept)
+    # New commits in a shard whose reader is cached: seen by the next search.
+    add(ShardIndex(paths[2]), "s2m1", msg(subject="second"), date=utc(2002, 1, 2))
+    assert [h.archive_id for h in index.search(paths, "second", readers=readers)[1]] == ["s2m1"]
+    again = readers.take(paths[2])
+    assert again is kept                                     # reused, not opened again
+    readers.give(paths[2], again)
+    # Rebuilt from nothing, as `reindex` does: the old reader is not reused.
+    shutil.rmtree(paths[2])
+    add(ShardIndex(paths[2]), "s2new", msg(subject="rebuilt"), date=utc(2002, 1, 3))
+    ids = [h.archive_id for h in index.search(paths, "rebuilt OR second OR first", readers=readers)[1]]
+    assert ids[0] == "s2new" and sorted(ids[1:]) == ["s0m0", "s1m0"]
+    # Removed altogether: skipped like a month without mail.
+    shutil.rmtree(paths[1])
+    assert index.search(paths, "first", readers=readers)[0] == 1
+    readers.close()
+    assert readers.open_count() == 0

@@ -543,7 +543,8 @@ def _deb_files(deb: Path) -> set[str]:
 @pytest.mark.slow
 def test_deb_contents(built_deb):
     files = _deb_files(built_deb)
-    for path in ("/usr/bin/mailtresord", "/usr/bin/mailtresor-control", "/etc/mailtresor/mailtresor.toml",
+    for path in ("/usr/bin/mailtresord", "/usr/bin/mailtresor-control", "/usr/bin/mailtresor",
+                 "/etc/mailtresor/mailtresor.toml",
                  "/usr/lib/sysusers.d/mailtresor.conf", "/usr/lib/tmpfiles.d/mailtresor.conf",
                  "/usr/share/doc/mailtresor/README.Debian", "/usr/share/doc/mailtresor/copyright",
                  "/usr/share/doc/mailtresor/examples/postfix-main.cf",
@@ -568,6 +569,11 @@ def test_deb_contents(built_deb):
         shipped = next(p for p in (x / "lib/systemd/system" / unit, x / "usr/lib/systemd/system" / unit)
                        if p.exists())
         assert shipped.read_bytes() == (PACKAGING / unit).read_bytes()
+    # The command is daemon/bin/mailtresor as it is: python3 -IS (dh_python3
+    # left its #! line alone), and it finds the package where pybuild put it.
+    assert (x / "usr/bin/mailtresor").read_bytes() == (REPO / "daemon/bin/mailtresor").read_bytes()
+    assert os.access(x / "usr/bin/mailtresor", os.X_OK)
+    assert (x / "usr/lib/python3/dist-packages/mailtresor/launch.py").is_file()
     # Control data: conffile, dependencies = the Makefile's RUNTIME_DEBS.
     r = run(["dpkg-deb", "-f", str(built_deb), "Depends", "Architecture"])
     fields = dict(line.split(": ", 1) for line in r.stdout.splitlines())

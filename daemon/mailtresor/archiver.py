@@ -12,6 +12,7 @@ result.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future
@@ -504,6 +505,10 @@ class Archiver:
                                  timestamper=make_timestamper(a.tsa_url, a.tsa_ca_file),
                                  batch_size=a.batch_size, parser=make_parser(a.parse_processes))
         self.interval = a.interval
+        # Held by a batch, and by the daemon's query socket while it reads
+        # the store: an LMDB environment must not be open twice in one
+        # process, so both use self.store, one at a time.
+        self.store_lock = threading.Lock()
         self.pool = ThreadPool(1, 1, name="archiver")
         self._call = None
         self._running = None
@@ -525,8 +530,12 @@ class Archiver:
         self._call = None
         if self._stopped:
             return
-        self._running = threads.deferToThreadPool(self.reactor, self.pool, self.pipeline.run_batch)
+        self._running = threads.deferToThreadPool(self.reactor, self.pool, self._batch)
         self._running.addCallbacks(self._after, self._crashed)
+
+    def _batch(self) -> BatchResult:
+        with self.store_lock:
+            return self.pipeline.run_batch()
 
     def _after(self, res: BatchResult) -> None:
         self._running = None
@@ -578,10 +587,11 @@ class Archiver:
         return d.addBoth(sealed).addBoth(done)
 
     def _close(self) -> None:
-        try:
-            self.pipeline.seal_all()
-        finally:
-            self.store.close()
+        with self.store_lock:
+            try:
+                self.pipeline.seal_all()
+            finally:
+                self.store.close()
             if self.pipeline.parser is not None:
                 self.pipeline.parser.close()
 

@@ -8,6 +8,7 @@ print one line naming the problem and exit non-zero; no tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -69,6 +70,7 @@ def daemon_status(cfg) -> dict:
         doc["milter"] = published.get("milter")
         doc["relay_processes"] = published.get("relay_processes")
         doc["archiver"] = published.get("archive")
+        doc["query_socket"] = published.get("query_socket")
     spool = cfg.spool.directory
     names = sorted(n for n in _list(spool / "new") if not n.startswith("."))
     doc["spool"] = {"directory": str(spool), "ready": len(names),
@@ -129,6 +131,10 @@ def cmd_status(cfg, args) -> int:
         print(f"spool:    {sp['ready']} ready, {sp['in_progress']} being written, "
               f"{sp['set_aside']} set aside, {sp['unrouted']} unrouted ({sp['directory']})"
               + (f"; oldest waits {sp['archive_lag_seconds']}s" if "archive_lag_seconds" in sp else ""))
+        if doc.get("query_socket"):
+            q = doc["query_socket"]
+            print(f"queries:  {q['path']} ({'listening' if q['listening'] else 'not listening'}; "
+                  f"{q['answered']} answered since start)")
         if doc.get("archiver"):
             ar = doc["archiver"]
             print(f"archiver: {ar.get('state')}: {ar.get('archived')} archived, {ar.get('stored')} stored, "
@@ -188,38 +194,96 @@ def _iso(t) -> str:
 
 # --- search / show ------------------------------------------------------------------
 
-def cmd_search(cfg, args) -> int:
+class Session:
+    """Where `search` and `show` read and write.
+
+    This one is the command's own process: output to stdout and stderr,
+    the store opened read-only, keys fetched from the control endpoint.
+    When the daemon runs, the `mailtresor` launcher asks it instead, over
+    its query socket (mailtresor.query): there the same commands run with
+    the daemon's keys, its open indexes and, behind the archiver's lock,
+    its store, and their output is sent back."""
+
+    readers = None          # an index.Readers in a process that searches again and again
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._keys = None
+        self._store = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+
+    def write_bytes(self, data: bytes) -> None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def keys(self):
+        if self._keys is None:
+            self._keys = _keys(self.cfg)
+        return self._keys
+
+    def root(self):
+        """A Store for what needs no environment open (months, index paths)."""
+        return self._open_store()
+
+    @contextlib.contextmanager
+    def store(self):
+        """The store, for reading records, metadata and the catalog."""
+        yield self._open_store()
+
+    def _open_store(self):
+        if self._store is None:
+            from .store import Store
+            self._store = Store(_archive_cfg(self.cfg).directory, readonly=True)
+        return self._store
+
+
+def cmd_search(cfg, args, session: Session | None = None) -> int:
     from . import index
-    from .store import Store
-    a = _archive_cfg(cfg)
-    tenant = _tenant(cfg, args.tenant)
-    query = " ".join(args.query)
-    try:
-        prepared = index.prepare(query)
-    except index.QueryError as e:
-        raise UserError(f"bad query: {e}", EXIT_USAGE)
-    store = Store(a.directory, readonly=True)
-    try:
-        months = _months_in(store.months(tenant, check=False), prepared.bounds)
-        paths = store.index_paths(tenant, months)
-        total, hits = index.search(paths, prepared, offset=args.offset, limit=args.limit, order=args.order)
-        keys = _keys(cfg)
+    from .store import index_listing
+    _archive_cfg(cfg)
+    with session or Session(cfg) as s:
+        tenant = _tenant(cfg, args.tenant)
+        query = " ".join(args.query)
+        try:
+            prepared = index.prepare(query)
+        except index.QueryError as e:
+            raise UserError(f"bad query: {e}", EXIT_USAGE)
+        root = s.root()
+        months = _months_in(root.months(tenant, check=False), prepared.bounds)
+        total, hits = index.search(root.index_paths(tenant, months), prepared, offset=args.offset,
+                                   limit=args.limit, order=args.order, readers=s.readers)
+        keys = s.keys() if hits else None
         rows = []
         for h in hits:
-            month = Path(h.shard_path).parent.name
-            sm = store.listing(tenant, month, h.archive_id, h.listing, keys)
+            month = os.path.basename(os.path.dirname(h.shard_path))
+            sm = index_listing(h.listing, tenant, month, h.archive_id, keys)
+            if sm is None:
+                with s.store() as store:
+                    sm = store.stored_listing(tenant, month, h.archive_id, keys)
             rows.append({"id": h.archive_id, "shard": f"{tenant}/{month}",
                          "date": sm.get("date") if sm.get("date") is not None else h.date,
                          "from": sm.get("from", ""), "subject": sm.get("subject", ""),
                          "size": sm.get("size", h.size), "message_id": sm.get("message_id", "")})
-    finally:
-        store.close()
-    if args.json:
-        print(json.dumps({"total": total, "results": rows}, indent=1, ensure_ascii=False))
-    else:
-        for r in rows:
-            print(f"{r['id']}  {_iso(r['date'])}  {_clip(r['from'], 32):32}  {_clip(r['subject'], 80)}")
-        print(f"{len(rows)} of about {total} message(s)", file=sys.stderr)
+        if args.json:
+            s.write(json.dumps({"total": total, "results": rows}, indent=1, ensure_ascii=False) + "\n")
+        else:
+            s.write("".join(f"{r['id']}  {_iso(r['date'])}  {_clip(r['from'], 32):32}  {_clip(r['subject'], 80)}\n"
+                            for r in rows))
+            s.note(f"{len(rows)} of about {total} message(s)")
     return 0
 
 
@@ -228,33 +292,33 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
-def cmd_show(cfg, args) -> int:
-    from .store import Store
-    a = _archive_cfg(cfg)
-    tenant = _tenant(cfg, args.tenant)
-    aid = args.id.lower()
-    if len(aid) != 40 or any(c not in "0123456789abcdef" for c in aid):
-        raise UserError(f"{args.id!r} is not an archive id (40 hex digits, as `search` prints)", EXIT_USAGE)
-    store = Store(a.directory, readonly=True)
-    try:
-        month = store.locate(tenant, aid)
-        if month is None:
-            raise UserError(f"no message {aid} in the archive of {tenant}")
-        raw, meta = store.shard(tenant, month).get(aid, _keys(cfg))
-    finally:
-        store.close()
-    if args.envelope:
-        print(json.dumps({"id": aid, "tenant": tenant, "shard": f"{tenant}/{month}",
-                          "summary": meta.get("summary"), "first_seen": meta.get("first_seen"),
-                          "envelopes": meta.get("envelopes")}, indent=1, ensure_ascii=False))
-        return 0
-    if args.headers:
-        end = raw.find(b"\r\n\r\n")
-        end2 = raw.find(b"\n\n")
-        cut = min(x for x in (end if end >= 0 else len(raw), end2 if end2 >= 0 else len(raw)))
-        raw = raw[:cut] + (b"\r\n" if raw[cut:cut + 1] == b"\r" else b"\n")
-    sys.stdout.buffer.write(raw)
-    sys.stdout.buffer.flush()
+def cmd_show(cfg, args, session: Session | None = None) -> int:
+    _archive_cfg(cfg)
+    with session or Session(cfg) as s:
+        tenant = _tenant(cfg, args.tenant)
+        aid = args.id.lower()
+        if len(aid) != 40 or any(c not in "0123456789abcdef" for c in aid):
+            raise UserError(f"{args.id!r} is not an archive id (40 hex digits, as `search` prints)", EXIT_USAGE)
+        with s.store() as store:
+            # Asked first: the daemon's store, which the archiver writes,
+            # would create a catalog where there is none.
+            if not store.has_archive(tenant):
+                raise UserError(f"no archive for tenant {tenant}")
+            month = store.locate(tenant, aid)
+            if month is None:
+                raise UserError(f"no message {aid} in the archive of {tenant}")
+            raw, meta = store.shard(tenant, month).get(aid, s.keys())
+        if args.envelope:
+            s.write(json.dumps({"id": aid, "tenant": tenant, "shard": f"{tenant}/{month}",
+                                "summary": meta.get("summary"), "first_seen": meta.get("first_seen"),
+                                "envelopes": meta.get("envelopes")}, indent=1, ensure_ascii=False) + "\n")
+            return 0
+        if args.headers:
+            end = raw.find(b"\r\n\r\n")
+            end2 = raw.find(b"\n\n")
+            cut = min(x for x in (end if end >= 0 else len(raw), end2 if end2 >= 0 else len(raw)))
+            raw = raw[:cut] + (b"\r\n" if raw[cut:cut + 1] == b"\r" else b"\n")
+        s.write_bytes(raw)
     return 0
 
 
@@ -656,8 +720,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mailtresor", description="mailtresor archive administration")
+def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
+    p = (parser_class or _Parser)(prog="mailtresor", description="mailtresor archive administration")
     p.add_argument("--config", help=f"configuration file (default ${CONFIG_ENV_VAR} or {CONFIG_PATH})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -710,6 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands the daemon can answer through its query socket (mailtresor.query;
+# the `mailtresor` launcher forwards them).  They take a Session.
+SERVED = ("search", "show")
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import no_core_dumps
     no_core_dumps()                       # some commands hold tenant keys and mail
@@ -721,19 +790,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailtresor: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(cfg, args)
-    except UserError as e:
-        print(f"mailtresor: {e}", file=sys.stderr)
-        return e.code
+        return run(cfg, args, None)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def run(cfg, args, session: Session | None) -> int:
+    """Run a parsed command; a user error becomes its line and exit code."""
+    note = session.note if session is not None else lambda text: print(text, file=sys.stderr)
+    try:
+        if session is not None:
+            return args.func(cfg, args, session)
+        return args.func(cfg, args)
+    except UserError as e:
+        note(f"mailtresor: {e}")
+        return e.code
     except Exception as e:
         message = _failure(e)
         if message is None:
             raise
-        print(f"mailtresor: {message}", file=sys.stderr)
+        note(f"mailtresor: {message}")
         return EXIT_FAIL
 
 

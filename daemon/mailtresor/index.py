@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import math
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -758,14 +759,105 @@ def _user_wildcard_message(msg: str) -> str:
     return msg
 
 
+def _open_reader(path: Path | str) -> xapian.Database:
+    # Glass named outright: no probing for other backends' files.
+    return xapian.Database(os.fspath(path), xapian.DB_BACKEND_GLASS)
+
+
+class Readers:
+    """Shard indexes kept open between searches, for a long-running process
+    (the daemon's query socket) that searches again and again: opening a
+    shard's tables costs more than many a search in it.
+
+    A reader is taken out for one search and given back after it, so two
+    threads never share one (a Xapian object is not thread-safe).  Taken
+    out, it is brought up to the newest committed revision (reopen(), one
+    read of the version file), so a search sees what the archiver committed
+    before it began.  At most `limit` stay open; the least recently used
+    is closed first."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        # path -> readers not in use, each with the identity (device, inode)
+        # of the directory it was opened in
+        self._idle: dict[str, list[tuple[xapian.Database, tuple]]] = {}
+        self._order: list[str] = []         # paths by last use, oldest first
+        self._lock = threading.Lock()
+        self._taken: dict[int, tuple] = {}  # id(reader) -> its directory's identity
+
+    def take(self, path: Path | str) -> xapian.Database:
+        """Raises xapian.DatabaseNotFoundError when there is no index."""
+        key = os.fspath(path)
+        try:
+            st = os.stat(key)
+            ident = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = None
+        with self._lock:
+            idle = self._idle.get(key)
+            db, was = idle.pop() if idle else (None, None)
+        if db is not None:
+            # An index rebuilt in a new directory (`reindex` removes the
+            # old one) is opened afresh; one that only got new commits is
+            # brought up to the newest.
+            try:
+                if was == ident and ident is not None:
+                    db.reopen()
+                else:
+                    db.close()
+                    db = None
+            except xapian.Error:
+                db.close()
+                db = None
+        if db is None:
+            db = _open_reader(key)
+        with self._lock:
+            self._taken[id(db)] = ident
+        return db
+
+    def give(self, path: Path | str, db: xapian.Database) -> None:
+        key = os.fspath(path)
+        closing = []
+        with self._lock:
+            ident = self._taken.pop(id(db), None)
+            self._idle.setdefault(key, []).append((db, ident))
+            if key in self._order:
+                self._order.remove(key)
+            self._order.append(key)
+            while sum(len(v) for v in self._idle.values()) > self.limit and self._order:
+                oldest = self._order[0]
+                dbs = self._idle.get(oldest)
+                if dbs:
+                    closing.append(dbs.pop(0)[0])
+                if not dbs:
+                    self._idle.pop(oldest, None)
+                    self._order.pop(0)
+        for d in closing:
+            d.close()
+
+    def open_count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+    def close(self) -> None:
+        with self._lock:
+            dbs = [d for v in self._idle.values() for d, _ in v]
+            self._idle.clear()
+            self._order.clear()
+        for d in dbs:
+            d.close()
+
+
 def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, limit: int = 50,
-           order: str = "date-desc") -> tuple[int, list[Hit]]:
+           order: str = "date-desc", readers: Readers | None = None) -> tuple[int, list[Hit]]:
     """Search several shard indexes as one: (number of matches, hits).
 
     `query` is a search string or what prepare() made of one.  The number
     is exact in date order, and in relevance order up to EXACT_COUNT
     matches (an estimate beyond).  Paths without an index (a month with no
-    mail) are skipped.  Raises QueryError."""
+    mail) are skipped.  With `readers`, the shards are taken from and given
+    back to that cache instead of being opened and closed here.  Raises
+    QueryError."""
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {', '.join(_ORDERS)}, not {order!r}")
     if offset < 0 or limit < 0:
@@ -776,8 +868,7 @@ def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, l
         try:
             for p in paths:
                 try:
-                    # Glass named outright: no probing for other backends' files.
-                    dbs.append(xapian.Database(os.fspath(p), xapian.DB_BACKEND_GLASS))
+                    dbs.append(readers.take(p) if readers is not None else _open_reader(p))
                 except xapian.DatabaseNotFoundError:
                     continue        # no index there (yet): a month without mail
                 shards.append(p)
@@ -793,8 +884,11 @@ def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, l
             if attempt == 2:
                 raise
         finally:
-            for db in dbs:
-                db.close()
+            for p, db in zip(shards, dbs):
+                if readers is not None:
+                    readers.give(p, db)
+                else:
+                    db.close()
     raise AssertionError("unreachable")
 
 

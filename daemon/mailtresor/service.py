@@ -147,6 +147,10 @@ class Daemon:
         if not worker and cfg.archive is not None and cfg.archive.enabled:
             from .archiver import Archiver
             self.archiver = Archiver(cfg, reactor, self.spool, self.ring)
+        self.query = None
+        if self.archiver is not None:
+            from .query import QueryService
+            self.query = QueryService(cfg, reactor, self.archiver)
         self.factories = []
         self.ports = []
         self.workers: list[_WorkerProcess] = []
@@ -179,7 +183,8 @@ class Daemon:
                "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
                "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
-               "archive": self.archiver.status() if self.archiver is not None else None}
+               "archive": self.archiver.status() if self.archiver is not None else None,
+               "query_socket": self.query.status() if self.query is not None else None}
         try:
             self._status_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._status_file.with_name(".status.json.tmp")
@@ -235,6 +240,8 @@ class Daemon:
             self.milter = MilterServer(self.spool, cfg.milter, hostname=cfg.appliance.hostname,
                                        on_exit=self._milter_exited)
             self.milter.start()
+        if self.query is not None:
+            self.query.start()
         d = defer.gatherResults(listens, consumeErrors=True)
 
         def listened(ports):
@@ -425,6 +432,8 @@ class Daemon:
             waits.append(self._workers_done)
             for w in live:
                 w.signal("TERM")
+        if self.query is not None:
+            waits.append(self.query.stop())
         if self.archiver is not None:
             if getattr(self, "_expiry", None) is not None and self._expiry.running:
                 self._expiry.stop()

@@ -344,6 +344,20 @@ def _open_json(blob: bytes, magic: bytes, kind: bytes, what: str, tenant: str, m
 
 # --- one shard -----------------------------------------------------------------
 
+def index_listing(blob: bytes, tenant: str, month: str, aid: str, keys: Keys) -> dict | None:
+    """The listing the index holds for a record; None when it holds none
+    (an index built before listings) or one that does not open, so that
+    the caller reads the record's metadata instead (Store.listing)."""
+    if not blob:
+        return None
+    try:
+        return open_listing(blob, tenant, month, bytes.fromhex(aid), keys)
+    except (RecordCorrupt, ValueError):
+        log.warning("%s/%s: the index's listing of %s does not open; read from the store",
+                    tenant, month, aid)
+        return None
+
+
 class Shard:
     """One LMDB environment.  Writers: one process, one thread at a time
     (the archiver, or a CLI restore); readers anywhere."""
@@ -764,12 +778,11 @@ class Store:
         listing blob, or from the record's metadata when the index has none
         (built before listings) or one that does not open (the index is
         derived, the store is the truth; `verify` reports such an index)."""
-        if blob:
-            try:
-                return open_listing(blob, tenant, month, bytes.fromhex(aid), keys)
-            except (RecordCorrupt, ValueError):
-                log.warning("%s/%s: the index's listing of %s does not open; read from the store",
-                            tenant, month, aid)
+        found = index_listing(blob, tenant, month, aid, keys)
+        return found if found is not None else self.stored_listing(tenant, month, aid, keys)
+
+    def stored_listing(self, tenant: str, month: str, aid: str, keys: Keys) -> dict:
+        """The listing from the record's metadata in the shard."""
         meta = self.shard(tenant, month).get_meta(aid, keys) or {}
         return meta.get("summary") or {}
 
@@ -787,6 +800,11 @@ class Store:
             env = lmdb.open(str(d), map_size=CATALOG_MAP_SIZE, max_dbs=2, readonly=self.readonly)
             c = self._catalogs[tenant] = (env, env.open_db(b"ids", create=not self.readonly))
         return c
+
+    def has_archive(self, tenant: str) -> bool:
+        """Whether the tenant has a catalog (any mail stored), found
+        without creating one."""
+        return tenant in self._catalogs or (self.root / tenant / "catalog" / "data.mdb").exists()
 
     def locate(self, tenant: str, aid: str) -> str | None:
         """The month (shard) that holds `aid`, if stored."""
