@@ -15,6 +15,7 @@ own modules.
 from __future__ import annotations
 
 import _imp
+import contextlib
 import json
 import os
 import re
@@ -48,7 +49,9 @@ def run(config: Path, *args: str, daemon: bool = True, timeout: float = 120) -> 
 
 
 def answered(stack) -> int:
-    return stack.log().count("mailtresor.query: query socket: uid 0 ")
+    """Requests the daemon answered (declined ones are logged otherwise)."""
+    return len(re.findall(r"mailtresor\.query: query socket: uid 0 \(pid \d+\): \S+ --tenant \S+: exit \d+,",
+                          stack.log()))
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +177,37 @@ def test_another_configuration_file_is_declined(archive, tmp_path):
     assert p.returncode == 0 and p.stdout == served.stdout and p.stdout.count(b"\n") == 25
 
 
-def test_a_changed_configuration_file_is_declined(tmp_path):
-    s = Stack(tmp_path / "stack", ON)
+@contextlib.contextmanager
+def daemon_with(tmp_path, *subjects: str, overrides: dict = ON):
+    """A daemon of the test's own, with one message per subject archived."""
+    s = Stack(tmp_path / "stack", overrides)
     s.start()
     try:
-        with s.smtp() as c:
-            c.sendmail("alice@globex.example", ["bob@acme.example"], msg("Before the change"))
-        wait_archived(s)
+        if subjects:
+            with s.smtp() as c:
+                for subject in subjects:
+                    c.sendmail("alice@globex.example", ["bob@acme.example"], msg(subject))
+            wait_archived(s)
+        yield s
+    finally:
+        s.close()
+
+
+def test_a_search_for_very_many_hits_runs_in_the_commands_own_process(archive):
+    """Beyond query.MAX_SERVED_HITS the daemon declines: such a listing
+    would be built in its memory, beside the archiver."""
+    stack, _ = archive
+    before = answered(stack)
+    p = run(stack.config_path, "search", "--tenant", "acme", "--json", "--limit", "10001", "zebrafinch")
+    assert "declined (more than 10000 hits asked for)" in stack.log()
+    assert answered(stack) == before
+    assert p.returncode == 0 and json.loads(p.stdout)["total"] == 25
+    p = run(stack.config_path, "search", "--tenant", "acme", "--json", "--limit", "10000", "zebrafinch")
+    assert answered(stack) == before + 1 and json.loads(p.stdout)["total"] == 25
+
+
+def test_a_changed_configuration_file_is_declined(tmp_path):
+    with daemon_with(tmp_path, "Before the change") as s:
         assert run(s.config_path, "search", "--tenant", "acme", "change").returncode == 0
         assert answered(s) == 1
         # A tenant added to the file while the daemon runs: the daemon does
@@ -191,24 +218,15 @@ def test_a_changed_configuration_file_is_declined(tmp_path):
         p = run(s.config_path, "search", "--tenant", "initech", "anything")
         assert "declined (the configuration file changed since the daemon read it)" in s.log()
         assert p.returncode == 0 and p.stdout == b"", p.stderr
-    finally:
-        s.close()
 
 
 def test_without_a_daemon_the_command_searches_itself(tmp_path):
-    s = Stack(tmp_path / "stack", ON)
-    s.start()
-    try:
-        with s.smtp() as c:
-            c.sendmail("alice@globex.example", ["bob@acme.example"], msg("Kept after the stop"))
-        wait_archived(s)
+    with daemon_with(tmp_path, "Kept after the stop") as s:
         served = run(s.config_path, "search", "--tenant", "acme", "kept")
         s.stop_daemon()
         assert not (s.cfg.appliance.runtime_directory / "query.sock").exists()
         local = run(s.config_path, "search", "--tenant", "acme", "kept")
         assert local.returncode == 0 and local.stdout == served.stdout and local.stdout.count(b"\n") == 1
-    finally:
-        s.close()
 
 
 def _ask(path: Path, data: bytes) -> bytes:
@@ -256,9 +274,7 @@ def test_only_root_and_the_daemons_user_are_answered(tmp_path):
     top = Path(tempfile.mkdtemp(prefix="mt-query-"))
     top.chmod(0o755)
     try:
-        s = Stack(tmp_path / "stack", {**ON, "appliance": {"runtime_directory": str(top / "run")}})
-        s.start()
-        try:
+        with daemon_with(tmp_path, overrides={**ON, "appliance": {"runtime_directory": str(top / "run")}}) as s:
             sock = top / "run" / "query.sock"
             (top / "run").chmod(0o755)
             sock.chmod(0o666)
@@ -274,8 +290,6 @@ def test_only_root_and_the_daemons_user_are_answered(tmp_path):
                 (b"e", b"mailtresor: the daemon answers only root and its own user, not uid 65534\n"),
                 (b"x", b"1")]
             assert "refused uid 65534" in s.log()
-        finally:
-            s.close()
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
@@ -284,9 +298,7 @@ def test_searches_are_answered_while_the_daemon_archives(tmp_path):
     """The query threads share the store with the archiver (behind its
     lock) and open indexes it keeps writing: every search while mail
     streams in succeeds, and sees no fewer messages than the one before."""
-    s = Stack(tmp_path / "stack", ON)
-    s.start()
-    try:
+    with daemon_with(tmp_path) as s:
         stop = threading.Event()
         sent = []
 
@@ -319,8 +331,6 @@ def test_searches_are_answered_while_the_daemon_archives(tmp_path):
         assert final == len(sent) == 150
         assert len(seen) >= 3 and seen == sorted(seen), seen
         assert answered(s) >= len(seen) + 1
-    finally:
-        s.close()
 
 
 def test_the_fast_path_imports_only_the_interpreters_own_modules(archive):

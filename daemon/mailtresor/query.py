@@ -58,6 +58,9 @@ from .launch import DECLINE, ERR, EXIT, MAGIC, OUT, SOCKET_NAME
 log = logging.getLogger("mailtresor.query")
 
 MAX_REQUEST = 64 * 1024
+# A search for more hits than this runs in the command's own process: its
+# listings would be built in the daemon's memory, beside the archiver.
+MAX_SERVED_HITS = 10_000
 IDLE_TIMEOUT = 30.0          # seconds a client may take to send its request
 _PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
@@ -95,6 +98,10 @@ class _ParserExit(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
+
+
+class Declined(Exception):
+    """The command line should run this command itself (the reason)."""
 
 
 _request = threading.local()          # .session: the session of this thread's request
@@ -139,6 +146,8 @@ def run_command(cfg, argv: list[str], session: "Served") -> int:
         return e.code
     finally:
         _request.session = None
+    if getattr(args, "offset", 0) + getattr(args, "limit", 0) > MAX_SERVED_HITS:
+        raise Declined(f"more than {MAX_SERVED_HITS} hits asked for")
     return cli.run(cfg, args, session)
 
 
@@ -234,19 +243,22 @@ class QueryService:
         """Run the command (in a pool thread); the answer's frames."""
         t0 = time.monotonic()
         why = self.declines(config_path)
-        if why is not None:
-            log.info("query socket: uid %d (pid %d): declined (%s)", uid, pid, why)
-            return frame(DECLINE, why.encode())
         archiver = self.archiver
         session = Served(self.cfg, archiver.store, archiver.store_lock, archiver.keys, self.readers)
         try:
-            code = run_command(self.cfg, argv, session)
+            if why is None:
+                code = run_command(self.cfg, argv, session)
+        except Declined as e:
+            why = str(e)
         except Exception as e:  # noqa: BLE001 - a failed answer must not take the daemon down
             log.error("query socket: %s for uid %d failed: %s", argv[0] if argv else "?", uid,
                       type(e).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
             session.out.clear()
             session.note(f"mailtresor: the daemon could not answer ({type(e).__name__}); see its log")
             code = cli.EXIT_FAIL
+        if why is not None:
+            log.info("query socket: uid %d (pid %d): declined (%s)", uid, pid, why)
+            return frame(DECLINE, why.encode())
         self.answered += 1
         log.info("query socket: uid %d (pid %d): %s --tenant %s: exit %d, %.1f ms", uid, pid,
                  argv[0] if argv else "?", _tenant_of(argv), code, (time.monotonic() - t0) * 1000)
