@@ -592,8 +592,8 @@ class Archiver:
                 self.pipeline.seal_all()
             finally:
                 self.store.close()
-            if self.pipeline.parser is not None:
-                self.pipeline.parser.close()
+                if self.pipeline.parser is not None:
+                    self.pipeline.parser.close()
 
     def status(self) -> dict:
         t = self.pipeline.totals

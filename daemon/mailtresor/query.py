@@ -30,7 +30,8 @@ Protocol (all lengths 4 bytes, big-endian):
               b"d" declined (reason, ASCII): the command line runs the
                    command itself.  Sent when the command line uses another
                    configuration file than the daemon, or the file changed
-                   since the daemon read it.
+                   since the daemon read it, or a search asks for more than
+                   MAX_SERVED_HITS hits.
 """
 
 from __future__ import annotations
