@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import launch
+from mailtresor import config, launch
 from tests.conftest import REPO, corpus_files, corpus_message
 from tests.harness.stack import Stack
 from tests.test_archive import msg, wait_archived
@@ -94,6 +94,12 @@ def test_the_command_is_installed_with_python_IS():
 ])
 def test_runtime_directory_is_read_from_the_configuration_or_not_at_all(text, expected):
     assert launch.runtime_directory(text) == expected
+
+
+@pytest.mark.parametrize("name", ["mailtresor.toml", "dev.toml"])
+def test_the_scan_agrees_with_the_configuration_loader_on_the_shipped_files(name):
+    path = REPO / "conf" / name
+    assert launch.runtime_directory(path.read_text()) == str(config.load(path).appliance.runtime_directory)
 
 
 # search and show, both ways: the same stdout, stderr and exit code.

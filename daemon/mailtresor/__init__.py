@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 # (about half of what --help costs).
 CONFIG_PATH = "/etc/mailtresor/mailtresor.toml"
 CONFIG_ENV_VAR = "MAILTRESOR_CONFIG"
+# [appliance] runtime_directory when the file does not say (also read by
+# mailtresor.launch, which must not import the schema either).
+RUNTIME_DIRECTORY = "/run/mailtresor"
 
 
 def no_core_dumps() -> None:

@@ -774,11 +774,6 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
     return p
 
 
-# Commands the daemon can answer through its query socket (mailtresor.query;
-# the `mailtresor` launcher forwards them).  They take a Session.
-SERVED = ("search", "show")
-
-
 def main(argv: list[str] | None = None) -> int:
     from . import no_core_dumps
     no_core_dumps()                       # some commands hold tenant keys and mail

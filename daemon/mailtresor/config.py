@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 # Defined in the package, where the CLI's --help finds them without this module.
-from . import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH
+from . import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH, RUNTIME_DIRECTORY
 
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,55}$")   # "tenant." + this is a key name
 
@@ -42,7 +42,7 @@ class Appliance:
 
     name: str
     hostname: str = "localhost"
-    runtime_directory: Path = Path("/run/mailtresor")
+    runtime_directory: Path = Path(RUNTIME_DIRECTORY)
     state_directory: Path = Path("/var/lib/mailtresor")
 
 

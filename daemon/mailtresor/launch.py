@@ -11,10 +11,10 @@ in this process: the site module, then mailtresor.cli.
 import os
 import sys
 
-from . import CONFIG_ENV_VAR, CONFIG_PATH
+from . import CONFIG_ENV_VAR, CONFIG_PATH, RUNTIME_DIRECTORY
 
-RUNTIME_DIRECTORY = "/run/mailtresor"               # as config.Appliance.runtime_directory
-SERVED = ("search", "show")                         # as cli.SERVED
+# The commands the daemon answers (they take a cli.Session).
+SERVED = ("search", "show")
 SOCKET_NAME = "query.sock"
 MAGIC = b"MTQ1"
 # The answer's frames: kind (1 byte), length (4 bytes, big-endian), data.

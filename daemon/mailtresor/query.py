@@ -54,7 +54,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from . import cli, index
-from .launch import DECLINE, ERR, EXIT, MAGIC, OUT, SOCKET_NAME
+from .launch import DECLINE, ERR, EXIT, MAGIC, OUT, SERVED, SOCKET_NAME
 
 log = logging.getLogger("mailtresor.query")
 
@@ -136,9 +136,9 @@ def _parser():
 def run_command(cfg, argv: list[str], session: "Served") -> int:
     """`mailtresor ARGV...` as the command line runs it (mailtresor.cli),
     with `session` for its reading and writing and the daemon's
-    configuration.  Only cli.SERVED commands; others get a usage error."""
-    if not argv or argv[0] not in cli.SERVED:
-        session.note(f"mailtresor: the daemon answers only {' and '.join(cli.SERVED)}")
+    configuration.  Only the SERVED commands; others get a usage error."""
+    if not argv or argv[0] not in SERVED:
+        session.note(f"mailtresor: the daemon answers only {' and '.join(SERVED)}")
         return cli.EXIT_USAGE
     _request.session = session
     try:
