@@ -300,8 +300,8 @@ def cmd_show(cfg, args, session: Session | None = None) -> int:
         if len(aid) != 40 or any(c not in "0123456789abcdef" for c in aid):
             raise UserError(f"{args.id!r} is not an archive id (40 hex digits, as `search` prints)", EXIT_USAGE)
         with s.store() as store:
-            # Asked first: the daemon's store, which the archiver writes,
-            # would create a catalog where there is none.
+            # Asked first: the daemon's store is not read-only, and its
+            # locate() answers "not stored" rather than "no archive".
             if not store.has_archive(tenant):
                 raise UserError(f"no archive for tenant {tenant}")
             month = store.locate(tenant, aid)

@@ -807,7 +807,13 @@ class Store:
         return tenant in self._catalogs or (self.root / tenant / "catalog" / "data.mdb").exists()
 
     def locate(self, tenant: str, aid: str) -> str | None:
-        """The month (shard) that holds `aid`, if stored."""
+        """The month (shard) that holds `aid`, if stored.  A lookup never
+        creates a catalog: without one, nothing is stored (a read-only
+        store says so with StoreError, as before)."""
+        if not self.has_archive(tenant):
+            if self.readonly:
+                raise StoreError(f"no archive for tenant {tenant}")
+            return None
         env, db = self._catalog(tenant)
         with env.begin() as txn:
             m = txn.get(bytes.fromhex(aid), db=db)
