@@ -15,7 +15,7 @@ RUNTIME_DEBS := python3-twisted python3-milter python3-xapian python3-lmdb \
 DEV_DEBS := python3-venv python3-pip python3-setuptools python3-pytest \
 	postfix swaks openssl notmuch python3-notmuch2 poppler-utils cryptsetup-bin e2fsprogs \
 	libsasl2-modules procps iproute2 util-linux \
-	systemd dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
+	systemd build-essential dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
 	lintian python3-seccomp
 
 .PHONY: all deps run test test-fast bench bench-archive clean distclean deb
@@ -25,7 +25,7 @@ all: deps
 # Installing postfix must neither ask questions nor start the system
 # instance: preseed "No configuration" and forbid service starts through
 # policy-rc.d for the duration of the install only.
-$(VENV)/.deps: Makefile setup.cfg daemon/bin/mailtresor
+$(VENV)/.deps: Makefile setup.cfg
 	@missing=""; for p in $(RUNTIME_DEBS) $(DEV_DEBS); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
 	done; \
@@ -42,13 +42,19 @@ $(VENV)/.deps: Makefile setup.cfg daemon/bin/mailtresor
 	fi
 	@[ -x $(VPY) ] || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(VPY) -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null
-	@# The command, as /usr/bin/mailtresor in the package, with the venv's python and the checkout's modules.
-	@sed -e '1s|^#!.*python3|#!$(CURDIR)/$(VPY)|' -e 's|"/usr/lib/python3/dist-packages"|"$(CURDIR)/daemon"|' \
-	  daemon/bin/mailtresor > $(VENV)/bin/mailtresor
-	@chmod 755 $(VENV)/bin/mailtresor
 	@touch $@
 
-deps: $(VENV)/.deps
+# The command, built as debian/rules builds /usr/bin/mailtresor (Debian's
+# hardening flags), but running the venv's python for what it does not
+# hand to the daemon; warnings are errors here, not in the package build.
+CMD_CFLAGS = $(shell DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get CPPFLAGS) \
+	$(shell DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get CFLAGS) \
+	-Wall -Wextra -Wformat=2 -Wshadow -Wconversion -Werror
+CMD_LDFLAGS = $(shell DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get LDFLAGS)
+$(VENV)/bin/mailtresor: daemon/bin/mailtresor.c $(VENV)/.deps
+	$(CC) $(CMD_CFLAGS) -DMAILTRESOR_PYTHON='"$(CURDIR)/$(VPY)"' $(CMD_LDFLAGS) -o $@ $<
+
+deps: $(VENV)/.deps $(VENV)/bin/mailtresor
 
 run: deps
 	$(VPY) -m tests.harness.devstack --config $(CONFIG)
@@ -82,5 +88,5 @@ deb: deps
 	git ls-files -z --cached --others --exclude-standard | \
 	  tar --null --ignore-failed-read -T - -cf - | tar -xf - -C build/deb/src
 	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
-	lintian build/deb/mailtresor_*_all.deb
+	lintian build/deb/mailtresor_*.deb
 	@ls -l build/deb/*.deb

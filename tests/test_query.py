@@ -3,18 +3,17 @@
 `mailtresor search` and `show` are answered by the running daemon when it
 runs with the same configuration file (mailtresor/query.py), and by the
 command itself otherwise.  These tests run the command as installed
-(daemon/bin/mailtresor as `make deps` puts it in the venv: python -IS)
+(daemon/bin/mailtresor.c as `make deps` builds it into the venv)
 against a real daemon, and check that both ways give the same bytes, the
 same errors and the same exit codes; that a daemon with another (or a
 changed) configuration file declines; that the socket answers nobody but
-root and the daemon's user; that junk on the socket harms nothing; and
-that the command's fast path imports nothing beyond the interpreter's
-own modules.
+root and the daemon's user; and that junk on the socket harms nothing.
+The command's own handling of the socket, the answer and the hand-over
+to Python: tests/test_command.py.
 """
 
 from __future__ import annotations
 
-import _imp
 import contextlib
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import config, launch
+from mailtresor import query
 from tests.conftest import REPO, corpus_files, corpus_message
 from tests.harness.stack import Stack
 from tests.test_archive import msg, wait_archived
@@ -41,9 +40,9 @@ ON = {"archive": {"enabled": True}}
 
 def run(config: Path, *args: str, daemon: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env.pop(launch.NO_DAEMON_ENV_VAR, None)
+    env.pop(query.NO_DAEMON_ENV_VAR, None)
     if not daemon:
-        env[launch.NO_DAEMON_ENV_VAR] = "1"
+        env[query.NO_DAEMON_ENV_VAR] = "1"
     return subprocess.run([str(COMMAND), "--config", str(config), *args], env=env, capture_output=True,
                           timeout=timeout)
 
@@ -72,34 +71,9 @@ def archive(tmp_path_factory):
         s.close()
 
 
-def test_the_command_is_installed_with_python_IS():
-    first = COMMAND.read_text().splitlines()[0]
-    assert first.startswith("#!") and first.endswith(" -IS"), first
-    assert (REPO / "daemon" / "bin" / "mailtresor").read_text().splitlines()[0] == "#!/usr/bin/python3 -IS"
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("", "/run/mailtresor"),
-    ('[appliance]\nname = "a"\n', "/run/mailtresor"),
-    ('[appliance]\nruntime_directory = "/srv/run"\n', "/srv/run"),
-    ("[appliance]\nruntime_directory = '/srv/run'   # ours\n", "/srv/run"),
-    ('[appliance]  # this box\n  runtime_directory="/srv/run"\n', "/srv/run"),
-    ('[spool]\nruntime_directory = "/elsewhere"\n[appliance]\nname = "a"\n', "/run/mailtresor"),
-    ('[appliance]\nruntime_directory_x = "/x"\n', "/run/mailtresor"),
-    # Written in a way this scan does not read: no guess at all.
-    ('[appliance]\nruntime_directory = "/srv/\\u0072un"\n', None),
-    ('[appliance]\nruntime_directory = """/srv/run"""\n', None),
-    ('[appliance]\nruntime_directory = "/a"\nruntime_directory = "/b"\n', None),
-    ('[appliance]\nruntime_directory = /srv/run\n', None),
-])
-def test_runtime_directory_is_read_from_the_configuration_or_not_at_all(text, expected):
-    assert launch.runtime_directory(text) == expected
-
-
-@pytest.mark.parametrize("name", ["mailtresor.toml", "dev.toml"])
-def test_the_scan_agrees_with_the_configuration_loader_on_the_shipped_files(name):
-    path = REPO / "conf" / name
-    assert launch.runtime_directory(path.read_text()) == str(config.load(path).appliance.runtime_directory)
+def test_the_command_is_built_from_the_checkouts_source():
+    assert COMMAND.read_bytes()[:4] == b"\x7fELF"
+    assert COMMAND.stat().st_mtime >= (REPO / "daemon" / "bin" / "mailtresor.c").stat().st_mtime, "run make deps"
 
 
 # search and show, both ways: the same stdout, stderr and exit code.
@@ -261,12 +235,12 @@ def test_junk_on_the_socket_gets_no_answer_and_harms_nothing(archive):
     sock = stack.cfg.appliance.runtime_directory / "query.sock"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
     assert _ask(sock, b"EHLO there\r\n") == b""
-    assert _ask(sock, launch.MAGIC + (10 ** 9).to_bytes(4, "big")) == b""          # too long
-    assert _ask(sock, launch.MAGIC + (100).to_bytes(4, "big") + b"short") == b""    # cut off
+    assert _ask(sock, query.MAGIC + (10 ** 9).to_bytes(4, "big")) == b""          # too long
+    assert _ask(sock, query.MAGIC + (100).to_bytes(4, "big") + b"short") == b""    # cut off
     # Not a command the daemon answers.
-    got = frames(_ask(sock, launch.encode_request(os.path.realpath(stack.config_path), ["verify"])))
+    got = frames(_ask(sock, query.encode_request(os.path.realpath(stack.config_path), ["verify"])))
     assert got == [(b"o", b""), (b"e", b"mailtresor: the daemon answers only search and show\n"), (b"x", b"2")]
-    got = frames(_ask(sock, launch.encode_request(os.path.realpath(stack.config_path),
+    got = frames(_ask(sock, query.encode_request(os.path.realpath(stack.config_path),
                                                   ["search", "--tenant", "acme", "zebrafinch"])))
     assert [k for k, _ in got] == [b"o", b"e", b"x"] and got[0][1].count(b"\n") == 25 and got[2][1] == b"0"
     assert "not a mailtresor query" in stack.log() and "request too long" in stack.log()
@@ -287,7 +261,7 @@ def test_only_root_and_the_daemons_user_are_answered(tmp_path):
             script = ("import socket, sys\nc = socket.socket(socket.AF_UNIX)\nc.connect(sys.argv[1])\n"
                       "c.sendall(bytes.fromhex(sys.argv[2]))\nout = b''\n"
                       "while (b := c.recv(65536)): out += b\nsys.stdout.buffer.write(out)\n")
-            req = launch.encode_request(os.path.realpath(s.config_path), ["search", "--tenant", "acme", "x"])
+            req = query.encode_request(os.path.realpath(s.config_path), ["search", "--tenant", "acme", "x"])
             p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                 "/usr/bin/python3", "-c", script, str(sock), req.hex()],
                                capture_output=True, timeout=60)
@@ -337,20 +311,3 @@ def test_searches_are_answered_while_the_daemon_archives(tmp_path):
         assert final == len(sent) == 150
         assert len(seen) >= 3 and seen == sorted(seen), seen
         assert answered(s) >= len(seen) + 1
-
-
-def test_the_fast_path_imports_only_the_interpreters_own_modules(archive):
-    stack, _ = archive
-    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")     # ignored under -I: ask with -X
-    p = subprocess.run([sys.executable, "-IS", "-X", "importtime", str(COMMAND), "--config", str(stack.config_path),
-                        "search", "--tenant", "acme", "zebrafinch"], env=env, capture_output=True, timeout=60)
-    assert p.returncode == 0 and p.stdout.count(b"\n") == 25
-    names = set(re.findall(rb"^import time:\s+\d+ \|\s+\d+ \| +(\S+)$", p.stderr, re.M))
-    bare = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c", "pass"], capture_output=True, timeout=60)
-    names -= set(re.findall(rb"^import time:\s+\d+ \|\s+\d+ \| +(\S+)$", bare.stderr, re.M))
-    names = {n.decode() for n in names}
-    assert {"mailtresor", "mailtresor.launch", "_socket"} <= names
-    # Beyond those three, only modules compiled into the interpreter (frozen
-    # or built in: no file to find and load), such as os.
-    others = names - {"mailtresor", "mailtresor.launch", "_socket"}
-    assert all(_imp.is_frozen(n) or n in sys.builtin_module_names for n in others), others

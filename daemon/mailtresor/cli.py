@@ -199,7 +199,7 @@ class Session:
 
     This one is the command's own process: output to stdout and stderr,
     the store opened read-only, keys fetched from the control endpoint.
-    When the daemon runs, the `mailtresor` launcher asks it instead, over
+    When the daemon runs, the `mailtresor` command asks it instead, over
     its query socket (mailtresor.query): there the same commands run with
     the daemon's keys, its open indexes and, behind the archiver's lock,
     its store, and their output is sent back."""

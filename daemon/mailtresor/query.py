@@ -5,9 +5,9 @@ A command line that searches on its own starts Python, imports the index,
 store and key modules, fetches the tenant's key from the control endpoint
 (one key release there per search) and opens every shard index it needs.
 The daemon has all of that in hand already.  So when it runs, the
-`mailtresor` command (daemon/bin/mailtresor and mailtresor.launch, which
-import nothing else for it) sends it the command line instead, and prints what
-comes back.  The command runs here through the same code as in the
+`mailtresor` command (daemon/bin/mailtresor.c, a small C program that
+starts no interpreter for it) sends it the command line instead, and
+prints what comes back.  The command runs here through the same code as in the
 command's own process (mailtresor.cli, with a Session of the daemon's:
 its keys, its open index readers, its store behind the archiver's lock),
 so its output, errors and exit codes are the same either way.
@@ -54,9 +54,16 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from . import cli, index
-from .launch import DECLINE, ERR, EXIT, MAGIC, OUT, SERVED, SOCKET_NAME
 
 log = logging.getLogger("mailtresor.query")
+
+# The protocol's names.  daemon/bin/mailtresor.c spells them too
+# (tests/test_query.py checks that they agree).
+SERVED = ("search", "show")          # the commands answered here (they take a cli.Session)
+SOCKET_NAME = "query.sock"
+MAGIC = b"MTQ1"
+OUT, ERR, EXIT, DECLINE = b"o", b"e", b"x", b"d"
+NO_DAEMON_ENV_VAR = "MAILTRESOR_NO_DAEMON"   # set, not "": the command never asks
 
 MAX_REQUEST = 64 * 1024
 # A search for more hits than this runs in the command's own process: its
@@ -68,6 +75,12 @@ _PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 def frame(kind: bytes, data: bytes) -> bytes:
     return kind + len(data).to_bytes(4, "big") + data
+
+
+def encode_request(config_path: str, argv: list[str]) -> bytes:
+    """A request as the command sends it (the tests and bench/ send their own)."""
+    payload = b"\0".join(x.encode("utf-8", "surrogateescape") for x in [config_path, *argv])
+    return MAGIC + len(payload).to_bytes(4, "big") + payload
 
 
 def decode_request(payload: bytes) -> tuple[str, list[str]]:
