@@ -24,14 +24,11 @@ import pytest
 
 import mailtresor
 from mailtresor import config, query
+from mailtresor.query import frame
 from tests.conftest import REPO
 
 SOURCE = REPO / "daemon" / "bin" / "mailtresor.c"
 FALLBACK_EXIT = 42
-
-
-def frame(kind: bytes, data: bytes) -> bytes:
-    return query.frame(kind, data)
 
 
 HIT = frame(b"o", b"hit\n") + frame(b"x", b"0")

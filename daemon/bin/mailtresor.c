@@ -106,8 +106,9 @@ static int equals(const char *s, const char *e, const char *word)
  * when the section does not name one.  Written any other way (escapes,
  * multi-line strings, twice, unquoted, empty): 0, no guess, and the
  * Python command runs.  A relative directory is relative to the current
- * one, as it is for the daemon.  A wrong guess is harmless: the daemon checks that
- * the request names its own configuration file before it answers.
+ * one, as it is for the daemon.  A wrong guess is harmless: the daemon
+ * checks that the request names its own configuration file before it
+ * answers.
  */
 static int runtime_directory(const char *text, size_t size, char *out, size_t out_size)
 {

@@ -78,7 +78,7 @@ def frame(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_request(config_path: str, argv: list[str]) -> bytes:
-    """A request as the command sends it (the tests and bench/ send their own)."""
+    """The request daemon/bin/mailtresor.c sends, built in Python (for the tests)."""
     payload = b"\0".join(x.encode("utf-8", "surrogateescape") for x in [config_path, *argv])
     return MAGIC + len(payload).to_bytes(4, "big") + payload
 
