@@ -16,6 +16,17 @@ CONFIG_ENV_VAR = "MAILTRESOR_CONFIG"
 RUNTIME_DIRECTORY = "/run/mailtresor"
 
 
+def private_umask() -> None:
+    """umask 077 for the daemon and the command line: whatever they (or a
+    library that takes no file mode, Xapian) create -- spool, store, index,
+    backup -- is readable by its owner only, even when an administrator runs
+    `mailtresor reindex` or `restore` from a root shell with umask 022.  The
+    store also makes its directories and files with explicit private modes;
+    this covers every file a library makes on its own."""
+    import os
+    os.umask(0o077)
+
+
 def no_core_dumps() -> None:
     """Set this process's core size limit to zero (soft and hard), so that a
     crash of a process holding keys or mail never writes them to a disk

@@ -26,7 +26,7 @@ from .index import ShardIndex
 from .keys import KeyUnavailable, control_fetcher
 from .spool import KeyNotHeld, SpoolCorrupt
 from .store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
-                    effective_date, month_of, seal_listing)
+                    describe_fault, effective_date, month_of, seal_listing)
 
 log = logging.getLogger("mailtresor.archiver")
 
@@ -72,6 +72,11 @@ class BatchResult:
     waiting_for_key: str = ""
     deferred: int = 0                # entries put off because a tenant's key is missing
     locked: str = ""
+    # Why archiving pauses (the store, index or backup cannot take writes:
+    # a full, read-only or failing disk; or another index/backup failure).
+    # The entries stay in the spool with no try counted.
+    paused: str = ""
+    held: int = 0                    # entries left in the spool for that
     shards: set = field(default_factory=set)
 
 
@@ -176,6 +181,13 @@ class Pipeline:
                 return BatchResult(locked=str(e))
         try:
             return self._run_batch()
+        except Exception as e:
+            # A storage fault outside the steps that expect one (the writer
+            # lock, opening the store): the same pause, not a crash.
+            why = describe_fault("store", self.store.root, e)
+            if why is None:
+                raise
+            return self._account(BatchResult(paused=why))
         finally:
             # Unmap every LMDB environment between batches.  Whatever a batch
             # touched (the random catalog and leaf pages of its ids, the
@@ -313,6 +325,7 @@ class Pipeline:
         for k in ("archived", "stored", "duplicates", "unrouted", "failed", "set_aside"):
             setattr(t, k, getattr(t, k) + getattr(res, k))
         t.waiting_for_key = res.waiting_for_key
+        t.paused = res.paused
         return res
 
     def _failed(self, eid: str, reason: str, res: BatchResult) -> None:
@@ -344,17 +357,31 @@ class Pipeline:
                     continue
                 rows[t].append((p, Item(aid, p.month, p.raw, p.entry_id, p.envelope, summary_of(p.parsed))))
         failed: set[str] = set()
+        held: set[str] = set()                # left in the spool: the store cannot write now
         indexed: dict[tuple[str, str], list] = defaultdict(list)
         for tenant, group in rows.items():
+            if res.paused:
+                # The store said it cannot take writes: the other tenants'
+                # shards are on the same file system; they wait too.
+                held.update(p.entry_id for p, _ in group)
+                continue
             try:
                 outs = self.store.store(tenant, [it for _, it in group], self.keys)
                 pairs = list(zip(group, outs))
             except (KeyUnavailable, KeyMissing) as e:
                 blocked[tenant] = str(e)
                 continue
-            except Exception:  # noqa: BLE001 - find the entry that breaks the batch
+            except Exception as e:  # noqa: BLE001 - find the entry that breaks the batch
+                # A full, read-only or failing disk is no message's fault:
+                # no try is counted, nothing is set aside (the LMDB
+                # transaction was aborted: the shard is as it was).
+                why = describe_fault("store", self.store.root, e)
+                if why is not None:
+                    res.paused = why
+                    held.update(p.entry_id for p, _ in group)
+                    continue
                 pairs = []
-                for (p, it) in group:
+                for n, (p, it) in enumerate(group):
                     try:
                         (o,) = self.store.store(tenant, [it], self.keys)
                         pairs.append(((p, it), o))
@@ -362,6 +389,11 @@ class Pipeline:
                         blocked[tenant] = str(e)
                         break
                     except Exception as e:  # noqa: BLE001
+                        why = describe_fault("store", self.store.root, e)
+                        if why is not None:
+                            res.paused = why
+                            held.update(q.entry_id for q, _ in group[n:])
+                            break
                         failed.add(p.entry_id)
                         self._failed(p.entry_id, f"cannot store for {tenant}: {type(e).__name__}", res)
             for (p, it), o in pairs:
@@ -374,8 +406,10 @@ class Pipeline:
                          "" if o.new_record else " (duplicate: envelope added)" if o.new_envelope
                          else " (already archived)")
         for (tenant, month), docs in indexed.items():
-            shard = self.store.shard(tenant, month)
+            stage, where = "store", self.store.root
             try:
+                shard = self.store.shard(tenant, month)
+                stage, where = "index", shard.index_dir
                 with ShardIndex(shard.index_dir).writer() as w:
                     for o, p in docs:
                         addrs, env_only, tags = index_terms(o.meta, p.parsed)
@@ -386,19 +420,29 @@ class Pipeline:
                                                    bytes.fromhex(o.aid), self.keys))
                     w.set_indexed_seq(shard.head()[0])
                 if self.backup is not None:
+                    stage, where = "backup", self.backup.dir
                     self.backup.ship(shard)
             except Exception as e:  # noqa: BLE001 - the entries stay in the spool and come again
                 # Not the messages' fault: no tries counted, nothing set
                 # aside; the archiver pauses and tries again (backing off).
-                log.error("%s/%s: cannot index or back up: %s: %s", tenant, month, type(e).__name__, e)
-                res.waiting_for_key = f"index or backup of {tenant}/{month} failed ({type(e).__name__})"
+                # The Xapian transaction was cancelled; a torn backup frame
+                # is dropped by the next ship; the records are committed and
+                # are indexed and shipped again when their entries come back.
+                why = describe_fault(stage, where, e)
+                if why is None:
+                    why = f"{stage} of {tenant}/{month} failed ({type(e).__name__})"
+                    log.debug("%s/%s: %s: %s", tenant, month, type(e).__name__, e)
+                res.paused = res.paused or why
                 for _, p in docs:
-                    failed.add(p.entry_id)
+                    held.add(p.entry_id)
                 continue
             res.shards.add((tenant, month))
             self._dirty.setdefault((tenant, month), self.clock())
         waiting = self._defer(prepared, blocked, res)
-        return [p.entry_id for p in prepared if p.entry_id not in failed and p.entry_id not in waiting]
+        held -= failed
+        res.held = len(held - waiting)
+        return [p.entry_id for p in prepared
+                if p.entry_id not in failed and p.entry_id not in waiting and p.entry_id not in held]
 
     def _defer(self, prepared: list[Prepared], blocked: dict[str, str], res: BatchResult) -> set[str]:
         """Put off the entries that go to a tenant without its key; the wait
@@ -445,7 +489,11 @@ class Pipeline:
                 if self.backup is not None:
                     self.backup.ship(shard)
             except Exception as e:  # noqa: BLE001 - sealing is retried at the next interval
-                log.error("%s/%s: cannot seal: %s: %s", tenant, month, type(e).__name__, e)
+                why = describe_fault("store", self.store.root, e)
+                if why is not None:
+                    log.warning("%s/%s: cannot seal now: %s", tenant, month, why)
+                else:
+                    log.error("%s/%s: cannot seal: %s: %s", tenant, month, type(e).__name__, e)
                 continue
             del self._dirty[(tenant, month)]
             if s is not None:
@@ -516,6 +564,10 @@ class Archiver:
         self.last_batch = 0.0
         self.status_text = "starting"
         self._key_wait = 0.0
+        self.paused = ""                # why archiving waits now ("" when it does not)
+        self.paused_since = 0.0
+        self.next_try = 0.0             # when the next batch runs while paused (time.time())
+        self.on_change = None           # called when the state changes between running and paused
 
     def start(self) -> None:
         self.pool.start()
@@ -541,13 +593,15 @@ class Archiver:
         self._running = None
         self.last_batch = time.time()
         busy = res.archived + res.failed + res.unrouted
-        # Pause (backing off) when nothing could be done, or something other
-        # than a tenant's key failed; entries that only wait for a tenant's
-        # key do not hold back the rest.
-        if res.waiting_for_key and (not busy or not res.deferred):
+        # Pause (backing off) when the store, index or backup cannot take
+        # writes (a full or failing disk: the entries stay in the spool, no
+        # try counted), or when nothing could be done for want of a key;
+        # entries that only wait for a tenant's key do not hold back the rest.
+        reason = res.paused or (res.waiting_for_key if res.waiting_for_key and (not busy or not res.deferred)
+                                else "")
+        if reason:
             self._key_wait = min(max(self._key_wait * 2, 1.0), self.cfg.control.retry_max)
-            self.status_text = f"paused: {res.waiting_for_key}"
-            log.warning("archiver: %s; next try in %.0fs", res.waiting_for_key, self._key_wait)
+            self._pause(reason)
             self._schedule(self._key_wait)
             return
         if res.locked:
@@ -555,10 +609,42 @@ class Archiver:
             self._schedule(max(self.interval, 1.0))
             return
         self._key_wait = 0.0
+        self._resume()
         self.status_text = "archiving" if busy else "idle"
         if res.waiting_for_key:
             self.status_text += f"; some mail waits for a key: {res.waiting_for_key}"
         self._schedule(0 if busy >= self.pipeline.batch_size else self.interval)
+
+    def _pause(self, reason: str) -> None:
+        """Say why archiving waits: in the status at every try, in the log
+        once per change of reason (a pause can last hours: one line a
+        retry would bury everything else)."""
+        now = time.time()
+        self.next_try = now + self._key_wait
+        self.status_text = f"paused: {reason}; next try in {self._key_wait:.0f} s"
+        if reason != self.paused:
+            if not self.paused:
+                self.paused_since = now
+            self.paused = reason
+            log.warning("archiver paused: %s; the mail waits in the spool (no tries counted) and archiving "
+                        "resumes by itself; retrying every %.0f s at most", reason, self.cfg.control.retry_max)
+            self._changed()
+        else:
+            log.debug("archiver still paused: %s; next try in %.0f s", reason, self._key_wait)
+
+    def _resume(self) -> None:
+        if self.paused:
+            log.warning("archiver resumed after %.0f s (was paused: %s)", time.time() - self.paused_since,
+                        self.paused)
+            self.paused, self.paused_since, self.next_try = "", 0.0, 0.0
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception as e:  # noqa: BLE001 - a status file is never a reason to stop archiving
+                log.debug("status update failed: %s", e)
 
     def _crashed(self, f) -> None:
         self._running = None
@@ -597,6 +683,13 @@ class Archiver:
 
     def status(self) -> dict:
         t = self.pipeline.totals
-        return {"state": self.status_text, "archived": t.archived, "stored": t.stored,
-                "duplicates": t.duplicates, "unrouted": t.unrouted, "failed": t.failed,
-                "set_aside": t.set_aside, "last_batch": self.last_batch}
+        out = {"state": self.status_text, "archived": t.archived, "stored": t.stored,
+               "duplicates": t.duplicates, "unrouted": t.unrouted, "failed": t.failed,
+               "set_aside": t.set_aside, "last_batch": self.last_batch,
+               # "" while archiving goes on; else why it waits (a full
+               # store, a missing key...), since when and the next try.
+               "paused": self.paused}
+        if self.paused:
+            out["paused_since"] = self.paused_since
+            out["next_try_in"] = max(0.0, round(self.next_try - time.time(), 1))
+        return out

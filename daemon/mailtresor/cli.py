@@ -131,6 +131,8 @@ def cmd_status(cfg, args) -> int:
         print(f"spool:    {sp['ready']} ready, {sp['in_progress']} being written, "
               f"{sp['set_aside']} set aside, {sp['unrouted']} unrouted ({sp['directory']})"
               + (f"; oldest waits {sp['archive_lag_seconds']}s" if "archive_lag_seconds" in sp else ""))
+        if sp["set_aside"]:
+            print("          set aside: `mailtresor requeue --list` says why, `mailtresor requeue --all` puts them back")
         if doc.get("query_socket"):
             q = doc["query_socket"]
             print(f"queries:  {q['path']} ({'listening' if q['listening'] else 'not listening'}; "
@@ -580,8 +582,9 @@ def cmd_import(cfg, args) -> int:
         try:
             while ids & set(spool.ready()):
                 r = pipe.run_batch()
-                if r.waiting_for_key:
-                    raise UserError(f"cannot archive: {r.waiting_for_key}")
+                if r.waiting_for_key or r.paused:
+                    raise UserError(f"cannot archive: {r.paused or r.waiting_for_key} "
+                                    "(the messages wait in the spool; the daemon archives them when it can)")
                 _progress("archived", len(ids - set(spool.ready())), 0)
             pipe.seal_all()
         finally:
@@ -689,6 +692,54 @@ def cmd_reroute(cfg, args) -> int:
     return 0
 
 
+def cmd_requeue(cfg, args) -> int:
+    """Set-aside entries (spool bad/) back into the queue: by id, or all;
+    or list them with why they were set aside."""
+    from .keys import KeyRing
+    from .spool import NotSetAside, Spool
+    if not (args.list or args.all or args.ids):
+        raise UserError("name the entries to put back (IDs), or give --all, or --list to see them", EXIT_USAGE)
+    if args.list and (args.all or args.ids):
+        raise UserError("--list only lists: give it alone", EXIT_USAGE)
+    if args.all and args.ids:
+        raise UserError("give either --all or IDs, not both", EXIT_USAGE)
+    # No key: entries move between directories as they are, still encrypted.
+    spool = Spool(cfg.spool.directory, KeyRing(), min_free_bytes=0)
+    try:
+        notes = spool.set_aside_notes()
+        if args.list:
+            if args.json:
+                print(json.dumps([{"id": i, **{k: v for k, v in n.items() if k != "id"}}
+                                  for i, n in notes.items()], indent=1, sort_keys=True))
+            elif not notes:
+                print("requeue: nothing is set aside", file=sys.stderr)
+            for i, n in ([] if args.json else notes.items()):
+                when = _iso(n["time"]) if isinstance(n.get("time"), (int, float)) else "?"
+                tries = n.get("tries")
+                print(f"{i}  set aside {when}" + (f" after {tries} tr{'y' if tries == 1 else 'ies'}" if tries else "")
+                      + f": {n['reason']}")
+            return 0
+        ids = list(notes) if args.all else list(dict.fromkeys(args.ids))
+        unknown = [i for i in ids if i not in notes]
+        if unknown:
+            # Nothing moves when one id is wrong: the command does all it was told or nothing.
+            raise UserError(f"not set aside: {', '.join(unknown)} (`mailtresor requeue --list` shows what is)")
+        moved, gone = 0, []
+        for i in ids:
+            try:
+                spool.requeue(i)
+                moved += 1
+            except NotSetAside:
+                gone.append(i)                # another requeue took it meanwhile
+    finally:
+        spool.close()
+    for i in gone:
+        print(f"requeue: {i} was no longer set aside", file=sys.stderr)
+    print(f"requeue: {moved} set-aside entr{'y' if moved == 1 else 'ies'} back in the queue; "
+          "the archiver takes them at its next batch, with their tries counted from zero", file=sys.stderr)
+    return 0
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's, told the width it would use (the terminal's, less 2):
     argparse makes a formatter for every argument added and imports shutil
@@ -771,12 +822,27 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("reroute", help="give unrouted mail to the archiver again (after adding a tenant)")
     s.set_defaults(func=cmd_reroute)
+
+    s = sub.add_parser(
+        "requeue", help="put set-aside mail (spool bad/) back into the archiver's queue",
+        description="Put entries the archiver set aside (spool bad/, after max_tries failures) back into "
+                    "its queue, whatever they were set aside for, with their tries counted from zero. "
+                    "Safe while the daemon runs. A full or failing disk sets nothing aside (the archiver "
+                    "pauses; see `mailtresor status`). Unrouted mail (no tenant claims it) is not set "
+                    "aside: `mailtresor reroute` gives it back after adding a tenant.")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--all", action="store_true", help="every set-aside entry")
+    g.add_argument("--list", action="store_true", help="list set-aside entries and why; move nothing")
+    s.add_argument("--json", action="store_true", help="with --list: machine-readable output")
+    s.add_argument("ids", nargs="*", metavar="ID", help="spool entry ids (as --list shows them)")
+    s.set_defaults(func=cmd_requeue)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import no_core_dumps
+    from . import no_core_dumps, private_umask
     no_core_dumps()                       # some commands hold tenant keys and mail
+    private_umask()                       # reindex/restore/import from a root shell: private files
     args = build_parser().parse_args(argv)
     from . import config as configmod     # here: --help and usage errors need none of it
     try:

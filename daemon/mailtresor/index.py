@@ -335,12 +335,18 @@ class ShardIndex:
         (`iam*`) is a creation cut short by a crash: it never held a
         committed document, and Xapian refuses to open it, so it goes."""
         import shutil
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        from .store import DIR_MODE, private_dir, private_tree
+        private_dir(self.path.parent)
         fresh = self.path.with_name(self.path.name + ".new")
         shutil.rmtree(fresh, ignore_errors=True)
+        # Xapian takes no file mode: the directory is made 0700 first and
+        # what Xapian put in it is made private before it is renamed into place.
+        os.mkdir(fresh, DIR_MODE)
         db = xapian.WritableDatabase(str(fresh), xapian.DB_CREATE)
         db.commit()
         db.close()
+        private_tree(fresh)
         if self.path.exists():
             shutil.rmtree(self.path)
         os.rename(fresh, self.path)
@@ -380,6 +386,10 @@ class ShardIndex:
                 raise
         finally:
             db.close()
+        # Glass makes some tables at their first use (position.glass), with
+        # the process umask, which a root shell may leave at 022.
+        from .store import private_tree
+        private_tree(self.path)
 
 
 _LISTING_MAGIC = b"MTL1"   # store.LISTING_MAGIC; never in a (lower-case hex) archive id

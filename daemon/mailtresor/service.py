@@ -147,6 +147,8 @@ class Daemon:
         if not worker and cfg.archive is not None and cfg.archive.enabled:
             from .archiver import Archiver
             self.archiver = Archiver(cfg, reactor, self.spool, self.ring)
+            # A pause (full disk, missing key) and its end are in status.json at once.
+            self.archiver.on_change = self.write_status
         self.query = None
         if self.archiver is not None:
             from .query import QueryService
@@ -510,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{cfg.source}: configuration OK")
         return 0
-    from . import no_core_dumps
+    from . import no_core_dumps, private_umask
     no_core_dumps()
+    private_umask()                       # the spool, store, index and backup: the daemon's user's only
     setup_logging(cfg.service.log_level)
     from twisted.internet import reactor
 

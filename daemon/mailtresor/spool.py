@@ -86,6 +86,14 @@ class SpoolClosed(SpoolError):
     """The daemon is shutting down."""
 
 
+class NotSetAside(Exception):
+    """`Spool.requeue()` of an id that is not in bad/."""
+
+    def __init__(self, entry_id: str, why: str):
+        super().__init__(f"{entry_id!r}: {why}")
+        self.entry_id, self.why = entry_id, why
+
+
 class MessageTooLarge(Exception):
     """The message exceeds spool.max_message_size (permanent, 552 5.3.4)."""
 
@@ -604,27 +612,51 @@ class Spool:
         log.warning("%s: set aside in bad/: %s", entry_id, reason)
 
     def requeue(self, entry_id: str) -> None:
-        """Put a set-aside entry back in new/ (after the cause was mended)."""
-        os.rename(self.bad_dir / entry_id, self.new_dir / entry_id)
+        """Put a set-aside entry back in new/ (after the cause was mended),
+        whatever it was set aside for, with its try count back at zero.
+
+        Safe while a daemon archives from this spool: one rename(2) moves
+        the entry, the archiver only reads new/ and lists it again at its
+        next batch.  Raises NotSetAside for an id that is not in bad/."""
+        if not is_id(entry_id):
+            raise NotSetAside(entry_id, "not a spool entry id")
+        try:
+            os.unlink(self.tries_dir / entry_id)     # set_aside() forgot them; a crash may not have
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(self.bad_dir / entry_id, self.new_dir / entry_id)
+        except FileNotFoundError:
+            raise NotSetAside(entry_id, "not set aside") from None
         _fsync_dir(self.new_dir)
+        _fsync_dir(self.bad_dir)
         try:
             os.unlink(self.bad_dir / f"{entry_id}.why")
         except FileNotFoundError:
             pass
         with self._lock:
             self._count += 1
+        log.warning("%s: put back in the queue from bad/", entry_id)
 
     def set_aside_entries(self) -> list[str]:
         return sorted(n for n in os.listdir(self.bad_dir) if is_id(n))
 
-    def set_aside_reasons(self) -> dict[str, str]:
+    def set_aside_notes(self) -> dict[str, dict]:
+        """Each set-aside entry's note: reason, time, tries (as written by
+        set_aside(); {"reason": "(no note)"} when it cannot be read)."""
         out = {}
         for n in self.set_aside_entries():
             try:
-                out[n] = json.loads((self.bad_dir / f"{n}.why").read_bytes())["reason"]
-            except (OSError, ValueError, KeyError):
-                out[n] = "(no note)"
+                note = json.loads((self.bad_dir / f"{n}.why").read_bytes())
+                if not isinstance(note, dict) or "reason" not in note:
+                    raise ValueError
+                out[n] = note
+            except (OSError, ValueError):
+                out[n] = {"id": n, "reason": "(no note)"}
         return out
+
+    def set_aside_reasons(self) -> dict[str, str]:
+        return {n: str(note["reason"]) for n, note in self.set_aside_notes().items()}
 
     # --- mail no tenant claims: kept, still under the spool key ---
 

@@ -21,6 +21,7 @@ seals; the caller adds the index check.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -61,6 +62,159 @@ MAX_OPEN_SHARDS = 4
 ID_INFO = b"mailtresor/archive-id"
 STORE_INFO = b"mailtresor/store/v1"
 UNROUTED = "unrouted"
+
+
+# --- files only the daemon's user may read -----------------------------------------
+# Directories 0700, files 0600, whatever the umask of the process that makes
+# them (a `restore` or `reindex` from a root shell with umask 022 included):
+# an index holds plaintext terms, a shard its metadata's sizes and times.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """mkdir -p with mode 0700 for every directory it creates (mkdir's mode
+    is cut by the umask, which can only remove bits; an existing directory
+    is left as it is)."""
+    path = Path(path)
+    if not path.is_dir():
+        if path.parent != path:
+            private_dir(path.parent)
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            pass
+    return path
+
+
+def private_tree(path: Path) -> None:
+    """chmod go-rwx over a tree a library made with the process umask
+    (Xapian creates its files 0666 & ~umask and takes no mode)."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        for f in (dirpath, *(os.path.join(dirpath, n) for n in filenames)):
+            mode = os.lstat(f).st_mode
+            if mode & 0o077:
+                os.chmod(f, mode & 0o700)
+
+
+# --- storage faults: the disk's fault, not the message's ----------------------------
+
+# errno -> how the status line names the fault.
+_FAULTS = {errno.ENOSPC: "file system full", errno.EDQUOT: "quota exceeded",
+           errno.EROFS: "file system read-only", errno.EIO: "I/O error"}
+
+
+def storage_fault(e: BaseException) -> tuple[str, str] | None:
+    """(what, reason) when `e` says that storage cannot take writes now
+    (full, over quota, read-only, I/O error), else None.  Such a failure is
+    no message's fault: the archiver pauses instead of counting tries.
+
+    They come as OSError, as lmdb errors (lmdb.DiskError for ENOSPC at open,
+    MapFullError, and a plain lmdb.Error whose text is the strerror: a short
+    write of a page -- the disk filled in the middle of a commit -- is
+    "mdb_txn_commit: Input/output error"), or as Xapian errors whose
+    get_error_string() is the strerror ("Error writing block 5" +
+    "No space left on device").  The exception chain is followed."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FAULTS:
+            return _FAULTS[e.errno], os.strerror(e.errno)
+        if isinstance(e, lmdb.MapFullError):
+            return "shard map full", "the LMDB map size is reached"
+        if isinstance(e, lmdb.DiskError):
+            return _FAULTS[errno.ENOSPC], os.strerror(errno.ENOSPC)
+        texts = [str(e)]
+        get = getattr(e, "get_error_string", None)
+        if callable(get):
+            try:
+                err = get()
+                texts.append(err.decode(errors="replace") if isinstance(err, bytes) else str(err or ""))
+            except Exception:  # noqa: BLE001 - a description, never a new failure
+                pass
+        if isinstance(e, lmdb.Error) or callable(get):
+            for code, what in _FAULTS.items():
+                if any(os.strerror(code) in t for t in texts):
+                    return what, os.strerror(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe_fault(kind: str, path: Path, e: BaseException) -> str | None:
+    """`"store file system full (/srv/store): No space left on device"` for
+    a storage fault at `path`; None for anything else.  LMDB reports a disk
+    that filled in the middle of a commit as an I/O error: when the file
+    system has (next to) no room left, it is called full."""
+    f = storage_fault(e)
+    if f is None:
+        return None
+    what, reason = f
+    if what == "I/O error" and _nearly_full(path):
+        what, reason = _FAULTS[errno.ENOSPC], f"{reason} (no space left)"
+    return f"{kind} {what} ({path}): {reason}"
+
+
+def _nearly_full(path: Path) -> bool:
+    p = Path(path)
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+LOCK_FILE_BYTES = 64 << 10
+
+
+def _allocate_lock_file(lmdb_dir: Path, name: str = "lock.mdb") -> None:
+    """Give an LMDB lock file its blocks before LMDB maps it.  LMDB makes it
+    with ftruncate (a sparse file) and writes its reader table through a
+    shared mapping: on a full file system the first touch of an unbacked
+    page is a SIGBUS that kills the daemon.  Allocated here, a full disk is
+    an ENOSPC from posix_fallocate instead.  LMDB keeps a larger lock file
+    as it is (it sizes its reader table to the file).  An existing lock
+    file only gets its holes filled, never a new size: a process that has
+    it mapped sized its reader table to it."""
+    path = lmdb_dir / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size or LOCK_FILE_BYTES)
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _open_env(path: Path, *, readonly: bool, **kw) -> lmdb.Environment:
+    """lmdb.open() with private files and a preallocated lock file; an
+    environment whose creation fails (a full disk) leaves no empty
+    data.mdb behind for months() and `verify` to trip over."""
+    data = path / "data.mdb"
+    fresh = not readonly and not data.exists()
+    if not readonly:
+        private_dir(path)
+    try:
+        if not readonly:
+            _allocate_lock_file(path)
+        return lmdb.open(str(path), readonly=readonly, mode=FILE_MODE, **kw)
+    except BaseException:
+        if fresh:
+            for n in ("data.mdb", "lock.mdb"):
+                with _suppress_missing():
+                    if n == "lock.mdb" or os.path.getsize(path / n) == 0:
+                        os.unlink(path / n)
+        raise
+
+
+class _suppress_missing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, FileNotFoundError)
 
 
 class StoreError(Exception):
@@ -369,15 +523,18 @@ class Shard:
         self.index_dir = self.dir / "xapian"
         if readonly and not (self.lmdb_dir / "data.mdb").exists():
             raise StoreError(f"no shard {tenant}/{month}")
-        self.lmdb_dir.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(self.lmdb_dir), map_size=MAP_SIZE, max_dbs=8, subdir=True,
-                             readonly=readonly, metasync=True, sync=True, max_readers=256)
+        self.env = _open_env(self.lmdb_dir, readonly=readonly, map_size=MAP_SIZE, max_dbs=8, subdir=True,
+                             metasync=True, sync=True, max_readers=256)
         create = not readonly
-        self.records = self.env.open_db(b"records", create=create)
-        self.meta = self.env.open_db(b"meta", create=create)
-        self.chain = self.env.open_db(b"chain", create=create)
-        self.seals = self.env.open_db(b"seals", create=create)
-        self.state = self.env.open_db(b"state", create=create)
+        try:
+            self.records = self.env.open_db(b"records", create=create)
+            self.meta = self.env.open_db(b"meta", create=create)
+            self.chain = self.env.open_db(b"chain", create=create)
+            self.seals = self.env.open_db(b"seals", create=create)
+            self.state = self.env.open_db(b"state", create=create)
+        except BaseException:
+            self.env.close()
+            raise
 
     def close(self) -> None:
         self.env.close()
@@ -681,8 +838,8 @@ class WriterLock:
 
     def acquire(self, timeout: float = 0.0) -> None:
         import fcntl
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -796,9 +953,13 @@ class Store:
             d = self.root / tenant / "catalog"
             if self.readonly and not (d / "data.mdb").exists():
                 raise StoreError(f"no archive for tenant {tenant}")
-            d.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(str(d), map_size=CATALOG_MAP_SIZE, max_dbs=2, readonly=self.readonly)
-            c = self._catalogs[tenant] = (env, env.open_db(b"ids", create=not self.readonly))
+            env = _open_env(d, readonly=self.readonly, map_size=CATALOG_MAP_SIZE, max_dbs=2)
+            try:
+                db = env.open_db(b"ids", create=not self.readonly)
+            except BaseException:
+                env.close()
+                raise
+            c = self._catalogs[tenant] = (env, db)
         return c
 
     def has_archive(self, tenant: str) -> bool:
@@ -879,13 +1040,19 @@ class BackupDirectory:
         if not frames:
             return 0
         path = self.path(shard.tenant, shard.month)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             _truncate_torn_tail(fd, path)
             data = b"".join(frames)
-            os.write(fd, data)
+            # Every byte, or an exception: on a filling disk write(2)
+            # returns short before it fails, and a short write taken as
+            # whole would advance the backup mark past frames the log never
+            # got (the next ship drops the torn tail: a gap in the backup).
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
             _checked_size[path] = _checked_size.get(path, 0) + len(data)
         except BaseException:
