@@ -179,6 +179,11 @@ class Pipeline:
                 self.lock.acquire()
             except StoreLocked as e:
                 return BatchResult(locked=str(e))
+            except OSError as e:            # a read-only or failing store cannot even lock
+                why = describe_fault("store", self.store.root, e)
+                if why is None:
+                    raise
+                return self._account(BatchResult(paused=why))
         try:
             return self._run_batch()
         except Exception as e:

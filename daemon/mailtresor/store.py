@@ -112,9 +112,9 @@ def storage_fault(e: BaseException) -> tuple[str, str] | None:
     They come as OSError, as lmdb errors (lmdb.DiskError for ENOSPC at open,
     MapFullError, and a plain lmdb.Error whose text is the strerror: a short
     write of a page -- the disk filled in the middle of a commit -- is
-    "mdb_txn_commit: Input/output error"), or as Xapian errors whose
-    get_error_string() is the strerror ("Error writing block 5" +
-    "No space left on device").  The exception chain is followed."""
+    "mdb_txn_commit: Input/output error"), or as Xapian errors whose text
+    ends with it ("Error writing block 5 (No space left on device)").  The
+    exception chain is followed."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -124,17 +124,12 @@ def storage_fault(e: BaseException) -> tuple[str, str] | None:
             return "shard map full", "the LMDB map size is reached"
         if isinstance(e, lmdb.DiskError):
             return _FAULTS[errno.ENOSPC], os.strerror(errno.ENOSPC)
-        texts = [str(e)]
-        get = getattr(e, "get_error_string", None)
-        if callable(get):
-            try:
-                err = get()
-                texts.append(err.decode(errors="replace") if isinstance(err, bytes) else str(err or ""))
-            except Exception:  # noqa: BLE001 - a description, never a new failure
-                pass
-        if isinstance(e, lmdb.Error) or callable(get):
+        # Xapian's str() ends with the strerror in parentheses (its
+        # get_error_string() can crash on an error not made by Xapian).
+        if isinstance(e, lmdb.Error) or type(e).__module__.partition(".")[0] == "xapian":
+            text = str(e)
             for code, what in _FAULTS.items():
-                if any(os.strerror(code) in t for t in texts):
+                if os.strerror(code) in text:
                     return what, os.strerror(code)
         e = e.__cause__ or e.__context__
     return None
@@ -150,7 +145,7 @@ def describe_fault(kind: str, path: Path, e: BaseException) -> str | None:
         return None
     what, reason = f
     if what == "I/O error" and _nearly_full(path):
-        what, reason = _FAULTS[errno.ENOSPC], f"{reason} (no space left)"
+        what, reason = _FAULTS[errno.ENOSPC], f"{os.strerror(errno.ENOSPC)} (reported as: {reason})"
     return f"{kind} {what} ({path}): {reason}"
 
 
