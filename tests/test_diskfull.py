@@ -231,21 +231,22 @@ def test_backup_on_a_full_disk_pauses_and_leaves_no_gap(tmp_path):
             filler = fill(fs, leave=40 << 10)     # room for two or three frames of eight
             waiting = [spool_one(spool, raw_msg(n)) for n in range(1, 9)]
             r = pipe.run_batch()
-            assert r.paused.startswith(f"backup file system full ({fs / 'backup'}): "), r.paused
-            assert spool.ready() == waiting and os.listdir(spool.bad_dir) == [], (r, os.listdir(spool.bad_dir))
+            left = spool.ready()
             filler.unlink()
             drain(pipe, spool)
             check_store(store, keys, "acme", 9)
             month = store.months("acme")[0]
             before = store.shard("acme", month).dump()
             store.close()
-            restore(backup, tmp_path / "restored")
+            restore(backup, tmp_path / "restored")     # before the fix: records missing from the backup
             again = Store(tmp_path / "restored")
             try:
                 after = again.shard("acme", month).dump()
             finally:
                 again.close()
             assert after["records"] == before["records"] and after["chain"] == before["chain"]
+            assert r.paused.startswith(f"backup file system full ({fs / 'backup'}): "), r.paused
+            assert left == waiting and os.listdir(spool.bad_dir) == [], r
         finally:
             store.close()
             spool.close()
