@@ -172,6 +172,7 @@ class Pipeline:
         # mail goes on.  And per such tenant, the current wait in seconds.
         self._deferred: dict[str, float] = {}
         self._key_waits: dict[str, float] = {}
+        self._seal_fault = ""             # the storage fault sealing last met (logged once)
 
     def run_batch(self) -> BatchResult:
         if self.lock.fd is None:
@@ -496,11 +497,15 @@ class Pipeline:
             except Exception as e:  # noqa: BLE001 - sealing is retried at the next interval
                 why = describe_fault("store", self.store.root, e)
                 if why is not None:
-                    log.warning("%s/%s: cannot seal now: %s", tenant, month, why)
+                    # Tried at every batch while it lasts: said once.
+                    (log.debug if why == self._seal_fault else log.warning)(
+                        "%s/%s: cannot seal now: %s", tenant, month, why)
+                    self._seal_fault = why
                 else:
                     log.error("%s/%s: cannot seal: %s: %s", tenant, month, type(e).__name__, e)
                 continue
             del self._dirty[(tenant, month)]
+            self._seal_fault = ""
             if s is not None:
                 log.info("%s/%s: sealed at chain entry %d%s", tenant, month, s.seq,
                          " (with a time stamp)" if s.tsa_token else "")

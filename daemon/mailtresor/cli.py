@@ -132,7 +132,8 @@ def cmd_status(cfg, args) -> int:
               f"{sp['set_aside']} set aside, {sp['unrouted']} unrouted ({sp['directory']})"
               + (f"; oldest waits {sp['archive_lag_seconds']}s" if "archive_lag_seconds" in sp else ""))
         if sp["set_aside"]:
-            print("          set aside: `mailtresor requeue --list` says why, `mailtresor requeue --all` puts them back")
+            print("          set aside: `mailtresor requeue --list` says why, "
+                  "`mailtresor requeue --all` puts them back")
         if doc.get("query_socket"):
             q = doc["query_socket"]
             print(f"queries:  {q['path']} ({'listening' if q['listening'] else 'not listening'}; "
