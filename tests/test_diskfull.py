@@ -253,6 +253,44 @@ def test_backup_on_a_full_disk_pauses_and_leaves_no_gap(tmp_path):
 
 
 @needs_mount
+def test_full_index_pauses_and_the_index_is_whole_after(tmp_path):
+    """The shard's Xapian directory on a file system of its own, filled:
+    the records commit, Xapian fails (`Error writing block N (No space left
+    on device)`), the archiver pauses with no try counted; after the space
+    returns the entries come again and the index holds every live id, up
+    to the chain head."""
+    ring = ring_for("acme")
+    keys = Keys(ring)
+    spool = Spool(tmp_path / "spool", ring, max_tries=2, sync="fsync")
+    store = Store(tmp_path / "store")
+    pipe = Pipeline(spool, store, keys, Router([Tenant("acme", ("acme.example",))]), batch_size=8)
+    try:
+        spool_one(spool, raw_msg(0))
+        drain(pipe, spool)
+        xdir = store.shard("acme", store.months("acme")[0]).index_dir
+        store.close()
+        saved = tmp_path / "saved-index"
+        shutil.copytree(xdir, saved)
+        with small_fs(xdir, "2m") as fs:
+            shutil.copytree(saved, fs, dirs_exist_ok=True)
+            filler = fill(fs)
+            waiting = [spool_one(spool, raw_msg(n, size=2_000) + b" ".join(
+                b"word%d%d" % (n, i) for i in range(500))) for n in range(1, 9)]
+            rs = [pipe.run_batch() for _ in range(spool.max_tries + 2)]
+            assert spool.ready() == waiting and os.listdir(spool.bad_dir) == [] and os.listdir(spool.tries_dir) == []
+            assert rs[-1].paused == f"index file system full ({xdir}): No space left on device", rs[-1]
+            assert rs[0].stored == 8 and rs[-1].duplicates == 8       # stored once, indexed when it can be
+            filler.unlink()
+            r = pipe.run_batch()
+            assert r.archived == 8, (r, os.statvfs(fs).f_bavail)
+            check_store(store, keys, "acme", 9)
+            store.close()
+    finally:
+        store.close()
+        spool.close()
+
+
+@needs_mount
 def test_read_only_store_pauses(tmp_path):
     """A store remounted read-only (what ext4 does after an I/O error)."""
     with small_fs(tmp_path / "fs", "4m") as fs:

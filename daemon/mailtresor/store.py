@@ -145,7 +145,8 @@ def describe_fault(kind: str, path: Path, e: BaseException) -> str | None:
         return None
     what, reason = f
     if what == "I/O error" and _nearly_full(path):
-        what, reason = _FAULTS[errno.ENOSPC], f"{os.strerror(errno.ENOSPC)} (reported as: {reason})"
+        # Said the same way as an ENOSPC: one reason, one log line a pause.
+        what, reason = _FAULTS[errno.ENOSPC], os.strerror(errno.ENOSPC)
     return f"{kind} {what} ({path}): {reason}"
 
 
