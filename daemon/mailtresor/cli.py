@@ -140,8 +140,14 @@ def cmd_status(cfg, args) -> int:
                   f"{q['answered']} answered since start)")
         if doc.get("archiver"):
             ar = doc["archiver"]
-            print(f"archiver: {ar.get('state')}: {ar.get('archived')} archived, {ar.get('stored')} stored, "
-                  f"{ar.get('duplicates')} duplicates, {ar.get('failed')} failed since start")
+            counts = (f"{ar.get('archived')} archived, {ar.get('stored')} stored, "
+                      f"{ar.get('duplicates')} duplicates, {ar.get('failed')} failed since start")
+            if ar.get("paused"):
+                # The reason is a sentence of its own (it has colons): the counters go below.
+                print(f"archiver: {ar.get('state')}")
+                print(f"          {counts}")
+            else:
+                print(f"archiver: {ar.get('state')}: {counts}")
         for sh in doc.get("shards") or []:
             print(f"shard:    {sh['shard']}: {sh['records']} records, chain {sh['chain']}, "
                   f"index lag {sh['index_lag']}, backup lag {sh['backup_lag']}, {sh['unsealed']} unsealed")
