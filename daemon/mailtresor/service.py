@@ -188,9 +188,20 @@ class Daemon:
                "archive": self.archiver.status() if self.archiver is not None else None,
                "query_socket": self.query.status() if self.query is not None else None}
         try:
-            self._status_file.parent.mkdir(parents=True, exist_ok=True)
+            if not self._status_file.parent.is_dir():
+                self._status_file.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(self._status_file.parent, 0o750)
             tmp = self._status_file.with_name(".status.json.tmp")
-            tmp.write_text(json.dumps(doc, indent=1))
+            # 0640 as under the unit's UMask=0027 (the daemon runs with umask
+            # 077 for its data): `mailtresor status` by the mailtresor group.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                os.fchmod(fd, 0o640)
+                data = memoryview(json.dumps(doc, indent=1).encode())
+                while data:
+                    data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
             os.replace(tmp, self._status_file)
         except OSError as e:
             log.debug("cannot write %s: %s", self._status_file, e)
