@@ -543,9 +543,9 @@ def _open_modes(*roots: Path) -> list[str]:
 
 
 def test_store_index_and_backup_are_private_whatever_the_umask(tmp_path):
-    """The daemon, `restore` and `reindex` run with umask 022 (a root
-    shell): no directory or file under the store, the index or the backup
-    is group- or world-accessible."""
+    """The daemon, `restore`, `reindex` and `import` run with umask 022 (a
+    root shell): no directory or file under the store, the index or the
+    backup is group- or world-accessible."""
     old = os.umask(0o022)                          # the daemon inherits it from this process
     try:
         stack = Stack(tmp_path / "stack", {"archive": {"enabled": True}})
@@ -565,9 +565,14 @@ def test_store_index_and_backup_are_private_whatever_the_umask(tmp_path):
         assert p.returncode == 0, p.stderr
         p = _cli(stack, "reindex", umask=0o022)
         assert p.returncode == 0, p.stderr
+        eml = tmp_path / "imported.eml"             # another month: a new shard, catalog entry, index
+        eml.write_bytes(_msg("private imported").replace(b"Aug 2002", b"Mar 2003"))
+        p = _cli(stack, "import", "--tenant", "acme", str(eml), umask=0o022)
+        assert p.returncode == 0, p.stderr
+        assert (store / "acme" / "2003-03" / "xapian").is_dir()
         assert _open_modes(store, backup, restored) == []
         assert stat.S_IMODE(os.stat(restored).st_mode) == 0o700
-        assert _hits(stack, "subject:private") == 3
+        assert _hits(stack, "subject:private") == 4
     finally:
         stack.close()
 
