@@ -173,6 +173,7 @@ class Pipeline:
         self._deferred: dict[str, float] = {}
         self._key_waits: dict[str, float] = {}
         self._seal_fault = ""             # the storage fault sealing last met (logged once)
+        self._stage_fault = ""            # the index/backup failure last logged (once)
 
     def run_batch(self) -> BatchResult:
         if self.lock.fd is None:
@@ -437,13 +438,20 @@ class Pipeline:
                 why = describe_fault(stage, where, e)
                 if why is None:
                     why = f"{stage} of {tenant}/{month} failed ({type(e).__name__})"
-                    log.debug("%s/%s: %s: %s", tenant, month, type(e).__name__, e)
+                    # The error's own words (an index lock, a damaged backup
+                    # log), once while it stays the same: the archiver's
+                    # pause line says the rest.
+                    detail = f"{tenant}/{month}: cannot {stage}: {type(e).__name__}: {e}"
+                    (log.debug if detail == self._stage_fault else log.warning)("%s", detail)
+                    self._stage_fault = detail
                 res.paused = res.paused or why
                 for _, p in docs:
                     held.add(p.entry_id)
                 continue
             res.shards.add((tenant, month))
             self._dirty.setdefault((tenant, month), self.clock())
+        if not res.paused:
+            self._stage_fault = ""
         waiting = self._defer(prepared, blocked, res)
         held -= failed
         res.held = len(held - waiting)
