@@ -41,10 +41,17 @@ needs_mount = pytest.mark.skipif(not _can_mount(), reason="mounting a tmpfs need
 
 
 @contextlib.contextmanager
-def small_fs(path: Path, size: str):
-    """A tmpfs of `size` at `path`, unmounted (lazily if busy) on the way out."""
+def small_fs(path: Path, size: str, kind: str = "tmpfs"):
+    """A tmpfs (or a loop-mounted ext4 image, no blocks reserved for root)
+    of `size` at `path`, unmounted (lazily if busy) on the way out."""
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    if kind == "ext4":
+        image = path.with_name(path.name + ".img")
+        subprocess.run(["truncate", "-s", size.upper(), str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+    else:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
     try:
         yield path
     finally:
@@ -126,15 +133,18 @@ def check_store(store: Store, keys: Keys, tenant: str, want: int) -> None:
 # --- the pipeline on a full store file system -----------------------------------------
 
 @needs_mount
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
 @pytest.mark.parametrize("leave", [0, 48 << 10], ids=["no-room", "room-for-half-a-batch"])
-def test_full_store_pauses_and_sets_nothing_aside(tmp_path, leave):
+def test_full_store_pauses_and_sets_nothing_aside(tmp_path, leave, kind):
     """Today's loss: a full store file system set aside every waiting entry
     (bad/) after max_tries batches.  Now: no try counted, nothing set
     aside, the reason says what and where; space returns and everything is
     archived, the chain verifies, the index is complete, the backup
     restores.  `leave` > 0 makes the disk fill in the middle of a commit
     (LMDB then reports a short write as an I/O error)."""
-    with small_fs(tmp_path / "fs", "4m") as fs:
+    if kind == "ext4" and not shutil.which("mkfs.ext4"):
+        pytest.skip("no mkfs.ext4")
+    with small_fs(tmp_path / "fs", "8m", kind) as fs:
         ring = ring_for("acme", "globex")
         keys = Keys(ring)
         spool = Spool(tmp_path / "spool", ring, max_tries=2, sync="fsync")     # elsewhere: accepting goes on
