@@ -21,6 +21,7 @@ seals; the caller adds the index check.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -186,8 +187,8 @@ def _allocate_lock_file(lmdb_dir: Path, name: str = "lock.mdb") -> None:
 
 def _open_env(path: Path, *, readonly: bool, **kw) -> lmdb.Environment:
     """lmdb.open() with private files and a preallocated lock file; an
-    environment whose creation fails (a full disk) leaves no empty
-    data.mdb behind for months() and `verify` to trip over."""
+    environment whose creation fails (a full disk) leaves no data.mdb
+    (empty or torn) behind for months() and `verify` to trip over."""
     data = path / "data.mdb"
     fresh = not readonly and not data.exists()
     if not readonly:
@@ -198,19 +199,12 @@ def _open_env(path: Path, *, readonly: bool, **kw) -> lmdb.Environment:
         return lmdb.open(str(path), readonly=readonly, mode=FILE_MODE, **kw)
     except BaseException:
         if fresh:
+            # lmdb.open() failed on an environment it was creating: nothing
+            # was ever committed to it (its meta pages may be torn).
             for n in ("data.mdb", "lock.mdb"):
-                with _suppress_missing():
-                    if n == "lock.mdb" or os.path.getsize(path / n) == 0:
-                        os.unlink(path / n)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path / n)
         raise
-
-
-class _suppress_missing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, FileNotFoundError)
 
 
 class StoreError(Exception):
