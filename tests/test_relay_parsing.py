@@ -234,3 +234,46 @@ def test_mail_parameters_accepts_the_ordinary():
     size, refusal = mail_parameters({"SIZE": "9" * 4000}, esmtp=True)   # over int()'s digit limit
     assert refusal is None and size > 1 << 63                           # just "too large" later
     assert mail_parameters({"SIZE": "1"}, esmtp=False)[1].code == 555   # HELO: no parameters
+
+
+# The relay's limits in the configuration: sensible defaults, nonsense refused.
+
+def _relay_cfg(tmp_path, relay: str = "", control: str = ""):
+    from tests.test_config import BASE, load_text
+    extra = ("[relay]\n" + relay if relay else "") + (
+        "[control_server]\nlisten = 'tcp:1'\ncert_file = 'c'\nkey_file = 'k'\nclient_ca_file = 'a'\n"
+        "keystore = 's'\naudit_log = 'l'\n" + control if control else "")
+    return load_text(tmp_path, BASE + extra)[0]
+
+
+def test_relay_limit_defaults(tmp_path):
+    r = _relay_cfg(tmp_path).relay
+    assert (r.max_connections_per_client, r.handshake_timeout, r.session_timeout, r.min_data_rate,
+            r.data_rate_window, r.bare_newline) == (10, 10.0, 3600.0, 256, 30.0, "keep")
+    cs = _relay_cfg(tmp_path, control="max_connections = 300\n").control_server
+    assert (cs.max_connections, cs.max_connections_per_client, cs.handshake_timeout, cs.idle_timeout) == \
+        (300, 16, 10.0, 30.0)
+
+
+@pytest.mark.parametrize("relay,control,key,message", [
+    ("bare_newline = 'normalize'\n", "", "relay.bare_newline", "is not one of"),
+    ("handshake_timeout = 0\n", "", "relay.handshake_timeout", "at least 1 second"),
+    ("data_rate_window = 0.5\n", "", "relay.data_rate_window", "at least 1 second"),
+    ("session_timeout = 30\n", "", "relay.session_timeout", "at least 60 s"),
+    ("timeout = 600\nsession_timeout = 300\n", "", "relay.session_timeout", "at least relay.timeout"),
+    ("min_data_rate = 10000000\n", "", "relay.min_data_rate", "at most 1048576"),
+    ("max_connections = 0\n", "", "relay.max_connections", "at least 1"),
+    ("max_connections_per_client = -1\n", "", "relay.max_connections_per_client", "must not be negative"),
+    ("", "max_connections = 1\n", "control_server.max_connections", "at least 2"),
+    ("", "max_connections_per_client = 0\n", "control_server.max_connections_per_client", "at least 1"),
+    ("", "idle_timeout = 0\n", "control_server.idle_timeout", "at least 1 second"),
+])
+def test_relay_limits_are_checked(tmp_path, relay, control, key, message):
+    from mailtresor.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        _relay_cfg(tmp_path, relay, control)
+    assert f": {key}: " in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_session_deadline_zero_means_none(tmp_path):
+    assert _relay_cfg(tmp_path, "session_timeout = 0\nmin_data_rate = 0\n").relay.session_timeout == 0
