@@ -10,11 +10,25 @@ What it promises:
   TLS 1.2 at least;
 - who may deliver is decided per connector: source network and/or client
   certificate; a connector may name its tenant;
-- DATA is taken byte for byte: only `<CR><LF>.<CR><LF>` ends it, dot
-  stuffing is undone, and a bare <LF> or bare <CR> anywhere is refused
-  with `550 5.5.2` and the connection closed (SMTP smuggling; the
-  behaviour of Postfix's `smtpd_forbid_bare_newline = reject`, without its
-  `normalize` mode, which would change the stored bytes);
+- DATA is taken byte for byte: only `<CR><LF>.<CR><LF>` ends it and dot
+  stuffing is undone only after `<CR><LF>`, so no `<LF>.<LF>` or
+  `<CR>.<CR>` can end a message early (SMTP smuggling).  A bare <LF> or
+  bare <CR> inside a message is kept as it came and the entry flagged
+  `bare-newline`: a 5xx would make the sender bounce journal mail, which
+  the archive would then never have.  `[relay] bare_newline = "reject"`
+  refuses it with `550 5.5.2` instead (Postfix's
+  `smtpd_forbid_bare_newline = reject`).  A bare <LF> or <CR> in a
+  command is always refused (`550 5.5.2`, closed);
+- nobody holds a connection for nothing: on an implicit-TLS port the
+  connector networks and connection limits are checked when the TCP
+  connection is accepted, before any TLS work; a handshake has
+  `handshake_timeout`; sessions are limited per client address
+  (`max_connections_per_client`, per process); a session ends at
+  `session_timeout` whatever it does, and DATA slower than `min_data_rate`
+  bytes/s over `data_rate_window` is cut (`421 4.4.2`; an unfinished
+  message is aborted, never half-stored);
+- parameters are RFC 5321 syntax in ASCII (`SIZE=²` is a `501`, never an
+  exception);
 - `250 2.0.0 Ok: queued as ID` only once the spool says the entry is
   durable; every storage failure is a 4xx (mailtresor.replies).
 
