@@ -927,8 +927,6 @@ class RelayFactory(ServerFactory):
         """Why a new implicit-TLS connection from `host` is dropped before
         its handshake, or None.  A refused client costs no TLS handshake
         and gets no reply: there is no channel to say it in yet."""
-        if self.shutting_down:
-            return "shutting down"
         if not self.gate.may_connect(host):
             return "in no connector's networks"
         if len(self.active) >= self.max_connections:
