@@ -1,19 +1,25 @@
 """The reference control endpoint: key custody, release rules, audit."""
 
+import http.client
 import json
 import os
+import resource
+import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from mailtresor import crypto
-from mailtresor.control import AuditLog, ControlError, KeyStore, read_master_secret
+from mailtresor.control import (AuditLog, ConnectionGuard, ControlError, KeyStore, parse_key_path,
+                                read_master_secret)
 from mailtresor.keys import KeyRefused, fetch_blocking
 from mailtresor.pki import CA
+from tests.harness import devstack
 from tests.harness.stack import Stack
 
 VENV_BIN = Path(sys.executable).parent
@@ -181,14 +187,6 @@ def test_serve_refuses_a_damaged_audit_log(control):
 
 
 # --- issue 12: the control endpoint under attack ------------------------------------------------
-
-import http.client
-import resource
-import socket
-import time
-
-from mailtresor.control import ConnectionGuard, parse_key_path
-from tests.harness import devstack
 
 
 def appliance_get(stack, path: str, method: str = "GET", cert: str = "appliance-t1") -> tuple[int, dict]:

@@ -1,12 +1,20 @@
-"""The relay end to end: a real daemon process, real TLS, real clients."""
+"""The relay end to end: a real daemon process, real TLS, real clients;
+and its session rules in-process, with a StringTransport and a task.Clock."""
 
 import os
+import socket
 import ssl
 import subprocess
 import time
+from concurrent.futures import Future
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
+from mailtresor.config import Connector as ConnectorCfg
+from mailtresor.relay import Gate, ImplicitTLSFactory, RelayFactory
 from tests.harness.rawsmtp import RawSMTP, ready_session
 from tests.harness.stack import Stack
 
@@ -667,15 +675,6 @@ def _resumption(st, tls_version):
 # In-process first (a StringTransport and a task.Clock: no sockets, time
 # driven by the test), then the same attacks on a real daemon over TLS.
 
-from concurrent.futures import Future
-
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-
-from mailtresor.config import Connector as ConnectorCfg
-from mailtresor.relay import ClientCounts, Gate, ImplicitTLSFactory, RelayFactory
-
 TLS_FACTS = {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "client_cert": None}
 
 
@@ -897,7 +896,6 @@ def test_implicit_tls_refuses_a_foreign_network_before_the_handshake(tmp_path):
     """On the implicit-TLS port a client from no connector's network must
     not get a TLS handshake (CPU, a connection slot) before being refused:
     the server sends not one byte."""
-    import socket
     st = Stack(tmp_path / "n", {"relay": {"connector": [{"name": "local", "networks": ["127.0.0.1/32"]}]}}).start()
     try:
         sock = socket.create_connection(("127.0.0.1", st.smtps_port), timeout=10, source_address=("127.0.0.2", 0))
@@ -984,7 +982,7 @@ def test_slow_loris_in_data_is_cut(tmp_path):
             s.sock.settimeout(0.5)
             try:
                 chunk = s.sock.recv(4096)
-            except socket_timeout():
+            except socket.timeout:
                 continue
             except (OSError, ssl.SSLError):
                 break
@@ -1001,11 +999,6 @@ def test_slow_loris_in_data_is_cut(tmp_path):
         assert len(st.spool_ids()) == 1
     finally:
         st.close()
-
-
-def socket_timeout():
-    import socket
-    return socket.timeout
 
 
 def test_size_with_non_ascii_digits_gets_501_not_a_dropped_session(running):

@@ -932,7 +932,8 @@ class RelayFactory(ServerFactory):
         if len(self.active) >= self.max_connections:
             return f"too many connections ({len(self.active)})"
         if self.max_connections_per_client and self.clients.count(host) >= self.max_connections_per_client:
-            return f"already has {self.clients.count(host)} connections (limit {self.max_connections_per_client} per client)"
+            return (f"already has {self.clients.count(host)} connections "
+                    f"(limit {self.max_connections_per_client} per client)")
         return None
 
     def connection_closed(self, proto):
