@@ -1,19 +1,25 @@
 """The reference control endpoint: key custody, release rules, audit."""
 
+import http.client
 import json
 import os
+import resource
+import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from mailtresor import crypto
-from mailtresor.control import AuditLog, ControlError, KeyStore, read_master_secret
+from mailtresor.control import (AuditLog, ConnectionGuard, ControlError, KeyStore, parse_key_path,
+                                read_master_secret)
 from mailtresor.keys import KeyRefused, fetch_blocking
 from mailtresor.pki import CA
+from tests.harness import devstack
 from tests.harness.stack import Stack
 
 VENV_BIN = Path(sys.executable).parent
@@ -178,3 +184,175 @@ def test_serve_refuses_a_damaged_audit_log(control):
     path.write_text(path.read_text().replace('"event": "create"', '"event": "created"', 1))
     r = cli(control, "serve")
     assert r.returncode == 1 and "audit log" in r.stderr and "damaged" in r.stderr
+
+
+# --- issue 12: the control endpoint under attack ------------------------------------------------
+
+
+def appliance_get(stack, path: str, method: str = "GET", cert: str = "appliance-t1") -> tuple[int, dict]:
+    ctx = ssl.create_default_context(cafile=str(stack.pki / "ca.pem"))
+    ctx.load_cert_chain(str(stack.pki / f"{cert}.pem"), str(stack.pki / f"{cert}.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", stack.control_port, context=ctx, timeout=10)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        body = r.read()
+        assert r.getheader("content-type") == "application/json", (r.status, body[:200])
+        return r.status, json.loads(body)
+    finally:
+        conn.close()
+
+
+def audit_records(stack) -> list[dict]:
+    return [json.loads(line) for line in (stack.dir / "control" / "audit.log").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("parts,expected", [
+    ([b"spool"], ("spool", None)),
+    ([b"tenant.acme", b"3"], ("tenant.acme", 3)),
+    ([b"spool", b""], ("spool", None)),
+    ([b"spool", "²".encode()], "a key name and version are ASCII"),
+    ([b"spool", "١".encode()], "a key name and version are ASCII"),
+    ([b"spool", b"1_0"], "invalid key version (a positive number)"),
+    ([b"spool", b"0"], "invalid key version (a positive number)"),
+    ([b"spool", b"9" * 5000], "invalid key version (a positive number)"),
+    ([b"spool\n"], "invalid key name (lower-case letters, digits, '.', '_', '-'; at most 63)"),
+    ([b"\xff"], "a key name and version are ASCII"),
+    ([b"../etc"], "invalid key name (lower-case letters, digits, '.', '_', '-'; at most 63)"),
+    ([b"a", b"1", b"2"], "use /v1/keys/NAME or /v1/keys/NAME/VERSION"),
+    ([], "use /v1/keys/NAME or /v1/keys/NAME/VERSION"),
+])
+def test_key_paths_are_parsed_or_refused_with_a_reason(parts, expected):
+    assert parse_key_path(parts) == expected
+
+
+def test_malformed_key_requests_get_400_json_and_are_audited(control):
+    """`/v1/keys/spool/²` was a 500 with a traceback in the log; every refusal
+    is now a JSON reason and an audit record saying who, what and why."""
+    cases = [("/v1/keys/spool/%C2%B2", 400, "ASCII"),
+             ("/v1/keys/spool/0", 400, "invalid key version"),
+             ("/v1/keys/spool%0A", 400, "invalid key name"),
+             ("/v1/keys/%FF", 400, "ASCII"),
+             ("/v1/keys/a/1/2", 400, "use /v1/keys/NAME"),
+             ("/v1/nothing-here", 404, "no such endpoint"),
+             ("/v1/keys/tenant.initech", 404, "has no key")]
+    for path, code, reason in cases:
+        status, doc = appliance_get(control, path)
+        assert status == code and reason in doc["error"], (path, status, doc)
+    status, doc = appliance_get(control, "/v1/keys/spool", method="POST")
+    assert status == 405 and doc == {"error": "method not allowed"}
+    status, doc = appliance_get(control, "/v1/keys/spool", cert="client-exchange-acme")
+    assert status == 403
+    assert appliance_get(control, "/v1/keys/spool")[0] == 200          # and the endpoint still serves
+    denials = [a for a in audit_records(control) if a["event"] == "deny"]
+    assert [(d["status"], d["path"]) for d in denials] == [(code, path) for path, code, _ in cases] + [
+        (405, "/v1/keys/spool"), (403, "/v1/keys/spool")]
+    assert all(d["cert"] == ["appliance-t1"] and d["appliance"] == "t1" for d in denials[:-1])
+    assert denials[-1]["cert"] == ["exchange-acme"] and denials[-1]["appliance"] is None
+    assert all(d["peer"].startswith("127.0.0.1:") and d["reason"] for d in denials)
+    assert AuditLog(control.dir / "control" / "audit.log").verify() == []
+    text = control.control_log_path.read_text()
+    assert "Traceback" not in text and "refused 127.0.0.1" in text
+
+
+def test_a_silent_connection_is_dropped_after_the_handshake_timeout(control):
+    """A TCP connection that never starts TLS held its socket for twelve
+    hours (twisted.web's default timeout); now handshake_timeout (10 s)."""
+    s = socket.create_connection(("127.0.0.1", control.control_port), timeout=30)
+    started = time.monotonic()
+    try:
+        assert s.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - started < 25
+    s.close()
+
+
+def test_an_idle_authenticated_connection_is_closed(tmp_path):
+    st = Stack(tmp_path / "i", {"control_server": {"idle_timeout": 2.0}}, milter=False)
+    try:
+        st.start_control()
+        ctx = ssl.create_default_context(cafile=str(st.pki / "ca.pem"))
+        ctx.load_cert_chain(str(st.cfg.control.cert_file), str(st.cfg.control.key_file))
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", st.control_port), timeout=30),
+                            server_hostname="127.0.0.1")
+        started = time.monotonic()
+        try:
+            assert s.recv(1) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        assert time.monotonic() - started < 15
+        s.close()
+    finally:
+        st.close()
+
+
+def test_a_thousand_idle_sockets_cannot_lock_the_appliance_out(tmp_path):
+    """The control endpoint runs with 512 file descriptors (a tight
+    LimitNOFILE); an attacker opens 1000 idle TCP connections from a
+    hundred addresses and says nothing.  The appliance still gets its key
+    at once, and the endpoint never holds more than its cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"ulimit -n is {soft} (hard {hard}); this test needs {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    st = Stack(tmp_path / "f", milter=False)
+    attackers = []
+    try:
+        log = open(st.control_log_path, "ab")
+        st._logs.append(log)
+        st.control = devstack.start_control(
+            st.cfg, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512)))
+        deadline = time.monotonic() + 60
+        for i in range(1000):
+            if time.monotonic() > deadline:
+                break
+            try:
+                attackers.append(socket.create_connection(
+                    ("127.0.0.1", st.control_port), timeout=2, source_address=(f"127.0.1.{1 + i % 100}", 0)))
+            except OSError:
+                pass                                         # refused or no room: still an attack
+        fds = len(os.listdir(f"/proc/{st.control.pid}/fd"))
+        c = st.cfg.control
+        started = time.monotonic()
+        m = fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, "spool")
+        assert m.version == 1 and time.monotonic() - started < 20
+        assert fds <= 256 + 64, f"{fds} descriptors open in the control endpoint"
+        assert st.control.poll() is None
+    finally:
+        for s in attackers:
+            s.close()
+        st.close()
+
+
+class _FakeConn:
+    def __init__(self):
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+def test_guard_evicts_the_oldest_unauthenticated_connection():
+    from twisted.internet.task import Clock
+    clock = Clock()
+    g = ConnectionGuard(clock, max_connections=3, max_per_client=2, handshake_timeout=10.0)
+    a, b, c, d = (_FakeConn() for _ in range(4))
+    assert g.admit("10.0.0.1") is None
+    g.track(a, "10.0.0.1")
+    assert g.admit("10.0.0.1") is None
+    g.track(b, "10.0.0.1")
+    assert "limit 2 per client" in g.admit("10.0.0.1")
+    g.authenticated(a)                                   # an appliance: never evicted
+    assert g.admit("10.0.0.2") is None
+    g.track(c, "10.0.0.2")
+    assert g.admit("10.0.0.3") is None and b.aborted and not a.aborted   # b made room
+    g.track(d, "10.0.0.3")
+    clock.advance(10.1)
+    assert c.aborted and d.aborted and not a.aborted     # handshake timeout
+    assert len(g) == 1 and g.per_client == {"10.0.0.1": 1}
+    g.forget(a)
+    assert len(g) == 0 and g.per_client == {}

@@ -1,12 +1,20 @@
-"""The relay end to end: a real daemon process, real TLS, real clients."""
+"""The relay end to end: a real daemon process, real TLS, real clients;
+and its session rules in-process, with a StringTransport and a task.Clock."""
 
 import os
+import socket
 import ssl
 import subprocess
 import time
+from concurrent.futures import Future
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
+from mailtresor.config import Connector as ConnectorCfg
+from mailtresor.relay import Gate, ImplicitTLSFactory, RelayFactory
 from tests.harness.rawsmtp import RawSMTP, ready_session
 from tests.harness.stack import Stack
 
@@ -132,30 +140,92 @@ SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\r\n.\n",
 
 
 @pytest.mark.parametrize("variant", SMUGGLING, ids=repr)
-def test_smtp_smuggling_is_refused(running, variant):
+def test_smtp_smuggling_is_one_message_not_two(running, variant):
+    """Only <CR><LF>.<CR><LF> ends DATA: what a smuggler puts after a bare
+    line end is content of the first message (kept, flagged), never a
+    second transaction."""
     s = ready_session(running)
     s.cmd("MAIL FROM:<a@globex.example>")
     s.cmd("RCPT TO:<b@acme.example>")
     assert s.cmd("DATA")[0] == 354
-    s.send(b"Subject: first\r\n\r\nhello" + variant +
-           b"MAIL FROM:<admin@acme.example>\r\nRCPT TO:<victim@acme.example>\r\nDATA\r\n"
-           b"Subject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n")
+    body = (b"Subject: first\r\n\r\nhello" + variant +
+            b"MAIL FROM:<admin@acme.example>\r\nRCPT TO:<victim@acme.example>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nevil\r\n")
+    s.send(body + b".\r\nQUIT\r\n")
     code, text = s.reply()
-    assert code == 550 and text.startswith("550 5.5.2 Error: bare <")
-    assert s.closed_by_server()
+    assert code == 250, text
+    assert s.reply()[0] == 221
     s.close()
-    assert running.spool_ids() == []
-    assert "bare <" in running.log()
+    (entry,) = running.entries().values()
+    assert entry.data == body.replace(b"\r\n.", b"\r\n")     # unstuffed only after <CR><LF>
+    assert entry.envelope.flags == ["bare-newline"] and entry.envelope.rcpt_to == ["b@acme.example"]
 
 
-def test_bare_lf_line_endings_are_refused(running):
-    s = ready_session(running)
-    s.cmd("MAIL FROM:<a@globex.example>")
-    s.cmd("RCPT TO:<b@acme.example>")
-    s.cmd("DATA")
-    s.send(b"Subject: unix\nline endings\n.\n")
-    assert s.reply() == (550, "550 5.5.2 Error: bare <LF> received\r\n")
-    assert s.closed_by_server()
+@pytest.mark.parametrize("variant", SMUGGLING[:2], ids=repr)
+def test_smtp_smuggling_is_refused_in_strict_mode(tmp_path, variant):
+    st = Stack(tmp_path / "strict", {"relay": {"bare_newline": "reject"}}).start()
+    try:
+        s = ready_session(st)
+        s.cmd("MAIL FROM:<a@globex.example>")
+        s.cmd("RCPT TO:<b@acme.example>")
+        assert s.cmd("DATA")[0] == 354
+        s.send(b"Subject: first\r\n\r\nhello" + variant + b"MAIL FROM:<admin@acme.example>\r\n.\r\n")
+        code, text = s.reply()
+        assert code == 550 and text.startswith("550 5.5.2 Error: bare <")
+        assert s.closed_by_server()
+        s.close()
+        assert st.spool_ids() == []
+        assert "bare <" in st.log()
+    finally:
+        st.close()
+
+
+BARE_LF = (b"From: unix@globex.example\nTo: bob@acme.example\nSubject: bare LF 4c1d\n\n"
+           b"written by a Unix tool\n.dot after a bare LF\n")
+BARE_CR = b"Subject: bare CR 9e2b\r\n\r\nold\rmac\rline ends\r\n..stuffed\r\n"
+
+
+def send_raw(st, wire: bytes, *, implicit=False) -> tuple[int, str]:
+    """One message as raw DATA bytes (dot stuffing and all) over TLS."""
+    if implicit:
+        s = RawSMTP(st.smtps_port, implicit=True, context=st.client_context())
+        assert s.reply()[0] == 220
+        assert s.cmd("EHLO client.test")[0] == 250
+    else:
+        s = ready_session(st)
+    with s:
+        assert s.cmd("MAIL FROM:<a@globex.example>")[0] == 250
+        assert s.cmd("RCPT TO:<bob@acme.example>")[0] == 250
+        assert s.cmd("DATA")[0] == 354
+        s.send(wire + b"\r\n.\r\n")
+        return s.reply()
+
+
+def test_bare_newlines_are_kept_flagged_and_searchable(tmp_path):
+    """Exchange and Unix tools send bare line ends: such mail got a 550 and
+    bounced, so the archive never had it.  Now: 250, the bytes as sent (after
+    dot-unstuffing), and flag:bare-newline finds them once archived."""
+    from tests.test_archive import search, wait_archived
+    st = Stack(tmp_path / "bare").start()
+    try:
+        code, text = send_raw(st, BARE_LF)                       # STARTTLS
+        assert code == 250, text
+        code, text = send_raw(st, BARE_CR, implicit=True)        # implicit TLS
+        assert code == 250, text
+        entries = sorted(st.entries().values(), key=lambda e: e.envelope.received_at)
+        assert [e.data for e in entries] == [BARE_LF + b"\r\n", BARE_CR.replace(b"\r\n..", b"\r\n.") + b"\r\n"]
+        assert [e.envelope.flags for e in entries] == [["bare-newline"], ["bare-newline"]]
+        assert "kept as received, flagged bare-newline" in st.log()
+        st.stop_daemon()
+        st.reconfigure({"archive": {"enabled": True}})
+        st.start_daemon()
+        with st.smtp() as c:                                     # and an ordinary one: not flagged
+            c.sendmail("a@globex.example", ["bob@acme.example"], MESSAGE.replace(b"bob@", b"bob@"))
+        wait_archived(st)
+        hits = search(st, "acme", "flag:bare-newline")
+        assert sorted(h["subject"] for h in hits) == ["bare CR 9e2b", "bare LF 4c1d"]
+    finally:
+        st.close()
 
 
 def test_bare_lf_in_commands_is_refused(running):
@@ -599,3 +669,347 @@ def _resumption(st, tls_version):
         reply, _, reused = attempt(session)
         assert not reused                 # the relay offers no resumption at all
         assert reply.startswith(b"550 5.7.1") and b"trusted CA" in reply, (reply, reused)
+
+
+# --- issue 12: the relay under attack --------------------------------------------------------
+# In-process first (a StringTransport and a task.Clock: no sockets, time
+# driven by the test), then the same attacks on a real daemon over TLS.
+
+TLS_FACTS = {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "client_cert": None}
+
+
+class FakeWriter:
+    def __init__(self, sink):
+        self.sink, self.data, self.aborted, self.future = sink, b"", False, Future()
+        self.id = f"ID{len(sink.writers)}"
+
+    def write(self, data):
+        self.data += data
+
+    def commit(self, envelope):
+        self.envelope = envelope
+        if self.sink.commit_at_once:
+            self.sink.committed.append((self.data, envelope))
+            self.future.set_result(self.id)
+        return self.future
+
+    def abort(self):
+        self.aborted = True
+
+
+class FakeSink:
+    def __init__(self, commit_at_once=True):
+        self.writers, self.committed, self.commit_at_once = [], [], commit_at_once
+
+    def admit(self, size_hint=0):
+        pass
+
+    def open_writer(self, size_hint=0):
+        w = FakeWriter(self)
+        self.writers.append(w)
+        return w
+
+
+def relay_factory(clock, sink=None, **kw):
+    kw.setdefault("timeout", 300.0)
+    return RelayFactory(sink=sink or FakeSink(), gate=Gate([ConnectorCfg("local", ("127.0.0.1/32",))]),
+                        tls=None, hostname="archive.test", max_size=1 << 20, clock=clock,
+                        call_from_thread=lambda fn, *a: fn(*a), **kw)
+
+
+def session(factory, host="127.0.0.1", tls=True):
+    """A STARTTLS-port session past EHLO, as if TLS were done (in-process)."""
+    p = factory.buildProtocol(IPv4Address("TCP", host, 40000))
+    t = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+    p.makeConnection(t)
+    if tls and p.mode == "command":
+        p.tls = dict(TLS_FACTS)
+        p.dataReceived(b"EHLO client.test\r\n")
+    return p, t
+
+
+def replies_of(t) -> list[bytes]:
+    out = t.value().split(b"\r\n")
+    t.clear()
+    return [ln for ln in out if ln]
+
+
+def into_data(p, t):
+    p.dataReceived(b"MAIL FROM:<a@globex.example>\r\nRCPT TO:<b@acme.example>\r\nDATA\r\n")
+    assert replies_of(t)[-1].startswith(b"354 ")
+
+
+def test_slow_loris_in_data_is_cut_and_nothing_is_stored():
+    """One byte every 2 s resets any idle timeout for ever; the minimum data
+    rate cuts it with 421 4.4.2 and the unfinished message is aborted."""
+    clock = Clock()
+    f = relay_factory(clock, min_data_rate=100, data_rate_window=30.0)
+    p, t = session(f)
+    into_data(p, t)
+    for _ in range(14):                     # 28 s: the window is not over yet
+        p.dataReceived(b"x")
+        clock.advance(2)
+    assert not t.disconnecting
+    for _ in range(2):
+        p.dataReceived(b"x")
+        clock.advance(2)
+    assert replies_of(t)[-1].startswith(b"421 4.4.2 ") and t.disconnecting
+    (w,) = f.sink.writers
+    assert w.aborted and f.sink.committed == []
+
+
+def test_a_fast_sender_is_not_cut_by_the_data_rate_rule():
+    clock = Clock()
+    f = relay_factory(clock, min_data_rate=100, data_rate_window=30.0)
+    p, t = session(f)
+    into_data(p, t)
+    for _ in range(10):                     # 100 s of DATA at 1000 bytes every 5 s
+        p.dataReceived(b"y" * 998 + b"\r\n")
+        clock.advance(5)
+    p.dataReceived(b".\r\n")
+    assert replies_of(t)[-1].startswith(b"250 2.0.0 Ok: queued as ")
+    assert len(f.sink.committed) == 1 and not t.disconnecting
+    clock.advance(100)                      # and no rate check runs outside DATA
+    assert not t.disconnecting
+
+
+def test_session_deadline_cuts_a_busy_but_endless_session():
+    clock = Clock()
+    f = relay_factory(clock, session_timeout=3600.0)
+    p, t = session(f)
+    for _ in range(359):                    # a NOOP every 10 s: never idle
+        p.dataReceived(b"NOOP\r\n")
+        clock.advance(10)
+    assert not t.disconnecting
+    clock.advance(10)
+    assert replies_of(t)[-1] == b"421 4.4.2 archive.test Error: session time limit exceeded"
+    assert t.disconnecting
+
+
+def test_session_deadline_in_data_aborts_the_unfinished_message():
+    clock = Clock()
+    f = relay_factory(clock, session_timeout=100.0)
+    p, t = session(f)
+    into_data(p, t)
+    p.dataReceived(b"Subject: half\r\n\r\nfirst half\r\n")
+    clock.advance(100)
+    assert replies_of(t)[-1].startswith(b"421 4.4.2 ") and t.disconnecting
+    assert f.sink.writers[0].aborted and f.sink.committed == []
+
+
+def test_session_deadline_during_a_commit_still_answers_250():
+    """Nothing acknowledged is lost, and nothing committed goes unanswered:
+    the deadline waits for the spool's verdict, then closes."""
+    clock = Clock()
+    sink = FakeSink(commit_at_once=False)
+    f = relay_factory(clock, sink=sink, session_timeout=100.0)
+    p, t = session(f)
+    into_data(p, t)
+    p.dataReceived(b"Subject: big batch\r\n\r\nbody\r\n.\r\n")
+    clock.advance(100)
+    assert not t.disconnecting
+    (w,) = sink.writers
+    w.future.set_result(w.id)
+    lines = replies_of(t)
+    assert lines[-2] == b"250 2.0.0 Ok: queued as ID0" and lines[-1].startswith(b"421 4.4.2 ")
+    assert t.disconnecting and not w.aborted
+
+
+def test_per_client_connection_limit_on_a_starttls_port():
+    clock = Clock()
+    f = relay_factory(clock, max_connections_per_client=3)
+    held = [session(f, tls=False) for _ in range(3)]
+    assert all(replies_of(t)[0].startswith(b"220 ") for _, t in held)
+    p, t = session(f, tls=False)
+    assert replies_of(t) == [b"421 4.7.0 Error: too many connections from your address, try again later"]
+    assert t.disconnecting
+    p.connectionLost(None)
+    held[0][0].connectionLost(None)          # a slot freed is a slot free
+    p, t = session(f, tls=False)
+    assert replies_of(t)[0].startswith(b"220 ")
+    assert f.clients.count("127.0.0.1") == 3
+
+
+def test_implicit_tls_checks_before_any_handshake():
+    """buildProtocol returning None: Twisted closes the socket before one
+    TLS byte; allowed clients get a TLS protocol."""
+    clock = Clock()
+    f = relay_factory(clock, max_connections_per_client=2, implicit_tls=True)
+    tls_factory = ImplicitTLSFactory.__new__(ImplicitTLSFactory)   # no certificate needed to decide
+    tls_factory.relay = f
+    assert f.refusal_at_connect("127.0.0.2") == "in no connector's networks"
+    assert tls_factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1)) is None
+    assert f.refusal_at_connect("127.0.0.1") is None
+    f.clients.add("127.0.0.1")
+    f.clients.add("127.0.0.1")
+    assert "limit 2 per client" in f.refusal_at_connect("127.0.0.1")
+    assert tls_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)) is None
+
+
+def test_handshake_timeout_drops_a_silent_client():
+    clock = Clock()
+    f = relay_factory(clock, handshake_timeout=10.0, implicit_tls=True)
+    p, t = session(f, tls=False)
+    assert p.mode == "tls"
+    clock.advance(9.9)
+    assert not t.disconnecting and not getattr(t, "aborted", False)
+    clock.advance(0.2)
+    assert p.mode == "closed" and t.value() == b""        # nothing said: there is no TLS yet
+    assert t.disconnecting
+    p.connectionLost(None)
+    assert f.clients.count("127.0.0.1") == 0 and not f.active
+
+
+def test_handshake_timeout_after_starttls():
+    clock = Clock()
+    f = relay_factory(clock, handshake_timeout=5.0)
+    p, t = session(f, tls=False)
+    p.dataReceived(b"EHLO client.test\r\n")
+    t.startTLS = lambda ctx: None          # a client that says STARTTLS, then nothing
+    p.dataReceived(b"STARTTLS\r\n")
+    assert replies_of(t)[-1].startswith(b"220 2.0.0")
+    clock.advance(5.1)
+    assert p.mode == "closed" and t.disconnecting
+
+
+def test_size_with_non_ascii_digits_is_a_501_and_the_session_goes_on():
+    clock = Clock()
+    f = relay_factory(clock)
+    p, t = session(f)
+    replies_of(t)
+    for line in ("MAIL FROM:<a@b> SIZE=²", "MAIL FROM:<a@b> SIZE=١٢٣", "MAIL FROM:<a@b> SIZE=1_0"):
+        p.dataReceived(line.encode() + b"\r\n")
+        assert replies_of(t) == [b"501 5.5.4 Bad SIZE parameter"]
+    p.dataReceived(b"MAIL FROM:<a@b> \xff\xfe=1\r\n")          # 8-bit keyword
+    assert replies_of(t) == [b"501 5.5.4 Syntax error in parameters"]
+    p.dataReceived("MAIL FROM:<a@b> BODY=8bitmıme\r\n".encode())
+    assert replies_of(t) == [b"501 5.5.4 Bad BODY parameter"]
+    p.dataReceived(b"EHLO \xff\xfe.example\r\n")                # 8-bit EHLO argument: taken as sent
+    assert replies_of(t)[0].startswith(b"250-archive.test")
+    p.dataReceived(b"MAIL FROM:<a@b> SIZE=10\r\nRCPT TO:<c@d> \xff=1\r\nRCPT TO:<c@d> FOO\r\n")
+    assert replies_of(t) == [b"250 2.1.0 Ok", b"501 5.5.4 Syntax error in parameters",
+                             b"555 5.5.4 Unsupported option: FOO"]
+    assert not t.disconnecting
+
+
+def test_implicit_tls_refuses_a_foreign_network_before_the_handshake(tmp_path):
+    """On the implicit-TLS port a client from no connector's network must
+    not get a TLS handshake (CPU, a connection slot) before being refused:
+    the server sends not one byte."""
+    st = Stack(tmp_path / "n", {"relay": {"connector": [{"name": "local", "networks": ["127.0.0.1/32"]}]}}).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", st.smtps_port), timeout=10, source_address=("127.0.0.2", 0))
+        try:
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")    # the start of a ClientHello
+        except OSError:
+            pass
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        sock.close()
+        assert data == b""                              # no ServerHello, no alert, no 554
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            RawSMTP(st.smtps_port, implicit=True, context=st.client_context(), source="127.0.0.2").reply()
+        assert "reject: [127.0.0.2] on smtps before TLS: in no connector's networks" in st.log()
+        with st.smtp(implicit=True) as c:                # 127.0.0.1 still served
+            c.sendmail("a@globex.example", ["b@acme.example"], MESSAGE)
+    finally:
+        st.close()
+
+
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(running):
+    """Connect to the implicit-TLS port and say nothing: dropped after
+    handshake_timeout (10 s by default), not after the 30 s idle timeout."""
+    s = RawSMTP(running.smtps_port, timeout=40)
+    started = time.monotonic()
+    assert s.closed_by_server(timeout=25)
+    assert time.monotonic() - started < 25
+    s.close()
+    assert "TLS handshake not finished within 10 s" in running.log()
+
+
+def test_connections_are_limited_per_client_address(running):
+    """Eleven sessions from one address (limit 10 by default): the
+    eleventh gets 421 4.7.0 on the STARTTLS port and is closed unanswered
+    on the implicit-TLS one; another address is still served."""
+    held = []
+    try:
+        for _ in range(10):
+            s = RawSMTP(running.smtp_port)
+            assert s.reply()[0] == 220
+            held.append(s)
+        extra = RawSMTP(running.smtp_port)
+        assert extra.reply() == (421, "421 4.7.0 Error: too many connections from your address, try again later\r\n")
+        assert extra.closed_by_server()
+        extra.close()
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            RawSMTP(running.smtps_port, implicit=True, context=running.client_context()).reply()
+        other = RawSMTP(running.smtps_port, implicit=True, context=running.client_context(), source="127.0.0.3")
+        assert other.reply()[0] == 220                 # the exchange-acme connector's network
+        other.close()
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10                     # slots come back as sessions end
+    while True:
+        s = RawSMTP(running.smtp_port)
+        code = s.reply()[0]
+        s.close()
+        if code == 220:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_slow_loris_in_data_is_cut(tmp_path):
+    """One byte every half second keeps an idle timeout from ever firing;
+    the minimum data rate (here 100 bytes/s over 2 s) cuts it: 421 4.4.2,
+    nothing stored, and the next message goes through."""
+    st = Stack(tmp_path / "l", {"relay": {"min_data_rate": 100, "data_rate_window": 2.0}}).start()
+    try:
+        s = ready_session(st)
+        s.cmd("MAIL FROM:<a@globex.example>")
+        s.cmd("RCPT TO:<b@acme.example>")
+        assert s.cmd("DATA")[0] == 354
+        started = time.monotonic()
+        code = None
+        for _ in range(40):                              # at most 20 s
+            try:
+                s.send(b"x")
+            except OSError:
+                break
+            s.sock.settimeout(0.5)
+            try:
+                chunk = s.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except (OSError, ssl.SSLError):
+                break
+            s.buf += chunk
+            if b"\r\n" in s.buf or not chunk:
+                break
+        assert s.buf.startswith(b"421 4.4.2 "), s.buf
+        assert time.monotonic() - started < 15
+        s.close()
+        assert st.spool_ids() == []
+        assert "DATA too slow" in st.log()
+        with st.smtp() as c:
+            c.sendmail("a@globex.example", ["b@acme.example"], MESSAGE)
+        assert len(st.spool_ids()) == 1
+    finally:
+        st.close()
+
+
+def test_size_with_non_ascii_digits_gets_501_not_a_dropped_session(running):
+    s = ready_session(running)
+    assert s.cmd("MAIL FROM:<a@globex.example> SIZE=²".encode()) == (501, "501 5.5.4 Bad SIZE parameter\r\n")
+    assert s.cmd("MAIL FROM:<a@globex.example> SIZE=١٢".encode()) == (501, "501 5.5.4 Bad SIZE parameter\r\n")
+    assert s.cmd(b"MAIL FROM:<a@globex.example> \xff=1") == (501, "501 5.5.4 Syntax error in parameters\r\n")
+    assert s.cmd("MAIL FROM:<a@globex.example> SIZE=100")[0] == 250
+    assert s.cmd("RCPT TO:<b@acme.example>")[0] == 250
+    assert s.cmd("DATA")[0] == 354
+    assert s.cmd(b"Subject: after\r\n\r\nok\r\n.")[0] == 250
+    s.close()
+    assert len(running.spool_ids()) == 1
+    assert "Traceback" not in running.log()

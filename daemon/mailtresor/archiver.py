@@ -114,6 +114,9 @@ def prepare(entry, router: Router, digested: dict | None = None) -> Prepared:
     parsed = d["parsed"]
     if "journal_error" in env:
         parsed.flags.append("journal-unwrap-failed")
+    for flag in entry.envelope.flags:      # what ingest noticed, e.g. bare-newline
+        if flag not in parsed.flags:
+            parsed.flags.append(flag)
     addresses = envelope_addresses(env)
     tenants = router.tenants(addresses, entry.envelope.tenant)
     return Prepared(entry.id, raw, parsed, env, addresses, tenants,

@@ -121,8 +121,30 @@ class Relay:
     listener: tuple[Listener, ...] = ()
     connector: tuple[Connector, ...] = ()
     max_connections: int = 100
+    # Sessions one client address may hold at once, per relay process (each
+    # process counts its own; see docs/OPERATIONS.md).  Over it: 421 4.7.0
+    # on a STARTTLS port, the connection closed unanswered on an
+    # implicit-TLS one.  0: no per-client limit.
+    max_connections_per_client: int = 10
     max_recipients: int = 1000
+    # Idle time (no byte received) after which a session is cut (421 4.4.2).
     timeout: float = 300.0
+    # A TLS handshake (implicit TLS, or after STARTTLS) must be done within
+    # this many seconds, or the connection is dropped.
+    handshake_timeout: float = 10.0
+    # Whatever the session does, it ends after this many seconds (421 4.4.2,
+    # an unfinished DATA is thrown away, never half-stored); long enough for
+    # a big journal batch.  0: no deadline.
+    session_timeout: float = 3600.0
+    # During DATA, fewer than min_data_rate bytes per second over a window
+    # of data_rate_window seconds cut the session (421 4.4.2): one byte every
+    # few seconds cannot hold a connection.  0: no minimum.
+    min_data_rate: int = 256
+    data_rate_window: float = 30.0
+    # A bare <LF> or <CR> inside a message: "keep" stores the bytes as they
+    # came and flags the message (flag:bare-newline); "reject" refuses it
+    # with 550 5.5.2 (the sender bounces it: the archive never has it).
+    bare_newline: Literal["keep", "reject"] = "keep"
     # Processes accepting relay connections on the same listening sockets
     # (the main one and workers); 0: one per CPU plus one, so that a process
     # waiting for its group commit does not leave a CPU idle.
@@ -209,6 +231,16 @@ class ControlServer:
     # LoadCredential=), "fd:N", "prompt", or "file:PATH" (development only).
     master_key: str = "credential:master-key"
     appliance: tuple[ControlAppliance, ...] = ()
+    # Connections held at once.  When full, a new connection takes the slot
+    # of the oldest one that has not finished its TLS handshake (which
+    # needs a certificate from the CA); with none, it is refused.
+    max_connections: int = 256
+    # Connections one client address may hold at once.
+    max_connections_per_client: int = 16
+    # Seconds to finish the TLS handshake (client certificate included).
+    handshake_timeout: float = 10.0
+    # Seconds a connection may stay idle between requests.
+    idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -380,6 +412,19 @@ def _check(cfg: Config, source: Path) -> None:
             fail(f"relay.connector[{i}].client_cert", "'required' needs tls.client_ca_file")
         if not c.networks and c.client_cert != "required":
             fail(f"relay.connector[{i}]", "a connector needs networks, a required client certificate, or both")
+    r = cfg.relay
+    if r.max_connections < 1:
+        fail("relay.max_connections", "must be at least 1")
+    for key in ("timeout", "handshake_timeout", "data_rate_window"):
+        if getattr(r, key) < 1:
+            fail(f"relay.{key}", "must be at least 1 second")
+    if r.session_timeout and r.session_timeout < max(60.0, r.timeout):
+        # A deadline shorter than the idle timeout would cut healthy sessions
+        # before a slow client could even be noticed.
+        fail("relay.session_timeout", f"must be 0 (none) or at least 60 s and at least relay.timeout "
+             f"({r.timeout:g} s)")
+    if r.min_data_rate > 1 << 20:
+        fail("relay.min_data_rate", "more than 1 MiB/s would cut ordinary senders; use at most 1048576")
     for i, lst in enumerate(cfg.relay.listener):
         if ":" not in lst.endpoint:
             fail(f"relay.listener[{i}].endpoint", f"{lst.endpoint!r} is not a Twisted endpoint (e.g. tcp:25:interface=192.0.2.1)")
@@ -404,6 +449,15 @@ def _check(cfg: Config, source: Path) -> None:
         kind = m.split(":", 1)[0]
         if kind not in ("credential", "fd", "prompt", "file") or (kind != "prompt" and ":" not in m):
             fail("control_server.master_key", f"{m!r}: use credential:NAME, fd:N, prompt or file:PATH")
+        cs = cfg.control_server
+        if cs.max_connections < 2:
+            fail("control_server.max_connections", "must be at least 2")
+        if not 1 <= cs.max_connections_per_client <= cs.max_connections:
+            fail("control_server.max_connections_per_client",
+                 "must be at least 1 and at most control_server.max_connections")
+        for key in ("handshake_timeout", "idle_timeout"):
+            if getattr(cs, key) < 1:
+                fail(f"control_server.{key}", "must be at least 1 second")
         seen = set()
         for i, a in enumerate(cfg.control_server.appliance):
             if a.name in seen:

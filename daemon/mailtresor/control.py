@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -291,13 +292,57 @@ def _peer_names(transport) -> list[str]:
     cert = transport.getPeerCertificate() if hasattr(transport, "getPeerCertificate") else None
     if cert is None:
         return []
-    return [v.decode() for k, v in cert.get_subject().get_components() if k == b"CN"]
+    return [v.decode("utf-8", "replace") for k, v in cert.get_subject().get_components() if k == b"CN"]
 
 
-def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str]):
-    """appliances: certificate CN -> appliance name."""
+# A key request: /v1/keys/NAME or /v1/keys/NAME/VERSION.  ASCII digits only
+# (str.isdigit() takes "²", which int() refuses), and few of them.
+_VERSION = re.compile(r"[1-9][0-9]{0,8}", re.ASCII)
+
+
+def parse_key_path(parts: list[bytes]) -> tuple[str, int | None] | str:
+    """(name, version or None) from the path segments after /v1/keys/, or
+    the reason they are not a key request.  Pure: any bytes give one or the
+    other, never an exception."""
+    parts = [p for p in parts if p]
+    if not parts or len(parts) > 2:
+        return "use /v1/keys/NAME or /v1/keys/NAME/VERSION"
+    try:
+        name = parts[0].decode("ascii")
+        version = parts[1].decode("ascii") if len(parts) == 2 else None
+    except UnicodeDecodeError:
+        return "a key name and version are ASCII"
+    # fullmatch: KEY_NAME's "$" would let a final newline through.
+    if KEY_NAME.fullmatch(name) is None:
+        return "invalid key name (lower-case letters, digits, '.', '_', '-'; at most 63)"
+    if version is not None and _VERSION.fullmatch(version) is None:
+        return "invalid key version (a positive number)"
+    return name, None if version is None else int(version)
+
+
+def _printable_path(request) -> str:
+    """The requested path for the audit log: ASCII, bounded."""
+    raw = request.uri or b""
+    return raw[:200].decode("ascii", "backslashreplace") + ("..." if len(raw) > 200 else "")
+
+
+def _peer_of(request) -> str:
+    peer = request.getClientAddress()
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+
+def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, idle_timeout: float = 30.0):
+    """appliances: certificate CN -> appliance name.
+
+    Every answer is JSON; every refusal (4xx, 5xx) is in the audit log with
+    who asked (certificate names, address), what (the path) and why --
+    never a key.  An unexpected error is a 500 with a JSON reason and one
+    log line, no traceback for the client."""
+    from twisted.internet.interfaces import IHandshakeListener
+    from twisted.web import http
     from twisted.web.resource import Resource
-    from twisted.web.server import Site
+    from zope.interface import implementer
+    from twisted.web.server import Request, Site
 
     def reply(request, code, doc):
         request.setResponseCode(code)
@@ -305,64 +350,234 @@ def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str]):
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(doc).encode()
 
-    class KeysResource(Resource):
+    def refuse(request, code, reason, error=None, **fields):
+        """Answer `code` with a JSON reason, and audit it once."""
+        request.audited = True
+        names = _peer_names(request.channel.transport)
+        fields.setdefault("appliance", next((appliances[n] for n in names if n in appliances), None))
+        audit.append("deny", status=code, cert=names, peer=_peer_of(request), path=_printable_path(request),
+                     reason=reason, **fields)
+        log.warning("refused %s %s (certificate %s): %d %s", _peer_of(request), _printable_path(request),
+                    names, code, reason)
+        return reply(request, code, {"error": error or reason})
+
+    class JSONResource(Resource):
         isLeaf = True
 
+        def render(self, request):
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                return refuse(request, 405, "method not allowed")
+            return Resource.render(self, request)
+
+    class KeysResource(JSONResource):
         def render_GET(self, request):
-            peer = request.getClientAddress()
-            peer_s = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+            peer_s = _peer_of(request)
             names = _peer_names(request.channel.transport)
             appliance = next((appliances[n] for n in names if n in appliances), None)
-            parts = [p.decode("utf-8", "replace") for p in request.postpath if p]
             if appliance is None:
-                audit.append("deny", appliance=None, cert=names, peer=peer_s, path=request.path.decode(
-                    "utf-8", "replace")[:200], reason="unknown client certificate")
-                log.warning("refused %s: certificate %s belongs to no appliance", peer_s, names)
-                return reply(request, 403, {"error": "this client certificate belongs to no appliance"})
-            if not parts or len(parts) > 2 or not KEY_NAME.match(parts[0]) or \
-                    (len(parts) == 2 and not parts[1].isdigit()):
-                return reply(request, 400, {"error": "use /v1/keys/NAME or /v1/keys/NAME/VERSION"})
-            name = parts[0]
-            version = int(parts[1]) if len(parts) == 2 else None
+                return refuse(request, 403, "unknown client certificate",
+                              "this client certificate belongs to no appliance")
+            parsed = parse_key_path(request.postpath)
+            if isinstance(parsed, str):
+                return refuse(request, 400, parsed)
+            name, version = parsed
             try:
                 found = store.get(appliance, name, version)
             except ControlError as e:
                 log.error("key store: %s", e)
-                return reply(request, 503, {"error": "key store unavailable"})
+                return refuse(request, 503, "key store unavailable")
             if found is None:
-                audit.append("deny", appliance=appliance, key=name, version=version, peer=peer_s,
-                             reason="no such key")
-                return reply(request, 404, {"error": f"appliance {appliance!r} has no key {name!r}"
-                                            + ("" if version is None else f" version {version}")})
+                return refuse(request, 404, "no such key",
+                              f"appliance {appliance!r} has no key {name!r}"
+                              + ("" if version is None else f" version {version}"),
+                              appliance=appliance, key=name, version=version)
             v, key, created = found
             audit.append("release", appliance=appliance, key=name, version=v, peer=peer_s)
             log.info("released %s version %d to %s (%s)", name, v, appliance, peer_s)
             return reply(request, 200, {"name": name, "version": v, "created": created,
                                         "key": base64.b64encode(key).decode()})
 
-    class Health(Resource):
-        isLeaf = True
-
+    class Health(JSONResource):
         def render_GET(self, request):
             return reply(request, 200, {"status": "ok"})
 
-    root = Resource()
-    v1 = Resource()
+    class NotFound(JSONResource):
+        def render_GET(self, request):
+            return refuse(request, 404, "no such endpoint")
+
+    class Tree(Resource):
+        def getChild(self, path, request):
+            return NotFound()
+
+    root = Tree()
+    v1 = Tree()
     root.putChild(b"v1", v1)
     v1.putChild(b"keys", KeysResource())
     v1.putChild(b"health", Health())
 
-    class QuietSite(Site):
-        def log(self, request):  # the audit log is the record; no access log
-            pass
+    class AuditedRequest(Request):
+        audited = False
 
-    return QuietSite(root)
+        def processingFailed(self, reason):
+            # A bug, not an attack: one log line here, a JSON 500 there.
+            log.error("request %s failed: %s: %s", _printable_path(self), reason.type.__name__,
+                      reason.getErrorMessage())
+            body = refuse(self, 500, f"internal error ({reason.type.__name__})", "internal error")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+            self.finish()
+            return None
+
+    @implementer(IHandshakeListener)
+    class Channel(http.HTTPChannel):
+        def handshakeCompleted(self):
+            guard = getattr(self.factory, "guard", None)
+            if guard is not None:
+                guard.authenticated(self.transport)
+
+        def _respondToBadRequestAndDisconnect(self):
+            # Malformed HTTP from a holder of a CA certificate: audited too.
+            names = _peer_names(self.transport)
+            peer = self.transport.getPeer()
+            audit.append("deny", status=400, cert=names, peer=f"{getattr(peer, 'host', '?')}:"
+                         f"{getattr(peer, 'port', '?')}", path=None, reason="malformed HTTP request",
+                         appliance=next((appliances[n] for n in names if n in appliances), None))
+            super()._respondToBadRequestAndDisconnect()
+
+    class QuietSite(Site):
+        protocol = Channel
+        requestFactory = AuditedRequest
+        guard = None
+
+        def log(self, request):
+            # The audit log is the record; no access log.  A refusal that
+            # Twisted made itself lands here unaudited: audit it now.
+            if request.code >= 400 and not request.audited:
+                names = _peer_names(request.channel.transport)
+                audit.append("deny", status=request.code, cert=names, peer=_peer_of(request),
+                             path=_printable_path(request), reason=http.RESPONSES.get(request.code, b"").decode(),
+                             appliance=next((appliances[n] for n in names if n in appliances), None))
+
+    return QuietSite(root, timeout=idle_timeout)
+
+
+class ConnectionGuard:
+    """Who holds the control endpoint's connections.
+
+    At most `max_per_client` connections per client address and
+    `max_connections` in all.  When full, a new connection takes the place
+    of the oldest one that has not finished its TLS handshake (proved no
+    certificate yet): idle sockets from strangers cannot keep the
+    appliances from their keys; an appliance's connection, once
+    authenticated, is never the one evicted.  A handshake not finished in
+    `handshake_timeout` seconds is dropped; an idle authenticated
+    connection is closed by the web server's own timeout."""
+
+    def __init__(self, clock, *, max_connections: int, max_per_client: int, handshake_timeout: float):
+        self.clock = clock
+        self.max_connections, self.max_per_client = max_connections, max_per_client
+        self.handshake_timeout = handshake_timeout
+        self.pending: dict = {}          # protocol -> (host, timer): handshake not done, oldest first
+        self.done: dict = {}             # protocol -> host
+        self.per_client: dict[str, int] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    def __len__(self):
+        return len(self.pending) + len(self.done)
+
+    def admit(self, host: str) -> str | None:
+        """None if a connection from `host` may be accepted now (making room
+        if need be), else why not."""
+        if self.per_client.get(host, 0) >= self.max_per_client:
+            return f"{host} has {self.per_client[host]} connections (limit {self.max_per_client} per client)"
+        if len(self) >= self.max_connections:
+            if not self.pending:
+                return f"{len(self)} connections, all authenticated (limit {self.max_connections})"
+            oldest = next(iter(self.pending))
+            self.evicted += 1
+            self.forget(oldest)
+            oldest.abortConnection()
+        return None
+
+    def track(self, proto, host: str) -> None:
+        timer = self.clock.callLater(self.handshake_timeout, self._handshake_expired, proto)
+        self.pending[proto] = (host, timer)
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+
+    def authenticated(self, proto) -> None:
+        entry = self.pending.pop(proto, None)
+        if entry is not None:
+            host, timer = entry
+            if timer.active():
+                timer.cancel()
+            self.done[proto] = host
+
+    def forget(self, proto) -> None:
+        entry = self.pending.pop(proto, None)
+        if entry is not None:
+            host, timer = entry
+            if timer.active():
+                timer.cancel()
+        else:
+            host = self.done.pop(proto, None)
+            if host is None:
+                return
+        n = self.per_client.get(host, 0) - 1
+        if n > 0:
+            self.per_client[host] = n
+        else:
+            self.per_client.pop(host, None)
+
+    def _handshake_expired(self, proto) -> None:
+        if proto in self.pending:
+            log.info("dropped %s: no TLS handshake within %g s", self.pending[proto][0], self.handshake_timeout)
+            self.forget(proto)
+            proto.abortConnection()
+
+
+def guarded_tls_factory(options, site, guard: ConnectionGuard):
+    """The TLS listening factory of the control endpoint, under `guard`."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+    class Protocol(TLSMemoryBIOProtocol):
+        def connectionLost(self, reason):
+            guard.forget(self)
+            super().connectionLost(reason)
+
+    class Factory(TLSMemoryBIOFactory):
+        protocol = Protocol
+
+        def buildProtocol(self, addr):
+            host = getattr(addr, "host", "")
+            why = guard.admit(host)
+            if why is not None:
+                guard.refused += 1
+                if guard.refused & (guard.refused - 1) == 0:     # 1, 2, 4, 8...: a flood is not a log flood
+                    log.warning("refused a connection from %s: %s (%d refused so far)", host, why, guard.refused)
+                return None                                     # closed at once, before any TLS
+            p = super().buildProtocol(addr)
+            guard.track(p, host)
+            return p
+
+    site.guard = guard
+    return Factory(options, False, site)
+
+
+def _fd_budget(wanted: int) -> int:
+    """Connections this process can hold without running out of file
+    descriptors (the key store, the audit log and Python need some)."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(2, min(wanted, soft - 64))
 
 
 def serve(cfg: configmod.Config) -> int:
     from twisted.internet import endpoints, reactor
     from twisted.internet import ssl as tssl
-    from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from . import service
 
@@ -378,18 +593,25 @@ def serve(cfg: configmod.Config) -> int:
     if problems:
         raise ControlError(f"audit log {cs.audit_log} is damaged: {problems[0]}")
     appliances = {cn: a.name for a in cs.appliance for cn in a.cert_names}
-    site = make_site(store, audit, appliances)
+    site = make_site(store, audit, appliances, idle_timeout=cs.idle_timeout)
     me = tssl.PrivateCertificate.loadPEM(Path(cs.cert_file).read_bytes() + Path(cs.key_file).read_bytes())
     ca = tssl.Certificate.loadPEM(Path(cs.client_ca_file).read_bytes())
     options = tssl.CertificateOptions(privateKey=me.privateKey.original, certificate=me.original,
                                       verify=True, caCerts=[ca.original], requireCertificate=True,
                                       raiseMinimumTo=tssl.TLSVersion.TLSv1_2)
+    limit = _fd_budget(cs.max_connections)
+    if limit < cs.max_connections:
+        log.warning("max_connections = %d, but the file descriptor limit allows %d: using %d",
+                    cs.max_connections, limit, limit)
+    guard = ConnectionGuard(reactor, max_connections=limit,
+                            max_per_client=min(cs.max_connections_per_client, limit),
+                            handshake_timeout=cs.handshake_timeout)
     ep = endpoints.serverFromString(reactor, cs.listen)
-    d = ep.listen(TLSMemoryBIOFactory(options, False, site))
+    d = ep.listen(guarded_tls_factory(options, site, guard))
 
     def listening(port):
-        log.info("control endpoint listening on %s (mutual TLS), %d appliance(s)", cs.listen,
-                 len(cs.appliance))
+        log.info("control endpoint listening on %s (mutual TLS), %d appliance(s), at most %d connections "
+                 "(%d per client)", cs.listen, len(cs.appliance), guard.max_connections, guard.max_per_client)
         service.notify("READY=1", f"STATUS=serving keys on {cs.listen}")
 
     result = {"exit": 0}

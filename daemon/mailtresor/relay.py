@@ -10,11 +10,25 @@ What it promises:
   TLS 1.2 at least;
 - who may deliver is decided per connector: source network and/or client
   certificate; a connector may name its tenant;
-- DATA is taken byte for byte: only `<CR><LF>.<CR><LF>` ends it, dot
-  stuffing is undone, and a bare <LF> or bare <CR> anywhere is refused
-  with `550 5.5.2` and the connection closed (SMTP smuggling; the
-  behaviour of Postfix's `smtpd_forbid_bare_newline = reject`, without its
-  `normalize` mode, which would change the stored bytes);
+- DATA is taken byte for byte: only `<CR><LF>.<CR><LF>` ends it and dot
+  stuffing is undone only after `<CR><LF>`, so no `<LF>.<LF>` or
+  `<CR>.<CR>` can end a message early (SMTP smuggling).  A bare <LF> or
+  bare <CR> inside a message is kept as it came and the entry flagged
+  `bare-newline`: a 5xx would make the sender bounce journal mail, which
+  the archive would then never have.  `[relay] bare_newline = "reject"`
+  refuses it with `550 5.5.2` instead (Postfix's
+  `smtpd_forbid_bare_newline = reject`).  A bare <LF> or <CR> in a
+  command is always refused (`550 5.5.2`, closed);
+- nobody holds a connection for nothing: on an implicit-TLS port the
+  connector networks and connection limits are checked when the TCP
+  connection is accepted, before any TLS work; a handshake has
+  `handshake_timeout`; sessions are limited per client address
+  (`max_connections_per_client`, per process); a session ends at
+  `session_timeout` whatever it does, and DATA slower than `min_data_rate`
+  bytes/s over `data_rate_window` is cut (`421 4.4.2`; an unfinished
+  message is aborted, never half-stored);
+- parameters are RFC 5321 syntax in ASCII (`SIZE=²` is a `501`, never an
+  exception);
 - `250 2.0.0 Ok: queued as ID` only once the spool says the entry is
   durable; every storage failure is a 4xx (mailtresor.replies).
 
@@ -36,6 +50,7 @@ from OpenSSL import SSL, crypto as ossl
 from twisted.internet import interfaces
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from . import replies
@@ -200,18 +215,32 @@ class BareLineEnding(Exception):
 
 
 class DataReader:
-    """Undo dot stuffing and find the end of DATA, strictly.
+    """Undo dot stuffing and find the end of DATA, byte for byte.
 
     `feed()` returns (content, rest, done): content to store, and when
     `done`, the bytes that followed `.<CR><LF>` (pipelined commands).
-    Raises BareLineEnding for <LF> without <CR> or <CR> without <LF>.
+
+    Only `<CR><LF>.<CR><LF>` ends DATA and a dot is unstuffed only at the
+    start of a line that follows `<CR><LF>`: an `<LF>.<LF>`, `<LF>.<CR><LF>`
+    or `<CR>.<CR>` is message content like any other bytes, so nothing can
+    be smuggled past the end of a message (SMTP smuggling), and nothing of
+    it is changed either.  A bare <LF> (without <CR>) or bare <CR> (without
+    <LF>) is noted in `bare` ({"LF", "CR"}); with `strict`, it raises
+    BareLineEnding instead (the site's choice to refuse such mail).
     """
 
     LONG_LINE = 8192
 
-    def __init__(self):
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.bare: set[str] = set()
         self._pending = b""
-        self._line_start = True   # does _pending begin a line?
+        self._line_start = True   # does _pending begin a line (after <CR><LF>)?
+
+    def _bare(self, what: str) -> None:
+        if self.strict:
+            raise BareLineEnding(what)
+        self.bare.add(what)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         buf, self._pending = self._pending + data, b""
@@ -224,18 +253,14 @@ class DataReader:
             cut = buf.rfind(b"\r\n")
             segment, tail = (b"", buf) if cut < 0 else (buf[:cut + 2], buf[cut + 2:])
             rest, done = b"", False
-        # Every <LF> must follow a <CR> and every <CR> precede an <LF>; a <CR>
-        # at the very end of the buffer may still meet its <LF>.
+        # Every <LF> should follow a <CR> and every <CR> precede an <LF>; a
+        # <CR> at the very end of the buffer may still meet its <LF>.
         # Remove the proper line ends; any <CR> or <LF> left is bare.
         rest_of_lines = segment.replace(b"\r\n", b"")
-        if b"\n" in rest_of_lines:
-            raise BareLineEnding("LF")
-        if b"\r" in rest_of_lines:
-            raise BareLineEnding("CR")
-        if b"\n" in tail:
-            raise BareLineEnding("LF")
-        if b"\r" in tail[:-1]:
-            raise BareLineEnding("CR")
+        if b"\n" in rest_of_lines or b"\n" in tail:
+            self._bare("LF")
+        if b"\r" in rest_of_lines or b"\r" in tail[:-1]:
+            self._bare("CR")
         out = segment
         if out:
             if self._line_start and out[:1] == b".":
@@ -265,9 +290,14 @@ class Transaction:
     rcpt_params: list = field(default_factory=list)
     writer: Writer | None = None
     reader: DataReader | None = None
+    size_hint: int = 0              # MAIL FROM's SIZE=, checked
 
 
 ADDRESS = re.compile(r"^<(?P<addr>[^<>]*)>(?P<params>(?: +\S+)*) *$")
+# RFC 5321 esmtp-keyword; ASCII only: str.upper() maps "ſ" to "S" and "ı"
+# to "I", and str.isdigit() takes "²", so only these patterns decide.
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _verb = re.compile(rb"^([A-Za-z]+)(?: (.*))?$", re.S)
 
 
@@ -288,6 +318,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.callLater = factory.clock.callLater
         self.messages = 0
         self._abort_call = None
+        self._handshake_call = None     # a TLS handshake must finish by then
+        self._deadline_call = None      # the session's overall deadline
+        self._rate_call = None          # the next minimum-data-rate check in DATA
+        self._rate_bytes = 0            # bytes received in DATA since the last check
+        self._expired = False           # deadline passed while a commit was running
         self.log = factory.log
         self._out: list[bytes] | None = None   # replies batched while handling input
 
@@ -299,14 +334,84 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         self.cid = f.next_cid()
         f.active.add(self)
+        f.clients.add(self.peer[0])
         self.log.info("conn %d: connect from [%s]:%s on %s", self.cid, self.peer[0], self.peer[1], f.listener_name)
         self.setTimeout(f.timeout)
+        if f.session_timeout:
+            self._deadline_call = self.callLater(f.session_timeout, self._session_expired)
         if self.implicit_tls:
-            self.mode = "tls"       # greet once the handshake is done
+            # The connector networks, the connection limits and the
+            # per-client limit were checked before the handshake
+            # (ImplicitTLSFactory); the greeting waits for the handshake.
+            self.mode = "tls"
+            self._expect_handshake()
             return
         self._greet()
 
+    def _expect_handshake(self):
+        self._handshake_call = self.callLater(self.factory.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self):
+        """No finished handshake in time: nothing can be said in TLS yet, and
+        nothing in the clear, so the connection is just dropped."""
+        self._handshake_call = None
+        if self.mode != "tls":
+            return
+        self.log.info("conn %d: TLS handshake not finished within %g s from [%s]; dropped", self.cid,
+                      self.factory.handshake_timeout, self.peer[0])
+        self._reset()
+        self.mode = "closed"
+        self.setTimeout(None)
+        self.transport.abortConnection()
+
+    def _session_expired(self):
+        """The session's overall deadline.  A commit in progress finishes (its
+        250 is owed); anything unfinished is dropped, never half-stored."""
+        self._deadline_call = None
+        if self.mode == "closed":
+            return
+        if self.mode == "busy":
+            self._expired = True
+            return
+        self.log.info("conn %d: session time limit (%g s) reached%s from [%s]", self.cid,
+                      self.factory.session_timeout, " in DATA" if self.mode == "data" else "", self.peer[0])
+        self._cut(Reply(421, "4.4.2", f"{self.factory.hostname} Error: session time limit exceeded"))
+
+    def _cut(self, reply: Reply):
+        """End the session on our initiative: an unfinished transaction is
+        aborted (nothing of it was acknowledged), then 421 and close."""
+        if self.mode == "tls":
+            self.mode = "closed"
+            self.setTimeout(None)
+            return self.transport.abortConnection()
+        self._reset()
+        self._close_with(reply)
+
+    def _check_data_rate(self):
+        """Every data_rate_window seconds of DATA: at least min_data_rate
+        bytes a second must have come, or the session is cut (slow loris)."""
+        f = self.factory
+        self._rate_call = None
+        if self.mode != "data":
+            return
+        if self._rate_bytes < f.min_data_rate * f.data_rate_window:
+            self.log.warning("conn %d: DATA too slow from [%s]: %d bytes in %g s (minimum %d bytes/s); cut",
+                             self.cid, self.peer[0], self._rate_bytes, f.data_rate_window, f.min_data_rate)
+            return self._cut(Reply(421, "4.4.2", f"{f.hostname} Error: data rate too low, closing"))
+        self._rate_bytes = 0
+        self._rate_call = self.callLater(f.data_rate_window, self._check_data_rate)
+
+    def _stop_data_rate(self):
+        if self._rate_call is not None and self._rate_call.active():
+            self._rate_call.cancel()
+        self._rate_call = None
+
     def handshakeCompleted(self):
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+        if self.mode == "closed":
+            return
         self.tls = self.factory.tls.facts(self.transport.getHandle())
         cert = self.tls["client_cert"]
         self.log.info("conn %d: TLS %s %s%s", self.cid, self.tls["version"], self.tls["cipher"],
@@ -326,6 +431,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
             return self._close_with(replies.SHUTTING_DOWN)
         if len(f.active) > f.max_connections:
             return self._close_with(Reply(421, "4.7.0", "Error: too many connections, try again later"))
+        if f.clients.over(self.peer[0], f.max_connections_per_client):
+            self.log.warning("conn %d: reject: [%s] already has %d connections (limit %d per client)", self.cid,
+                             self.peer[0], f.clients.count(self.peer[0]) - 1, f.max_connections_per_client)
+            return self._close_with(Reply(421, "4.7.0", "Error: too many connections from your address, "
+                                                        "try again later"))
         if not f.gate.may_connect(self.peer[0]):
             self.log.warning("conn %d: reject: [%s] is in no connector's networks", self.cid, self.peer[0])
             return self._close_with(Reply(554, "5.7.1", f"Access denied: client {self.peer[0]} is not allowed"))
@@ -340,8 +450,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason=None):
         self.setTimeout(None)
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
+        for call in (self._abort_call, self._handshake_call, self._deadline_call, self._rate_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self in self.factory.active:
+            self.factory.clients.remove(self.peer[0])
         self.factory.active.discard(self)
         if self.txn is not None and self.txn.writer is not None and self.mode != "busy":
             self.txn.writer.abort()
@@ -351,8 +464,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self):
         self.log.info("conn %d: timeout after %s from [%s]", self.cid,
-                 "DATA" if self.mode == "data" else "command", self.peer[0])
-        self._close_with(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
+                 {"data": "DATA", "tls": "TLS handshake"}.get(self.mode, "command"), self.peer[0])
+        self._cut(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
 
     def _send(self, data: bytes):
         if self.mode == "closed":
@@ -475,6 +588,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self._reset()
         self.helo, self.esmtp = "", False
         self.mode = "tls"
+        self._expect_handshake()
         self.transport.startTLS(self.factory.tls)
 
     def smtp_NOOP(self, arg):
@@ -508,21 +622,13 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if parsed is None:
             return self._error(Reply(501, "5.1.7", "Bad sender address syntax"))
         addr, params = parsed
-        known = {"SIZE", "BODY", "SMTPUTF8"} if self.esmtp else set()
-        for k, v in params.items():
-            if k not in known:
-                return self._error(Reply(555, "5.5.4", f"Unsupported option: {k}"))
-        size_hint = 0
-        if "SIZE" in params:
-            if not (params["SIZE"] or "").isdigit():
-                return self._error(Reply(501, "5.5.4", "Bad SIZE parameter"))
-            size_hint = int(params["SIZE"])
-            if size_hint > f.max_size:
-                self.log.warning("conn %d: reject: SIZE=%d over the limit from [%s]", self.cid, size_hint,
-                            self.peer[0])
-                return self._error(replies.TOO_LARGE)
-        if "BODY" in params and (params["BODY"] or "").upper() not in ("7BIT", "8BITMIME"):
-            return self._error(Reply(501, "5.5.4", "Bad BODY parameter"))
+        size_hint, refusal = mail_parameters(params, self.esmtp)
+        if refusal is not None:
+            return self._error(refusal)
+        if size_hint > f.max_size:
+            self.log.warning("conn %d: reject: SIZE=%d over the limit from [%s]", self.cid, size_hint,
+                             self.peer[0])
+            return self._error(replies.TOO_LARGE)
         connector, refusal = f.gate.choose(self.peer[0], self.tls)
         if connector is None:
             self.log.warning("conn %d: reject: MAIL from [%s]: %d %s %s", self.cid, self.peer[0], *refusal)
@@ -534,7 +640,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.log.warning("conn %d: reject: MAIL from [%s]: %d %s %s (%s)", self.cid, self.peer[0],
                         *reply, e)
             return self._reply(reply)
-        self.txn = Transaction(addr, params, connector)
+        self.txn = Transaction(addr, params, connector, size_hint=size_hint)
         self._reply(Reply(250, "2.1.0", "Ok"))
 
     def smtp_RCPT(self, arg):
@@ -547,7 +653,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
             return self._error(Reply(501, "5.1.3", "Bad recipient address syntax"))
         addr, params = parsed
         if params:
-            return self._error(Reply(555, "5.5.4", f"Unsupported option: {next(iter(params))}"))
+            k = next(iter(params))
+            if not _KEYWORD.fullmatch(k):
+                return self._error(Reply(501, "5.5.4", "Syntax error in parameters"))
+            return self._error(Reply(555, "5.5.4", f"Unsupported option: {k}"))
         if not self.txn.connector.recipient_ok(addr):
             # Not a journal address of this connector: an unguessable
             # journal address only protects the archive if others bounce.
@@ -569,14 +678,18 @@ class RelayProtocol(Protocol, TimeoutMixin):
         if not self.txn.rcpt_to:
             return self._error(Reply(503, "5.5.1", "Error: need RCPT command"))
         try:
-            self.txn.writer = self.factory.sink.open_writer(int(self.txn.mail_params.get("SIZE") or 0))
+            self.txn.writer = self.factory.sink.open_writer(self.txn.size_hint)
         except Exception as e:  # noqa: BLE001
             reply = replies.for_failure(e)
             self.log.warning("conn %d: reject: DATA from [%s]: %d %s %s (%s)", self.cid, self.peer[0], *reply, e)
             self._reset()
             return self._reply(reply)
-        self.txn.reader = DataReader()
+        f = self.factory
+        self.txn.reader = DataReader(strict=f.bare_newline == "reject")
         self.mode = "data"
+        if f.min_data_rate:
+            self._rate_bytes = 0
+            self._rate_call = self.callLater(f.data_rate_window, self._check_data_rate)
         self._send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
 
     # --- DATA ---
@@ -584,9 +697,11 @@ class RelayProtocol(Protocol, TimeoutMixin):
     def _data_input(self):
         txn = self.txn
         data, self.buffer = self.buffer, b""
+        self._rate_bytes += len(data)
         try:
             content, rest, done = txn.reader.feed(data)
         except BareLineEnding as e:
+            # Only with [relay] bare_newline = "reject": the sender bounces it.
             self.log.warning("conn %d: reject: bare <%s> in DATA from [%s]", self.cid, e.what, self.peer[0])
             self._reset()
             return self._close_with(Reply(550, "5.5.2", f"Error: bare <{e.what}> received"))
@@ -598,12 +713,20 @@ class RelayProtocol(Protocol, TimeoutMixin):
 
     def _end_of_data(self):
         txn, f = self.txn, self.factory
+        self._stop_data_rate()
+        flags = []
+        if txn.reader.bare:
+            # Kept byte for byte; the flag lets an auditor find such mail
+            # (flag:bare-newline), whose line ends an MTA might have changed.
+            flags.append("bare-newline")
+            self.log.warning("conn %d: bare <%s> in DATA from [%s]: kept as received, flagged bare-newline",
+                             self.cid, "> and <".join(sorted(txn.reader.bare, reverse=True)), self.peer[0])
         env = Envelope(
             source="relay", mail_from=txn.mail_from, rcpt_to=list(txn.rcpt_to),
             connector=txn.connector.name, tenant=txn.connector.tenant,
             client_address=self.peer[0], client_port=self.peer[1], helo=self.helo,
             tls=self.tls, mail_params={k: v for k, v in txn.mail_params.items()},
-            rcpt_params=list(txn.rcpt_params), received_at=time.time())
+            rcpt_params=list(txn.rcpt_params), received_at=time.time(), flags=flags)
         self.mode = "busy"
         self.setTimeout(None)
         self.transport.pauseProducing()
@@ -633,6 +756,10 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.mode = "command"
             if f.shutting_down:
                 return self._close_with(replies.SHUTTING_DOWN)
+            if self._expired:
+                self.log.info("conn %d: session time limit (%g s) reached from [%s]", self.cid,
+                              f.session_timeout, self.peer[0])
+                return self._close_with(Reply(421, "4.4.2", f"{f.hostname} Error: session time limit exceeded"))
             self.setTimeout(f.timeout)
             self.transport.resumeProducing()
             self._process()
@@ -641,6 +768,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self._batched, finished, *((fu.result(), None) if fu.exception() is None else (None, fu.exception()))))
 
     def _reset(self):
+        self._stop_data_rate()
         if self.txn is not None and self.txn.writer is not None:
             self.txn.writer.abort()
         self.txn = None
@@ -663,12 +791,59 @@ class RelayProtocol(Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
 
+class ImplicitTLSFactory(TLSMemoryBIOFactory):
+    """The implicit-TLS port: the relay behind TLS, with the connection-time
+    checks (connector networks, connection limits) made when the TCP
+    connection is accepted, before any TLS work is done for it."""
+
+    def __init__(self, tls: ServerTLS, relay: "RelayFactory"):
+        super().__init__(tls, False, relay)
+        self.relay = relay
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        why = self.relay.refusal_at_connect(host)
+        if why is not None:
+            self.relay.log.warning("reject: [%s] on %s before TLS: %s", host, self.relay.listener_name, why)
+            return None     # Twisted closes the socket at once
+        return super().buildProtocol(addr)
+
+
 def _printable(s: str) -> str:
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def mail_parameters(params: dict, esmtp: bool) -> tuple[int, Reply | None]:
+    """Check MAIL FROM's parameters (as `_address` returns them): the SIZE
+    hint and None, or 0 and the reply that refuses them.  Pure: no input,
+    however odd (8-bit, non-ASCII digits, huge numbers), gets past it
+    unchecked or makes it raise."""
+    known = {"SIZE", "BODY", "SMTPUTF8"} if esmtp else set()
+    for k in params:
+        if not _KEYWORD.fullmatch(k):
+            return 0, Reply(501, "5.5.4", "Syntax error in parameters")
+        if k not in known:
+            return 0, Reply(555, "5.5.4", f"Unsupported option: {k}")
+    size_hint = 0
+    if "SIZE" in params:
+        v = params["SIZE"] or ""
+        if not _DIGITS.fullmatch(v):
+            return 0, Reply(501, "5.5.4", "Bad SIZE parameter")
+        # More digits than any size could need is "too large", without an
+        # int() of thousands of digits.
+        size_hint = int(v) if len(v) <= 20 else 1 << 64
+    body = params.get("BODY") or ""
+    if "BODY" in params and not (body.isascii() and body.upper() in ("7BIT", "8BITMIME")):
+        return 0, Reply(501, "5.5.4", "Bad BODY parameter")
+    if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
+        return 0, Reply(501, "5.5.4", "Bad SMTPUTF8 parameter (it takes no value)")
+    return size_hint, None
+
+
 def _address(text: str):
-    """'<a@b> K=V K2' -> ('a@b', {'K': 'V', 'K2': None}); None if malformed."""
+    """'<a@b> K=V K2' -> ('a@b', {'K': 'V', 'K2': None}); None if malformed.
+    Keywords are upper-cased only when they are RFC 5321 keywords (ASCII);
+    any other is returned as sent, for the caller to refuse."""
     m = ADDRESS.match(text.strip())
     if not m:
         return None
@@ -680,19 +855,55 @@ def _address(text: str):
     params = {}
     for p in m.group("params").split():
         k, _, v = p.partition("=")
-        params[k.upper()] = v if _ else None
+        params[k.upper() if _KEYWORD.fullmatch(k) else k] = v if _ else None
     return addr, params
+
+
+class ClientCounts:
+    """Open sessions per client address, shared by the listeners of one
+    process.  Relay worker processes each keep their own: the limit is per
+    process (sharing it would cost a round trip per connection)."""
+
+    def __init__(self):
+        self._n: dict[str, int] = {}
+
+    def add(self, host: str) -> None:
+        self._n[host] = self._n.get(host, 0) + 1
+
+    def remove(self, host: str) -> None:
+        n = self._n.get(host, 0) - 1
+        if n > 0:
+            self._n[host] = n
+        else:
+            self._n.pop(host, None)
+
+    def count(self, host: str) -> int:
+        return self._n.get(host, 0)
+
+    def over(self, host: str, limit: int) -> bool:
+        """Counting the session itself, is `host` over `limit` (0: none)?"""
+        return bool(limit) and self.count(host) > limit
 
 
 class RelayFactory(ServerFactory):
     def __init__(self, *, sink: Sink, gate: Gate, tls: ServerTLS, hostname: str, max_size: int,
                  max_recipients: int = 1000, max_connections: int = 100, timeout: float = 300.0,
+                 max_connections_per_client: int = 0, handshake_timeout: float = 10.0,
+                 session_timeout: float = 0.0, min_data_rate: int = 0, data_rate_window: float = 30.0,
+                 bare_newline: str = "keep", clients: ClientCounts | None = None,
                  implicit_tls: bool = False, listener_name: str = "", clock=None, call_from_thread=None,
                  log_name: str = "mailtresor.relay"):
         from twisted.internet import reactor
         self.sink, self.gate, self.tls = sink, gate, tls
         self.hostname, self.max_size = hostname, max_size
         self.max_recipients, self.max_connections = max_recipients, max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self.handshake_timeout, self.session_timeout = handshake_timeout, session_timeout
+        self.min_data_rate, self.data_rate_window = min_data_rate, data_rate_window
+        if bare_newline not in ("keep", "reject"):
+            raise ValueError(f"bare_newline must be 'keep' or 'reject', not {bare_newline!r}")
+        self.bare_newline = bare_newline
+        self.clients = clients if clients is not None else ClientCounts()
         self.timeout, self.implicit_tls, self.listener_name = timeout, implicit_tls, listener_name
         self.clock = clock or reactor
         self.call_from_thread = call_from_thread or reactor.callFromThread
@@ -711,6 +922,19 @@ class RelayFactory(ServerFactory):
         p = RelayProtocol(self, self.implicit_tls)
         p.factory = self
         return p
+
+    def refusal_at_connect(self, host: str) -> str | None:
+        """Why a new implicit-TLS connection from `host` is dropped before
+        its handshake, or None.  A refused client costs no TLS handshake
+        and gets no reply: there is no channel to say it in yet."""
+        if not self.gate.may_connect(host):
+            return "in no connector's networks"
+        if len(self.active) >= self.max_connections:
+            return f"too many connections ({len(self.active)})"
+        if self.max_connections_per_client and self.clients.count(host) >= self.max_connections_per_client:
+            return (f"already has {self.clients.count(host)} connections "
+                    f"(limit {self.max_connections_per_client} per client)")
+        return None
 
     def connection_closed(self, proto):
         if self.shutting_down and not self.active:

@@ -209,25 +209,29 @@ class Daemon:
     # --- start ---
 
     def _relay_factories(self):
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from .relay import Gate, RelayFactory, ServerTLS
+        from .relay import ClientCounts, Gate, ImplicitTLSFactory, RelayFactory, ServerTLS
 
         cfg = self.cfg
         t = cfg.tls
+        r = cfg.relay
         tls = ServerTLS(t.cert_file, t.key_file, t.client_ca_file, t.min_version)
         gate = Gate(cfg.relay.connector)
+        clients = ClientCounts()    # per process, over all its listeners
         for lst in cfg.relay.listener:
             implicit = lst.tls == "implicit"
             f = RelayFactory(sink=self.spool, gate=gate, tls=tls, hostname=cfg.appliance.hostname,
                              max_size=cfg.spool.max_message_size, max_recipients=cfg.relay.max_recipients,
                              max_connections=max(1, cfg.relay.max_connections // self.processes),
+                             max_connections_per_client=r.max_connections_per_client,
+                             handshake_timeout=r.handshake_timeout, session_timeout=r.session_timeout,
+                             min_data_rate=r.min_data_rate, data_rate_window=r.data_rate_window,
+                             bare_newline=r.bare_newline, clients=clients,
                              timeout=cfg.relay.timeout, implicit_tls=implicit,
                              listener_name=lst.name or lst.endpoint, clock=self.reactor,
                              call_from_thread=self.reactor.callFromThread,
                              log_name=f"mailtresor.relay.w{self.worker}" if self.worker else "mailtresor.relay")
             self.factories.append(f)
-            yield lst, (TLSMemoryBIOFactory(tls, False, f) if implicit else f)
+            yield lst, (ImplicitTLSFactory(tls, f) if implicit else f)
 
     def start(self):
         from twisted.internet import defer, endpoints, task

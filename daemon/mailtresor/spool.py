@@ -146,6 +146,9 @@ class Envelope:
     received_at: float = 0.0
     size: int = 0
     sha256: str = ""
+    # What the ingest path noticed about the message, each searchable as
+    # flag:NAME once archived (e.g. "bare-newline" from the relay).
+    flags: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, ensure_ascii=True, separators=(",", ":")).encode()
