@@ -217,3 +217,26 @@ def test_untrusted_paths_route_by_the_smtp_envelope_only(trust):
     # The other names acme only in its forged report: held, not dropped.
     assert len(list((trust.spool_dir / "unrouted").iterdir())) == 1
     assert ids(trust, "acme", "body:kestrel") == []
+
+
+def test_import_writes_into_its_tenant_and_unwraps_only_when_told(trust, tmp_path):
+    """`mailtresor import --tenant acme`: the operator's authority names the
+    tenant (globex addresses route nothing), and a journal report is
+    unwrapped only with --journal-reports."""
+    forged = forgery("pelican", recipients=[("to", "gus@globex.example", None)])
+    genuine = make_report(original("Exported journal report", to="gus@globex.example"),
+                          sender="zed@globex.example", recipients=[("bcc", "gil@globex.example", None)])
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "1.eml").write_bytes(forged)
+    (tmp_path / "journal").mkdir()
+    (tmp_path / "journal" / "1.eml").write_bytes(genuine)
+    p = cli(trust, "import", "--tenant", "acme", str(tmp_path / "plain"))
+    assert p.returncode == 0 and b"1 imported" in p.stdout, (p.stdout, p.stderr)
+    p = cli(trust, "import", "--tenant", "acme", "--journal-reports", str(tmp_path / "journal"))
+    assert p.returncode == 0 and b"1 imported" in p.stdout, (p.stdout, p.stderr)
+    wait_archived(trust)
+    _, e = assert_archived_as_received(trust, "acme", forged, "pelican")
+    assert e["source"] == "import"
+    (aid,) = ids(trust, "acme", "bcc:gil@globex.example")
+    assert show(trust, "acme", aid) == original("Exported journal report", to="gus@globex.example")
+    assert holdings(trust) == {"acme": 2}
