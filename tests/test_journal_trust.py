@@ -232,11 +232,12 @@ def test_import_writes_into_its_tenant_and_unwraps_only_when_told(trust, tmp_pat
     (tmp_path / "journal" / "1.eml").write_bytes(genuine)
     p = cli(trust, "import", "--tenant", "acme", str(tmp_path / "plain"))
     assert p.returncode == 0 and b"1 imported" in p.stdout, (p.stdout, p.stderr)
-    p = cli(trust, "import", "--tenant", "acme", "--journal-reports", str(tmp_path / "journal"))
-    assert p.returncode == 0 and b"1 imported" in p.stdout, (p.stdout, p.stderr)
     wait_archived(trust)
     _, e = assert_archived_as_received(trust, "acme", forged, "pelican")
     assert e["source"] == "import"
+    p = cli(trust, "import", "--tenant", "acme", "--journal-reports", str(tmp_path / "journal"))
+    assert p.returncode == 0 and b"1 imported" in p.stdout, (p.stdout, p.stderr)
+    wait_archived(trust)
     (aid,) = ids(trust, "acme", "bcc:gil@globex.example")
     assert show(trust, "acme", aid) == original("Exported journal report", to="gus@globex.example")
     assert holdings(trust) == {"acme": 2}
