@@ -152,14 +152,22 @@ def make_forgery(*, sender: str, to: str, subject: str, text: str, attachment_na
     report = make_report(decoy, sender=sender, recipients=recipients, boundary=boundary,
                          top_headers=list(top_headers))
     head, _, rest = report.partition(b"\r\n\r\n")
-    head = head.replace(b"From: Microsoft Exchange Journaling <journal@contoso.example>", f"From: <{sender}>".encode())
-    head = head.replace(b"To: archive@mailtresor.example", f"To: <{to}>".encode())
-    head = b"\r\n".join(ln if not ln.startswith(b"Subject: ") else b"Subject: " + subject.encode() for ln in head.split(b"\r\n"))
-    real = (b"--" + boundary.encode() + b"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
-            + b"\r\n--" + boundary.encode() + b"\r\nContent-Type: application/vnd.openxmlformats-officedocument"
-            b".spreadsheetml.sheet\r\nContent-Disposition: attachment; filename=\"" + attachment_name.encode()
-            + b"\"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(attachment).replace(b"\n", b"\r\n")
-            + b"\r\n")
+    lines = []
+    for ln in head.split(b"\r\n"):
+        if ln.startswith(b"From: "):
+            ln = f"From: <{sender}>".encode()
+        elif ln.startswith(b"To: "):
+            ln = f"To: <{to}>".encode()
+        elif ln.startswith(b"Subject: "):
+            ln = b"Subject: " + subject.encode()
+        lines.append(ln)
+    head = b"\r\n".join(lines)
+    b = b"--" + boundary.encode() + b"\r\n"
+    real = (b + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode() + b"\r\n"
+            + b + b"Content-Type: application/vnd.openxmlformats-officedocument.spreadsheetml.sheet\r\n"
+            + b'Content-Disposition: attachment; filename="' + attachment_name.encode() + b'"\r\n'
+            + b"Content-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(attachment).replace(b"\n", b"\r\n") + b"\r\n")
     # The real parts go after the report body, before the decoy.
     decoy_at = rest.index(b"--" + boundary.encode() + b"\r\nContent-Type: message/rfc822")
     return head + b"\r\n\r\n" + rest[:decoy_at] + real + rest[decoy_at:]
