@@ -269,8 +269,12 @@ class Pipeline:
                 continue
             if not p.tenants:
                 self.spool.hold_unrouted(eid)
-                log.warning("%s: no tenant claims any of its %d envelope address(es); held in %s",
-                            eid, len(p.addresses), UNROUTED)
+                if entry.envelope.tenant:
+                    log.warning("%s: its connector's tenant %r is not configured; held in %s",
+                                eid, entry.envelope.tenant, UNROUTED)
+                else:
+                    log.warning("%s: no tenant claims any of its %d envelope address(es); held in %s",
+                                eid, len(routing_addresses(p.envelope)), UNROUTED)
                 res.unrouted += 1
                 continue
             prepared.append(p)
