@@ -403,7 +403,7 @@ def _check(cfg: Config, source: Path) -> None:
                      "checks the Exchange Online tenant id")
             if not _GUID.match(c.exchange_tenant_id):
                 fail(f"relay.connector[{i}].exchange_tenant_id", f"{c.exchange_tenant_id!r} is not a tenant id "
-                     "(a GUID such as 72f988bf-86f1-41af-91ab-2d7cd011db47)")
+                     "(a GUID such as 11111111-2222-3333-4444-555555555555)")
             if not c.recipients:
                 # Every Microsoft 365 organisation presents the same
                 # certificate: the unguessable journal address is what
