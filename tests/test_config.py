@@ -80,6 +80,32 @@ def test_example_config_loads():
      "relay.connector[0].recipients[0]", "'journal' is not an address"),
     ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\nrecipients = 'j@x.example'\n",
      "relay.connector[0].recipients", "expected a list"),
+    # Issue 12: journaling only with a verified certificate and a tenant;
+    # an Exchange Online tenant id only with its secret journal address.
+    ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\njournal = true\n",
+     "relay.connector[0].journal", "needs client_cert = \"required\""),
+    ("[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\nclient_cert = 'optional'\n"
+     "client_cert_names = ['exo']\njournal = true\n", "relay.connector[0].journal", "needs client_cert"),
+    ("[tls]\ncert_file = 'r.pem'\nkey_file = 'r.key'\nclient_ca_file = 'ca.pem'\n"
+     "[[relay.connector]]\nname = 'x'\nclient_cert = 'required'\njournal = true\n",
+     "relay.connector[0].journal", "needs a tenant"),
+    ("[relay]\n[[relay.connector]]\nname = 'x'\nnetworks = ['10.0.0.0/8']\njournal = 'yes'\n",
+     "relay.connector[0].journal", "expected true or false"),
+    ("[tls]\ncert_file = 'r.pem'\nkey_file = 'r.key'\nclient_ca_file = 'ca.pem'\n"
+     "[[tenant]]\nname = 'acme'\ndomains = ['acme.example']\n"
+     "[[relay.connector]]\nname = 'x'\nclient_cert = 'required'\ntenant = 'acme'\n"
+     "exchange_tenant_id = '8d0f1d7c-1a2b-4c3d-9e8f-0a1b2c3d4e5f'\nrecipients = ['j@archive.example']\n",
+     "relay.connector[0].exchange_tenant_id", "only a journaling connector"),
+    ("[tls]\ncert_file = 'r.pem'\nkey_file = 'r.key'\nclient_ca_file = 'ca.pem'\n"
+     "[[tenant]]\nname = 'acme'\ndomains = ['acme.example']\n"
+     "[[relay.connector]]\nname = 'x'\nclient_cert = 'required'\ntenant = 'acme'\njournal = true\n"
+     "exchange_tenant_id = 'contoso.onmicrosoft.com'\nrecipients = ['j@archive.example']\n",
+     "relay.connector[0].exchange_tenant_id", "is not a tenant id"),
+    ("[tls]\ncert_file = 'r.pem'\nkey_file = 'r.key'\nclient_ca_file = 'ca.pem'\n"
+     "[[tenant]]\nname = 'acme'\ndomains = ['acme.example']\n"
+     "[[relay.connector]]\nname = 'x'\nclient_cert = 'required'\ntenant = 'acme'\njournal = true\n"
+     "exchange_tenant_id = '8d0f1d7c-1a2b-4c3d-9e8f-0a1b2c3d4e5f'\n",
+     "relay.connector[0].recipients", "needs its journal address"),
     ("[milter]\nlisten = 'inet:25@x'\n", "milter.listen", "unix:PATH or tcp"),
     ("[milter]\nlisten = 'unix:/run/m.sock'\non_failure = 'ignore'\n", "milter.on_failure", "is not one of"),
 ])
@@ -89,6 +115,37 @@ def test_bad_configs_name_file_and_key(tmp_path, extra, key, message):
     text = str(e.value)
     assert text.startswith(str(tmp_path / "m.toml") + ": " + key + ":"), text
     assert message in text
+
+
+def test_journaling_connectors_load(tmp_path):
+    cfg, _ = load_text(tmp_path, BASE + """
+[tls]
+cert_file = "r.pem"
+key_file = "r.key"
+client_ca_file = "ca.pem"
+[[tenant]]
+name = "acme"
+domains = ["acme.example"]
+[[relay.connector]]
+name = "exo-acme"
+networks = ["40.92.0.0/15"]
+client_cert = "required"
+client_cert_names = ["mail.protection.outlook.com"]
+tenant = "acme"
+journal = true
+exchange_tenant_id = "8D0F1D7C-1A2B-4C3D-9E8F-0A1B2C3D4E5F"
+recipients = ["journal-7f3k9q@archive.example"]
+[[relay.connector]]
+name = "mta"
+networks = ["192.0.2.0/28"]
+""")
+    exo, mta = cfg.relay.connector
+    assert exo.journal and exo.exchange_tenant_id == "8D0F1D7C-1A2B-4C3D-9E8F-0A1B2C3D4E5F"
+    assert not mta.journal and mta.exchange_tenant_id == ""
+    # The shipped examples declare their journaling connectors as such.
+    for name in ("mailtresor.toml", "dev.toml"):
+        conf = config.load(REPO / "conf" / name)
+        assert [c.name for c in conf.relay.connector if c.journal] == [conf.relay.connector[0].name]
 
 
 def test_plaintext_control_url_is_refused(tmp_path):

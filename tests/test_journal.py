@@ -336,3 +336,91 @@ def test_mutated_reports_unwrap_or_raise_journal_error_only():
         except JournalError:
             outcomes["error"] += 1
     assert outcomes["ok"] > 100 and outcomes["error"] > 100, outcomes
+
+
+# ---------------------------------------------------------------- issue 12: who is trusted
+
+TENANT_ID = "8d0f1d7c-1a2b-4c3d-9e8f-0a1b2c3d4e5f"
+SIMPLE = (b"From: a@acme.example\r\nTo: b@acme.example\r\nSubject: real\r\n"
+          b"Message-ID: <r1@acme.example>\r\n\r\nthe real text\r\n")
+
+
+def _report(*top: bytes, original: bytes = SIMPLE) -> bytes:
+    return make_report(original, sender="a@acme.example", recipients=[("bcc", "x@globex.example", None)],
+                       top_headers=list(top))
+
+
+@pytest.mark.parametrize("journaling,top,why", [
+    (None, (), "not from a journaling connector"),
+    ({"tenant_id": ""}, (), None),
+    ({"tenant_id": ""}, (b"X-MS-Exchange-CrossTenant-Id: anything",), None),
+    ({"tenant_id": TENANT_ID}, (f"X-MS-Exchange-CrossTenant-Id: {TENANT_ID.upper()}".encode(),), None),
+    ({"tenant_id": TENANT_ID}, (f"x-ms-exchange-crosstenant-id:\r\n {{{TENANT_ID}}}".encode(),), None),
+    ({"tenant_id": TENANT_ID}, (f"X-MS-Exchange-CrossTenant-Id: {TENANT_ID}".encode(),) * 2, None),
+    ({"tenant_id": TENANT_ID}, (), "no X-MS-Exchange-CrossTenant-Id"),
+    ({"tenant_id": TENANT_ID}, (b"X-MS-Exchange-CrossTenant-Id: f00dcafe-1234-4321-abcd-0123456789ab",),
+     "not the connector's organisation"),
+    ({"tenant_id": TENANT_ID}, (f"X-MS-Exchange-CrossTenant-Id: {TENANT_ID}".encode(),
+                                b"X-MS-Exchange-CrossTenant-Id: f00dcafe-1234-4321-abcd-0123456789ab"),
+     "not the connector's organisation"),
+])
+def test_untrusted_reason(journaling, top, why):
+    from mailtresor.journal import untrusted_reason
+    got = untrusted_reason(_report(*top), journaling)
+    assert got == why if why is None else why in got
+
+
+def test_a_tenant_id_inside_the_attached_message_does_not_count():
+    from mailtresor.journal import untrusted_reason
+    inner = f"X-MS-Exchange-CrossTenant-Id: {TENANT_ID}\r\n".encode() + SIMPLE
+    assert "no X-MS-Exchange-CrossTenant-Id" in untrusted_reason(_report(original=inner), {"tenant_id": TENANT_ID})
+
+
+def test_digest_unwraps_only_with_the_relays_word():
+    from mailtresor.parseworker import digest
+    raw = _report()
+    trusted = digest(raw, {"tenant_id": ""})
+    assert trusted["original"] == SIMPLE and trusted["journal_untrusted"] is None
+    assert trusted["parsed"].subject == "real"
+    for journaling in (None, {"tenant_id": TENANT_ID}):
+        d = digest(raw, journaling)
+        assert d["original"] is None and d["journal"] is None and d["journal_error"] is None
+        assert d["journal_untrusted"]
+        assert d["parsed"].size == len(raw)          # the outer message, parsed as it is
+    # Not a report at all: nothing to say.
+    assert digest(SIMPLE)["journal_untrusted"] is None
+
+
+def test_routing_follows_authority_not_addresses():
+    from mailtresor.archiver import Router
+    from mailtresor.config import Tenant
+    from mailtresor.spool import Envelope
+    r = Router([Tenant("acme", ("acme.example",)), Tenant("globex", ("globex.example",))])
+    # Bound: that tenant only, whatever the envelope names.
+    assert r.tenants(Envelope("relay", "x@globex.example", ["y@globex.example"], tenant="acme")) == ["acme"]
+    assert r.tenants(Envelope("import", tenant="globex")) == ["globex"]
+    # Bound to a tenant no longer configured: held (no tenant), never another's.
+    assert r.tenants(Envelope("relay", "x@acme.example", ["y@acme.example"], tenant="initech")) == []
+    # Untrusted paths: MAIL FROM and RCPT TO.
+    assert r.tenants(Envelope("milter", "x@globex.example", ["y@acme.example"])) == ["acme", "globex"]
+    assert r.tenants(Envelope("milter", "x@nowhere.example", ["y@Acme.Example."])) == ["acme"]
+    # A journal report's recipients in the envelope dict route nothing.
+    env = dict(Envelope("milter", "x@nowhere.example", ["y@elsewhere.example"]).__dict__,
+               journal={"sender": "a@acme.example", "recipients": [{"address": "b@globex.example"}]})
+    assert r.tenants(env) == []
+
+
+def test_prepare_refuses_an_unwrapped_digest_for_an_untrusted_entry():
+    """A parser process answers from hostile input: it cannot make the
+    archiver store an attached message instead of what was received."""
+    from mailtresor.archiver import Router, prepare
+    from mailtresor.parseworker import digest
+    from mailtresor.spool import Envelope, SpoolEntry
+    raw = _report()
+    lying = digest(raw, {"tenant_id": ""})
+    entry = SpoolEntry("01ARZ3NDEKTSV4RRFFQ69G5FAV", Envelope("milter", "a@acme.example", ["b@acme.example"]),
+                       raw, 1)
+    with pytest.raises(ValueError, match="untrusted source"):
+        prepare(entry, Router([]), lying)
+    p = prepare(entry, Router([]))
+    assert p.raw == raw and "journal-untrusted" in p.parsed.flags and p.envelope["journal_untrusted"]

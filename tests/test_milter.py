@@ -229,3 +229,32 @@ def test_corpus_sample_through_postfix_is_byte_identical(rig):
     got = [e.data for e in rig.stack.entries().values()]
     assert len(got) == len(files)
     assert [g for g in got if g not in sent] == []
+
+
+def test_a_forged_journal_report_through_postfix_is_archived_as_received():
+    """Issue 12 (a): an insider's real mail dressed as a journal report
+    passes a real Postfix and the milter.  The milter is no journaling
+    source: the message is kept as received (real text and spreadsheet
+    searchable, flagged journal-untrusted), and it routes by the SMTP
+    envelope only -- the globex recipients its forged report names get
+    nothing."""
+    from tests.test_archive import cli, search, wait_archived
+    from tests.test_journal_trust import assert_archived_as_received, forgery, holdings, status
+    rig = MilterRig({"archive": {"enabled": True}})
+    try:
+        forged = forgery("nightjar", recipients=[("to", "gus@globex.example", None),
+                                                 ("bcc", "gil@globex.example", None)])
+        with rig.smtp() as s:
+            s.sendmail("insider@acme.example", ["colleague@acme.example"], forged)
+        deadline = time.monotonic() + 60
+        while not rig.stack.spool_ids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        wait_archived(rig.stack)
+        _, e = assert_archived_as_received(rig.stack, "acme", forged, "nightjar")
+        assert e["source"] == "milter" and e["journal_untrusted"] == "not from a journaling connector"
+        assert holdings(rig.stack) == {"acme": 1}
+        assert search(rig.stack, "acme", "envelope:gil@globex.example") == []     # an untrusted report's list
+        assert status(rig.stack, 1)["archiver"]["journal_untrusted"] == 1
+        assert cli(rig.stack, "verify", check=0).returncode == 0
+    finally:
+        rig.close()

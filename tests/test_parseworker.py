@@ -29,12 +29,12 @@ BROKEN_PARSER = r"""
 import os, sys, time
 from mailtresor import parseworker
 real = parseworker.digest
-def digest(raw):
+def digest(raw, journaling=None):
     if b"X-Test-Poison:" in raw:
         os._exit(70)
     if b"X-Test-Hang:" in raw:
         time.sleep(3600)
-    return real(raw)
+    return real(raw, journaling)
 parseworker.digest = digest
 sys.exit(parseworker.main())
 """
@@ -65,17 +65,26 @@ def test_answers_equal_parsing_in_process_corpus_and_journal_reports():
                          recipients=[("to", "bob@acme.example", None),
                                      ("bcc", "carol@acme.example", "Expanded: team@acme.example")])
     raws += [report, b"", b"\x00\xff" * 100, b"X-MS-Journal-Report:\r\n\r\nnot multipart\r\n"]
+    # Through a journaling connector (the trust travels with the request),
+    # and the same report from anywhere else.
+    journaling = [None] * (len(raws) - 4) + [{"tenant_id": ""}] * 4
+    raws.append(report)
+    journaling.append(None)
     pool = ParserPool(2)
     try:
-        futures = [pool.submit(r) for r in raws]        # all handed over before any answer is read
+        futures = [pool.submit(r, j) for r, j in zip(raws, journaling)]   # all handed over before any answer
         answers = [parseworker.wait(f, 60) for f in futures]
     finally:
         pool.close()
     assert len(answers) == len(raws) > 200
-    for raw, got in zip(raws, answers):
-        assert got == digest(raw)
-    assert answers[-4]["original"] == original and answers[-4]["journal"]["recipients"]
-    assert answers[-1]["journal_error"]
+    for raw, j, got in zip(raws, journaling, answers):
+        assert got == digest(raw, j)
+    assert answers[-5]["original"] == original and answers[-5]["journal"]["recipients"]
+    assert answers[-2]["journal_error"]
+    untrusted = answers[-1]
+    assert untrusted["original"] is None and untrusted["journal"] is None
+    assert untrusted["journal_untrusted"] == "not from a journaling connector"
+    assert untrusted["parsed"] == digest(report)["parsed"] != answers[-5]["parsed"]
 
 
 def test_a_dead_child_fails_its_requests_and_is_replaced():

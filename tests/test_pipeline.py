@@ -114,3 +114,28 @@ def test_an_implausible_date_is_replaced_by_the_arrival_time(tmp_path):
     finally:
         store.close()
         spool.close()
+
+
+def test_a_connector_tenant_no_longer_configured_holds_its_mail(tmp_path, caplog):
+    """Issue 12: mail a connector bound to tenant "initech" accepted, after
+    initech was removed from the configuration, is held as unrouted -- not
+    given to acme, whose domain its envelope names -- and comes back with
+    `reroute`."""
+    ring = KeyRing()
+    for name in ("spool", "tenant.acme", "seal"):
+        ring.put(KeyMaterial(name, 1, os.urandom(32)), current=True)
+    spool = Spool(tmp_path / "spool", ring, sync="fsync")
+    store = Store(tmp_path / "store")
+    pipe = Pipeline(spool, store, Keys(ring), Router([Tenant("acme", ("acme.example",))]), batch_size=10)
+    try:
+        w = spool.open_writer(0)
+        w.write(msg(1, "b@acme.example"))
+        eid = w.commit(Envelope(source="relay", connector="exchange-initech", tenant="initech",
+                                mail_from="a@acme.example", rcpt_to=["b@acme.example"])).result()
+        r = pipe.run_batch()
+        assert (r.unrouted, r.archived) == (1, 0)
+        assert spool.unrouted_entries() == [eid] and store.months("acme") == []
+        assert "tenant 'initech' is not configured" in caplog.text
+    finally:
+        store.close()
+        spool.close()

@@ -180,6 +180,29 @@ def test_gate_refusals_say_why():
     assert c is None and r.code == 550
 
 
+def test_gate_tells_connectors_sharing_a_certificate_apart_by_journal_address():
+    """Issue 12: every Microsoft 365 organisation presents the same
+    certificate; the journal address picks the connector, and only a
+    journaling connector's trust goes into the envelope."""
+    guid = "8D0F1D7C-1A2B-4C3D-9E8F-0A1B2C3D4E5F"
+    g = Gate([
+        ConnectorCfg("exo-acme", ("40.92.0.0/15",), "required", ("exo",), "acme", ("ja@archive.example",),
+                     journal=True, exchange_tenant_id=guid),
+        ConnectorCfg("exo-globex", ("40.92.0.0/15",), "required", ("exo",), "globex", ("jg@archive.example",),
+                     journal=True, exchange_tenant_id="f00dcafe-1234-4321-abcd-0123456789ab"),
+        ConnectorCfg("mta", ("10.0.0.0/8",), "optional", (), "acme"),
+    ])
+    found, r = g.candidates("40.92.1.1", cert("exo"))
+    assert [c.name for c in found] == ["exo-acme", "exo-globex"] and r is None
+    (c,) = g.for_recipient(found, "JG@Archive.Example")
+    assert c.name == "exo-globex" and c.journaling() == {"tenant_id": "f00dcafe-1234-4321-abcd-0123456789ab"}
+    assert g.for_recipient(found, "ja@archive.example")[0].journaling() == {"tenant_id": guid.lower()}
+    assert g.for_recipient(g.for_recipient(found, "ja@archive.example"), "jg@archive.example") == []
+    assert g.for_recipient(found, "other@archive.example") == []
+    c, _ = g.choose("10.1.1.1", None)
+    assert c.name == "mta" and c.journaling() is None
+
+
 @pytest.mark.parametrize("text,expected", [
     ("<a@b>", ("a@b", {})),
     ("<>", ("", {})),

@@ -37,17 +37,34 @@ def domain_of(address: str) -> str:
 
 
 class Router:
-    """Tenant by domain: exact match of an envelope address's domain."""
+    """Which tenants' archives a message is written into.
+
+    Authority, not addresses, decides: an entry that arrived through a
+    connector bound to a tenant (or a `mailtresor import --tenant`) is that
+    tenant's, and only that tenant's, whatever its envelope or a journal
+    report inside it names.  Mail from untrusted paths (the milter, a
+    connector without a tenant) goes by the SMTP envelope the MTA vouches
+    for -- MAIL FROM and RCPT TO, exact match of the domain -- never by
+    journal report recipients or headers.  No tenant: held as unrouted."""
 
     def __init__(self, tenants):
         self.by_domain = {d: t.name for t in tenants for d in t.domains}
         self.names = {t.name for t in tenants}
 
-    def tenants(self, addresses: list[str], connector_tenant: str = "") -> list[str]:
-        found = {self.by_domain[d] for d in map(domain_of, addresses) if d in self.by_domain}
-        if connector_tenant and connector_tenant in self.names:
-            found.add(connector_tenant)
-        return sorted(found)
+    def tenants(self, envelope) -> list[str]:
+        """The tenants for a spool envelope (spool.Envelope or its dict)."""
+        env = envelope if isinstance(envelope, dict) else envelope.__dict__
+        bound = env.get("tenant") or ""
+        if bound:
+            # A tenant no longer configured: held, never given to another.
+            return [bound] if bound in self.names else []
+        return sorted({self.by_domain[d] for d in map(domain_of, routing_addresses(env))
+                       if d in self.by_domain})
+
+
+def routing_addresses(env: dict) -> list[str]:
+    """The SMTP envelope's addresses: what an untrusted path routes by."""
+    return [a for a in [env.get("mail_from") or "", *(env.get("rcpt_to") or [])] if a]
 
 
 @dataclass
@@ -56,7 +73,7 @@ class Prepared:
     raw: bytes                       # what is stored: the message, or the original inside a journal report
     parsed: parse.Parsed
     envelope: dict
-    addresses: list[str]             # every envelope address (routing, `envelope:` terms)
+    addresses: list[str]             # every envelope address, report recipients too (`envelope:` terms)
     tenants: list[str]
     month: str
 
@@ -67,6 +84,7 @@ class BatchResult:
     stored: int = 0                  # new records
     duplicates: int = 0              # records that were there already
     unrouted: int = 0
+    journal_untrusted: int = 0       # messages with a journal-report header not unwrapped (not trusted)
     failed: int = 0
     set_aside: int = 0
     waiting_for_key: str = ""
@@ -81,6 +99,9 @@ class BatchResult:
 
 
 def envelope_addresses(env: dict) -> list[str]:
+    """Every address of an envelope: the SMTP envelope and a trusted journal
+    report's sender and recipients (Bcc, expanded lists).  Searchable
+    (`envelope:`), never routing (`Router`)."""
     out = [env.get("mail_from") or ""] + list(env.get("rcpt_to") or [])
     j = env.get("journal")
     if j:
@@ -98,13 +119,25 @@ def envelope_addresses(env: dict) -> list[str]:
 
 def prepare(entry, router: Router, digested: dict | None = None) -> Prepared:
     """A spool entry as the store wants it.  `digested` is
-    `parseworker.digest(entry.data)` when a parser process made it; without
-    it, it is made here."""
+    `parseworker.digest(entry.data, entry.envelope.journaling)` when a
+    parser process made it; without it, it is made here."""
     env = dict(entry.envelope.__dict__)
     env["spool_id"] = entry.id
-    d = digested if digested is not None else parseworker.digest(entry.data)
+    journaling = entry.envelope.journaling
+    d = digested if digested is not None else parseworker.digest(entry.data, journaling)
     raw = entry.data
-    if d["journal_error"] is not None:
+    if d.get("journal") is not None and not isinstance(journaling, dict):
+        # Only the relay's acceptance decides; a parser process that says
+        # otherwise is not sane (parsing runs on hostile input).
+        raise ValueError("the parser unwrapped a journal report from an untrusted source")
+    if d.get("journal_untrusted") is not None:
+        # Kept as received, every part searchable, flagged: an auditor finds
+        # such attempts with flag:journal-untrusted.
+        env["journal_untrusted"] = d["journal_untrusted"]
+        log.warning("%s: journal report header from source=%s connector=%s: %s; archived as received, "
+                    "flagged journal-untrusted", entry.id, entry.envelope.source or "?",
+                    entry.envelope.connector or "-", d["journal_untrusted"])
+    elif d["journal_error"] is not None:
         # Kept as received, flagged: an unusable report is still mail.
         env["journal_error"] = d["journal_error"]
         log.warning("%s: journal report cannot be unwrapped (%s); archived as it is", entry.id, d["journal_error"])
@@ -112,13 +145,15 @@ def prepare(entry, router: Router, digested: dict | None = None) -> Prepared:
         raw = d["original"]
         env["journal"] = d["journal"]
     parsed = d["parsed"]
+    if "journal_untrusted" in env and "journal-untrusted" not in parsed.flags:
+        parsed.flags.append("journal-untrusted")
     if "journal_error" in env:
         parsed.flags.append("journal-unwrap-failed")
     for flag in entry.envelope.flags:      # what ingest noticed, e.g. bare-newline
         if flag not in parsed.flags:
             parsed.flags.append(flag)
     addresses = envelope_addresses(env)
-    tenants = router.tenants(addresses, entry.envelope.tenant)
+    tenants = router.tenants(entry.envelope)
     return Prepared(entry.id, raw, parsed, env, addresses, tenants,
                     month_of(parsed.date, entry.envelope.received_at or time.time()))
 
@@ -241,7 +276,7 @@ class Pipeline:
                 # exception's class only, never its text (it may quote the message).
                 self._failed(eid, f"cannot prepare: {type(e).__name__}", res)
                 continue
-            entries.append((eid, entry, self.parser.submit(entry.data) if self.parser else None))
+            entries.append((eid, entry, self._submit(entry) if self.parser else None))
         self._drop_ahead()
         digests = self._digests(entries)
         prepared: list[Prepared] = []
@@ -256,8 +291,12 @@ class Pipeline:
                 continue
             if not p.tenants:
                 self.spool.hold_unrouted(eid)
-                log.warning("%s: no tenant claims any of its %d envelope address(es); held in %s",
-                            eid, len(p.addresses), UNROUTED)
+                if entry.envelope.tenant:
+                    log.warning("%s: its connector's tenant %r is not configured; held in %s",
+                                eid, entry.envelope.tenant, UNROUTED)
+                else:
+                    log.warning("%s: no tenant claims any of its %d envelope address(es); held in %s",
+                                eid, len(routing_addresses(p.envelope)), UNROUTED)
                 res.unrouted += 1
                 continue
             prepared.append(p)
@@ -266,6 +305,10 @@ class Pipeline:
         done = self._store(prepared, res)
         self.spool.done_many(done)
         res.archived += len(done)
+        finished = set(done)
+        # Counted once, when archived (an entry that comes again is not).
+        res.journal_untrusted += sum(1 for p in prepared
+                                     if p.entry_id in finished and "journal_untrusted" in p.envelope)
         self._seal_due()
         return self._account(res)
 
@@ -280,6 +323,9 @@ class Pipeline:
             return self.spool.read(eid)
         except SpoolCorrupt as e:
             raise ValueError(str(e)) from None
+
+    def _submit(self, entry) -> Future:
+        return self.parser.submit(entry.data, entry.envelope.journaling)
 
     def _digests(self, entries) -> dict[str, dict | Exception]:
         """Each entry's digest from the parser processes: eid -> digest, or
@@ -301,7 +347,7 @@ class Pipeline:
                 out[eid] = e
         for eid, entry in lost:
             try:
-                out[eid] = parseworker.wait(self.parser.submit(entry.data), self.parse_timeout)
+                out[eid] = parseworker.wait(self._submit(entry), self.parse_timeout)
             except parseworker.ParserDied as e:
                 log.error("%s: the parser process died or hung on this message", eid)
                 out[eid] = e
@@ -324,7 +370,7 @@ class Pipeline:
                 entry = self._read(eid)
             except Exception:  # noqa: BLE001 - the next batch reads it again and says what is wrong
                 continue
-            self._ahead[eid] = (entry, self.parser.submit(entry.data))
+            self._ahead[eid] = (entry, self._submit(entry))
 
     def _drop_ahead(self) -> None:
         # Their answers still come back and are thrown away.
@@ -332,7 +378,7 @@ class Pipeline:
 
     def _account(self, res: BatchResult) -> BatchResult:
         t = self.totals
-        for k in ("archived", "stored", "duplicates", "unrouted", "failed", "set_aside"):
+        for k in ("archived", "stored", "duplicates", "unrouted", "journal_untrusted", "failed", "set_aside"):
             setattr(t, k, getattr(t, k) + getattr(res, k))
         t.waiting_for_key = res.waiting_for_key
         t.paused = res.paused
@@ -705,7 +751,8 @@ class Archiver:
     def status(self) -> dict:
         t = self.pipeline.totals
         out = {"state": self.status_text, "archived": t.archived, "stored": t.stored,
-               "duplicates": t.duplicates, "unrouted": t.unrouted, "failed": t.failed,
+               "duplicates": t.duplicates, "unrouted": t.unrouted,
+               "journal_untrusted": t.journal_untrusted, "failed": t.failed,
                "set_aside": t.set_aside, "last_batch": self.last_batch,
                # "" while archiving goes on; else why it waits (a full
                # store, a missing key...), since when and the next try.

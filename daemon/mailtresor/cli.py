@@ -148,6 +148,12 @@ def cmd_status(cfg, args) -> int:
                 print(f"          {counts}")
             else:
                 print(f"archiver: {ar.get('state')}: {counts}")
+            if ar.get("journal_untrusted"):
+                # Someone tried to pass mail off as a journal report (or a
+                # journaling connector's tenant id does not match): each is
+                # archived as received; flag:journal-untrusted lists them.
+                print(f"archiver: {ar['journal_untrusted']} message(s) with an untrusted journal report header "
+                      "archived as received (search flag:journal-untrusted)")
         for sh in doc.get("shards") or []:
             print(f"shard:    {sh['shard']}: {sh['records']} records, chain {sh['chain']}, "
                   f"index lag {sh['index_lag']}, backup lag {sh['backup_lag']}, {sh['unsealed']} unsealed")
@@ -559,10 +565,14 @@ def cmd_import(cfg, args) -> int:
             try:
                 w = spool.open_writer(len(raw))
                 w.write(raw)
+                # The operator's authority: the named tenant only; and journal
+                # reports are unwrapped only when the operator vouches for them
+                # (mail exported from users' mailboxes may carry forged ones).
                 env = Envelope(source="import", connector="import", tenant=tenant, received_at=time.time(),
-                               size=len(raw), client_name=label[-200:])
+                               size=len(raw), client_name=label[-200:],
+                               journaling={"tenant_id": ""} if args.journal_reports else None)
                 w.commit(env).result(timeout=60)
-                spooled[w.id] = (label, keys.archive_id(tenant, _stored_bytes(raw)))
+                spooled[w.id] = (label, keys.archive_id(tenant, _stored_bytes(raw, args.journal_reports)))
             except Exception as e:  # noqa: BLE001 - named, counted, the rest goes on
                 skipped.append(f"{label}: {type(e).__name__}: {e}")
             _progress("spooled", len(spooled), len(skipped))
@@ -617,10 +627,11 @@ def cmd_import(cfg, args) -> int:
     return _import_summary(cfg, a, tenant, keys, spooled, skipped, started)
 
 
-def _stored_bytes(raw: bytes) -> bytes:
-    """What the archive stores for these bytes (a journal report: its original)."""
+def _stored_bytes(raw: bytes, journal_reports: bool) -> bytes:
+    """What the archive stores for these bytes (a journal report imported
+    with --journal-reports: its original)."""
     from . import journal
-    if journal.is_journal_report(raw):
+    if journal_reports and journal.is_journal_report(raw):
         try:
             return journal.unwrap(raw).original
         except journal.JournalError:
@@ -811,7 +822,10 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("import", help="mbox files, Maildir folders, .eml files or directories, via the spool")
-    s.add_argument("--tenant", required=True)
+    s.add_argument("--tenant", required=True, help="the tenant whose archive receives every message")
+    s.add_argument("--journal-reports", action="store_true",
+                   help="the files are this tenant's own Exchange journal reports (an exported journal "
+                        "mailbox): unwrap them; without it a journal report is archived as it is, flagged")
     s.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running daemon to archive")
     s.add_argument("paths", nargs="+")
     s.set_defaults(func=cmd_import)

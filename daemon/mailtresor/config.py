@@ -27,6 +27,7 @@ from typing import Literal
 from . import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH, RUNTIME_DIRECTORY
 
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,55}$")   # "tenant." + this is a key name
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 class ConfigError(Exception):
@@ -112,6 +113,16 @@ class Connector:
     # The journal addresses this connector may deliver to (RCPT TO, compared
     # without regard to case); empty: any recipient.
     recipients: tuple[str, ...] = ()
+    # A journaling connector: Exchange journal reports it delivers are
+    # unwrapped (only from such a connector; from anywhere else a report is
+    # archived as received and flagged).  Needs client_cert = "required" and
+    # a tenant.
+    journal: bool = False
+    # Exchange Online: the organisation's tenant id (a GUID).  Every
+    # Microsoft 365 organisation presents the same client certificate, so a
+    # report is trusted only if its X-MS-Exchange-CrossTenant-Id is this one;
+    # needs journal = true and the secret journal address in `recipients`.
+    exchange_tenant_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -412,6 +423,25 @@ def _check(cfg: Config, source: Path) -> None:
             fail(f"relay.connector[{i}].client_cert", "'required' needs tls.client_ca_file")
         if not c.networks and c.client_cert != "required":
             fail(f"relay.connector[{i}]", "a connector needs networks, a required client certificate, or both")
+        # Journal reports are unwrapped only from a connector that knows who
+        # is speaking (a verified certificate) and for whom (its tenant).
+        if c.journal and c.client_cert != "required":
+            fail(f"relay.connector[{i}].journal", "a journaling connector needs client_cert = \"required\"")
+        if c.journal and not c.tenant:
+            fail(f"relay.connector[{i}].journal", "a journaling connector needs a tenant")
+        if c.exchange_tenant_id:
+            if not c.journal:
+                fail(f"relay.connector[{i}].exchange_tenant_id", "only a journaling connector (journal = true) "
+                     "checks the Exchange Online tenant id")
+            if not _GUID.match(c.exchange_tenant_id):
+                fail(f"relay.connector[{i}].exchange_tenant_id", f"{c.exchange_tenant_id!r} is not a tenant id "
+                     "(a GUID such as 11111111-2222-3333-4444-555555555555)")
+            if not c.recipients:
+                # Every Microsoft 365 organisation presents the same
+                # certificate: the unguessable journal address is what
+                # keeps the others out of this connector.
+                fail(f"relay.connector[{i}].recipients", "an Exchange Online journaling connector "
+                     "(exchange_tenant_id) needs its journal address(es) here")
     r = cfg.relay
     if r.max_connections < 1:
         fail("relay.max_connections", "must be at least 1")

@@ -22,6 +22,12 @@ The report body (Microsoft's "Journal report fields"):
 The recipient lines are the message's envelope: they are what the archive
 records as recipients, Bcc and distribution-group members included.
 
+Who may have a report unwrapped is not decided here but at acceptance
+(a journaling relay connector, spool.Envelope.journaling); `untrusted_reason()`
+applies that decision and the Exchange Online tenant id check to a message.
+From anywhere else a message with a journal-report header is an ordinary
+message: archived as received, flagged "journal-untrusted".
+
 `unwrap()` takes the journaled message out byte for byte: it finds the MIME
 boundary lines in the raw bytes and returns what lies between the blank line
 after the part's headers and the line break before the next boundary line,
@@ -103,6 +109,36 @@ def is_journal_report(raw: bytes) -> bool:
     """True if the top-level header block (not an attached message's) has X-MS-Journal-Report."""
     head_end, _ = _split_head(raw, 0)
     return _JOURNAL_HEADER.search(raw, 0, head_end) is not None
+
+
+def cross_tenant_ids(raw: bytes) -> list[str]:
+    """The X-MS-Exchange-CrossTenant-Id values of the top-level header
+    (Exchange Online stamps the sending organisation's tenant id there),
+    lower case, without white space or braces."""
+    head_end, _ = _split_head(raw, 0)
+    values = _header_block(raw[:head_end]).get_all("x-ms-exchange-crosstenant-id") or []
+    return ["".join(str(v).split()).strip("{}").lower() for v in values]
+
+
+def untrusted_reason(raw: bytes, journaling: dict | None) -> str | None:
+    """Why a message with a journal-report header must not be unwrapped, or
+    None if it may be.  `journaling` is what the relay recorded for a
+    journaling connector (spool.Envelope.journaling); anything else --
+    the milter, a connector that is not journaling, an import without
+    --journal -- is no journal source at all.  With a tenant id, the
+    report's top-level X-MS-Exchange-CrossTenant-Id must be that id, once
+    (two different ones are no answer).  The reason names no content."""
+    if not isinstance(journaling, dict):
+        return "not from a journaling connector"
+    want = "".join(str(journaling.get("tenant_id") or "").split()).strip("{}").lower()
+    if not want:
+        return None
+    found = set(cross_tenant_ids(raw))
+    if not found:
+        return "no X-MS-Exchange-CrossTenant-Id, the connector expects its organisation's"
+    if found != {want}:
+        return "X-MS-Exchange-CrossTenant-Id is not the connector's organisation"
+    return None
 
 
 def unwrap(raw: bytes) -> JournalReport:

@@ -13,8 +13,10 @@ keys: a child gets message bytes on stdin and answers with JSON on stdout
 A child never sees a key, has no store or spool open, and is killed by the
 kernel when the daemon dies (PR_SET_PDEATHSIG).
 
-Wire format, both directions: 4-byte big-endian length, then the payload.
-Request: the raw message.  Answer: JSON of `digest()`'s result.
+Wire format: frames of a 4-byte big-endian length, then the payload.
+Request: two frames, the options as JSON (`{"journaling": ...}`, the spool
+envelope's trust in journal reports, see `digest()`), then the raw message.
+Answer: one frame, JSON of `digest()`'s result.
 """
 
 from __future__ import annotations
@@ -53,23 +55,47 @@ class ParserDied(Exception):
 
 # --------------------------------------------------------------- the work
 
-def digest(raw: bytes) -> dict:
+def digest(raw: bytes, journaling: dict | None = None) -> dict:
     """Unwrap a journal report and parse: everything `archiver.prepare`
-    needs from the bytes.  Pure; never raises on bad input."""
-    out: dict = {"original": None, "journal": None, "journal_error": None}
+    needs from the bytes.  Pure; never raises on bad input.
+
+    `journaling` is the spool envelope's `journaling` (set by the relay only
+    for a journaling connector).  Without it nothing is unwrapped: a message
+    that carries a journal-report header is parsed as it is (every part
+    searchable) and `journal_untrusted` says why; so it is too when the
+    report's `X-MS-Exchange-CrossTenant-Id` is not the connector's tenant id."""
+    out: dict = {"original": None, "journal": None, "journal_error": None, "journal_untrusted": None}
     if journal.is_journal_report(raw):
-        try:
-            rep = journal.unwrap(raw)
-        except journal.JournalError as e:
-            out["journal_error"] = str(e)
+        why = journal.untrusted_reason(raw, journaling)
+        if why is not None:
+            out["journal_untrusted"] = why
         else:
-            out["original"] = rep.original
-            out["journal"] = {"sender": rep.sender, "message_id": rep.message_id,
-                              "recipients": [r.__dict__ for r in rep.recipients],
-                              "extra": rep.extra, "report_size": len(raw)}
-            raw = rep.original
+            try:
+                rep = journal.unwrap(raw)
+            except journal.JournalError as e:
+                out["journal_error"] = str(e)
+            else:
+                out["original"] = rep.original
+                out["journal"] = {"sender": rep.sender, "message_id": rep.message_id,
+                                  "recipients": [r.__dict__ for r in rep.recipients],
+                                  "extra": rep.extra, "report_size": len(raw)}
+                raw = rep.original
     out["parsed"] = parse.parse_message(raw)
     return out
+
+
+def request(raw: bytes, journaling: dict | None = None) -> list[bytes]:
+    """One request as the child reads it (the module docstring), in pieces
+    to write one after the other (the message is not copied)."""
+    opts = json.dumps({"journaling": journaling}).encode("utf-8")
+    return [_LEN.pack(len(opts)) + opts, _LEN.pack(len(raw)), raw]
+
+
+def answer(opts: bytes, raw: bytes) -> bytes:
+    """The child's answer to one request: its options frame and message."""
+    o = json.loads(opts) if opts else {}
+    j = o.get("journaling") if isinstance(o, dict) else None
+    return _to_wire(digest(raw, journaling=j if isinstance(j, dict) else None))
 
 
 def _to_wire(d: dict) -> bytes:
@@ -120,13 +146,14 @@ def main() -> int:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr                      # nothing else may write to the answer pipe
     while True:
-        head = _read_exactly(inp, _LEN.size)
-        if head is None:
-            return 0
-        raw = _read_exactly(inp, _LEN.unpack(head)[0])
-        if raw is None:
-            return 0
-        data = _to_wire(digest(raw))
+        frames = []
+        for _ in range(2):                       # options, message
+            head = _read_exactly(inp, _LEN.size)
+            frame = _read_exactly(inp, _LEN.unpack(head)[0]) if head is not None else None
+            if frame is None:
+                return 0
+            frames.append(frame)
+        data = answer(*frames)
         out.write(_LEN.pack(len(data)) + data)
         out.flush()
 
@@ -152,13 +179,13 @@ class _Child:
         self.pending: deque[Future] = deque()
         self.lock = threading.Lock()
         self.dead = False
-        self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self.reader = threading.Thread(target=self._read, name=f"parser-{number}-reader", daemon=True)
         self.writer = threading.Thread(target=self._write, name=f"parser-{number}-writer", daemon=True)
         self.reader.start()
         self.writer.start()
 
-    def submit(self, raw: bytes) -> Future:
+    def submit(self, raw: bytes, journaling: dict | None = None) -> Future:
         fut: Future = Future()
         fut.child = self
         with self.lock:
@@ -166,18 +193,18 @@ class _Child:
                 fut.set_exception(ParserDied("parser process is gone"))
                 return fut
             self.pending.append(fut)
-        self.requests.put(raw)
+        self.requests.put(request(raw, journaling))
         return fut
 
     def _write(self) -> None:
         f = self.proc.stdin
         try:
             while True:
-                raw = self.requests.get()
-                if raw is None:
+                req = self.requests.get()
+                if req is None:
                     break
-                f.write(_LEN.pack(len(raw)))
-                f.write(raw)
+                for piece in req:
+                    f.write(piece)
                 f.flush()
         except (OSError, ValueError):
             self._fail_all()
@@ -266,7 +293,8 @@ class ParserPool:
         self.in_process = 0          # messages parsed here because no child could be started
         self._spawn_after = 0.0
 
-    def submit(self, raw: bytes) -> Future:
+    def submit(self, raw: bytes, journaling: dict | None = None) -> Future:
+        """The digest of `raw` (see `digest()`), as a future."""
         i = self._next
         self._next = (i + 1) % self.size
         child = self._children[i]
@@ -277,7 +305,7 @@ class ParserPool:
                 child.close()
                 self._children[i] = None
             if time.monotonic() < self._spawn_after:
-                return self._here(raw)
+                return self._here(raw, journaling)
             try:
                 child = self._children[i] = _Child(i)
             except OSError as e:
@@ -287,14 +315,14 @@ class ParserPool:
                 self._spawn_after = time.monotonic() + SPAWN_RETRY
                 log.error("cannot start a parser process (%s); parsing in the archiver itself "
                           "for the next %d s", e.strerror or e, SPAWN_RETRY)
-                return self._here(raw)
-        return child.submit(raw)
+                return self._here(raw, journaling)
+        return child.submit(raw, journaling)
 
-    def _here(self, raw: bytes) -> Future:
+    def _here(self, raw: bytes, journaling: dict | None = None) -> Future:
         self.in_process += 1
         fut: Future = Future()
         try:
-            fut.set_result(_from_wire(_to_wire(digest(raw))))     # the same types as a child's answer
+            fut.set_result(_from_wire(_to_wire(digest(raw, journaling))))     # the same types as a child's answer
         except Exception as e:  # noqa: BLE001 - stands for this message, like a child's error answer
             fut.set_exception(e)
         return fut

@@ -149,12 +149,22 @@ class Connector:
     client_cert_names: tuple = ()
     tenant: str = ""
     recipients: frozenset = frozenset()     # lower case; empty: any
+    journal: bool = False               # a journaling connector (config.Connector.journal)
+    exchange_tenant_id: str = ""        # the X-MS-Exchange-CrossTenant-Id its reports must carry
 
     def network_ok(self, ip) -> bool:
         return not self.networks or any(ip in n for n in self.networks)
 
     def recipient_ok(self, address: str) -> bool:
         return not self.recipients or address.lower() in self.recipients
+
+    def journaling(self) -> dict | None:
+        """What the spool envelope records of this connector's trust in
+        journal reports (spool.Envelope.journaling): decided here, at
+        acceptance, from configuration alone -- never from the message."""
+        if not self.journal:
+            return None
+        return {"tenant_id": self.exchange_tenant_id.lower()}
 
 
 class Gate:
@@ -163,7 +173,8 @@ class Gate:
     def __init__(self, connectors):
         self.connectors = [Connector(c.name, tuple(ipaddress.ip_network(n, strict=False) for n in c.networks),
                                      c.client_cert, tuple(c.client_cert_names), c.tenant,
-                                     frozenset(r.lower() for r in c.recipients))
+                                     frozenset(r.lower() for r in c.recipients),
+                                     getattr(c, "journal", False), getattr(c, "exchange_tenant_id", ""))
                            for c in connectors]
 
     def may_connect(self, address: str) -> bool:
@@ -172,31 +183,50 @@ class Gate:
 
     def choose(self, address: str, tls: dict | None) -> tuple[Connector | None, Reply | None]:
         """The first connector this client satisfies, or the reply saying why none."""
+        found, refusal = self.candidates(address, tls)
+        return (found[0], None) if found else (None, refusal)
+
+    def candidates(self, address: str, tls: dict | None) -> tuple[list[Connector], Reply | None]:
+        """Every connector this client satisfies, in configuration order, or
+        the reply saying why none.  Several Exchange Online organisations
+        present the same certificate from the same networks: their
+        connectors differ only in their journal addresses, so the first
+        RCPT TO decides among them (`for_recipient`)."""
         ip = _ip(address)
         cert = (tls or {}).get("client_cert")
         trusted = bool(cert and cert["trusted"])
         wanted_cert = False
+        found = []
         for c in self.connectors:
             if ip is None or not c.network_ok(ip):
                 continue
             if c.client_cert_names:
                 if trusted and cert["cn"] in c.client_cert_names:
-                    return c, None
-                wanted_cert = True
+                    found.append(c)
+                else:
+                    wanted_cert = True
                 continue
             if c.client_cert == "required":
                 if trusted:
-                    return c, None
-                wanted_cert = True
+                    found.append(c)
+                else:
+                    wanted_cert = True
                 continue
-            return c, None
+            found.append(c)
+        if found:
+            return found, None
         if cert and not trusted:
-            return None, Reply(550, "5.7.1", "Error: client certificate not issued by a trusted CA")
+            return [], Reply(550, "5.7.1", "Error: client certificate not issued by a trusted CA")
         if cert and wanted_cert:
-            return None, Reply(550, "5.7.1", f"Error: client certificate {cert['cn']!r} is not authorised here")
+            return [], Reply(550, "5.7.1", f"Error: client certificate {cert['cn']!r} is not authorised here")
         if wanted_cert:
-            return None, Reply(530, "5.7.0", "Error: a client certificate is required")
-        return None, Reply(550, "5.7.1", "Error: client not authorised")
+            return [], Reply(530, "5.7.0", "Error: a client certificate is required")
+        return [], Reply(550, "5.7.1", "Error: client not authorised")
+
+    @staticmethod
+    def for_recipient(candidates: list[Connector], address: str) -> list[Connector]:
+        """The candidates that take this recipient (first one: the connector)."""
+        return [c for c in candidates if c.recipient_ok(address)]
 
 
 def _ip(address: str):
@@ -286,6 +316,9 @@ class Transaction:
     mail_from: str
     mail_params: dict
     connector: Connector
+    # The connectors still possible (Gate.candidates, narrowed by each RCPT
+    # TO); `connector` is the first of them.
+    candidates: list = field(default_factory=list)
     rcpt_to: list = field(default_factory=list)
     rcpt_params: list = field(default_factory=list)
     writer: Writer | None = None
@@ -629,8 +662,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.log.warning("conn %d: reject: SIZE=%d over the limit from [%s]", self.cid, size_hint,
                              self.peer[0])
             return self._error(replies.TOO_LARGE)
-        connector, refusal = f.gate.choose(self.peer[0], self.tls)
-        if connector is None:
+        candidates, refusal = f.gate.candidates(self.peer[0], self.tls)
+        if not candidates:
             self.log.warning("conn %d: reject: MAIL from [%s]: %d %s %s", self.cid, self.peer[0], *refusal)
             return self._error(refusal)
         try:
@@ -640,7 +673,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
             self.log.warning("conn %d: reject: MAIL from [%s]: %d %s %s (%s)", self.cid, self.peer[0],
                         *reply, e)
             return self._reply(reply)
-        self.txn = Transaction(addr, params, connector, size_hint=size_hint)
+        self.txn = Transaction(addr, params, candidates[0], candidates, size_hint=size_hint)
         self._reply(Reply(250, "2.1.0", "Ok"))
 
     def smtp_RCPT(self, arg):
@@ -657,7 +690,8 @@ class RelayProtocol(Protocol, TimeoutMixin):
             if not _KEYWORD.fullmatch(k):
                 return self._error(Reply(501, "5.5.4", "Syntax error in parameters"))
             return self._error(Reply(555, "5.5.4", f"Unsupported option: {k}"))
-        if not self.txn.connector.recipient_ok(addr):
+        still = self.factory.gate.for_recipient(self.txn.candidates or [self.txn.connector], addr)
+        if not still:
             # Not a journal address of this connector: an unguessable
             # journal address only protects the archive if others bounce.
             self.log.warning("conn %d: reject: RCPT from [%s]: not a recipient of connector %s",
@@ -666,6 +700,9 @@ class RelayProtocol(Protocol, TimeoutMixin):
                                                    "not a journal address of this connector"))
         if len(self.txn.rcpt_to) >= self.factory.max_recipients:
             return self._reply(Reply(452, "4.5.3", "Error: too many recipients"))
+        # Every recipient of a transaction is one connector's: the message is
+        # stored once, under one connector's authority.
+        self.txn.candidates, self.txn.connector = still, still[0]
         self.txn.rcpt_to.append(addr)
         self.txn.rcpt_params.append(params)
         self._reply(Reply(250, "2.1.5", "Ok"))
@@ -724,6 +761,7 @@ class RelayProtocol(Protocol, TimeoutMixin):
         env = Envelope(
             source="relay", mail_from=txn.mail_from, rcpt_to=list(txn.rcpt_to),
             connector=txn.connector.name, tenant=txn.connector.tenant,
+            journaling=txn.connector.journaling(),
             client_address=self.peer[0], client_port=self.peer[1], helo=self.helo,
             tls=self.tls, mail_params={k: v for k, v in txn.mail_params.items()},
             rcpt_params=list(txn.rcpt_params), received_at=time.time(), flags=flags)

@@ -133,7 +133,7 @@ class Envelope:
     mail_from: str = ""
     rcpt_to: list[str] = field(default_factory=list)
     connector: str = ""               # relay connector / milter name
-    tenant: str = ""                  # the connector's tenant, if it names one
+    tenant: str = ""                  # the connector's tenant, if it names one: the only one it writes into
     client_address: str = ""
     client_port: int = 0
     client_name: str = ""
@@ -149,6 +149,10 @@ class Envelope:
     # What the ingest path noticed about the message, each searchable as
     # flag:NAME once archived (e.g. "bare-newline" from the relay).
     flags: list[str] = field(default_factory=list)
+    # Set only by a journaling relay connector, at acceptance:
+    # {"tenant_id": expected X-MS-Exchange-CrossTenant-Id, lower case, or ""}.
+    # An entry without it is never unwrapped (archiver.prepare).
+    journaling: dict | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, ensure_ascii=True, separators=(",", ":")).encode()

@@ -121,3 +121,53 @@ def make_report(original: bytes, *, sender: str, recipients: list[Recipient],
            attached, nl,
            b"--", boundary.encode(), b"--", nl]
     return b"".join(out)
+
+
+def xlsx(*cells: str) -> bytes:
+    """A minimal .xlsx whose shared strings are `cells` (enough for
+    parse.py's Office text extraction)."""
+    import io
+    import zipfile
+    from xml.sax.saxutils import escape
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types xmlns='
+                   '"http://schemas.openxmlformats.org/package/2006/content-types"/>')
+        z.writestr("xl/sharedStrings.xml", '<?xml version="1.0"?><sst xmlns='
+                   '"http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+                   + "".join(f"<si><t>{escape(c)}</t></si>" for c in cells) + "</sst>")
+    return buf.getvalue()
+
+
+def make_forgery(*, sender: str, to: str, subject: str, text: str, attachment_name: str,
+                 attachment: bytes, decoy: bytes, recipients: list[Recipient],
+                 top_headers: list[bytes] = ()) -> bytes:
+    """An insider's real message dressed as a journal report: its own
+    header carries ``X-MS-Journal-Report:`` (and any `top_headers`, e.g. a
+    forged X-MS-Exchange-CrossTenant-Id), its first text/plain part is a
+    report body naming `recipients`, then come the real text, the real
+    attachment, and a harmless `decoy` message/rfc822 part -- which is all
+    an archive that trusts the header would keep."""
+    boundary = f"_forged_{secrets.token_hex(8)}_"
+    report = make_report(decoy, sender=sender, recipients=recipients, boundary=boundary,
+                         top_headers=list(top_headers))
+    head, _, rest = report.partition(b"\r\n\r\n")
+    lines = []
+    for ln in head.split(b"\r\n"):
+        if ln.startswith(b"From: "):
+            ln = f"From: <{sender}>".encode()
+        elif ln.startswith(b"To: "):
+            ln = f"To: <{to}>".encode()
+        elif ln.startswith(b"Subject: "):
+            ln = b"Subject: " + subject.encode()
+        lines.append(ln)
+    head = b"\r\n".join(lines)
+    b = b"--" + boundary.encode() + b"\r\n"
+    real = (b + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode() + b"\r\n"
+            + b + b"Content-Type: application/vnd.openxmlformats-officedocument.spreadsheetml.sheet\r\n"
+            + b'Content-Disposition: attachment; filename="' + attachment_name.encode() + b'"\r\n'
+            + b"Content-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(attachment).replace(b"\n", b"\r\n") + b"\r\n")
+    # The real parts go after the report body, before the decoy.
+    decoy_at = rest.index(b"--" + boundary.encode() + b"\r\nContent-Type: message/rfc822")
+    return head + b"\r\n\r\n" + rest[:decoy_at] + real + rest[decoy_at:]

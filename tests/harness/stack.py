@@ -68,7 +68,7 @@ class Stack:
                              {"name": "smtps", "endpoint": f"tcp:{self.smtps_port}:interface=127.0.0.1",
                               "tls": "implicit"}],
                 "connector": [{"name": "exchange-acme", "networks": ["127.0.0.0/8"], "client_cert": "required",
-                               "client_cert_names": ["exchange-acme"], "tenant": "acme"},
+                               "client_cert_names": ["exchange-acme"], "tenant": "acme", "journal": True},
                               {"name": "local", "networks": ["127.0.0.1/32"]}],
             },
             "service": {"shutdown_timeout": 10.0, "log_level": "info"},
