@@ -86,7 +86,6 @@ import email.utils
 import ctypes
 import functools
 import io
-import math
 import os
 import quopri
 import re
@@ -114,6 +113,10 @@ _HTML_MAX_INPUT = 4 * MAX_TEXT       # characters of markup handed to the HTML s
 # policy's header parser is superlinear (a 1 MB Subject of encoded words
 # takes a minute), compat32's is not, and no real header comes near it.
 HEADER_MAX = 32 * 1024
+# Subject and address header values are cut here (and the message flagged
+# extraction-truncated): even the compat32 way, a megabyte of addresses or
+# encoded words costs seconds.  A To: of 5,000 addresses fits.
+HEADER_CUT = 256 * 1024
 EXTRACTOR_MAX_MEMORY = 1024 * 1024 * 1024   # RLIMIT_AS of pdftotext
 _CHUNK = 1024 * 1024                 # bytes of a zip member read between budget checks
 _HTML_CHUNK = 128 * 1024             # characters of markup fed between budget checks
@@ -170,9 +173,14 @@ class _Budget:
         return self.cpu - (time.thread_time() - self.started) - self.extractors
 
     def out_of_time(self) -> bool:
-        if not self.over and self.cpu_left() <= 0:
+        if self.cpu_left() <= 0:
             self.over = True
-        return self.over
+            return True
+        return False
+
+    def spent(self) -> bool:
+        """No time, bytes or text left: nothing more is worth extracting."""
+        return self.out_of_time() or self.bytes_left < 0 or self.text_left <= 0
 
     def spend_bytes(self, n: int) -> bool:
         """Count `n` decoded bytes; False (and over) if they did not fit."""
@@ -462,16 +470,20 @@ def _headers(msg, ctx: _Ctx) -> dict:
 
 def _decode_headers(raw: dict[str, list[str]], ctx: _Ctx, hint: str | None) -> dict:
     res: dict = {"from_header": ""}
+    for name in ("subject", *_ADDR_HEADERS):   # cut what no real header needs (see HEADER_CUT)
+        values = raw.get(name, ())
+        if any(len(v) > HEADER_CUT for v in values):
+            ctx.flag("extraction-truncated")
+            raw[name] = [v[:HEADER_CUT] for v in values]
     for name in _ADDR_HEADERS:
-        addrs: list[str] = []
+        addrs: dict[str, None] = {}    # ordered, and a set: ten thousand addresses are not quadratic
         texts: list[str] = []
         for value in raw.get(name, ()):
             text, found = _address_header(name, value, ctx, hint)
             texts.append(text)
             for a in found:
-                if a not in addrs:
-                    addrs.append(a)
-        res[name] = addrs
+                addrs.setdefault(a)
+        res[name] = list(addrs)
         if name == "from":
             res["from_header"] = _safe(", ".join(t for t in texts if t))
     subj = raw.get("subject")
@@ -627,7 +639,7 @@ def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
     is_body = (not filename and disposition != "attachment"
                and (ctype in ("text/plain", "text/html") or maintype == "multipart"))
     data, sound = _payload_bytes(part)
-    fits = budget.spend_bytes(len(data)) and not budget.out_of_time()
+    fits = budget.spend_bytes(len(data)) and not budget.spent()
     if is_body:
         if not fits:   # no time or room left: the text of this part is not read
             return
@@ -881,11 +893,11 @@ def run_extractor(argv: list[str], data: bytes, seconds: float, max_out: int,
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
                             preexec_fn=functools.partial(_limit_extractor, os.getpid(),
-                                                         max(1, math.ceil(seconds)),
+                                                         max(1, round(seconds)),
                                                          EXTRACTOR_MAX_MEMORY))
     out = bytearray()
     cut = False
-    deadline = started + seconds + 1.0    # CPU limit first; the margin is for a loaded machine
+    deadline = started + 1.5 * seconds + 0.5   # the CPU limit comes first; the margin is for a busy machine
     sel = selectors.DefaultSelector()
     try:
         os.set_blocking(proc.stdin.fileno(), False)
@@ -1019,7 +1031,12 @@ def ooxml_text(data: bytes, flags: list[str], budget: _Budget | None = None) -> 
                         buf = carry + chunk
                         cut = buf.rfind(b"<")
                         if cut <= 0 and len(buf) > _OOXML_MAX_NODE:
-                            cut = len(buf)    # one giant text node: read what we have
+                            # one giant text node: its text so far is what there is to read
+                            text = unescape(buf[buf.find(b">") + 1:].decode("utf-8", "replace"))
+                            pieces.append(text)
+                            chars += len(text)
+                            carry = b""
+                            break
                         if cut > 0:
                             text = _ooxml_chunk_text(buf[:cut])
                             carry = buf[cut:]
