@@ -150,6 +150,15 @@ class Limits:
 LIMITS = Limits()   # what parse_message uses unless told otherwise; see configure()
 
 
+def limits_of(archive) -> Limits:
+    """The budget of a config.Archive ([archive] extract_*)."""
+    return Limits(cpu_seconds=archive.extract_cpu_seconds,
+                  cpu_seconds_per_mib=archive.extract_cpu_seconds_per_mib,
+                  max_text=archive.extract_max_text, max_expanded=archive.extract_max_expanded,
+                  max_depth=archive.extract_max_depth, max_parts=archive.extract_max_parts,
+                  max_nesting=archive.extract_max_nesting)
+
+
 def configure(limits: Limits) -> None:
     """Make `limits` the default budget of parse_message in this process."""
     global LIMITS
