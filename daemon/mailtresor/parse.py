@@ -1045,6 +1045,7 @@ def ooxml_text(data: bytes, flags: list[str], budget: _Budget | None = None) -> 
                             pieces.append(text)
                             chars += len(text)
                             carry = b""
+                            flags.append("ooxml-limit")
                             break
                         if cut > 0:
                             text = _ooxml_chunk_text(buf[:cut])

@@ -95,7 +95,7 @@ def office_regex_bombs(n: int = 40, size: int = 300_000) -> bytes:
 
 def office_zip_bombs(n: int = 40, size: int = 64 * 1024 * 1024) -> bytes:
     """`n` .docx/.xlsx each inflating to `size` bytes of markup (~1000:1)."""
-    xml = b"<w:document><w:body>" + b" " * size + b"</w:body></w:document>"
+    xml = b"<w:document><w:body>" + b"<x/>" * (size // 4) + b"</w:body></w:document>"
     one = ooxml({"word/document.xml": xml})
     xone = ooxml({"xl/sharedStrings.xml": xml})
     parts = [attachment(xone, XLSX, f"f{i}.xlsx") if i % 2 else attachment(one, DOCX, f"m{i}.docx")
