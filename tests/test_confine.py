@@ -201,7 +201,8 @@ def test_no_pdftotext_survives_a_killed_parser():
     budget that would let it run for a minute): pdftotext goes too."""
     pool = parseworker.ParserPool(1, parse.Limits(cpu_seconds=60))
     try:
-        fut = pool.submit(hostile.pdf_busy(pages=2000))
+        # quiet: it writes nothing while it works, so no SIGPIPE would end it either
+        fut = pool.submit(hostile.pdf_busy(pages=2000, quiet=True))
         (child,) = pool.pids()
         deadline = time.monotonic() + 20
         while not (kids := _children(child, "pdftotext")) and time.monotonic() < deadline:

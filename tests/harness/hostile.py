@@ -157,16 +157,17 @@ def pdf_flate_bomb(size: int = 256 * 1024 * 1024) -> bytes:
     return mixed("pdf flate bomb", [attachment(pdf(1, b" " * size, filters=2), "application/pdf", "bomb.pdf")])
 
 
-def busy_pdf(pages: int = 500) -> bytes:
+def busy_pdf(pages: int = 500, quiet: bool = False) -> bytes:
     """A PDF of a few KB that keeps pdftotext busy for a long time: `pages`
-    pages sharing one content stream of many text operations."""
-    ops = b"BT /F1 1 Tf " + b"1 0 Td (x) Tj " * 400_000 + b"ET"
+    pages sharing one content stream of many text operations (`quiet`:
+    of white space, so that it writes nothing while it works)."""
+    ops = b" " * (8 * 1024 * 1024) if quiet else b"BT /F1 1 Tf " + b"1 0 Td (x) Tj " * 400_000 + b"ET"
     return pdf(pages, ops, filters=2)
 
 
-def pdf_busy(pages: int = 500) -> bytes:
+def pdf_busy(pages: int = 500, quiet: bool = False) -> bytes:
     """A message with `busy_pdf()` attached."""
-    return mixed("scan", [attachment(busy_pdf(pages), "application/pdf", "scan.pdf")])
+    return mixed("scan", [attachment(busy_pdf(pages, quiet), "application/pdf", "scan.pdf")])
 
 
 def nested_multiparts(depth: int = 300) -> bytes:
