@@ -108,3 +108,27 @@ def test_hostile_mail_neither_stalls_the_archive_nor_swells_the_daemon(arch):
     print(f"daemon and parsers peaked at {peak} MiB")
     assert 0 < peak < RSS_BOUND_MIB, f"daemon and parsers peaked at {peak} MiB"
     assert "Traceback" not in arch.log()
+
+
+def test_every_hostile_message_through_the_relay_is_archived(arch):
+    """The whole generator through the relay over TLS: every message is
+    archived (none set aside, none failed), each within its budget, and an
+    ordinary one after them all is searchable soon after."""
+    messages = {name: make() for name, make in hostile.ALL.items()}
+    with arch.smtp() as s:
+        for name, raw in messages.items():
+            s.sendmail("mallory@evil.example", ["bob@acme.example"], raw)
+        s.sendmail("alice@globex.example", ["bob@acme.example"], hostile.ordinary("afterall9c1"))
+    deadline = time.monotonic() + 120
+    found = []
+    while time.monotonic() < deadline and not found:
+        found = search(arch, "acme", "afterall9c1")
+        time.sleep(0.2)
+    assert found
+    archived = search(arch, "acme", "from:mallory@evil.example")
+    assert len(archived) == len(messages), sorted(r["subject"][:40] for r in archived)
+    bad = arch.spool_dir / "bad"
+    assert not bad.exists() or not any(bad.iterdir())
+    assert "set aside" not in arch.log() and "Traceback" not in arch.log()
+    flagged = {r["subject"][:40] for r in search(arch, "acme", "flag:extraction-truncated")}
+    assert {"many expanding attachments", "scan", "zip bombs"} <= flagged, flagged

@@ -649,6 +649,8 @@ def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
                and (ctype in ("text/plain", "text/html") or maintype == "multipart"))
     data, sound = _payload_bytes(part)
     fits = budget.spend_bytes(len(data)) and not budget.spent()
+    if not fits:
+        budget.over = True    # (text_left may have run out exactly: still, this part is not read)
     if is_body:
         if not fits:   # no time or room left: the text of this part is not read
             return

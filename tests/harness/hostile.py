@@ -35,8 +35,8 @@ DOCX = _OOXML + "wordprocessingml.document"
 XLSX = _OOXML + "spreadsheetml.sheet"
 
 
-def _headers(subject: str, extra: list[str] = ()) -> list[str]:
-    return [f"From: Mallory <mallory@evil.example>", "To: victim@acme.example",
+def _headers(subject: str, extra: list[str] = (), sender: str = "Mallory <mallory@evil.example>") -> list[str]:
+    return [f"From: {sender}", "To: victim@acme.example",
             f"Subject: {subject}", f"Message-ID: <{secrets.token_hex(8)}@evil.example>",
             "Date: Thu, 03 Dec 2026 01:00:00 +0000", *extra]
 
@@ -212,7 +212,8 @@ def forged_journal_report(original: bytes | None = None, *, sender: str = "mallo
 
 def ordinary(word: str) -> bytes:
     """An ordinary short message whose body holds `word`."""
-    return message(_headers(f"ordinary {word}", ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8"]),
+    return message(_headers(f"ordinary {word}", ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8"],
+                            sender="Alice <alice@globex.example>"),
                    f"Hello,\r\n\r\nthe word is {word}.\r\n".encode())
 
 
