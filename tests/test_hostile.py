@@ -132,3 +132,28 @@ def test_every_hostile_message_through_the_relay_is_archived(arch):
     assert "set aside" not in arch.log() and "Traceback" not in arch.log()
     flagged = {r["subject"][:40] for r in search(arch, "acme", "flag:extraction-truncated")}
     assert {"many expanding attachments", "scan", "zip bombs"} <= flagged, flagged
+
+
+def test_every_hostile_message_through_postfix_and_the_milter_is_archived():
+    """The same through a real Postfix with the milter: all archived."""
+    from tests.test_milter import MilterRig
+    rig = MilterRig({"archive": {"enabled": True}})
+    try:
+        messages = {name: make() for name, make in hostile.ALL.items()}
+        with rig.smtp() as s:
+            for raw in messages.values():
+                s.sendmail("mallory@evil.example", ["bob@acme.example"], raw)
+            s.sendmail("alice@globex.example", ["bob@acme.example"], hostile.ordinary("milterword5e"))
+        deadline = time.monotonic() + 180
+        found = []
+        while time.monotonic() < deadline and not found:
+            found = search(rig.stack, "acme", "milterword5e")
+            time.sleep(0.3)
+        assert found, rig.pf.maillog_tail()
+        archived = search(rig.stack, "acme", "from:mallory@evil.example")
+        assert len(archived) == len(messages), sorted(r["subject"][:40] for r in archived)
+        bad = rig.stack.spool_dir / "bad"
+        assert not bad.exists() or not any(bad.iterdir())
+        assert "Traceback" not in rig.stack.log()
+    finally:
+        rig.close()
