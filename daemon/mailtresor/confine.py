@@ -67,7 +67,10 @@ _NET_CONNECT_TCP = 1 << 1
 _SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
 _SCOPE_SIGNAL = 1 << 1
 
-_x86_64 = os.uname().machine == "x86_64"
+# Landlock's system call numbers (444-446) are the same on every architecture
+# Debian supports (they came after the numbering was unified), but not alpha.
+_UNIFIED = os.uname().machine in ("x86_64", "aarch64", "armv7l", "armv8l", "ppc64le", "s390x",
+                                  "riscv64", "mips64", "loongarch64", "i686", "i386")
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -94,7 +97,7 @@ def _syscall(*args) -> int:
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 if it has none (or it is off)."""
-    if not _x86_64:   # the syscall numbers above are x86-64's (they are the same on most, not all)
+    if not _UNIFIED:
         return 0
     try:
         return _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),

@@ -757,7 +757,7 @@ def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nest
         ctx.flag("parse-error")
     ctx.parts = sub.parts
     for f in sub.flags:
-        if f in ("defects", "too-many-parts", "too-deep"):
+        if f in ("defects", "too-many-parts", "too-deep", "extraction-truncated"):
             ctx.flag(f)
         elif f not in att.flags:
             att.flags.append(f)
@@ -814,7 +814,7 @@ _OOXML_EXTS = (".docx", ".docm", ".dotx", ".xlsx", ".xlsm", ".pptx", ".pptm", ".
 def _extract(att: Attachment, data: bytes, shell, budget: _Budget) -> None:
     name = att.filename.lower()
     ctype = att.content_type
-    over = budget.over
+    late = budget.out_of_time()
     if ctype == "application/pdf" or name.endswith(".pdf") or data[:5] == b"%PDF-":
         att.text = pdf_text(data, att.flags, budget)
     elif ("openxmlformats-officedocument" in ctype or name.endswith(_OOXML_EXTS)
@@ -833,9 +833,11 @@ def _extract(att: Attachment, data: bytes, shell, budget: _Budget) -> None:
     if len(att.text) > MAX_TEXT:
         att.text = att.text[:MAX_TEXT]
         att.flags.append("text-truncated")
-    att.text = budget.take_text(att.text)
-    if budget.over and not over and "extraction-truncated" not in att.flags:
+    text = budget.take_text(att.text)
+    if ((len(text) < len(att.text) or (budget.out_of_time() and not late))
+            and "extraction-truncated" not in att.flags):
         att.flags.append("extraction-truncated")   # the budget ran out on this one
+    att.text = text
 
 
 def pdf_text(data: bytes, flags: list[str], budget: _Budget | None = None) -> str:
@@ -930,6 +932,8 @@ def run_extractor(argv: list[str], data: bytes, seconds: float, max_out: int,
                         n = os.write(proc.stdin.fileno(), view[:65536])
                     except BrokenPipeError:   # it stopped reading: its exit status says why
                         n = len(view)
+                    except BlockingIOError:
+                        n = 0
                     view = view[n:]
                     if not view:
                         sel.unregister(proc.stdin)
