@@ -68,9 +68,10 @@ _SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
 _SCOPE_SIGNAL = 1 << 1
 
 # Landlock's system call numbers (444-446) are the same on every architecture
-# Debian supports (they came after the numbering was unified), but not alpha.
+# Debian supports (they came after the numbering was unified), but not mips (an
+# offset per ABI) or alpha.
 _UNIFIED = os.uname().machine in ("x86_64", "aarch64", "armv7l", "armv8l", "ppc64le", "s390x",
-                                  "riscv64", "mips64", "loongarch64", "i686", "i386")
+                                  "riscv64", "loongarch64", "i686", "i386")
 
 
 class _RulesetAttr(ctypes.Structure):
