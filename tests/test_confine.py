@@ -274,3 +274,33 @@ def test_the_packaged_unit_lets_parsers_confine_themselves():
     needed = {"landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self", "seccomp",
               "prctl", "prlimit64", "setpgid", "kill", "execve", "wait4", "pipe2"}
     assert needed <= allowed, needed - allowed
+
+
+def test_without_landlock_the_child_goes_on_and_says_so():
+    """An old kernel: the child parses on, seccomp still applied, and says
+    on stderr (the daemon's journal) what it lacks."""
+    code = ("from mailtresor import confine, parseworker, parse\n"
+            "confine.landlock_abi = lambda: 0\n"
+            "parseworker.setup([])\n"
+            "import socket\n"
+            "try:\n    socket.socket()\n    print('socket ok')\nexcept OSError:\n    print('socket denied')\n"
+            "print(parse.parse_message(b'Subject: x\\r\\n\\r\\nstill parsing\\r\\n').body_text)\n")
+    r = subprocess.run(parseworker.command()[:1] + ["-c", code], capture_output=True, timeout=60,
+                       **parseworker.spawn_args())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split("\n")[:2] == ["socket denied", "still parsing"]
+    assert "running without Landlock (file system confinement)" in r.stderr.decode()
+
+
+def test_the_daemon_logs_missing_confinement_once(monkeypatch, caplog):
+    monkeypatch.setattr(parseworker, "_reported", False)
+    monkeypatch.setattr(confine, "probe", lambda: ["Landlock (file system confinement)"])
+    pool = parseworker.ParserPool(2)
+    try:
+        with caplog.at_level("ERROR", logger="mailtresor.parseworker"):
+            for word in ("one", "two"):
+                assert word in parseworker.wait(pool.submit(hostile.ordinary(word)), 60)["parsed"].body_text
+        errors = [r for r in caplog.records if "WITHOUT Landlock" in r.getMessage()]
+        assert len(errors) == 1
+    finally:
+        pool.close()
