@@ -304,3 +304,24 @@ def test_the_daemon_logs_missing_confinement_once(monkeypatch, caplog):
         assert len(errors) == 1
     finally:
         pool.close()
+
+
+def test_an_extractor_started_from_a_threaded_process_has_the_same_limits():
+    """With other threads running (the daemon with parse_processes = 0) the
+    limits come from setpriv and prlimit, not from code run after fork."""
+    import threading
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        status, out, cut = parse.run_extractor(
+            ["sh", "-c", "ulimit -t; ulimit -v; ulimit -c"],
+            b"", 3.0, 10000)
+        assert status == 0 and not cut, out
+        cpu, mem, core = out.decode().split()
+        assert cpu == "3" and int(mem) * 1024 == parse.EXTRACTOR_MAX_MEMORY and core == "0"
+        pdf = hostile.pdf(1, b"BT /F1 18 Tf 72 700 Td (Threaded 4411) Tj ET")
+        assert parse.pdf_text(pdf, []).strip() == "Threaded 4411"
+    finally:
+        stop.set()
+        t.join()

@@ -93,6 +93,7 @@ import resource
 import selectors
 import signal
 import subprocess
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -873,9 +874,10 @@ def pdf_text(data: bytes, flags: list[str], budget: _Budget | None = None) -> st
 
 # The extractor's limits are set between fork and exec.  That runs Python in
 # the forked child, which the subprocess documentation warns against in a
-# threaded process; the parser processes are single-threaded, and these
-# calls take no lock (setrlimit and prctl are single system calls, prctl's
-# function pointer is looked up here, before any fork).
+# threaded process: the parser processes are single-threaded and do so
+# (setrlimit and prctl are single system calls, prctl's function pointer is
+# looked up here, before any fork); a threaded process (the daemon with
+# parse_processes = 0) has util-linux's setpriv and prlimit do it instead.
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -903,11 +905,15 @@ def run_extractor(argv: list[str], data: bytes, seconds: float, max_out: int,
     Its CPU time is charged to `budget`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
+    cpu, mem = max(1, round(seconds)), EXTRACTOR_MAX_MEMORY
+    preexec = functools.partial(_limit_extractor, os.getpid(), cpu, mem)
+    if threading.active_count() > 1:
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", "prlimit", f"--cpu={cpu}:{cpu + 1}",
+                f"--as={mem}:{mem}", "--core=0:0", "--", *argv]
+        preexec = None
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
-                            preexec_fn=functools.partial(_limit_extractor, os.getpid(),
-                                                         max(1, round(seconds)),
-                                                         EXTRACTOR_MAX_MEMORY))
+                            preexec_fn=preexec)
     out = bytearray()
     cut = False
     deadline = started + 1.5 * seconds + 0.5   # the CPU limit comes first; the margin is for a busy machine
