@@ -325,3 +325,36 @@ def test_an_extractor_started_from_a_threaded_process_has_the_same_limits():
     finally:
         stop.set()
         t.join()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (DEV_DEBS)")
+def test_a_parser_confines_itself_under_the_units_system_call_filter():
+    """systemd is not PID 1 here: apply the unit's SystemCallFilter= (its
+    effective allow list, EPERM for the rest, as SystemCallErrorNumber= says)
+    with libseccomp to a child, then run the parser's setup() in it: all of
+    the confinement applies, and it still parses a PDF through pdftotext."""
+    unit = Path(__file__).resolve().parent.parent / "packaging/mailtresor.service"
+    assert "SystemCallErrorNumber=EPERM" in unit.read_text()
+    allowed = sorted(_effective_filter(unit))
+    pdf = hostile.pdf(1, b"BT /F1 18 Tf 72 700 Td (Unit 5150) Tj ET")
+    message = hostile.mixed("pdf", [hostile.attachment(pdf, "application/pdf", "u.pdf")]).decode()
+    code = r"""
+import ctypes, errno, json, sys, seccomp
+allowed, message = json.loads(sys.argv[1])
+ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)                    # NoNewPrivileges=yes
+f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+for name in allowed:
+    try:
+        f.add_rule(seccomp.ALLOW, name)
+    except Exception:
+        pass                                               # a name this libseccomp does not know
+f.load()
+from mailtresor import confine, parse, parseworker
+missing = confine.confine()
+print(json.dumps({"missing": missing, "text": parse.parse_message(message.encode()).attachments[0].text}))
+"""
+    r = subprocess.run(parseworker.command()[:1] + ["-c", code, json.dumps([allowed, message])],
+                       capture_output=True, timeout=60, **parseworker.spawn_args())
+    assert r.returncode == 0, r.stderr.decode()
+    res = json.loads(r.stdout)
+    assert res == {"missing": [], "text": "Unit 5150"}, res
