@@ -68,6 +68,7 @@ def test_whole_corpus_parses_without_raising_and_fast():
         assert isinstance(p, Parsed)
         assert p.size == len(raw)
         assert "parse-error" not in p.flags
+        assert "extraction-truncated" not in p.flags   # ordinary mail is never over budget
         for s in (p.message_id, p.from_header, p.subject, p.body_text,
                   *p.from_, *p.to, *p.cc, *p.bcc,
                   *(a.text for a in p.attachments), *(a.filename for a in p.attachments)):
@@ -626,3 +627,153 @@ def test_mutated_corpus_messages_parse_without_parser_errors():
         assert "parse-error" not in p.flags, bytes(raw)[:300]
         p.body_text.encode("utf-8")
         p.subject.encode("utf-8")
+
+
+# ------------------------------------------------------------- the extraction budget (issue 12)
+
+from tests.harness import hostile  # noqa: E402
+
+
+def _cost(raw: bytes, limits: "parse.Limits | None" = None):
+    """parse_message(raw) and the CPU seconds it took, extractor processes included."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.thread_time()
+    p = parse_message(raw, limits) if limits is not None else parse_message(raw)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return p, (time.thread_time() - started) + (after.ru_utime + after.ru_stime
+                                                 - before.ru_utime - before.ru_stime)
+
+
+def _all_text(p: Parsed) -> int:
+    return len(p.body_text) + sum(len(a.text) for a in p.attachments)
+
+
+def test_office_regex_bombs_cost_little():
+    """40 tiny .docx/.xlsx of "<t <t <t ...": the old OOXML pattern scanned to
+    the end of the member at every "<t " (quadratic: a minute per 300 KB).
+    At 40 KB each the old code spent ~40 s; now a fraction of a second."""
+    raw = hostile.office_regex_bombs(n=40, size=40_000)
+    assert len(raw) < 100_000
+    p, cpu = _cost(raw)
+    assert len(p.attachments) == 40
+    assert cpu < 3, cpu
+
+
+def test_ooxml_token_pattern_is_linear():
+    xml = b"<w:document>" + b"<t " * 100_000
+    started = time.thread_time()
+    assert parse._ooxml_chunk_text(xml) == ""
+    assert time.thread_time() - started < 1
+
+
+def test_total_text_of_a_message_is_bounded():
+    """20 small .docx of a million characters each: 20 M characters before,
+    now max_text in all, the message and the attachments past it flagged,
+    every attachment still listed."""
+    raw = hostile.expanding_attachments(n=20, chars=1_000_000)
+    assert len(raw) < 200_000
+    p, cpu = _cost(raw)
+    assert len(p.attachments) == 20
+    assert _all_text(p) <= parse.LIMITS.max_text
+    assert "extraction-truncated" in p.flags
+    assert p.attachments[0].text.startswith("lorem lorem") and "extraction-truncated" not in p.attachments[0].flags
+    assert "extraction-truncated" in p.attachments[-1].flags and p.attachments[-1].text == ""
+    assert [a.filename for a in p.attachments] == [f"a{i}.docx" for i in range(20)]
+    # the body counts too
+    small = parse.Limits(max_text=100)
+    p = parse_message(hostile.ordinary("x" * 300), small)
+    assert len(p.body_text) <= 100 and "extraction-truncated" in p.flags
+
+
+def test_decompressed_bytes_of_a_message_are_bounded():
+    """Six .docx inflating to 16 MiB each against a budget of 32 MiB: the
+    rest is not inflated, and the message says so."""
+    raw = hostile.office_zip_bombs(n=6, size=16 * 1024 * 1024)
+    limits = parse.Limits(max_expanded=32 * 1024 * 1024)
+    p, cpu = _cost(raw, limits)
+    assert "extraction-truncated" in p.flags
+    assert len(p.attachments) == 6
+    assert "extraction-truncated" in p.attachments[-1].flags
+
+
+def test_cpu_budget_bounds_a_message_and_pdftotext():
+    """A PDF of a few KB that kept pdftotext busy for its whole 20 s (and
+    the parse failed): now pdftotext gets the message's CPU budget, is
+    killed as a group, and the message is flagged, not failed."""
+    raw = hostile.pdf_busy()
+    assert len(raw) < 200_000
+    started = time.monotonic()
+    p, cpu = _cost(raw)
+    assert "extraction-truncated" in p.flags
+    (a,) = p.attachments
+    assert "extraction-truncated" in a.flags and "pdftotext-failed" not in a.flags
+    assert cpu < parse.LIMITS.cpu_seconds + 2, cpu
+    assert time.monotonic() - started < 15      # a generous bound; it was 20 s of CPU
+
+
+def test_cpu_budget_of_zero_lists_the_parts_without_text():
+    raw = hostile.office_regex_bombs(n=5, size=3_000)
+    p = parse_message(raw, parse.Limits(cpu_seconds=0, cpu_seconds_per_mib=0))
+    assert "extraction-truncated" in p.flags
+    assert [a.filename for a in p.attachments] == ["memo0.docx", "figures1.xlsx", "memo2.docx",
+                                                   "figures3.xlsx", "memo4.docx"]
+    assert all("extraction-truncated" in a.flags for a in p.attachments)
+
+
+def test_huge_headers_are_cut_and_cheap():
+    """A 1 MB Subject of encoded words took the default policy a minute, and
+    30,000 Cc addresses were de-duplicated quadratically."""
+    raw = hostile.huge_headers(subject_bytes=400_000, recipients=20_000)
+    p, cpu = _cost(raw)
+    assert cpu < 3, cpu
+    assert "extraction-truncated" in p.flags
+    assert p.subject.startswith("cafécafé") and len(p.subject) <= parse.HEADER_CUT   # (RFC 2047: no space between encoded words)
+    assert 1000 < len(p.cc) <= 20_000 and p.cc[0] == "user0@acme.example"
+    assert p.body_text == "huge headers"
+
+
+def test_xml_bombs_are_not_expanded():
+    p, cpu = _cost(hostile.office_xml_bomb(text_node=8 * 1024 * 1024))
+    (a,) = p.attachments
+    assert "lollol" not in a.text and cpu < 3
+    assert "text-truncated" in a.flags and len(a.text) == parse.MAX_TEXT
+
+
+def test_pdf_flate_bomb_costs_at_most_the_budget():
+    p, cpu = _cost(hostile.pdf_flate_bomb())
+    assert cpu < parse.LIMITS.cpu_seconds + 2, cpu
+
+
+def test_depth_parts_and_nesting_limits_come_from_the_budget():
+    p = parse_message(hostile.thousand_parts(n=50), parse.Limits(max_parts=10))
+    assert "too-many-parts" in p.flags and len(p.attachments) == 8
+    p = parse_message(hostile.nested_multiparts(depth=20), parse.Limits(max_nesting=5))
+    assert "too-deep" in p.flags
+    p = parse_message(hostile.nested_multiparts(depth=20))
+    assert "too-deep" not in p.flags and p.body_text == "deep down"
+    inner = hostile.ordinary("inner")
+    outer = hostile.mixed("fwd", [b"Content-Type: message/rfc822\r\n\r\n" + inner])
+    (a,) = parse_message(outer, parse.Limits(max_depth=0)).attachments
+    assert "depth-limit" in a.flags
+    (a,) = parse_message(outer).attachments
+    assert "inner" in a.text
+
+
+def test_every_hostile_message_is_parsed_within_a_few_seconds():
+    """The whole generator, each message at its default size (the shapes the
+    issue names), parsed with the default budget."""
+    for name, make in hostile.ALL.items():
+        raw = make()
+        p, cpu = _cost(raw)
+        assert isinstance(p, Parsed) and "parse-error" not in p.flags, name
+        assert cpu < parse.LIMITS.cpu_seconds + parse.LIMITS.cpu_seconds_per_mib * len(raw) / 2**20 + 2, (name, cpu)
+        assert _all_text(p) <= parse.LIMITS.max_text + parse.MAX_TEXT, name
+
+
+def test_ordinary_corpus_messages_are_never_over_budget():
+    files = corpus_files()[::5]
+    for f in files:
+        p = parse_message(corpus_message(f))
+        assert "extraction-truncated" not in p.flags, f
+        assert not any("extraction-truncated" in a.flags for a in p.attachments), f

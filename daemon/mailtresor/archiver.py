@@ -582,8 +582,12 @@ class _nothing:
         return False
 
 
-def make_parser(processes: int) -> parseworker.ParserPool | None:
-    return parseworker.ParserPool(processes) if processes > 0 else None
+def make_parser(processes: int, limits: parse.Limits | None = None) -> parseworker.ParserPool | None:
+    """The parser pool (None: parse in this process); `limits` become this
+    process's extraction budget too, for what is parsed here."""
+    if limits is not None:
+        parse.configure(limits)
+    return parseworker.ParserPool(processes, limits) if processes > 0 else None
 
 
 def make_timestamper(url: str, ca_file: Path | None):
@@ -618,7 +622,8 @@ class Archiver:
         self.pipeline = Pipeline(spool, self.store, self.keys, Router(cfg.tenant), backup=backup,
                                  seal_seed=self.keys.seal_seed, seal_interval=a.seal_interval,
                                  timestamper=make_timestamper(a.tsa_url, a.tsa_ca_file),
-                                 batch_size=a.batch_size, parser=make_parser(a.parse_processes))
+                                 batch_size=a.batch_size,
+                                 parser=make_parser(a.parse_processes, parse.limits_of(a)))
         self.interval = a.interval
         # Held by a batch, and by the daemon's query socket while it reads
         # the store: an LMDB environment must not be open twice in one

@@ -456,7 +456,7 @@ def cmd_reindex(cfg, args) -> int:
                         with ShardIndex(shard.index_dir).writer() as w:
                             for aid in todo[start:start + 500]:
                                 raw, meta = shard.get(aid, keys)
-                                p = parse.parse_message(raw)
+                                p = parse.parse_message(raw, parse.limits_of(a))
                                 addrs, env_only, tags = index_terms(meta, p)
                                 w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
                                       date=effective_date(p.date, _arrival(meta)),
@@ -539,6 +539,7 @@ def _messages(paths: list[str]):
 
 
 def cmd_import(cfg, args) -> int:
+    from . import parse
     from .archiver import Pipeline, Router, make_parser
     from .spool import Envelope, Spool
     from .store import BackupDirectory, Store, StoreLocked, WriterLock
@@ -593,7 +594,7 @@ def cmd_import(cfg, args) -> int:
         pipe = Pipeline(spool, store, keys, Router(cfg.tenant),
                         backup=BackupDirectory(a.backup_directory) if a.backup_directory else None,
                         seal_seed=keys.seal_seed, batch_size=a.batch_size,
-                        parser=make_parser(a.parse_processes))
+                        parser=make_parser(a.parse_processes, parse.limits_of(a)))
         pipe.lock = lock
         pipe.hold_lock = True
         try:

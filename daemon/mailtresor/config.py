@@ -194,6 +194,18 @@ class Archive:
     # Child processes that parse mail for the archiver (0: parse in the
     # archiver's own thread).  See mailtresor/parseworker.py.
     parse_processes: int = 1
+    # The extraction budget of one message (parse.Limits): CPU seconds
+    # (plus so many per MiB of the message), characters of text in all,
+    # bytes decoded and decompressed beyond the message's own size,
+    # attached-message depth, MIME parts, multipart nesting.  A message over
+    # it is archived with what was read and flagged extraction-truncated.
+    extract_cpu_seconds: float = 2.0
+    extract_cpu_seconds_per_mib: float = 1.0
+    extract_max_text: int = 4_000_000
+    extract_max_expanded: int = 128 * 1024 * 1024
+    extract_max_depth: int = 3
+    extract_max_parts: int = 1000
+    extract_max_nesting: int = 60
     # Seconds between looks at the spool when it was empty.
     interval: float = 0.5
     # Seconds between seals of a shard that changed.
@@ -470,6 +482,12 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.max_open_shards", "must be at least 1")
         if not 0 <= cfg.archive.parse_processes <= 64:
             fail("archive.parse_processes", "must be between 0 and 64")
+        for key, low, high in (("extract_cpu_seconds", 0.1, 3600), ("extract_cpu_seconds_per_mib", 0, 600),
+                               ("extract_max_text", 1000, 10**9), ("extract_max_expanded", 1024 * 1024, 2**40),
+                               ("extract_max_depth", 0, 20), ("extract_max_parts", 1, 100_000),
+                               ("extract_max_nesting", 1, 200)):
+            if not low <= getattr(cfg.archive, key) <= high:
+                fail(f"archive.{key}", f"must be between {low} and {high}")
         if cfg.archive.tsa_url and not cfg.archive.tsa_url.startswith(("http://", "https://")):
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:

@@ -42,6 +42,9 @@ Message flags:
     too-deep            multiparts nested deeper than MAX_NESTING; the deeper ones were not read
     parse-error         the parser itself failed (e.g. its recursion limit); the headers
                         are read and the undivided body is taken as text
+    extraction-truncated  the message's extraction budget (Limits: CPU time, total text,
+                        total decoded/decompressed bytes) ran out: what was extracted
+                        until then is kept, later parts are listed without their text
 
 Attachment flags:
 
@@ -53,6 +56,16 @@ Attachment flags:
     ooxml-limit         uncompressed size over OOXML_MAX_UNCOMPRESSED (zip bomb guard); partial text
     depth-limit         an attached message nested deeper than MAX_DEPTH; not read
     text-truncated      text cut at MAX_TEXT characters
+    extraction-truncated  this attachment's text was cut, or not extracted, because the
+                        message's extraction budget ran out
+
+The budget (`Limits`, from [archive] in the configuration) bounds what one
+message may cost, whatever it holds: zip and XML bombs in Office files, PDF
+decompression bombs, a thousand parts, huge headers.  Extractors are checked
+against it as they go (OOXML is read in chunks, HTML fed in chunks,
+`pdftotext` runs with the time left as its CPU limit and timeout, in its own
+process group, killed as a group, with PR_SET_PDEATHSIG so it never outlives
+the parser).  A message over budget is still archived, flagged.
 
 An attached message (message/rfc822) also carries the message flags of its
 own headers and parts (``bad-header:NAME``, ``undecodable-part``...); its
@@ -70,11 +83,18 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import ctypes
 import functools
 import io
+import os
 import quopri
 import re
+import resource
+import selectors
+import signal
 import subprocess
+import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from html import unescape
@@ -90,9 +110,102 @@ PDF_MAX_PAGES = 2000
 OOXML_MAX_BYTES = 64 * 1024 * 1024   # compressed package size
 OOXML_MAX_UNCOMPRESSED = 64 * 1024 * 1024
 _HTML_MAX_INPUT = 4 * MAX_TEXT       # characters of markup handed to the HTML stripper
+# Header values longer than this are decoded the compat32 way: the default
+# policy's header parser is superlinear (a 1 MB Subject of encoded words
+# takes a minute), compat32's is not, and no real header comes near it.
+HEADER_MAX = 32 * 1024
+# Subject and address header values are cut here (and the message flagged
+# extraction-truncated): even the compat32 way, a megabyte of addresses or
+# encoded words costs seconds.  A To: of 5,000 addresses fits.
+HEADER_CUT = 256 * 1024
+EXTRACTOR_MAX_MEMORY = 1024 * 1024 * 1024   # RLIMIT_AS of pdftotext
+_CHUNK = 1024 * 1024                 # bytes of a zip member read between budget checks
+_HTML_CHUNK = 128 * 1024             # characters of markup fed between budget checks
 
 _DEFAULT = email.policy.default      # header decoding
 _TREE = email.policy.compat32        # splitting the MIME tree (see the module's docstring)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The extraction budget of one message ([archive] extract_* in the
+    configuration).  The defaults leave every message of the test corpus
+    untouched, and hold a hostile one to about two seconds of CPU."""
+
+    # CPU seconds of parsing and extraction (pdftotext's included) per
+    # message: cpu_seconds, plus cpu_seconds_per_mib for each MiB of the
+    # raw message (big attachments legitimately take longer; bombs are small).
+    cpu_seconds: float = 2.0
+    cpu_seconds_per_mib: float = 1.0
+    # Characters of text per message: body and all attachments together.
+    max_text: int = 4 * MAX_TEXT
+    # Bytes decoded and decompressed per message (transfer encodings, zip
+    # members, pdftotext output), beyond the size of the message itself.
+    max_expanded: int = 128 * 1024 * 1024
+    # Levels of attached messages, MIME parts, multipart nesting.
+    max_depth: int = MAX_DEPTH
+    max_parts: int = MAX_PARTS
+    max_nesting: int = MAX_NESTING
+
+
+LIMITS = Limits()   # what parse_message uses unless told otherwise; see configure()
+
+
+def limits_of(archive) -> Limits:
+    """The budget of a config.Archive ([archive] extract_*)."""
+    return Limits(cpu_seconds=archive.extract_cpu_seconds,
+                  cpu_seconds_per_mib=archive.extract_cpu_seconds_per_mib,
+                  max_text=archive.extract_max_text, max_expanded=archive.extract_max_expanded,
+                  max_depth=archive.extract_max_depth, max_parts=archive.extract_max_parts,
+                  max_nesting=archive.extract_max_nesting)
+
+
+def configure(limits: Limits) -> None:
+    """Make `limits` the default budget of parse_message in this process."""
+    global LIMITS
+    LIMITS = limits
+
+
+class _Budget:
+    """What one message may still spend.  Once any part of it is spent,
+    `over` is set and stays: the message gets ``extraction-truncated``."""
+
+    def __init__(self, limits: Limits, raw_size: int):
+        self.limits = limits
+        self.cpu = limits.cpu_seconds + limits.cpu_seconds_per_mib * raw_size / (1024 * 1024)
+        self.started = time.thread_time()
+        self.extractors = 0.0        # CPU seconds of extractor processes
+        self.text_left = limits.max_text
+        self.bytes_left = limits.max_expanded + raw_size
+        self.over = False
+
+    def cpu_left(self) -> float:
+        return self.cpu - (time.thread_time() - self.started) - self.extractors
+
+    def out_of_time(self) -> bool:
+        if self.cpu_left() <= 0:
+            self.over = True
+            return True
+        return False
+
+    def spent(self) -> bool:
+        """No time, bytes or text left: nothing more is worth extracting."""
+        return self.out_of_time() or self.bytes_left < 0 or self.text_left <= 0
+
+    def spend_bytes(self, n: int) -> bool:
+        """Count `n` decoded bytes; False (and over) if they did not fit."""
+        self.bytes_left -= n
+        if self.bytes_left < 0:
+            self.over = True
+        return self.bytes_left >= 0
+
+    def take_text(self, s: str) -> str:
+        """`s`, cut to the text the message may still have."""
+        if len(s) > self.text_left:
+            s = s[:max(0, self.text_left)]
+            self.over = True
+        self.text_left -= len(s)
+        return s
 
 
 @dataclass
@@ -120,19 +233,22 @@ class Parsed:
     size: int              # len(raw)
 
 
-def parse_message(raw: bytes) -> Parsed:
-    """Extract the indexable content of `raw`.  Never raises on bad input."""
-    ctx = _Ctx()
+def parse_message(raw: bytes, limits: Limits | None = None) -> Parsed:
+    """Extract the indexable content of `raw` within the budget `limits`
+    (default: LIMITS).  Never raises on bad input."""
+    ctx = _Ctx(_Budget(limits or LIMITS, len(raw)))
     try:
         msg = _parse_bytes(raw, ctx)
         head = _headers(msg, ctx)
-        body = _TextBuf(MAX_TEXT)
+        body = _TextBuf(MAX_TEXT, ctx.budget)
         try:
             _walk(msg, ctx, body, depth=0, nesting=0)
         except Exception:   # a bug or a parser corner we did not foresee: keep what we have
             ctx.flag("parse-error")
         if body.truncated:
             ctx.flag("text-truncated")
+        if ctx.budget.over:
+            ctx.flag("extraction-truncated")
         return Parsed(message_id=head["message_id"], date=head["date"],
                       from_header=head["from_header"], from_=head["from"], to=head["to"],
                       cc=head["cc"], bcc=head["bcc"], subject=head["subject"],
@@ -148,7 +264,8 @@ def parse_message(raw: bytes) -> Parsed:
 # ---------------------------------------------------------------- plumbing
 
 class _Ctx:
-    def __init__(self):
+    def __init__(self, budget: _Budget):
+        self.budget = budget
         self.flags: list[str] = []
         self.attachments: list[Attachment] = []
         self.parts = 0
@@ -160,10 +277,11 @@ class _Ctx:
 
 
 class _TextBuf:
-    """Text pieces up to a limit of characters."""
+    """Text pieces up to a limit of characters, and within the message's budget."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, budget: _Budget):
         self.limit = limit
+        self.budget = budget
         self.pieces: list[str] = []
         self.n = 0
         self.truncated = False
@@ -175,8 +293,9 @@ class _TextBuf:
         if self.n + len(s) > self.limit:
             s = s[:max(0, self.limit - self.n)]
             self.truncated = True
-            if not s:
-                return
+        s = self.budget.take_text(s)
+        if not s:
+            return
         self.pieces.append(s)
         self.n += len(s) + 2
 
@@ -361,16 +480,20 @@ def _headers(msg, ctx: _Ctx) -> dict:
 
 def _decode_headers(raw: dict[str, list[str]], ctx: _Ctx, hint: str | None) -> dict:
     res: dict = {"from_header": ""}
+    for name in ("subject", *_ADDR_HEADERS):   # cut what no real header needs (see HEADER_CUT)
+        values = raw.get(name, ())
+        if any(len(v) > HEADER_CUT for v in values):
+            ctx.flag("extraction-truncated")
+            raw[name] = [v[:HEADER_CUT] for v in values]
     for name in _ADDR_HEADERS:
-        addrs: list[str] = []
+        addrs: dict[str, None] = {}    # ordered, and a set: ten thousand addresses are not quadratic
         texts: list[str] = []
         for value in raw.get(name, ()):
             text, found = _address_header(name, value, ctx, hint)
             texts.append(text)
             for a in found:
-                if a not in addrs:
-                    addrs.append(a)
-        res[name] = addrs
+                addrs.setdefault(a)
+        res[name] = list(addrs)
         if name == "from":
             res["from_header"] = _safe(", ".join(t for t in texts if t))
     subj = raw.get("subject")
@@ -384,6 +507,8 @@ def _decode_headers(raw: dict[str, list[str]], ctx: _Ctx, hint: str | None) -> d
 
 def _unstructured(name: str, value: str, ctx: _Ctx, hint) -> str:
     text = _unsurrogate(_unfold(value), hint)
+    if len(text) > HEADER_MAX:
+        return _decode_words(text, hint).strip()
     try:
         return str(_DEFAULT.header_factory(name, text)).strip()
     except Exception:
@@ -393,12 +518,13 @@ def _unstructured(name: str, value: str, ctx: _Ctx, hint) -> str:
 
 def _address_header(name: str, value: str, ctx: _Ctx, hint) -> tuple[str, list[str]]:
     text = _unsurrogate(_unfold(value), hint)
-    try:
-        h = _DEFAULT.header_factory(name, text)
-        addrs = [a.addr_spec.strip().lower() for a in h.addresses]
-        return str(h).strip(), [a for a in addrs if a and a != "<>"]
-    except Exception:
-        ctx.flag(f"bad-header:{name}")
+    if len(text) <= HEADER_MAX:   # (longer: the compat32 way below, not a broken header)
+        try:
+            h = _DEFAULT.header_factory(name, text)
+            addrs = [a.addr_spec.strip().lower() for a in h.addresses]
+            return str(h).strip(), [a for a in addrs if a and a != "<>"]
+        except Exception:
+            ctx.flag(f"bad-header:{name}")
     decoded = _decode_words(text, hint).strip()
     try:
         pairs = email.utils.getaddresses([text])
@@ -497,8 +623,9 @@ def _payload_bytes(part) -> tuple[bytes, bool]:
 
 
 def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
+    budget = ctx.budget
     ctx.parts += 1
-    if ctx.parts > MAX_PARTS:
+    if ctx.parts > budget.limits.max_parts:
         ctx.flag("too-many-parts")
         return
     _flag_defects(part, ctx)
@@ -507,7 +634,7 @@ def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
     maintype = ctype.split("/", 1)[0]
     payload = part.get_payload()
     if maintype == "multipart" and isinstance(payload, list):
-        if nesting >= MAX_NESTING:
+        if nesting >= budget.limits.max_nesting:
             ctx.flag("too-deep")
             return
         for sub in payload:
@@ -522,9 +649,14 @@ def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
     is_body = (not filename and disposition != "attachment"
                and (ctype in ("text/plain", "text/html") or maintype == "multipart"))
     data, sound = _payload_bytes(part)
+    fits = budget.spend_bytes(len(data)) and not budget.spent()
+    if not fits:
+        budget.over = True    # (text_left may have run out exactly: still, this part is not read)
     if is_body:
+        if not fits:   # no time or room left: the text of this part is not read
+            return
         # (a multipart without its boundary has its raw MIME body here: still the message's text)
-        text, problems = _text_of(data, shell, ctype)
+        text, problems = _text_of(data, shell, ctype, budget)
         if not sound or "undecodable" in problems:
             ctx.flag("undecodable-part")
         if "unknown-charset" in problems:
@@ -534,12 +666,15 @@ def _walk(part, ctx: _Ctx, body: _TextBuf, depth: int, nesting: int) -> None:
     att = Attachment(filename=filename, content_type=ctype, size=len(data), text="", flags=[])
     if not sound:
         att.flags.append("undecodable")
-    _extract(att, data, shell)
+    if fits:
+        _extract(att, data, shell, budget)
+    else:
+        att.flags.append("extraction-truncated")
     att.text = _safe(att.text)
     ctx.attachments.append(att)
 
 
-def _text_of(data: bytes, shell, ctype: str) -> tuple[str, list[str]]:
+def _text_of(data: bytes, shell, ctype: str, budget: _Budget) -> tuple[str, list[str]]:
     charset = None
     try:
         charset = shell.get_param("charset")
@@ -551,7 +686,7 @@ def _text_of(data: bytes, shell, ctype: str) -> tuple[str, list[str]]:
         charset = _meta_charset(data)
     text, problems = _decode(data, charset)
     if ctype == "text/html":
-        text = html_to_text(text)
+        text = html_to_text(text, budget)
     return text, problems
 
 
@@ -579,7 +714,7 @@ def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nest
         text = "\n".join(lines)
         ctx.attachments.append(Attachment(filename=filename, content_type=ctype,
                                           size=len(text.encode("utf-8", "replace")),
-                                          text=_safe(text[:MAX_TEXT]), flags=[]))
+                                          text=_safe(ctx.budget.take_text(text[:MAX_TEXT])), flags=[]))
         return
     att = Attachment(filename=filename, content_type=ctype, size=0, text="", flags=[])
     ctx.attachments.append(att)
@@ -592,19 +727,19 @@ def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nest
         # text for a message; decode it and parse again
         inner = _reparse_encoded(inner, _cte(shell), att)
     att.size = _size_of(inner)
-    if depth + 1 > MAX_DEPTH:
+    if depth + 1 > ctx.budget.limits.max_depth:
         att.flags.append("depth-limit")
         return
     if att.size == 0:
         att.flags.append("undecodable")
-    sub = _Ctx()
+    sub = _Ctx(ctx.budget)
     sub.parts = ctx.parts
     sub.hint = ctx.hint
     raw = _raw_headers(inner)
     if any(_SURROGATE.search(v) for vs in raw.values() for v in vs):
         sub.hint = _message_hint(inner) or ctx.hint
     head = _decode_headers(raw, sub, sub.hint)
-    text = _TextBuf(MAX_TEXT)
+    text = _TextBuf(MAX_TEXT, ctx.budget)
     lines = []
     if head["from_header"]:
         lines.append(f"From: {head['from_header']}")
@@ -623,7 +758,7 @@ def _attached_messages(part, shell, ctype, filename, ctx: _Ctx, depth: int, nest
         ctx.flag("parse-error")
     ctx.parts = sub.parts
     for f in sub.flags:
-        if f in ("defects", "too-many-parts", "too-deep"):
+        if f in ("defects", "too-many-parts", "too-deep", "extraction-truncated"):
             ctx.flag(f)
         elif f not in att.flags:
             att.flags.append(f)
@@ -677,18 +812,19 @@ _TEXT_EXTS = (".txt", ".csv", ".log", ".md", ".htm", ".html", ".xml", ".json", "
 _OOXML_EXTS = (".docx", ".docm", ".dotx", ".xlsx", ".xlsm", ".pptx", ".pptm", ".ppsx")
 
 
-def _extract(att: Attachment, data: bytes, shell) -> None:
+def _extract(att: Attachment, data: bytes, shell, budget: _Budget) -> None:
     name = att.filename.lower()
     ctype = att.content_type
+    late = budget.out_of_time()
     if ctype == "application/pdf" or name.endswith(".pdf") or data[:5] == b"%PDF-":
-        att.text = pdf_text(data, att.flags)
+        att.text = pdf_text(data, att.flags, budget)
     elif ("openxmlformats-officedocument" in ctype or name.endswith(_OOXML_EXTS)
           or (data[:2] == b"PK" and ctype in ("application/octet-stream", "application/zip")
               and _is_ooxml(data))):
-        att.text = ooxml_text(data, att.flags)
+        att.text = ooxml_text(data, att.flags, budget)
     elif ctype.startswith("text/") or name.endswith(_TEXT_EXTS):
         kind = "text/html" if ctype == "text/html" or name.endswith((".htm", ".html")) else ctype
-        text, problems = _text_of(data, shell, kind)
+        text, problems = _text_of(data, shell, kind, budget)
         if problems and "undecodable" not in att.flags:
             att.flags.append("undecodable")
         att.text = text
@@ -698,24 +834,159 @@ def _extract(att: Attachment, data: bytes, shell) -> None:
     if len(att.text) > MAX_TEXT:
         att.text = att.text[:MAX_TEXT]
         att.flags.append("text-truncated")
+    text = budget.take_text(att.text)
+    if ((len(text) < len(att.text) or (budget.out_of_time() and not late))
+            and "extraction-truncated" not in att.flags):
+        att.flags.append("extraction-truncated")   # the budget ran out on this one
+    att.text = text
 
 
-def pdf_text(data: bytes, flags: list[str]) -> str:
-    """Text of a PDF by `pdftotext` (poppler), or "" with a flag."""
+def pdf_text(data: bytes, flags: list[str], budget: _Budget | None = None) -> str:
+    """Text of a PDF by `pdftotext` (poppler), or "" with a flag.  It gets
+    the CPU time left in the message's budget (as its RLIMIT_CPU and, with
+    a margin, as a timeout) and may write as many bytes as the budget has
+    left; over that it is killed and what it wrote is kept."""
+    budget = budget or _Budget(LIMITS, len(data))
     if len(data) > PDF_MAX_BYTES:
         flags.append("too-large")
         return ""
+    seconds = min(PDF_TIMEOUT, budget.cpu_left())
+    if seconds <= 0:
+        budget.over = True
+        flags.append("extraction-truncated")
+        return ""
+    cap = max(0, min(4 * MAX_TEXT, budget.bytes_left))
     try:
-        r = subprocess.run(["pdftotext", "-q", "-l", str(PDF_MAX_PAGES), "-enc", "UTF-8", "-", "-"],
-                           input=data, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           timeout=PDF_TIMEOUT, check=False)
-    except (OSError, subprocess.SubprocessError):   # missing binary, timeout (the child is killed)
+        status, out, cut = run_extractor(["pdftotext", "-q", "-l", str(PDF_MAX_PAGES), "-enc", "UTF-8", "-", "-"],
+                                         data, seconds, cap, budget)
+    except OSError:                      # missing binary, no processes left
         flags.append("pdftotext-failed")
         return ""
-    if r.returncode != 0:
+    budget.spend_bytes(len(out))
+    if cut:                              # over budget: keep what it wrote until then
+        budget.over = True
+        flags.append("extraction-truncated")
+    elif status != 0:
         flags.append("pdftotext-failed")
         return ""
-    return r.stdout[:4 * MAX_TEXT].decode("utf-8", "replace").replace("\f", "\n")
+    return out.decode("utf-8", "replace").replace("\f", "\n")
+
+
+# The extractor's limits are set between fork and exec.  That runs Python in
+# the forked child, which the subprocess documentation warns against in a
+# threaded process: the parser processes are single-threaded and do so
+# (setrlimit and prctl are single system calls, prctl's function pointer is
+# looked up here, before any fork); a threaded process (the daemon with
+# parse_processes = 0) has util-linux's setpriv and prlimit do it instead.
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+_PR_SET_PDEATHSIG = 1
+
+
+def _limit_extractor(parent: int, cpu: int, memory: int) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))    # SIGXCPU, then SIGKILL
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)             # dies with the parser
+    if os.getppid() != parent:                                 # the parser died before prctl
+        os._exit(1)
+
+
+def run_extractor(argv: list[str], data: bytes, seconds: float, max_out: int,
+                  budget: _Budget | None = None) -> tuple[int | None, bytes, bool]:
+    """Run an extractor on `data` in a process group of its own, with
+    RLIMIT_CPU of `seconds` (rounded up), RLIMIT_AS of EXTRACTOR_MAX_MEMORY,
+    no core file, and PR_SET_PDEATHSIG; killed as a group after `seconds`
+    plus a margin, or once it wrote more than `max_out` bytes.  Returns
+    (exit status or None when killed, output, whether it was cut short).
+    Its CPU time is charged to `budget`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    cpu, mem = max(1, round(seconds)), EXTRACTOR_MAX_MEMORY
+    preexec = functools.partial(_limit_extractor, os.getpid(), cpu, mem)
+    if threading.active_count() > 1:
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", "prlimit", f"--cpu={cpu}:{cpu + 1}",
+                f"--as={mem}:{mem}", "--core=0:0", "--", *argv]
+        preexec = None
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
+                            preexec_fn=preexec)
+    out = bytearray()
+    cut = False
+    deadline = started + 1.5 * seconds + 0.5   # the CPU limit comes first; the margin is for a busy machine
+    sel = selectors.DefaultSelector()
+    try:
+        os.set_blocking(proc.stdin.fileno(), False)
+        os.set_blocking(proc.stdout.fileno(), False)
+        view = memoryview(data)
+        if view:
+            sel.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                cut = True
+                break
+            for key, _ in sel.select(left):
+                if key.fileobj is proc.stdin:
+                    try:
+                        n = os.write(proc.stdin.fileno(), view[:65536])
+                    except BrokenPipeError:   # it stopped reading: its exit status says why
+                        n = len(view)
+                    except BlockingIOError:
+                        n = 0
+                    view = view[n:]
+                    if not view:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                else:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        sel.unregister(proc.stdout)
+                        continue
+                    out += chunk
+                    if len(out) > max_out:
+                        del out[max_out:]
+                        cut = True
+                        break
+            if cut:
+                break
+    finally:
+        sel.close()
+        if cut:
+            _kill_group(proc)
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            status = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:   # closed its output but runs on
+            cut = True
+            _kill_group(proc)
+            status = proc.wait()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if budget is not None:
+            used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            # (another thread reaping a child of its own would confuse this; never charge less
+            # than nothing, nor less than a tenth of the time it ran)
+            budget.extractors += max(used, (time.monotonic() - started) / 10)
+    if status in (-signal.SIGXCPU, -signal.SIGKILL):
+        cut = True
+    return (None if cut else status), bytes(out), cut
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:   # gone already
+        pass
 
 
 def _is_ooxml(data: bytes) -> bool:
@@ -726,11 +997,15 @@ def _is_ooxml(data: bytes) -> bool:
         return False
 
 
+# No part of a pattern may run past the next "<": with [^>]* a member of
+# "<t <t <t ..." made every match attempt scan to its end (300 KB took two
+# minutes, and compresses to a few hundred bytes).
 _OOXML_TOKEN = re.compile(
-    rb"<(?:w:t|a:t|t)(?:\s[^>]*)?>([^<]*)</(?:w:t|a:t|t)>"   # a text node
-    rb"|</(?:w:p|a:p|si|row)>|<(?:w:br|w:cr|a:br)\b[^>]*/>"  # a paragraph, shared string, row, line break
-    rb"|<(w:tab)\b[^>]*/>|</(c)>")                           # a tab, a spreadsheet cell
+    rb"<(?:w:t|a:t|t)(?:\s[^<>]*)?>([^<]*)</(?:w:t|a:t|t)>"   # a text node
+    rb"|</(?:w:p|a:p|si|row)>|<(?:w:br|w:cr|a:br)\b[^<>]*/>"  # a paragraph, shared string, row, line break
+    rb"|<(w:tab)\b[^<>]*/>|</(c)>")                           # a tab, a spreadsheet cell
 _SLIDE = re.compile(r"ppt/slides/slide(\d+)\.xml$")
+_OOXML_MAX_NODE = 4 * 1024 * 1024   # bytes of one text node kept whole (longer ones are cut)
 
 
 def _ooxml_members(names: list[str]) -> list[str]:
@@ -739,14 +1014,17 @@ def _ooxml_members(names: list[str]) -> list[str]:
     return wanted + [n for _, n in slides]
 
 
-def ooxml_text(data: bytes, flags: list[str]) -> str:
+def ooxml_text(data: bytes, flags: list[str], budget: _Budget | None = None) -> str:
     """Text nodes of a .docx / .xlsx / .pptx, reading at most
-    OOXML_MAX_UNCOMPRESSED bytes in all (declared sizes are not trusted)."""
+    OOXML_MAX_UNCOMPRESSED bytes in all (declared sizes are not trusted),
+    in chunks, within the message's budget of time, bytes and text."""
+    budget = budget or _Budget(LIMITS, len(data))
     if len(data) > OOXML_MAX_BYTES:
         flags.append("too-large")
         return ""
     out: list[str] = []
-    budget = OOXML_MAX_UNCOMPRESSED
+    room = OOXML_MAX_UNCOMPRESSED
+    chars = 0
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             members = _ooxml_members(z.namelist())
@@ -754,23 +1032,63 @@ def ooxml_text(data: bytes, flags: list[str]) -> str:
                 flags.append("ooxml-failed")
                 return ""
             for name in members:
+                pieces: list[str] = []
                 with z.open(name) as f:
-                    xml = f.read(budget + 1)
-                if len(xml) > budget:
-                    xml = xml[:budget]
+                    carry = b""
+                    while True:
+                        if budget.out_of_time():
+                            flags.append("extraction-truncated")
+                            break
+                        want = min(_CHUNK, room + 1, max(0, budget.bytes_left) + 1)
+                        chunk = f.read(want)
+                        if not chunk:
+                            break
+                        if len(chunk) > room:
+                            chunk = chunk[:room]
+                            flags.append("ooxml-limit")
+                        if not budget.spend_bytes(len(chunk)):
+                            flags.append("extraction-truncated")
+                        room -= len(chunk)
+                        buf = carry + chunk
+                        cut = buf.rfind(b"<")
+                        if cut <= 0 and len(buf) > _OOXML_MAX_NODE:
+                            # one giant text node: its text so far is what there is to read
+                            text = unescape(buf[buf.find(b">") + 1:].decode("utf-8", "replace"))
+                            pieces.append(text)
+                            chars += len(text)
+                            carry = b""
+                            flags.append("ooxml-limit")
+                            break
+                        if cut > 0:
+                            text = _ooxml_chunk_text(buf[:cut])
+                            carry = buf[cut:]
+                            if text:
+                                pieces.append(text)
+                                chars += len(text)
+                        else:
+                            carry = buf
+                        if "ooxml-limit" in flags or "extraction-truncated" in flags:
+                            break
+                        if chars > MAX_TEXT or chars > budget.text_left:
+                            break            # the text is cut to that later anyway
+                    if carry and chars <= MAX_TEXT:
+                        text = _ooxml_chunk_text(carry)
+                        if text:
+                            pieces.append(text)
+                            chars += len(text)
+                out.append(_BLANK_LINES.sub("\n", "".join(pieces)).strip())
+                if room <= 0 and "ooxml-limit" not in flags:
                     flags.append("ooxml-limit")
-                budget -= len(xml)
-                out.append(_ooxml_xml_text(xml))
-                if budget <= 0:
-                    if "ooxml-limit" not in flags:
-                        flags.append("ooxml-limit")
+                if "ooxml-limit" in flags or "extraction-truncated" in flags or chars > MAX_TEXT:
                     break
     except Exception:
         flags.append("ooxml-failed")
     return "\n\n".join(t for t in out if t)
 
 
-def _ooxml_xml_text(xml: bytes) -> str:
+def _ooxml_chunk_text(xml: bytes) -> str:
+    """The text of a stretch of OOXML cut just before a "<": entities
+    resolved, white space as it is (the member's text is tidied whole)."""
     pieces: list[bytes] = []
     for m in _OOXML_TOKEN.finditer(xml):
         if m.group(1) is not None:
@@ -781,8 +1099,7 @@ def _ooxml_xml_text(xml: bytes) -> str:
             pieces.append(b" ")
         else:
             pieces.append(b"\n")
-    text = unescape(b"".join(pieces).decode("utf-8", "replace"))
-    return _BLANK_LINES.sub("\n", text).strip()
+    return unescape(b"".join(pieces).decode("utf-8", "replace"))
 
 
 # ---------------------------------------------------------------- HTML
@@ -831,12 +1148,17 @@ _TAG = re.compile(r"<[^>]*>")
 _DROP_BLOCK = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
 
 
-def html_to_text(markup: str) -> str:
-    """Visible text of HTML: tags, script and style dropped, entities resolved."""
+def html_to_text(markup: str, budget: _Budget | None = None) -> str:
+    """Visible text of HTML: tags, script and style dropped, entities
+    resolved; fed in chunks, so that the message's budget of time is
+    checked as it goes (what was read when it ran out is kept)."""
     markup = markup[:_HTML_MAX_INPUT]
     try:
         p = _Stripper()
-        p.feed(markup)
+        for i in range(0, len(markup), _HTML_CHUNK):
+            if budget is not None and budget.out_of_time():
+                break
+            p.feed(markup[i:i + _HTML_CHUNK])
         p.close()
         text = "".join(p.out)
     except Exception:   # the stdlib parser is lenient, but never trust that

@@ -11,7 +11,12 @@ It also keeps the parsing of hostile input out of the process that holds the
 keys: a child gets message bytes on stdin and answers with JSON on stdout
 (never pickle, so a child that went wrong cannot make the daemon run code).
 A child never sees a key, has no store or spool open, and is killed by the
-kernel when the daemon dies (PR_SET_PDEATHSIG).
+kernel when the daemon dies (PR_SET_PDEATHSIG).  It starts with a minimal
+environment, in a process group of its own, without core files, and
+confines itself before it reads the first message (mailtresor/confine.py:
+Landlock and seccomp; it cannot open the keys, the spool or the store,
+open a socket, or signal the daemon).  Each message is parsed within the
+extraction budget of [archive] (parse.Limits), handed over at start.
 
 Wire format: frames of a 4-byte big-endian length, then the payload.
 Request: two frames, the options as JSON (`{"journaling": ...}`, the spool
@@ -22,10 +27,12 @@ Answer: one frame, JSON of `digest()`'s result.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
 import queue
+import resource
 import signal
 import struct
 import subprocess
@@ -36,7 +43,7 @@ from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
-from . import journal, parse
+from . import confine, journal, parse
 
 log = logging.getLogger("mailtresor.parseworker")
 
@@ -47,6 +54,9 @@ _LEN = struct.Struct(">I")
 PARSE_TIMEOUT = 300.0
 # Seconds to parse in process after a child could not be started.
 SPAWN_RETRY = 30.0
+# RLIMIT_AS of a parser process: the extraction budget keeps a hostile
+# message far below it; it stops what the budget cannot foresee.
+CHILD_MAX_MEMORY = 2 * 1024 * 1024 * 1024
 
 
 class ParserDied(Exception):
@@ -137,8 +147,43 @@ def _read_exactly(f, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def main() -> int:
+# Imported before the child confines itself: they are all readable after
+# it too (read_paths()), but a warm start costs nothing later.
+_WARM = ("email.feedparser", "email.headerregistry", "email._header_value_parser", "email.header",
+         "email._parseaddr", "html.parser", "selectors", "zipfile", "zlib", "encodings.idna",
+         "encodings.cp1252", "encodings.latin_1", "encodings.utf_16", "encodings.iso8859_15",
+         "encodings.ascii")
+
+
+def setup(argv: list[str]) -> parse.Limits:
+    """Everything a parser child does before it reads a message: die with
+    the daemon, no core files, a memory limit, the budget from `argv`
+    (``--limits JSON``), then confine itself for good.  Tests run attacks
+    after exactly this."""
     _die_with_parent()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MAX_MEMORY, CHILD_MAX_MEMORY))
+    except (ValueError, OSError):   # a lower hard limit already: keep it
+        pass
+    limits = parse.Limits()
+    if "--limits" in argv:
+        limits = parse.Limits(**json.loads(argv[argv.index("--limits") + 1]))
+    parse.configure(limits)
+    import importlib
+    for name in _WARM:
+        importlib.import_module(name)
+    missing = confine.confine()
+    if missing:
+        print(f"mailtresor parser {os.getpid()}: running without {'; '.join(missing)}",
+              file=sys.stderr, flush=True)
+    return limits
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.getppid() == 1:                        # the parent is gone already
+        return 1
+    setup(sys.argv[1:] if argv is None else argv)
     if os.getppid() == 1:                        # the parent died before prctl
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon decides when we stop
@@ -161,6 +206,34 @@ def main() -> int:
 # --------------------------------------------------------------- the parent
 
 COMMAND = [sys.executable, "-m", "mailtresor.parseworker"]
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_reported = False
+
+
+def spawn_args() -> dict:
+    """How a parser child is started (Popen keyword arguments but the
+    command): its whole environment, its working directory, its own
+    process group.  Tests start their attackers the same way."""
+    return dict(env=confine.child_env(_PACKAGE_ROOT), cwd=_PACKAGE_ROOT, process_group=0,
+                close_fds=True)
+
+
+def command(limits: parse.Limits | None = None) -> list[str]:
+    """The child's command line, with the extraction budget."""
+    limits = limits or parse.LIMITS
+    return COMMAND + ["--limits", json.dumps(dataclasses.asdict(limits))]
+
+
+def _report_confinement() -> None:
+    """Say once, loudly, when parser processes cannot be fully confined here."""
+    global _reported
+    if _reported:
+        return
+    _reported = True
+    missing = confine.probe()
+    if missing:
+        log.error("parser processes run WITHOUT %s: a bug in a parser or in pdftotext could "
+                  "reach what the daemon's user can (see docs/SECURITY.md, issue 12)", "; ".join(missing))
 
 
 class _Child:
@@ -170,12 +243,10 @@ class _Child:
     parsed while the archiver stores the previous one), and neither side
     can block the other on a full pipe."""
 
-    def __init__(self, number: int):
-        env = dict(os.environ)
-        here = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(COMMAND, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                     close_fds=True)
+    def __init__(self, number: int, limits: parse.Limits | None = None):
+        _report_confinement()
+        self.proc = subprocess.Popen(command(limits), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     **spawn_args())
         self.pending: deque[Future] = deque()
         self.lock = threading.Lock()
         self.dead = False
@@ -283,10 +354,11 @@ class ParserPool:
     """`size` child processes, started when first used and again after one
     died; requests are spread over them in turn."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, limits: parse.Limits | None = None):
         if size < 1:
             raise ValueError("a parser pool needs at least one process")
         self.size = size
+        self.limits = limits
         self._children: list[_Child | None] = [None] * size
         self._next = 0
         self.restarts = 0
@@ -307,7 +379,7 @@ class ParserPool:
             if time.monotonic() < self._spawn_after:
                 return self._here(raw, journaling)
             try:
-                child = self._children[i] = _Child(i)
+                child = self._children[i] = _Child(i, self.limits)
             except OSError as e:
                 # fork/exec failed (out of memory, process or file limits):
                 # parse in this process, as parse_processes = 0 does, rather
