@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import corpus_files, corpus_message
+from tests.harness import hostile
 
 pytestmark = pytest.mark.slow
 
@@ -139,11 +140,17 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
     from tests.test_milter import MilterRig
 
     messages = [corpus_message(p) for p in corpus_files()]
+    # The hostile generator's mail and a forged journal report go the same
+    # two ways, among the corpus: each is archived (none set aside), flagged,
+    # and holds up nothing.
+    extras = [make() for make in hostile.ALL.values()] + [hostile.forged_journal_report()]
     rig = MilterRig({"archive": {"enabled": True}})
     st = rig.stack
     try:
         assert len(_send_all(st.smtp, messages, "archive@acme.example", "sender@example.net")) == len(messages)
+        assert len(_send_all(st.smtp, extras, "archive@acme.example", "mallory@evil.example")) == len(extras)
         assert len(_send_all(rig.smtp, messages, "archive@globex.example", "sender@example.net")) == len(messages)
+        assert len(_send_all(rig.smtp, extras, "archive@globex.example", "mallory@evil.example")) == len(extras)
         deadline = time.monotonic() + 900
         while any((st.spool_dir / "new").iterdir()):
             assert time.monotonic() < deadline, "archiver did not drain the spool"
@@ -155,7 +162,9 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
             for tenant in ("acme", "globex"):
                 ids = {keys.archive_id(tenant, m): m for m in messages}
                 stored = {a: m for m in store.months(tenant) for a in store.shard(tenant, m).ids()}
-                assert set(stored) == set(ids), tenant            # distinct messages, each once
+                assert set(ids) <= set(stored), tenant            # distinct messages, each once
+                # and each extra once (Postfix may rewrite a huge header: counted, not compared)
+                assert len(set(stored) - set(ids)) == len(extras), tenant
                 for aid, month in stored.items():
                     assert store.shard(tenant, month).get(aid, keys)[0] == ids[aid]
         finally:
@@ -193,6 +202,12 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
                 if checked["attachment"] >= 10:
                     break
         assert checked["subject"] > 40 and checked["from"] > 60 and checked["attachment"] >= 5, checked
+        for tenant in ("acme", "globex"):
+            # The forgery is kept as received (not unwrapped: neither path is a
+            # journaling connector), and the bombs were cut, not set aside.
+            assert len(search(tenant, "flag:journal-untrusted")) == 1, tenant
+            assert len(search(tenant, "flag:extraction-truncated")) >= 3, tenant
+            assert len(search(tenant, "from:mallory@evil.example")) >= len(extras) - 1, tenant
         assert st.log().count("mailtresor.query: query socket: uid 0") >= sum(checked.values())
     finally:
         rig.close()

@@ -258,3 +258,13 @@ def test_a_forged_journal_report_through_postfix_is_archived_as_received():
         assert cli(rig.stack, "verify", check=0).returncode == 0
     finally:
         rig.close()
+
+
+def test_size_hint_takes_ascii_digits_only():
+    """SIZE=² passes str.isdigit() and int() raises on it: the hint is 0,
+    not a tempfail for the whole message (Sendmail passes what it got)."""
+    from mailtresor_milter import size_hint
+    assert size_hint({"SIZE": "12345"}) == 12345
+    for bad in ("²", "١٢٣", "12a", "", None, "9" * 21):
+        assert size_hint({"SIZE": bad}) == 0, bad
+    assert size_hint({}) == 0

@@ -53,6 +53,14 @@ def _strip_brackets(addr: str) -> str:
     return addr
 
 
+def size_hint(mail_params: dict) -> int:
+    """MAIL FROM's SIZE= as a hint, 0 when absent or not plain ASCII digits
+    (`"²".isdigit()` is true, and int() of it raises: an MTA that passes
+    such a parameter on must not turn the message into a tempfail)."""
+    size = mail_params.get("SIZE") or ""
+    return int(size) if size.isascii() and size.isdigit() and len(size) <= 20 else 0
+
+
 @Milter.header_leading_space
 class ArchiveMilter(Milter.Base):
     """One MTA connection.  Never name an attribute `body`: it would hide
@@ -134,9 +142,8 @@ class ArchiveMilter(Milter.Base):
         self.rcpt_to, self.rcpt_params = [], []
         if self.server.shutting_down:
             return self._refuse(replies.SHUTTING_DOWN, "shutting down")
-        size = self.mail_params.get("SIZE") or "0"
         try:
-            self.writer = self.server.spool.open_writer(int(size) if size.isdigit() else 0)
+            self.writer = self.server.spool.open_writer(size_hint(self.mail_params))
         except Exception as e:  # noqa: BLE001 - every failure has its reply
             return self._refuse(replies.for_failure(e), str(e))
         self.server.transaction_started()
