@@ -21,6 +21,7 @@ import pytest
 from mailtresor import parse
 from mailtresor.parse import Attachment, Parsed, parse_message
 from tests.conftest import corpus_files, corpus_message
+from tests.harness import hostile
 
 _HIGH = re.compile(rb"[\x80-\xff]")
 
@@ -393,16 +394,7 @@ def make_pdf(text: str) -> bytes:
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for i, obj in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return hostile.pdf_file(objects)
 
 
 def attach(data: bytes, ctype: str, filename: str, body: bytes = b"see attachment") -> bytes:
@@ -630,9 +622,6 @@ def test_mutated_corpus_messages_parse_without_parser_errors():
 
 
 # ------------------------------------------------------------- the extraction budget (issue 12)
-
-from tests.harness import hostile  # noqa: E402
-
 
 def _cost(raw: bytes, limits: "parse.Limits | None" = None):
     """parse_message(raw) and the CPU seconds it took, extractor processes included."""
