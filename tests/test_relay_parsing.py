@@ -272,7 +272,7 @@ def _relay_cfg(tmp_path, relay: str = "", control: str = ""):
 def test_relay_limit_defaults(tmp_path):
     r = _relay_cfg(tmp_path).relay
     assert (r.max_connections_per_client, r.handshake_timeout, r.session_timeout, r.min_data_rate,
-            r.data_rate_window, r.bare_newline) == (10, 10.0, 3600.0, 256, 30.0, "keep")
+            r.data_rate_window, r.bare_newline) == (20, 10.0, 3600.0, 256, 30.0, "keep")
     cs = _relay_cfg(tmp_path, control="max_connections = 300\n").control_server
     assert (cs.max_connections, cs.max_connections_per_client, cs.handshake_timeout, cs.idle_timeout) == \
         (300, 16, 10.0, 30.0)

@@ -136,7 +136,7 @@ class Relay:
     # process counts its own; see docs/OPERATIONS.md).  Over it: 421 4.7.0
     # on a STARTTLS port, the connection closed unanswered on an
     # implicit-TLS one.  0: no per-client limit.
-    max_connections_per_client: int = 10
+    max_connections_per_client: int = 20
     max_recipients: int = 1000
     # Idle time (no byte received) after which a session is cut (421 4.4.2).
     timeout: float = 300.0
