@@ -163,10 +163,14 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
                 ids = {keys.archive_id(tenant, m): m for m in messages}
                 stored = {a: m for m in store.months(tenant) for a in store.shard(tenant, m).ids()}
                 assert set(ids) <= set(stored), tenant            # distinct messages, each once
-                # and each extra once (Postfix may rewrite a huge header: counted, not compared)
-                assert len(set(stored) - set(ids)) == len(extras), tenant
-                for aid, month in stored.items():
-                    assert store.shard(tenant, month).get(aid, keys)[0] == ids[aid]
+                for aid in ids:
+                    assert store.shard(tenant, stored[aid]).get(aid, keys)[0] == ids[aid]
+                # Each extra once: through the relay byte for byte; Postfix
+                # may rewrite a huge header on the milter path (counted there).
+                rest = set(stored) - set(ids)
+                assert len(rest) == len(extras), tenant
+                if tenant == "acme":
+                    assert rest == {keys.archive_id(tenant, m) for m in extras}
         finally:
             store.close()
 
