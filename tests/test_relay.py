@@ -929,10 +929,11 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(running):
     assert "TLS handshake not finished within 10 s" in running.log()
 
 
-def test_connections_are_limited_per_client_address(running):
-    """Eleven sessions from one address (limit 10 by default): the
+def test_connections_are_limited_per_client_address(tmp_path):
+    """Eleven sessions from one address (limit set to 10): the
     eleventh gets 421 4.7.0 on the STARTTLS port and is closed unanswered
     on the implicit-TLS one; another address is still served."""
+    running = Stack(tmp_path / "pc", {"relay": {"max_connections_per_client": 10}}).start()
     held = []
     try:
         for _ in range(10):
@@ -948,18 +949,21 @@ def test_connections_are_limited_per_client_address(running):
         other = RawSMTP(running.smtps_port, implicit=True, context=running.client_context(), source="127.0.0.3")
         assert other.reply()[0] == 220                 # the exchange-acme connector's network
         other.close()
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 10                 # slots come back as sessions end
+        while True:
+            s = RawSMTP(running.smtp_port)
+            code = s.reply()[0]
+            s.close()
+            if code == 220:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 10                     # slots come back as sessions end
-    while True:
-        s = RawSMTP(running.smtp_port)
-        code = s.reply()[0]
-        s.close()
-        if code == 220:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+        running.close()
 
 
 def test_slow_loris_in_data_is_cut(tmp_path):
