@@ -11,12 +11,13 @@ PYTEST_ARGS ?=
 # and benchmarks drive (a real Postfix, swaks, notmuch, openssl ...).
 RUNTIME_DEBS := python3-twisted python3-milter python3-xapian python3-lmdb \
 	python3-systemd python3-openssl python3-cryptography python3-zstandard \
-	python3-ldap3 python3-argon2 python3-service-identity python3-seccomp
+	python3-ldap3 python3-argon2 python3-service-identity python3-seccomp \
+	python3-pyotp python3-bleach python3-prometheus-client python3-jsonschema
 DEV_DEBS := python3-venv python3-pip python3-setuptools python3-pytest \
 	postfix swaks openssl notmuch python3-notmuch2 poppler-utils cryptsetup-bin e2fsprogs \
 	libsasl2-modules procps iproute2 util-linux \
 	systemd build-essential dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
-	lintian
+	lintian slapd ldap-utils
 
 .PHONY: all deps run test test-fast bench bench-archive clean distclean deb
 
@@ -33,6 +34,7 @@ $(VENV)/.deps: Makefile setup.cfg
 	  echo "installing Debian packages:$$missing"; \
 	  [ "$$(id -u)" = 0 ] || { echo "make: run as root to install:$$missing" >&2; exit 1; }; \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  echo "slapd slapd/no_configuration boolean true" | debconf-set-selections; \
 	  made_policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
