@@ -1,0 +1,1 @@
+"""Access to the archive: the core, the HTTPS API, logins, and the audit trail."""
