@@ -860,7 +860,7 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="*", metavar="ID", help="spool entry ids (as --list shows them)")
     s.set_defaults(func=cmd_requeue)
 
-    from . import cli_audit
+    from mailtresor.cli import audit as cli_audit
     cli_audit.register(sub)
     return p
 
