@@ -4,9 +4,7 @@ every kind of principal, and writes one audit record per call."""
 
 import base64
 import hashlib
-import io
 import json
-import re
 import subprocess
 import sys
 import zipfile
@@ -414,6 +412,12 @@ def test_ids_path_tricks_and_other_tenants(world):
         core.raw(AUDITOR, ids["globex"], tenant="globex")
     with pytest.raises(NotFound):
         core.message(GLOBEX_AUDITOR, good)
+
+
+def test_ids_are_taken_in_either_case(world):
+    core, ids, _, _ = world
+    assert core.raw(AUDITOR, ids["figures"].upper()) == MAILS["figures"][2]
+    assert core.message(AUDITOR, ids["figures"].upper())["id"] == ids["figures"]
 
 
 def test_user_cannot_read_others_mail_by_id(world):

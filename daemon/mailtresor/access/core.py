@@ -34,7 +34,6 @@ import base64
 import calendar
 import hashlib
 import hmac
-import html as htmlmod
 import json
 import os
 import re
@@ -53,8 +52,6 @@ MAX_AUDIT_PAGE = 1000               # records per audit/events page
 EXPORT_MAX = 100_000                # messages per export (Core(export_max=...))
 EXPORT_TTL = 24 * 3600.0            # seconds a finished export is kept
 EXPORTS_RUNNING = 2                 # exports one principal may have running at once
-INLINE_IMAGE_MAX = 5 * 1024 * 1024  # bytes of one cid: image made a data: URI
-INLINE_TOTAL_MAX = 20 * 1024 * 1024
 ORDERS = ("date-desc", "date-asc", "relevance")
 FORMATS = ("mbox", "zip")
 
@@ -363,8 +360,9 @@ class Core:
         """(month, raw, meta, headers) of a message the caller may read;
         NotFound for anything else."""
         scope = self._read_scope(who)
-        if not isinstance(aid, str) or not _AID.fullmatch(aid):
+        if not isinstance(aid, str) or not _AID.fullmatch(aid.lower()):
             raise NotFound()
+        aid = aid.lower()           # as `mailtresor show` takes it
         with self._store_lock:
             try:
                 if not self.store.has_archive(tenant):
@@ -434,7 +432,7 @@ class Core:
                                 flags=[], size=len(raw))
             tags = index_terms(meta, fake)[2]
             date = summary.get("date") if summary.get("date") is not None else head.get("date")
-            return {"id": aid, "tenant": t, "date": iso(date),
+            return {"id": aid.lower(), "tenant": t, "date": iso(date),
                     "from": head.get("from_header") or summary.get("from") or "",
                     "to": head["to"], "cc": head["cc"], "bcc": head["bcc"],
                     "subject": head.get("subject") or summary.get("subject") or "",
