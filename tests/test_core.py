@@ -486,8 +486,10 @@ def test_export_is_per_principal_and_bounded(world):
         core.export_start(AUDITOR, query="", format="pst")
     with pytest.raises(BadRequest, match="either"):
         core.export_start(AUDITOR, format="mbox")
-    with pytest.raises(Forbidden):
+    with pytest.raises(Forbidden, match="no export scope"):
         core.export_start(TOKEN, query="", format="mbox")       # a search-only token
+    with pytest.raises(Forbidden, match="administrators do not read mail"):
+        core.export_start(ADMIN, query="", format="mbox")
     job2 = core.export_start(EXPORT_TOKEN, query="report", format="mbox")
     assert job2["total"] == 1
     small = Core(store=core.store, keys=core.keys, audit=core.audit, exports_dir=core.exports_dir,

@@ -210,18 +210,20 @@ class Core:
     def _read_scope(self, who: Principal, export: bool = False) -> frozenset[str] | None:
         """None: the whole tenant; else the addresses the caller's mail is
         found by.  Raises Forbidden."""
-        if export and not who.can("export"):
-            raise Forbidden("this principal may not export" if who.kind != "token"
-                            else "this token has no export scope")
         if who.can("read-tenant"):
-            return None
-        if who.can("read-own"):
-            return frozenset(a.strip().lower() for a in who.addresses if a.strip())
-        if who.roles & {"admin", "appliance-admin"}:
+            scope = None
+        elif who.can("read-own"):
+            scope = frozenset(a.strip().lower() for a in who.addresses if a.strip())
+        elif who.roles & {"admin", "appliance-admin"}:
             raise Forbidden("administrators do not read mail")
-        if who.kind == "token":
+        elif who.kind == "token":
             raise Forbidden("this token has no search scope")
-        raise Forbidden("not allowed to read mail")
+        else:
+            raise Forbidden("not allowed to read mail")
+        if export and not who.can("export"):
+            raise Forbidden("this token has no export scope" if who.kind == "token"
+                            else "this principal may not export")
+        return scope
 
     def _audited(self, who: Principal, action: str, fn, *, asked: str | None = None,
                  obj: str | None = None, terms: str | None = None, detail=None, gate=None,
