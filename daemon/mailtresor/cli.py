@@ -916,4 +916,7 @@ def _failure(e: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as mailtresor.cli, not as a second copy named __main__: command
+    # modules (cli_audit) raise mailtresor.cli.UserError, which run() catches.
+    from mailtresor import cli as _cli
+    sys.exit(_cli.main())

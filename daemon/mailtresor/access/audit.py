@@ -711,7 +711,7 @@ class AuditLog:
     def _seal_if_due(self, force: bool = False) -> int | None:
         if getattr(self._local, "sealing", False):
             return None                     # fetching the seal key appended a record: no seal inside a seal
-        if not (self._due() or (force and self._seq > self._last_seal)):
+        if not (force or self._due()):       # force: whether anything is unsealed is seen under the lock
             return None
         self._local.sealing = True
         try:
