@@ -22,6 +22,7 @@ from mailtresor.access.audit import AuditLog
 from mailtresor.keys import KeyMaterial, KeyRing
 from mailtresor.store import Keys
 from tests.conftest import REPO
+from tests.harness.stack import Stack
 
 
 def ring(seal_versions: int = 1) -> KeyRing:
@@ -516,3 +517,47 @@ def test_cli_verify_and_show(stack):
     p = mailtresor(stack, "audit", "verify")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stdout.splitlines()[0].startswith("seq 2: record altered or damaged"), p.stdout
+
+
+# --- the daemon's own records ----------------------------------------------------------
+
+def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
+    """A real daemon: its key fetches (spool, seal, tenant keys) and two
+    anomalies -- a journal report header on a message from an untrusted
+    path, and extraction cut by the budget -- are in the trail, acme's
+    in acme's view only; the trail verifies against the control
+    endpoint's seal key after a stop (which seals)."""
+    from mailtresor.keys import control_fetcher
+    from mailtresor.store import FetchingKeys
+    from tests.harness.journalgen import make_forgery
+    from tests.test_archive import wait_archived
+
+    stack = Stack(tmp_path / "stack", {"archive": {"enabled": True, "extract_max_text": 1000},
+                                       "audit": {"seal_every": 5}})
+    try:
+        stack.start()
+        forged = make_forgery(sender="insider@acme.example", to="colleague@acme.example", subject="Plan x",
+                              text="figures", attachment_name="a.txt", attachment=b"x", decoy=b"Subject: d\r\n\r\nd\r\n",
+                              recipients=[("to", "victim@globex.example", None)], top_headers=[])
+        long_text = (b"From: a@example.org\r\nTo: b@acme.example\r\nSubject: long\r\n\r\n"
+                     + b"lorem ipsum dolor sit amet " * 400 + b"\r\n")
+        with stack.smtp() as s:
+            s.sendmail("insider@acme.example", ["colleague@acme.example"], forged)
+            s.sendmail("a@example.org", ["b@acme.example"], long_text)
+        wait_archived(stack)
+        assert stack.stop_daemon() == 0
+        d = stack.cfg.audit.directory
+        keys = FetchingKeys(KeyRing(), control_fetcher(stack.cfg))
+        assert audit.verify(d, keys) == []
+        every = audit.read(d, None, tenant=audit.ALL, limit=1000)[0]
+        fetched = {(r["object"], r["result"]) for r in every if r["action"] == "key-fetch"}
+        assert {("spool", "ok"), ("tenant.acme", "ok"), ("seal", "ok")} <= fetched, fetched
+        assert all(r["principal"] == "mailtresord" for r in every)
+        acme = audit.read(d, None, tenant="acme", actions={"anomaly"}, limit=1000)[0]
+        kinds = sorted(r["detail"]["kind"] for r in acme)
+        assert kinds == ["extraction-truncated", "journal-untrusted"], acme
+        assert all(len(r["object"]) == 40 and r["detail"]["spool_id"] for r in acme)
+        assert audit.read(d, None, tenant="globex", actions={"anomaly"})[0] == []
+        assert audit.read_head(d) is not None           # sealed
+    finally:
+        stack.close()

@@ -769,3 +769,54 @@ def _write_head(directory: Path, doc: dict) -> None:
         os.close(fd)
     os.replace(tmp, directory / HEAD)
     _fsync_dir(directory)
+
+
+# --- the daemon's own records: key fetches and archive anomalies ----------------------
+
+class DaemonTrail:
+    """What the daemon itself records: every key it fetches from the
+    control endpoint (and a failure when the reason changes), and the
+    archive's anomalies (set-aside mail, untrusted journal reports,
+    truncated extraction).  Blocking (call it from a thread); a record that
+    cannot be written is logged, never a reason to stop archiving."""
+
+    PRINCIPAL = "mailtresord"
+    CLIENT = "daemon"
+
+    def __init__(self, log_: AuditLog):
+        self.log = log_
+        self._failing: dict[str, str] = {}      # key name -> the failure last recorded
+
+    def _append(self, **kw) -> None:
+        try:
+            self.log.append(principal=self.PRINCIPAL, client=self.CLIENT, **kw)
+        except (AuditError, ValueError, KeyMissing, KeyUnavailable) as e:
+            log.error("audit trail: cannot record %s %s: %s", kw.get("action"), kw.get("object"), e)
+
+    def key_fetch(self, name: str, version: int | None, error: str | None = None) -> None:
+        """A fetch of key `name` (a version, or None: the current one) and how it went."""
+        tenant = name[len("tenant."):] if name.startswith("tenant.") else None
+        if error is None:
+            self._failing.pop(name, None)
+            self._append(tenant=tenant, action="key-fetch", object=name, result="ok",
+                         detail={"version": version})
+        elif self._failing.get(name) != error:     # an outage retried every minute is one record
+            self._failing[name] = error
+            self._append(tenant=tenant, action="key-fetch", object=name, result="failed",
+                         detail={"version": version, "error": error[:300]})
+
+    def audited_fetch(self, fetch):
+        """A blocking `fetch(name, version) -> KeyMaterial` that records each fetch."""
+        def audited(name: str, version: int | None = None):
+            try:
+                material = fetch(name, version)
+            except KeyUnavailable as e:
+                self.key_fetch(name, version, str(e))
+                raise
+            self.key_fetch(name, material.version)
+            return material
+        return audited
+
+    def anomaly(self, kind: str, tenant: str | None, obj: str, detail: dict | None = None) -> None:
+        self._append(tenant=tenant, action="anomaly", object=obj, result="failed" if kind == "set-aside" else "ok",
+                     detail={"kind": kind, **(detail or {})})
