@@ -561,3 +561,56 @@ def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
         assert audit.read_head(d) is not None           # sealed
     finally:
         stack.close()
+
+
+def test_set_aside_mail_is_an_anomaly_of_the_appliance(tmp_path, keys, monkeypatch):
+    """The pipeline on a real spool and store: a message that cannot be
+    prepared is set aside after max_tries, and the trail says so."""
+    from mailtresor import archiver
+    from mailtresor.config import Tenant
+    from mailtresor.spool import Envelope, Spool
+    from mailtresor.store import Store
+
+    r = keys.ring
+    r.put(KeyMaterial("spool", 1, os.urandom(32)), current=True)
+    trail = audit.DaemonTrail(AuditLog(tmp_path / "audit", keys))
+    spool = Spool(tmp_path / "spool", r, max_tries=1, sync="fsync")
+    store = Store(tmp_path / "store")
+    pipe = archiver.Pipeline(spool, store, keys, archiver.Router([Tenant("acme", ("acme.example",))]))
+    pipe.on_anomaly = trail.anomaly
+    monkeypatch.setattr(archiver, "prepare", lambda *a, **k: 1 / 0)
+    try:
+        w = spool.open_writer(0)
+        w.write(b"Subject: poison\r\n\r\nx\r\n")
+        eid = w.commit(Envelope(source="relay", mail_from="a@x.example", rcpt_to=["b@acme.example"])).result()
+        assert pipe.run_batch().set_aside == 1
+    finally:
+        store.close()
+        spool.close()
+    (rec,) = trail.log.read(tenant=None)[0]
+    assert (rec["action"], rec["object"], rec["result"]) == ("anomaly", eid, "failed")
+    assert rec["detail"] == {"kind": "set-aside", "reason": "cannot prepare: ZeroDivisionError"}
+
+
+def test_key_fetch_records_and_an_outage_is_one_record(tmp_path, keys):
+    from mailtresor.keys import ControlUnreachable
+    trail = audit.DaemonTrail(AuditLog(tmp_path, keys))
+    answers = [ControlUnreachable("control endpoint down"), ControlUnreachable("control endpoint down"),
+               KeyMaterial("tenant.acme", 3, os.urandom(32))]
+
+    def fetch(name, version=None):
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    f = trail.audited_fetch(fetch)
+    for _ in range(2):
+        with pytest.raises(ControlUnreachable):
+            f("tenant.acme")
+    assert f("tenant.acme").version == 3
+    trail.key_fetch("spool", 2)                       # the daemon's KeyFetcher, on the reactor's side
+    recs = trail.log.read(tenant=audit.ALL)[0]
+    assert [(r["tenant"], r["object"], r["result"], r["detail"].get("version")) for r in recs] == [
+        ("acme", "tenant.acme", "failed", None), ("acme", "tenant.acme", "ok", 3), (None, "spool", "ok", 2)]
+    assert "KeyMaterial" not in json.dumps(recs) and recs[0]["detail"]["error"] == "control endpoint down"
