@@ -623,3 +623,12 @@ def test_key_fetch_records_and_an_outage_is_one_record(tmp_path, keys):
     assert [(r["tenant"], r["object"], r["result"], r["detail"].get("version")) for r in recs] == [
         ("acme", "tenant.acme", "failed", None), ("acme", "tenant.acme", "ok", 3), (None, "spool", "ok", 2)]
     assert "KeyMaterial" not in json.dumps(recs) and recs[0]["detail"]["error"] == "control endpoint down"
+
+
+def test_a_trail_whose_files_were_removed_is_not_begun_again(tmp_path, keys):
+    sealed_log(tmp_path, keys)
+    for _, p in audit.segments(tmp_path):
+        p.unlink()
+    with pytest.raises(audit.AuditError, match="files in .* are gone .*seq 13"):
+        AuditLog(tmp_path, keys)
+    assert audit.segments(tmp_path) == []

@@ -564,6 +564,15 @@ class AuditLog:
         anomaly record of a cut, to be written first."""
         segs = segments(self.directory)
         if not segs:
+            # A new trail -- unless there was one: never begin again at seq 1
+            # over a trail whose files were removed.
+            head = None
+            with contextlib.suppress(Malformed):
+                head = read_head(self.directory)
+            if self._seq or head is not None:
+                raise AuditError(f"the audit trail's files in {self.directory} are gone (it had records up to "
+                                 f"seq {max(self._seq, head['seal_seq'] if head else 0)}); "
+                                 "run `mailtresor audit verify`")
             self._open_segment(1, create=True)
             self._seq, self._hash, self._us, self._last_seal, self._last_type = 0, GENESIS, 0, 0, ""
             return None
@@ -726,15 +735,21 @@ class AuditLog:
         finally:
             self._local.sealing = False
         self.seal_problem = ""
-        with self._io:
-            if self.closed:
-                return None
-            with self._exclusive():
-                cut = self._sync()
-                if self._seq == self._last_seal and cut is None:
+        try:
+            with self._io:
+                if self.closed:
                     return None
-                self._write_locked([cut] if cut else [], seal={"seed": seed})
-                return self._seq
+                with self._exclusive():
+                    cut = self._sync()
+                    if self._seq == self._last_seal and cut is None:
+                        return None
+                    self._write_locked([cut] if cut else [], seal={"seed": seed})
+                    return self._seq
+        except (AuditError, OSError) as e:
+            # The records it was to cover are on disk already; the next seal covers them.
+            self.seal_problem = str(e)
+            log.error("audit log: cannot seal: %s", e)
+            return None
 
 
 def _seal_doc(seed: bytes, seq: int, prev: str, when: str) -> dict:
