@@ -554,8 +554,13 @@ def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
             s.sendmail("insider@acme.example", ["colleague@acme.example"], forged)
             s.sendmail("a@example.org", ["b@acme.example"], long_text)
         wait_archived(stack)
+        live = json.loads(mailtresor(stack, "status", "--json").stdout)["audit"]["daemon"]
+        assert live["seq"] >= 1 and live["unsealed"] >= 0 and live["seal_problem"] == ""      # as last published
+        assert "audit:    up to seq " in mailtresor(stack, "status").stdout
         assert stack.stop_daemon() == 0
         d = stack.cfg.audit.directory
+        st = json.loads(mailtresor(stack, "status", "--json").stdout)["audit"]
+        assert st["last_seal"] == audit.read_head(d)["seal_seq"] and "daemon" not in st
         keys = FetchingKeys(KeyRing(), control_fetcher(stack.cfg))
         assert audit.verify(d, keys) == []
         every = audit.read(d, None, tenant=audit.ALL, limit=1000)[0]
