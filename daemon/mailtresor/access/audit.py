@@ -498,6 +498,8 @@ class AuditLog:
                 with self._mu:
                     batch, self._queue = self._queue, []
                 try:
+                    if self.closed:
+                        raise AuditError("the audit log is closed")
                     with self._exclusive():
                         cut = self._sync()
                         self._write_locked(([cut] if cut else []) + batch)
