@@ -66,7 +66,7 @@ def verify_password(stored_hash: str, password: str) -> bool:
     count the calls)."""
     try:
         return _hasher.verify(stored_hash, password)
-    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
         return False
 
 
