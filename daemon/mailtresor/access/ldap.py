@@ -112,7 +112,7 @@ class Directory:
     def _connect(self, user: str | None, password: str | None) -> ldap3.Connection:
         conn = ldap3.Connection(self.server, user=user, password=password,
                                 authentication=ldap3.SIMPLE if user else ldap3.ANONYMOUS,
-                                receive_timeout=self.cfg.timeout, raise_exceptions=False,
+                                receive_timeout=max(1, int(self.cfg.timeout)), raise_exceptions=False,
                                 read_only=True, auto_referrals=False)
         conn.open()
         if self.cfg.start_tls:
