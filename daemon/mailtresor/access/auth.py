@@ -135,3 +135,15 @@ class Authenticator:
             raise LoginFailed()
         return Principal(kind="token", name=t.id, tenant=t.tenant, roles=frozenset(), scopes=t.scopes,
                          client=client)
+
+
+def open_databases(cfg, fetch) -> tuple["usersmod.UserDB", "TokenDB"]:
+    """users.db and tokens.db in [access] directory, under the key derived
+    from the control key "access"; `fetch(name, version)` -> KeyMaterial
+    (keys.control_fetcher(cfg) in the CLI, the daemon's fetcher there)."""
+    from .. import config as configmod
+    from .sealed import ACCESS_KEY_NAME, ACCESS_KEY_VERSION, file_key
+    from .tokens import TokenDB
+    key = file_key(fetch(ACCESS_KEY_NAME, ACCESS_KEY_VERSION).key)
+    d = configmod.access_directory(cfg)
+    return usersmod.UserDB(d / "users.db", key), TokenDB(d / "tokens.db", key)
