@@ -163,3 +163,15 @@ def test_group_dns_compared_case_and_space_insensitively(tmp_path, slapd):
                       UserDB(tmp_path / "u.db", KEY), TokenDB(tmp_path / "t.db", KEY))
     assert login(a, "carol", slapd.users["carol"]).roles == {"user", "auditor"}
     assert user_dn("carol")
+
+
+def test_directory_outage_is_not_counted_against_the_user(tmp_path, slapd):
+    """A wrong CA (or a dead directory) fails the login but throttles nobody."""
+    cfg = make_cfg(tmp_path, {"throttle_failures": 2},
+                   [{"name": "acme", "domains": ["acme.example"],
+                     "ldap": slapd.ldap_config(ca_file=str(slapd.other_ca_file))}])
+    a = Authenticator(cfg, UserDB(tmp_path / "u.db", KEY), TokenDB(tmp_path / "t.db", KEY))
+    for _ in range(4):
+        with pytest.raises(LoginFailed) as e:
+            login(a, "alice", slapd.users["alice"])
+        assert e.value.unavailable and str(e.value) == authmod.GENERIC

@@ -25,6 +25,7 @@ from .sessions import Throttle, Throttled  # noqa: F401  (Throttled is part of t
 log = logging.getLogger("mailtresor.access.auth")
 
 GENERIC = "wrong user name, password or code"
+MAX_NAME = 256
 
 
 class LoginFailed(Exception):
@@ -32,9 +33,12 @@ class LoginFailed(Exception):
     `needs_totp` is True only when the password was right and the second
     factor is missing."""
 
-    def __init__(self, needs_totp: bool = False):
+    def __init__(self, needs_totp: bool = False, *, unavailable: bool = False):
         super().__init__(GENERIC)
         self.needs_totp = needs_totp
+        # The tenant's directory could not answer (logged with the reason):
+        # not the user's fault, so not counted against them.
+        self.unavailable = unavailable
         self.reason = GENERIC
 
 
@@ -73,6 +77,8 @@ class Authenticator:
         """A Principal for a right user name, password (and code); else
         LoginFailed, or Throttled when this name or address must wait."""
         name = username if isinstance(username, str) else ""
+        if len(name) > MAX_NAME:
+            name = name[:MAX_NAME] + "\x00"      # no user has it; bounds the throttle key
         password = password if isinstance(password, str) else ""
         # Throttle keys: the name case-folded (so "Alice" and "alice" count
         # together), and the client address.
@@ -82,7 +88,7 @@ class Authenticator:
         try:
             p = self._login(tenant, name, password, totp, client)
         except LoginFailed as e:
-            if not e.needs_totp:           # a right password without its code is no guess
+            if not (e.needs_totp or e.unavailable):   # a right password without its code is no guess
                 self.throttle.failure(keys)
             raise
         self.throttle.success((user_key,))
@@ -121,7 +127,7 @@ class Authenticator:
             found = d.authenticate(name, password)
         except DirectoryUnavailable as e:
             log.warning("login to tenant %s: %s", tenant, e)
-            raise LoginFailed() from None
+            raise LoginFailed(unavailable=True) from None
         if found is None:
             raise LoginFailed()
         return Principal(kind="user", name=name, tenant=tenant, roles=found.roles,
