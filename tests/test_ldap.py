@@ -175,3 +175,13 @@ def test_directory_outage_is_not_counted_against_the_user(tmp_path, slapd):
         with pytest.raises(LoginFailed) as e:
             login(a, "alice", slapd.users["alice"])
         assert e.value.unavailable and str(e.value) == authmod.GENERIC
+
+
+def test_start_tls(tmp_path, slapd):
+    a = Authenticator(ldap_cfg(tmp_path, slapd, url=slapd.plain_url, start_tls=True),
+                      UserDB(tmp_path / "u.db", KEY), TokenDB(tmp_path / "t.db", KEY))
+    assert login(a, "bob", slapd.users["bob"]).roles == {"user", "admin"}
+    bad = Directory(ldap_cfg(tmp_path, slapd, url=slapd.plain_url, start_tls=True,
+                             ca_file=str(slapd.other_ca_file)).tenant[0].ldap, tenant="acme")
+    with pytest.raises(DirectoryUnavailable):
+        bad.authenticate("bob", slapd.users["bob"])

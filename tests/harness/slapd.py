@@ -116,6 +116,8 @@ class Slapd:
             self.dir = self._owned_dir = Path(tempfile.mkdtemp(prefix="mailtresor-slapd-"))
         self.port = free_port()
         self.url = f"ldaps://127.0.0.1:{self.port}"
+        self.plain_port = free_port()
+        self.plain_url = f"ldap://127.0.0.1:{self.plain_port}"      # for StartTLS
         self.base = BASE
         self.users = {n: u[0] for n, u in users.items()}
         self.proc: subprocess.Popen | None = None
@@ -166,7 +168,7 @@ access to *
 
     def start(self) -> "Slapd":
         # -d 0: stay in the foreground (the test owns the process), log nothing.
-        argv = [SLAPD, "-f", str(self.conf), "-h", f"{self.url}/", "-d", "0"]
+        argv = [SLAPD, "-f", str(self.conf), "-h", f"{self.url}/ {self.plain_url}/", "-d", "0"]
         if self._run_as is not None:
             # As root (CI), slapd drops to Debian's openldap user once its port is bound.
             pw = self._run_as
@@ -178,6 +180,7 @@ access to *
         self.proc = subprocess.Popen(argv,
                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "slapd.log", "wb"))
         wait_port("127.0.0.1", self.port, timeout=20, proc=self.proc)
+        wait_port("127.0.0.1", self.plain_port, timeout=20, proc=self.proc)
         return self
 
     def stop(self) -> None:
