@@ -10,7 +10,7 @@ import pytest
 
 from mailtresor import config as configmod
 from mailtresor.access.auth import Authenticator, LoginFailed, open_databases
-from mailtresor.keys import control_fetcher
+from mailtresor.keys.ring import control_fetcher
 from tests.conftest import REPO
 
 
@@ -21,7 +21,7 @@ def control(stack):
 
 
 def mt(stack, *args, stdin=None, check=None):
-    p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args],
+    p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(stack.config_path), *args],
                        cwd=REPO, capture_output=True, text=True, timeout=120, input=stdin)
     if check is not None:
         assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
@@ -103,7 +103,7 @@ def test_password_never_on_the_command_line(control):
 
 
 def test_no_access_key_at_the_control_endpoint(stack):
-    from mailtresor.control import KeyStore, read_master_secret
+    from mailtresor.control.server import KeyStore, read_master_secret
     cs = stack.cfg.control_server
     store = KeyStore(cs.keystore, read_master_secret(cs.master_key))
     def drop(data):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 # Defined in the package, where the CLI's --help finds them without this module.
-from . import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH, RUNTIME_DIRECTORY
+from mailtresor import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH, RUNTIME_DIRECTORY
 
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,55}$")   # "tenant." + this is a key name
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")

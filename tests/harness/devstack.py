@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from mailtresor import config as configmod
-from mailtresor.control import AuditLog, KeyStore, read_master_secret
-from mailtresor.pki import dev_pki
+from mailtresor.control.server import AuditLog, KeyStore, read_master_secret
+from mailtresor.keys.pki import dev_pki
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -4,7 +4,7 @@
         ldap.url, ldap.ca_file, ldap.base, ldap.users["alice"]
 
 Its own slapd.conf and mdb database in a temporary directory, a certificate
-from a CA made for it (mailtresor.pki), data loaded with slapadd before it
+from a CA made for it (mailtresor.keys.pki), data loaded with slapadd before it
 starts, and a tiny schema for Exchange's proxyAddresses.  Groups are
 groupOfNames; the login code finds a user's groups with (member=<DN>).
 """
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailtresor.pki import CA
+from mailtresor.keys.pki import CA
 
 from .devstack import wait_port
 from .stack import free_port

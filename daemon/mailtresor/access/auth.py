@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import time
 
-from . import users as usersmod
-from .principal import Principal
-from .sessions import Throttle, Throttled  # noqa: F401  (Throttled is part of this module's API)
+from mailtresor.access import users as usersmod
+from mailtresor.access.principal import Principal
+from mailtresor.access.sessions import Throttle, Throttled  # noqa: F401  (Throttled is part of this module's API)
 
 log = logging.getLogger("mailtresor.access.auth")
 
@@ -68,7 +68,7 @@ class Authenticator:
             t = self._tenants.get(tenant)
             if t is None or t.ldap is None:
                 return None
-            from .ldap import Directory
+            from mailtresor.access.ldap import Directory
             d = self._dirs[tenant] = Directory(t.ldap, tenant=tenant)
         return d
 
@@ -122,7 +122,7 @@ class Authenticator:
                          addresses=user.addresses, client=client)
 
     def _ldap_login(self, d, tenant, name, password, client) -> Principal:
-        from .ldap import DirectoryUnavailable
+        from mailtresor.access.ldap import DirectoryUnavailable
         try:
             found = d.authenticate(name, password)
         except DirectoryUnavailable as e:
@@ -147,9 +147,9 @@ def open_databases(cfg, fetch) -> tuple["usersmod.UserDB", "TokenDB"]:
     """users.db and tokens.db in [access] directory, under the key derived
     from the control key "access"; `fetch(name, version)` -> KeyMaterial
     (keys.control_fetcher(cfg) in the CLI, the daemon's fetcher there)."""
-    from .. import config as configmod
-    from .sealed import ACCESS_KEY_NAME, ACCESS_KEY_VERSION, file_key
-    from .tokens import TokenDB
+    from mailtresor import config as configmod
+    from mailtresor.access.sealed import ACCESS_KEY_NAME, ACCESS_KEY_VERSION, file_key
+    from mailtresor.access.tokens import TokenDB
     key = file_key(fetch(ACCESS_KEY_NAME, ACCESS_KEY_VERSION).key)
     d = configmod.access_directory(cfg)
     return usersmod.UserDB(d / "users.db", key), TokenDB(d / "tokens.db", key)

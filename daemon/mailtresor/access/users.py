@@ -19,8 +19,8 @@ from pathlib import Path
 import argon2
 import pyotp
 
-from .principal import ROLES
-from .sealed import SealedFile, StoreError  # noqa: F401  (StoreError is part of this module's API)
+from mailtresor.access.principal import ROLES
+from mailtresor.access.sealed import SealedFile, StoreError  # noqa: F401  (StoreError is part of this module's API)
 
 _AAD = b"mailtresor access users v1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")

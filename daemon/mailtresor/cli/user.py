@@ -20,8 +20,8 @@ EXIT_FAIL = 1
 
 class UserError(Exception):
     """A problem the administrator can fix: one line, exit status 1.
-    (Our own class, caught by `_command`: under `python -m mailtresor.cli`
-    the CLI's module is __main__, whose UserError is not mailtresor.cli's.)"""
+    (Our own class, caught by `_command`: under `python -m mailtresor.cli.main`
+    the CLI's module is __main__, whose UserError is not mailtresor.cli.main's.)"""
 
 
 def _command(fn):
@@ -113,8 +113,8 @@ def _tenant_of(cfg, args) -> str | None:
 
 
 def _databases(cfg):
-    from .access.auth import open_databases
-    from .keys import KeyRefused, control_fetcher
+    from mailtresor.access.auth import open_databases
+    from mailtresor.keys.ring import KeyRefused, control_fetcher
     try:
         return open_databases(cfg, control_fetcher(cfg))
     except KeyRefused as e:
@@ -125,9 +125,9 @@ def _databases(cfg):
 
 
 def _errors():
-    from .access.sealed import StoreError
-    from .access.tokens import TokenError
-    from .access.users import UserError as DBUserError
+    from mailtresor.access.sealed import StoreError
+    from mailtresor.access.tokens import TokenError
+    from mailtresor.access.users import UserError as DBUserError
     return StoreError, TokenError, DBUserError
 
 
@@ -167,7 +167,7 @@ def cmd_user_add(cfg, args) -> int:
         raise UserError("give the user a role: --role user, --role auditor or --role admin")
     if "user" in roles and not args.addresses:
         raise UserError("a user with the role user reads the mail of their addresses: give --address")
-    from .access.users import check_addresses, check_name, check_roles
+    from mailtresor.access.users import check_addresses, check_name, check_roles
     _run(lambda: (check_name(args.name), check_roles(tenant, roles), check_addresses(args.addresses)))
     password = _read_password(args)
     users, _ = _databases(cfg)
