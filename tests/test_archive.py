@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from mailtresor.keys import KeyRing
-from mailtresor.store import Keys, RecordCorrupt, Store, open_record
+from mailtresor.keys.ring import KeyRing
+from mailtresor.archive.store import Keys, RecordCorrupt, Store, open_record
 from tests.conftest import REPO, corpus_files, corpus_message
 from tests.harness.stack import Stack
 
@@ -26,7 +26,7 @@ def msg(subject: str, frm="alice@globex.example", to="bob@acme.example", body="H
 
 
 def cli(stack, *args, check=None, stdin=None):
-    p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args],
+    p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(stack.config_path), *args],
                        cwd=REPO, capture_output=True, timeout=600, input=stdin)
     if check is not None:
         assert p.returncode == check, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
@@ -68,7 +68,7 @@ def arch(tmp_path):
 
 def keys_of(stack) -> Keys:
     ring = KeyRing()
-    from mailtresor.archiver import FetchingKeys, control_fetcher
+    from mailtresor.archive.archiver import FetchingKeys, control_fetcher
     return FetchingKeys(ring, control_fetcher(stack.cfg))
 
 
@@ -206,7 +206,7 @@ def test_cli_user_errors(arch):
         edited = arch.config_path.with_name("edited.toml")
         edited.write_text(text.replace(key_file, str(bad)))
         for args in (("verify",), ("verify", "--tenant", "acme")):
-            p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(edited), *args],
+            p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(edited), *args],
                                cwd=REPO, capture_output=True, timeout=120)
             assert p.returncode == 1 and b"Traceback" not in p.stderr, (args, p.stderr)
             assert b"[control] " in p.stderr and needle in p.stderr and str(bad).encode() in p.stderr, p.stderr
@@ -259,7 +259,7 @@ def _rewrite_index_data(index_dir, change) -> list[str]:
     """Apply change(aid, listing, docs) -> new data to every document; the ids."""
     import xapian
 
-    from mailtresor.index import split_data
+    from mailtresor.archive.index import split_data
     db = xapian.WritableDatabase(str(index_dir), xapian.DB_OPEN)
     try:
         docs = [(p.docid, db.get_document(p.docid)) for p in db.postlist("")]

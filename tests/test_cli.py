@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 
 def mailtresor(stack, *args, check=None):
-    p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args],
+    p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(stack.config_path), *args],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     if check is not None:
         assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
@@ -59,7 +59,7 @@ def test_status_when_stopped_exits_3(stack):
 def test_bad_config_is_named_without_traceback(tmp_path):
     bad = tmp_path / "m.toml"
     bad.write_text("[appliance]\nname = 3\n")
-    p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(bad), "status"],
+    p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(bad), "status"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert str(bad) in p.stderr and "Traceback" not in p.stderr

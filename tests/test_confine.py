@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import confine, parse, parseworker
+from mailtresor.archive import confine, parse, parseworker
 from tests.harness import hostile
 
 pytestmark = pytest.mark.skipif(confine.landlock_abi() < 6 or not confine.seccomp_available(),
@@ -37,7 +37,7 @@ ATTACK = r"""
 import ctypes, json, os, socket, sys
 args = json.loads(sys.argv[1])
 if args["confine"]:
-    from mailtresor import parseworker
+    from mailtresor.archive import parseworker
     parseworker.setup([])
 res = {}
 for name, path in args["files"].items():
@@ -70,7 +70,7 @@ def trace_parent():
 for name, fn in [("unix", unix), ("abstract", abstract), ("tcp", tcp), ("environ", environ),
                  ("signal", signal_parent), ("ptrace", trace_parent)]:
     attempt(name, fn)
-from mailtresor import parse
+from mailtresor.archive import parse
 res["parse"] = parse.parse_message(args["message"].encode()).attachments[0].text
 print(json.dumps(res))
 """
@@ -279,7 +279,7 @@ def test_the_packaged_unit_lets_parsers_confine_themselves():
 def test_without_landlock_the_child_goes_on_and_says_so():
     """An old kernel: the child parses on, seccomp still applied, and says
     on stderr (the daemon's journal) what it lacks."""
-    code = ("from mailtresor import confine, parseworker, parse\n"
+    code = ("from mailtresor.archive import confine, parseworker, parse\n"
             "confine.landlock_abi = lambda: 0\n"
             "parseworker.setup([])\n"
             "import socket\n"
@@ -297,7 +297,7 @@ def test_the_daemon_logs_missing_confinement_once(monkeypatch, caplog):
     monkeypatch.setattr(confine, "probe", lambda: ["Landlock (file system confinement)"])
     pool = parseworker.ParserPool(2)
     try:
-        with caplog.at_level("ERROR", logger="mailtresor.parseworker"):
+        with caplog.at_level("ERROR", logger="mailtresor.archive.parseworker"):
             for word in ("one", "two"):
                 assert word in parseworker.wait(pool.submit(hostile.ordinary(word)), 60)["parsed"].body_text
         errors = [r for r in caplog.records if "WITHOUT Landlock" in r.getMessage()]
@@ -349,7 +349,7 @@ for name in allowed:
     except Exception:
         pass                                               # a name this libseccomp does not know
 f.load()
-from mailtresor import confine, parse, parseworker
+from mailtresor.archive import confine, parse, parseworker
 missing = confine.confine()
 print(json.dumps({"missing": missing, "text": parse.parse_message(message.encode()).attachments[0].text}))
 """

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import crypto
-from mailtresor.control import (AuditLog, ConnectionGuard, ControlError, KeyStore, parse_key_path,
+from mailtresor.keys import crypto
+from mailtresor.control.server import (AuditLog, ConnectionGuard, ControlError, KeyStore, parse_key_path,
                                 read_master_secret)
-from mailtresor.keys import KeyRefused, fetch_blocking
-from mailtresor.pki import CA
+from mailtresor.keys.ring import KeyRefused, fetch_blocking
+from mailtresor.keys.pki import CA
 from tests.harness import devstack
 from tests.harness.stack import Stack
 

@@ -132,10 +132,10 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
     import time
     from pathlib import Path
 
-    from mailtresor.archiver import FetchingKeys, control_fetcher
-    from mailtresor.keys import KeyRing
-    from mailtresor.parse import parse_message
-    from mailtresor.store import Store
+    from mailtresor.archive.archiver import FetchingKeys, control_fetcher
+    from mailtresor.keys.ring import KeyRing
+    from mailtresor.archive.parse import parse_message
+    from mailtresor.archive.store import Store
     from tests.conftest import REPO
     from tests.test_milter import MilterRig
 

@@ -210,9 +210,9 @@ def test_kill_9_during_archiving_keeps_every_message_exactly_once(tmp_path):
         assert st.stop_daemon() == 0
         assert kills >= KILLS // 2, f"only {kills} kills before the spool drained"
 
-        from mailtresor.archiver import FetchingKeys, control_fetcher
-        from mailtresor.keys import KeyRing
-        from mailtresor.store import Store
+        from mailtresor.archive.archiver import FetchingKeys, control_fetcher
+        from mailtresor.keys.ring import KeyRing
+        from mailtresor.archive.store import Store
         keys = FetchingKeys(KeyRing(), control_fetcher(st.cfg))
         store = Store(st.cfg.archive.directory, readonly=True)
         try:
@@ -228,7 +228,7 @@ def test_kill_9_during_archiving_keeps_every_message_exactly_once(tmp_path):
                     assert raw in acked.values()
         finally:
             store.close()
-        p = subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(st.config_path), "verify"],
+        p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(st.config_path), "verify"],
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
         print(f"\n{kills} kills while archiving {len(acked)} messages for 2 tenants: all there once")

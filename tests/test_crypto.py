@@ -1,6 +1,6 @@
 import os
 
-from mailtresor import crypto
+from mailtresor.keys import crypto
 
 
 def test_hkdf_matches_cryptography_and_rfc5869():

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import index
-from mailtresor.archiver import Pipeline, Router
+from mailtresor.archive import index
+from mailtresor.archive.archiver import Pipeline, Router
 from mailtresor.config import Tenant
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.spool import Envelope, Spool
-from mailtresor.store import BackupDirectory, Keys, Store, restore, verify_shard
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.ingest.spool import Envelope, Spool
+from mailtresor.archive.store import BackupDirectory, Keys, Store, restore, verify_shard
 from tests.conftest import REPO
 from tests.harness.stack import Stack
 
@@ -353,7 +353,7 @@ def test_storage_fault_reads_oserror_lmdb_and_xapian():
     import lmdb
     import xapian
 
-    from mailtresor.store import storage_fault
+    from mailtresor.archive.store import storage_fault
     assert storage_fault(OSError(errno.ENOSPC, "x")) == ("file system full", os.strerror(errno.ENOSPC))
     assert storage_fault(OSError(errno.EDQUOT, "x"))[0] == "quota exceeded"
     assert storage_fault(OSError(errno.EROFS, "x"))[0] == "file system read-only"
@@ -379,7 +379,7 @@ def test_storage_fault_reads_oserror_lmdb_and_xapian():
 # --- requeue ---------------------------------------------------------------------------
 
 def test_requeue_puts_back_resets_tries_and_names_unknown_ids(tmp_path):
-    from mailtresor.spool import NotSetAside
+    from mailtresor.ingest.spool import NotSetAside
     ring = ring_for("acme")
     spool = Spool(tmp_path / "spool", ring, max_tries=2, sync="fsync")
     try:
@@ -403,7 +403,7 @@ def test_requeue_puts_back_resets_tries_and_names_unknown_ids(tmp_path):
 
 
 def _cli(stack, *args, umask: int | None = None):
-    return subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args],
+    return subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(stack.config_path), *args],
                           cwd=REPO, capture_output=True, timeout=300,
                           preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 

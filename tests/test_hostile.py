@@ -41,7 +41,7 @@ def _rss_kib(pid: int) -> int:
 
 def _is_parser(pid: int) -> bool:
     try:
-        return b"mailtresor.parseworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"mailtresor.archive.parseworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -24,8 +24,8 @@ from tests.harness.stack import Stack
 
 # Never imported by a search, a status or --help.
 NOT_FOR_THE_CLI = {
-    "mailtresor.archiver", "mailtresor.parse", "mailtresor.journal", "mailtresor.spool", "mailtresor.relay",
-    "mailtresor.service", "mailtresor.control", "mailtresor.pki", "mailtresor.tsa", "mailtresor.replies",
+    "mailtresor.archive.archiver", "mailtresor.archive.parse", "mailtresor.archive.journal", "mailtresor.ingest.spool", "mailtresor.ingest.relay",
+    "mailtresor.service", "mailtresor.control.server", "mailtresor.keys.pki", "mailtresor.archive.tsa", "mailtresor.ingest.replies",
     "mailtresor_milter", "twisted", "zope.interface", "OpenSSL", "email.policy", "email.headerregistry",
     "email.generator", "html.parser", "zipfile", "mailbox", "logging", "zstandard", "shutil",
 }
@@ -35,7 +35,7 @@ CRYPTOGRAPHY_BACKEND = {"cryptography.x509", "cryptography.hazmat.backends.opens
                         "cryptography.hazmat.primitives.ciphers.aead"}
 # Only search, show, verify and friends need these; status without an
 # archive and --help do not.
-ARCHIVE_ONLY = {"mailtresor.store", "mailtresor.index", "mailtresor.keys", "mailtresor.crypto", "xapian", "lmdb",
+ARCHIVE_ONLY = {"mailtresor.archive.store", "mailtresor.archive.index", "mailtresor.keys.ring", "mailtresor.keys.crypto", "xapian", "lmdb",
                 "cryptography", "ssl", "http.client"}
 
 
@@ -56,7 +56,7 @@ def unwanted(names: set[str], prefixes: set[str]) -> list[str]:
 
 
 def cli(stack, *args) -> list[str]:
-    return [sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args]
+    return [sys.executable, "-m", "mailtresor", "--config", str(stack.config_path), *args]
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_search_imports_only_what_it_needs(archive):
     rows = json.loads(p.stdout)["results"]
     # The hits' metadata was decrypted: the tenant key came over mTLS.
     assert sorted(r["subject"] for r in rows) == ["invoice 0", "invoice 1", "invoice 2"]
-    assert {"mailtresor.store", "mailtresor.index", "mailtresor.keys", "http.client"} <= names
+    assert {"mailtresor.archive.store", "mailtresor.archive.index", "mailtresor.keys.ring", "http.client"} <= names
     bad = unwanted(names, NOT_FOR_THE_CLI)
     assert not bad, f"mailtresor search imported {bad} (a new top-level import?)"
 
@@ -118,5 +118,5 @@ def test_status_of_an_archive_imports_no_key_client(archive):
     # TLS, no email package.
     p, names = imported(cli(archive, "status"))
     assert p.returncode == 3 and "shard:    acme/2002-08: 3 records" in p.stdout, p.stdout + p.stderr[-2000:]
-    bad = unwanted(names, NOT_FOR_THE_CLI | CRYPTOGRAPHY_BACKEND | {"mailtresor.keys", "ssl", "http.client", "email"})
+    bad = unwanted(names, NOT_FOR_THE_CLI | CRYPTOGRAPHY_BACKEND | {"mailtresor.keys.ring", "ssl", "http.client", "email"})
     assert not bad, f"mailtresor status imported {bad} (a new top-level import?)"

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import xapian
 
-from mailtresor import index
-from mailtresor.index import (PREFIXES, SLOT_DATE, SLOT_SIZE, Hit, IndexLocked, QueryError,
+from mailtresor.archive import index
+from mailtresor.archive.index import (PREFIXES, SLOT_DATE, SLOT_SIZE, Hit, IndexLocked, QueryError,
                               ShardIndex, ids, indexed_seq, parse_query, query_date_bounds,
                               search)
 from tests.conftest import corpus_files, corpus_message
 
 try:
-    from mailtresor.parse import Attachment, Parsed
+    from mailtresor.archive.parse import Attachment, Parsed
 except ImportError:  # parse.py not there yet: the contract's shape
     @dataclass
     class Attachment:
@@ -728,7 +728,7 @@ def _stdlib_parse(raw: bytes) -> Parsed:
 
 def _parser():
     try:
-        from mailtresor.parse import parse_message
+        from mailtresor.archive.parse import parse_message
         return parse_message
     except ImportError:
         return _stdlib_parse
@@ -792,7 +792,7 @@ def test_bare_address_shortcut_agrees_with_getaddresses():
     """_split_addresses() skips email.utils.getaddresses() for a bare
     address; for every address parse.py finds in the corpus, and for the
     odd shapes below, that must give what getaddresses() gives."""
-    from mailtresor.parse import parse_message
+    from mailtresor.archive.parse import parse_message
     addrs = set()
     for f in corpus_files():
         p = parse_message(corpus_message(f))

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from mailtresor.journal import (JournalError, JournalRecipient, is_journal_report, merge_recipients,
+from mailtresor.archive.journal import (JournalError, JournalRecipient, is_journal_report, merge_recipients,
                                 unwrap)
 from tests.conftest import corpus_files, corpus_message
 from tests.harness.journalgen import make_report, original_fields
@@ -365,19 +365,19 @@ def _report(*top: bytes, original: bytes = SIMPLE) -> bytes:
      "not the connector's organisation"),
 ])
 def test_untrusted_reason(journaling, top, why):
-    from mailtresor.journal import untrusted_reason
+    from mailtresor.archive.journal import untrusted_reason
     got = untrusted_reason(_report(*top), journaling)
     assert got == why if why is None else why in got
 
 
 def test_a_tenant_id_inside_the_attached_message_does_not_count():
-    from mailtresor.journal import untrusted_reason
+    from mailtresor.archive.journal import untrusted_reason
     inner = f"X-MS-Exchange-CrossTenant-Id: {TENANT_ID}\r\n".encode() + SIMPLE
     assert "no X-MS-Exchange-CrossTenant-Id" in untrusted_reason(_report(original=inner), {"tenant_id": TENANT_ID})
 
 
 def test_digest_unwraps_only_with_the_relays_word():
-    from mailtresor.parseworker import digest
+    from mailtresor.archive.parseworker import digest
     raw = _report()
     trusted = digest(raw, {"tenant_id": ""})
     assert trusted["original"] == SIMPLE and trusted["journal_untrusted"] is None
@@ -392,9 +392,9 @@ def test_digest_unwraps_only_with_the_relays_word():
 
 
 def test_routing_follows_authority_not_addresses():
-    from mailtresor.archiver import Router
+    from mailtresor.archive.archiver import Router
     from mailtresor.config import Tenant
-    from mailtresor.spool import Envelope
+    from mailtresor.ingest.spool import Envelope
     r = Router([Tenant("acme", ("acme.example",)), Tenant("globex", ("globex.example",))])
     # Bound: that tenant only, whatever the envelope names.
     assert r.tenants(Envelope("relay", "x@globex.example", ["y@globex.example"], tenant="acme")) == ["acme"]
@@ -413,9 +413,9 @@ def test_routing_follows_authority_not_addresses():
 def test_prepare_refuses_an_unwrapped_digest_for_an_untrusted_entry():
     """A parser process answers from hostile input: it cannot make the
     archiver store an attached message instead of what was received."""
-    from mailtresor.archiver import Router, prepare
-    from mailtresor.parseworker import digest
-    from mailtresor.spool import Envelope, SpoolEntry
+    from mailtresor.archive.archiver import Router, prepare
+    from mailtresor.archive.parseworker import digest
+    from mailtresor.ingest.spool import Envelope, SpoolEntry
     raw = _report()
     lying = digest(raw, {"tenant_id": ""})
     entry = SpoolEntry("01ARZ3NDEKTSV4RRFFQ69G5FAV", Envelope("milter", "a@acme.example", ["b@acme.example"]),

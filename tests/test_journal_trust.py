@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from mailtresor.store import Store
+from mailtresor.archive.store import Store
 from tests.harness.journalgen import make_forgery, make_report, xlsx
 from tests.harness.stack import Stack
 from tests.test_archive import cli, keys_of, search, wait_archived

@@ -338,7 +338,7 @@ _MDWE_PROBE = textwrap.dedent("""
         print("FILTER-INACTIVE"); sys.exit(0)
     except OSError:
         pass
-    from mailtresor.relay import ServerTLS
+    from mailtresor.ingest.relay import ServerTLS
     try:
         ServerTLS(sys.argv[1], sys.argv[2], sys.argv[3])  # client_ca_file -> set_verify(callback)
     except MemoryError as e:
@@ -352,7 +352,7 @@ def test_memory_deny_write_execute(tmp_path, daemon_unit, control_unit):
     callback -> cffi ffi.callback) under MemoryDenyWriteExecute's rules.
     Debian 12's cffi needs write+execute memory for it, so neither unit may
     set MemoryDenyWriteExecute=yes; should that change, the test says so."""
-    from mailtresor.pki import dev_pki
+    from mailtresor.keys.pki import dev_pki
 
     pki = dev_pki(tmp_path / "pki", connectors=(), outsider=False)
     probe = tmp_path / "probe.py"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import parse
-from mailtresor.parse import Attachment, Parsed, parse_message
+from mailtresor.archive import parse
+from mailtresor.archive.parse import Attachment, Parsed, parse_message
 from tests.conftest import corpus_files, corpus_message
 from tests.harness import hostile
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from mailtresor import parseworker
-from mailtresor.archiver import Pipeline, Router
+from mailtresor.archive import parseworker
+from mailtresor.archive.archiver import Pipeline, Router
 from mailtresor.config import Tenant
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.parseworker import ParserDied, ParserPool, digest
-from mailtresor.spool import Envelope, Spool
-from mailtresor.store import Keys, Store
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.archive.parseworker import ParserDied, ParserPool, digest
+from mailtresor.ingest.spool import Envelope, Spool
+from mailtresor.archive.store import Keys, Store
 from tests.conftest import corpus_files, corpus_message
 from tests.harness.journalgen import make_report
 
@@ -27,7 +27,7 @@ POISON = b"X-Test-Poison: kill the parser\r\n"
 # one carrying HANG makes it sleep.
 BROKEN_PARSER = r"""
 import os, sys, time
-from mailtresor import parseworker
+from mailtresor.archive import parseworker
 real = parseworker.digest
 def digest(raw, journaling=None):
     if b"X-Test-Poison:" in raw:
@@ -121,7 +121,7 @@ def test_children_end_with_the_pool_and_with_their_parent(tmp_path):
     assert not any(_alive(p) for p in pids)
     # kill -9 of the daemon: the kernel kills its parsers (PR_SET_PDEATHSIG)
     script = tmp_path / "parent.py"
-    script.write_text("import sys\nfrom mailtresor.parseworker import ParserPool, wait\n"
+    script.write_text("import sys\nfrom mailtresor.archive.parseworker import ParserPool, wait\n"
                       "p = ParserPool(1)\nwait(p.submit(b'Subject: x\\r\\n\\r\\nx\\r\\n'), 60)\n"
                       "print(p.pids()[0], flush=True)\nimport time\ntime.sleep(600)\n")
     import subprocess
@@ -267,13 +267,13 @@ def test_no_parser_process_can_start_parsing_goes_on_in_process(tmp_path, monkey
     spool, store, pipe = _pipeline(tmp_path, parser)
     try:
         _put(spool, raws)
-        with caplog.at_level("ERROR", logger="mailtresor.parseworker"):
+        with caplog.at_level("ERROR", logger="mailtresor.archive.parseworker"):
             r = pipe.run_batch()
         assert (r.archived, r.set_aside, r.failed) == (len(raws), 0, 0)
         assert parser.in_process >= len(raws) and parser.pids() == []
         assert "cannot start a parser process (No such file or directory)" in caplog.text
         # The same digests as a child gives, and a child again once it can start.
-        monkeypatch.setattr(parseworker, "COMMAND", [sys.executable, "-m", "mailtresor.parseworker"])
+        monkeypatch.setattr(parseworker, "COMMAND", [sys.executable, "-m", "mailtresor.archive.parseworker"])
         parser._spawn_after = 0.0
         before = parser.in_process
         assert parseworker.wait(parser.submit(raws[0]), 60) == parseworker.wait(parser._here(raws[0]), 60)

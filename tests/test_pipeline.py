@@ -3,11 +3,11 @@ a tenant whose key cannot be had holds back only its own mail."""
 
 import os
 
-from mailtresor.archiver import Pipeline, Router
+from mailtresor.archive.archiver import Pipeline, Router
 from mailtresor.config import Tenant
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.spool import Envelope, Spool
-from mailtresor.store import Keys, Store
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.ingest.spool import Envelope, Spool
+from mailtresor.archive.store import Keys, Store
 
 
 class Clock:
@@ -81,7 +81,7 @@ def test_an_implausible_date_is_replaced_by_the_arrival_time(tmp_path):
     sit in a shard of its own: the archive uses the arrival time instead,
     for the shard, the date order and date: searches; the listing still
     shows the header's date."""
-    from mailtresor import index
+    from mailtresor.archive import index
     ring = KeyRing()
     for name in ("spool", "tenant.acme", "seal"):
         ring.put(KeyMaterial(name, 1, os.urandom(32)), current=True)

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from mailtresor.config import Connector as ConnectorCfg
-from mailtresor.relay import Gate, ImplicitTLSFactory, RelayFactory
+from mailtresor.ingest.relay import Gate, ImplicitTLSFactory, RelayFactory
 from tests.harness.rawsmtp import RawSMTP, ready_session
 from tests.harness.stack import Stack
 

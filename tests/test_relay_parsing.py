@@ -5,7 +5,7 @@ import random
 import pytest
 
 from mailtresor.config import Connector as ConnectorCfg
-from mailtresor.relay import BareLineEnding, DataReader, Gate, _address, mail_parameters
+from mailtresor.ingest.relay import BareLineEnding, DataReader, Gate, _address, mail_parameters
 
 
 def read_all(wire: bytes, splits=None, strict=False, reader=None):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mailtresor import crypto
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.spool import (CHUNK_SIZE, MAGIC, Envelope, KeyNotHeld, MessageTooLarge, Spool,
+from mailtresor.keys import crypto
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.ingest.spool import (CHUNK_SIZE, MAGIC, Envelope, KeyNotHeld, MessageTooLarge, Spool,
                               SpoolClosed, SpoolCorrupt, SpoolFull, SpoolIOError, SpoolUnavailable,
                               decode, header_of, is_id, new_id)
 from tests.conftest import corpus_files, corpus_message

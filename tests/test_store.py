@@ -8,9 +8,9 @@ import struct
 import lmdb
 import pytest
 
-from mailtresor import crypto
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.store import (LISTING_FIELDS, BackupDirectory, Item, Keys, RecordCorrupt, Store, StoreError,
+from mailtresor.keys import crypto
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.archive.store import (LISTING_FIELDS, BackupDirectory, Item, Keys, RecordCorrupt, Store, StoreError,
                               month_of, open_listing, read_frames, restore, seal_listing, verify_shard)
 from tests.conftest import corpus_files, corpus_message
 
@@ -134,7 +134,7 @@ def test_a_tenant_cannot_read_another_tenants_record(tmp_path, keys):
     with shard.env.begin() as txn:
         blob = bytes(txn.get(bytes.fromhex(out.aid), db=shard.records))
     # globex's key cannot open it, even with the AAD rewritten to globex.
-    from mailtresor.store import open_record
+    from mailtresor.archive.store import open_record
     other = Keys(ring_with("acme"))                 # a different acme key: the wrong key
     with pytest.raises(RecordCorrupt):
         open_record(blob, "acme", out.month, bytes.fromhex(out.aid), other)
@@ -227,7 +227,7 @@ def test_flipped_byte_with_chain_recomputed_is_caught_by_the_hash_and_the_seal(t
     decrypts/hashes, and the seal no longer matches."""
     st, shard, ids = filled(tmp_path, keys)
     shard.seal(SEED)
-    from mailtresor.store import _CHAIN, GENESIS, ChainEntry, chain_hash
+    from mailtresor.archive.store import _CHAIN, GENESIS, ChainEntry, chain_hash
     aid = bytes.fromhex(ids[0])
     with shard.env.begin(write=True) as txn:
         blob = bytearray(txn.get(aid, db=shard.records))
@@ -317,7 +317,7 @@ def test_seal_by_another_key_is_reported(tmp_path, keys):
 def test_seals_by_every_version_of_the_seal_key_verify(tmp_path, keys):
     """After a seal key rotation the older seals still verify (verify is
     given every version's public key); a foreign key's seal does not."""
-    from mailtresor.store import FetchingKeys, Item
+    from mailtresor.archive.store import FetchingKeys, Item
     st, shard, ids = filled(tmp_path, keys)
     v1, v2 = os.urandom(32), os.urandom(32)
     shard.seal(v1)
@@ -449,7 +449,7 @@ def test_a_damaged_backup_frame_is_never_truncated_away(tmp_path, keys):
     data = bytearray(log_path.read_bytes())
     data[30] ^= 0x01                                   # inside frame 1
     log_path.write_bytes(bytes(data))
-    from mailtresor import store as storemod
+    from mailtresor.archive import store as storemod
     storemod._checked_size.clear()
     st.store("acme", [item(keys, "acme", RAW + b"more\r\n", "e7")], keys)
     with pytest.raises(StoreError, match="damaged at byte 0"):

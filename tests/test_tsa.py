@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from mailtresor import tsa
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.store import Item, Keys, Store, seal_message
+from mailtresor.archive import tsa
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.archive.store import Item, Keys, Store, seal_message
 
 
 def _run(*args, cwd):

@@ -4,6 +4,6 @@ every command the daemon does not answer."""
 
 import sys
 
-from .cli import main
+from mailtresor.cli.main import main
 
 sys.exit(main())

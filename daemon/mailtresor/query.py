@@ -8,7 +8,7 @@ The daemon has all of that in hand already.  So when it runs, the
 `mailtresor` command (daemon/bin/mailtresor.c, a small C program that
 starts no interpreter for it) sends it the command line instead, and
 prints what comes back.  The command runs here through the same code as in the
-command's own process (mailtresor.cli, with a Session of the daemon's:
+command's own process (mailtresor.cli.main, with a Session of the daemon's:
 its keys, its open index readers, its store behind the archiver's lock),
 so its output, errors and exit codes are the same either way.
 
@@ -53,7 +53,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from . import cli, index
+from mailtresor.cli import main as cli
+from mailtresor.archive import index
 
 log = logging.getLogger("mailtresor.query")
 
@@ -147,7 +148,7 @@ def _parser():
 
 
 def run_command(cfg, argv: list[str], session: "Served") -> int:
-    """`mailtresor ARGV...` as the command line runs it (mailtresor.cli),
+    """`mailtresor ARGV...` as the command line runs it (mailtresor.cli.main),
     with `session` for its reading and writing and the daemon's
     configuration.  Only the SERVED commands; others get a usage error."""
     if not argv or argv[0] not in SERVED:

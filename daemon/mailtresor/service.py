@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from . import config as configmod
+from mailtresor import config as configmod
 
 log = logging.getLogger("mailtresor")
 
@@ -120,8 +120,8 @@ class Daemon:
     """
 
     def __init__(self, cfg: configmod.Config, reactor, *, worker: int = 0, listen_fds: list[int] = ()):
-        from .keys import ControlClient, KeyFetcher, KeyRing
-        from .spool import Spool
+        from mailtresor.keys.ring import ControlClient, KeyFetcher, KeyRing
+        from mailtresor.ingest.spool import Spool
 
         self.cfg = cfg
         self.reactor = reactor
@@ -147,8 +147,8 @@ class Daemon:
                                       on_revoke=self._key_revoked, on_fetch=self._key_fetched)
         self.archiver = None
         if not worker and cfg.archive is not None and cfg.archive.enabled:
-            from .archiver import Archiver
-            from .keys import control_fetcher
+            from mailtresor.archive.archiver import Archiver
+            from mailtresor.keys.ring import control_fetcher
             fetch = control_fetcher(cfg)
             self.archiver = Archiver(cfg, reactor, self.spool, self.ring,
                                      fetch=self.trail.audited_fetch(fetch) if self.trail else fetch)
@@ -161,7 +161,7 @@ class Daemon:
             self.archiver.on_change = self.write_status
         self.query = None
         if self.archiver is not None:
-            from .query import QueryService
+            from mailtresor.query import QueryService
             self.query = QueryService(cfg, reactor, self.archiver)
         self.factories = []
         self.ports = []
@@ -188,9 +188,9 @@ class Daemon:
         secret); sealing waits for the seal key, fetched when the first
         seal is due.  A trail that cannot be opened is said in the status
         and the log; mail is still taken and archived."""
-        from .access.audit import AuditError, AuditLog, DaemonTrail
-        from .keys import control_fetcher
-        from .store import FetchingKeys
+        from mailtresor.access.audit import AuditError, AuditLog, DaemonTrail
+        from mailtresor.keys.ring import control_fetcher
+        from mailtresor.archive.store import FetchingKeys
         try:
             keys = FetchingKeys(self.ring, None)
             trail = DaemonTrail(AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every))
@@ -249,7 +249,7 @@ class Daemon:
     # --- start ---
 
     def _relay_factories(self):
-        from .relay import ClientCounts, Gate, ImplicitTLSFactory, RelayFactory, ServerTLS
+        from mailtresor.ingest.relay import ClientCounts, Gate, ImplicitTLSFactory, RelayFactory, ServerTLS
 
         cfg = self.cfg
         t = cfg.tls
@@ -269,7 +269,7 @@ class Daemon:
                              timeout=cfg.relay.timeout, implicit_tls=implicit,
                              listener_name=lst.name or lst.endpoint, clock=self.reactor,
                              call_from_thread=self.reactor.callFromThread,
-                             log_name=f"mailtresor.relay.w{self.worker}" if self.worker else "mailtresor.relay")
+                             log_name=f"mailtresor.ingest.relay.w{self.worker}" if self.worker else "mailtresor.ingest.relay")
             self.factories.append(f)
             yield lst, (ImplicitTLSFactory(tls, f) if implicit else f)
 
@@ -336,7 +336,7 @@ class Daemon:
         from twisted.internet import stdio
         from twisted.protocols.basic import LineOnlyReceiver
 
-        from .keys import KeyMaterial
+        from mailtresor.keys.ring import KeyMaterial
 
         # Accept only once the key is here: before that the main process
         # alone answers (421), so READY=1 never precedes a worker's 421.
@@ -396,7 +396,7 @@ class Daemon:
         for name in ("spool",):
             cur = self.ring.current(name)
             if cur is not None:
-                from .keys import KeyMaterial
+                from mailtresor.keys.ring import KeyMaterial
                 w.send_key(KeyMaterial(name, cur[0], cur[1]))
 
     def _key_to_workers(self, material):
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{cfg.source}: configuration OK")
         return 0
-    from . import no_core_dumps, private_umask
+    from mailtresor import no_core_dumps, private_umask
     no_core_dumps()
     private_umask()                       # the spool, store, index and backup: the daemon's user's only
     setup_logging(cfg.service.log_level)

@@ -28,8 +28,8 @@ import Milter
 import milter as _libmilter
 
 from mailtresor import config as configmod
-from mailtresor import replies
-from mailtresor.spool import Envelope, MessageTooLarge
+from mailtresor.ingest import replies
+from mailtresor.ingest.spool import Envelope, MessageTooLarge
 
 log = logging.getLogger("mailtresor.milter")
 

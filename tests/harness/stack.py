@@ -19,8 +19,8 @@ import subprocess
 from pathlib import Path
 
 from mailtresor import config as configmod
-from mailtresor.keys import KeyRing, fetch_blocking
-from mailtresor.spool import SPOOL_KEY, Spool
+from mailtresor.keys.ring import KeyRing, fetch_blocking
+from mailtresor.ingest.spool import SPOOL_KEY, Spool
 
 from . import devstack, tomlw
 

@@ -19,16 +19,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import parse, parseworker
-from .index import ShardIndex
+from mailtresor.archive import parse, parseworker
+from mailtresor.archive.index import ShardIndex
 # FetchingKeys and control_fetcher are in store and keys: the CLI uses them
 # without importing the archiver.
-from .keys import KeyUnavailable, control_fetcher
-from .spool import KeyNotHeld, SpoolCorrupt
-from .store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
+from mailtresor.keys.ring import KeyUnavailable, control_fetcher
+from mailtresor.ingest.spool import KeyNotHeld, SpoolCorrupt
+from mailtresor.archive.store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
                     describe_fault, effective_date, month_of, seal_listing)
 
-log = logging.getLogger("mailtresor.archiver")
+log = logging.getLogger("mailtresor.archive.archiver")
 
 
 def domain_of(address: str) -> str:
@@ -620,7 +620,7 @@ def make_parser(processes: int, limits: parse.Limits | None = None) -> parsework
 def make_timestamper(url: str, ca_file: Path | None):
     if not url:
         return None
-    from . import tsa
+    from mailtresor.archive import tsa
 
     def stamp(message: bytes) -> bytes:
         # A TSA outage must not stop sealing: the seal is signed anyway,

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import CONFIG_ENV_VAR, CONFIG_PATH
+from mailtresor import CONFIG_ENV_VAR, CONFIG_PATH
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -114,8 +114,8 @@ def _list(d: Path) -> list[str]:
 
 
 def _shards(root: Path) -> list[dict]:
-    from . import index
-    from .store import Store
+    from mailtresor.archive import index
+    from mailtresor.archive.store import Store
     out = []
     store = Store(root, readonly=True)
     try:
@@ -201,14 +201,14 @@ def _tenant(cfg, name: str) -> str:
 
 
 def _keys(cfg):
-    from .keys import KeyRing, control_fetcher
-    from .store import FetchingKeys
+    from mailtresor.keys.ring import KeyRing, control_fetcher
+    from mailtresor.archive.store import FetchingKeys
     return FetchingKeys(KeyRing(), control_fetcher(cfg))
 
 
 def _key_errors():
-    from .keys import KeyUnavailable
-    from .store import KeyMissing, StoreError
+    from mailtresor.keys.ring import KeyUnavailable
+    from mailtresor.archive.store import KeyMissing, StoreError
     return KeyUnavailable, KeyMissing, StoreError
 
 
@@ -286,14 +286,14 @@ class Session:
 
     def _open_store(self):
         if self._store is None:
-            from .store import Store
+            from mailtresor.archive.store import Store
             self._store = Store(_archive_cfg(self.cfg).directory, readonly=True)
         return self._store
 
 
 def cmd_search(cfg, args, session: Session | None = None) -> int:
-    from . import index
-    from .store import index_listing
+    from mailtresor.archive import index
+    from mailtresor.archive.store import index_listing
     _archive_cfg(cfg)
     with session or Session(cfg) as s:
         tenant = _tenant(cfg, args.tenant)
@@ -365,8 +365,9 @@ def cmd_show(cfg, args, session: Session | None = None) -> int:
 # --- verify / reindex -------------------------------------------------------------------
 
 def cmd_verify(cfg, args) -> int:
-    from . import crypto, index
-    from .store import Store, verify_shard
+    from mailtresor.keys import crypto
+    from mailtresor.archive import index
+    from mailtresor.archive.store import Store, verify_shard
     a = _archive_cfg(cfg)
     tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
     keys = _keys(cfg)
@@ -414,7 +415,7 @@ def _check_listings(tenant: str, month: str, docs: dict, live: set, keys) -> lis
     """An index document's listing (what search shows) must open for its
     own tenant, shard and id; one without a listing (an index built before
     they existed) is not a problem: search reads the store instead."""
-    from .store import RecordCorrupt, open_listing
+    from mailtresor.archive.store import RecordCorrupt, open_listing
     out = []
     for aid in sorted(live & set(docs)):
         if not docs[aid]:
@@ -429,8 +430,8 @@ def _check_listings(tenant: str, month: str, docs: dict, live: set, keys) -> lis
 
 def _check_timestamps(shard, ca_file) -> list[str]:
     import struct
-    from . import tsa
-    from .store import Seal, seal_message
+    from mailtresor.archive import tsa
+    from mailtresor.archive.store import Seal, seal_message
     out = []
     for number, raw in shard.seals_from(1):
         try:
@@ -456,10 +457,10 @@ def _arrival(meta: dict) -> float:
 def cmd_reindex(cfg, args) -> int:
     import shutil
 
-    from . import index, parse
-    from .archiver import index_terms
-    from .index import ShardIndex
-    from .store import Store, effective_date, seal_listing
+    from mailtresor.archive import index, parse
+    from mailtresor.archive.archiver import index_terms
+    from mailtresor.archive.index import ShardIndex
+    from mailtresor.archive.store import Store, effective_date, seal_listing
     a = _archive_cfg(cfg)
     tenants = [_tenant(cfg, args.tenant)] if args.tenant else [t.name for t in cfg.tenant]
     keys = _keys(cfg)
@@ -504,7 +505,7 @@ class _writer:
     running daemon to end."""
 
     def __init__(self, root):
-        from .store import WriterLock
+        from mailtresor.archive.store import WriterLock
         self.lock = WriterLock(root)
 
     def __enter__(self):
@@ -518,7 +519,7 @@ class _writer:
 # --- restore ------------------------------------------------------------------------------
 
 def cmd_restore(cfg, args) -> int:
-    from .store import BackupDirectory, restore
+    from mailtresor.archive.store import BackupDirectory, restore
     a = _archive_cfg(cfg)
     src = Path(args.backup) if args.backup else a.backup_directory
     if src is None:
@@ -564,10 +565,10 @@ def _messages(paths: list[str]):
 
 
 def cmd_import(cfg, args) -> int:
-    from . import parse
-    from .archiver import Pipeline, Router, make_parser
-    from .spool import Envelope, Spool
-    from .store import BackupDirectory, Store, StoreLocked, WriterLock
+    from mailtresor.archive import parse
+    from mailtresor.archive.archiver import Pipeline, Router, make_parser
+    from mailtresor.ingest.spool import Envelope, Spool
+    from mailtresor.archive.store import BackupDirectory, Store, StoreLocked, WriterLock
     a = _archive_cfg(cfg)
     tenant = _tenant(cfg, args.tenant)
     keys = _keys(cfg)
@@ -656,7 +657,7 @@ def cmd_import(cfg, args) -> int:
 def _stored_bytes(raw: bytes, journal_reports: bool) -> bytes:
     """What the archive stores for these bytes (a journal report imported
     with --journal-reports: its original)."""
-    from . import journal
+    from mailtresor.archive import journal
     if journal_reports and journal.is_journal_report(raw):
         try:
             return journal.unwrap(raw).original
@@ -684,8 +685,8 @@ def _progress_end() -> None:
 
 
 def _import_summary(cfg, a, tenant, keys, spooled, skipped, started) -> int:
-    from .spool import Spool
-    from .store import Store
+    from mailtresor.ingest.spool import Spool
+    from mailtresor.archive.store import Store
     ring = keys.ring
     spool = Spool(cfg.spool.directory, ring, min_free_bytes=0)
     reasons = spool.set_aside_reasons()
@@ -725,8 +726,8 @@ def _import_summary(cfg, a, tenant, keys, spooled, skipped, started) -> int:
 
 
 def cmd_reroute(cfg, args) -> int:
-    from .keys import KeyRing
-    from .spool import Spool
+    from mailtresor.keys.ring import KeyRing
+    from mailtresor.ingest.spool import Spool
     spool = Spool(cfg.spool.directory, KeyRing(), min_free_bytes=0)
     try:
         n = spool.reroute()
@@ -739,8 +740,8 @@ def cmd_reroute(cfg, args) -> int:
 def cmd_requeue(cfg, args) -> int:
     """Set-aside entries (spool bad/) back into the queue: by id, or all;
     or list them with why they were set aside."""
-    from .keys import KeyRing
-    from .spool import NotSetAside, Spool
+    from mailtresor.keys.ring import KeyRing
+    from mailtresor.ingest.spool import NotSetAside, Spool
     if not (args.list or args.all or args.ids):
         raise UserError("name the entries to put back (IDs), or give --all, or --list to see them", EXIT_USAGE)
     if args.list and (args.all or args.ids):
@@ -884,17 +885,19 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="*", metavar="ID", help="spool entry ids (as --list shows them)")
     s.set_defaults(func=cmd_requeue)
 
-    from . import cli_audit
+    from mailtresor.cli import audit as cli_audit
     cli_audit.register(sub)
+    from mailtresor.cli import user as cli_user              # becomes COMMAND_MODULES in cli/main.py
+    cli_user.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import no_core_dumps, private_umask
+    from mailtresor import no_core_dumps, private_umask
     no_core_dumps()                       # some commands hold tenant keys and mail
     private_umask()                       # reindex/restore/import from a root shell: private files
     args = build_parser().parse_args(argv)
-    from . import config as configmod     # here: --help and usage errors need none of it
+    from mailtresor import config as configmod     # here: --help and usage errors need none of it
     try:
         cfg = configmod.load(configmod.locate(args.config))
     except configmod.ConfigError as e:
@@ -931,17 +934,17 @@ def _failure(e: Exception) -> str | None:
     anything else.  Their classes are looked up only in modules already
     imported (an instance cannot exist otherwise), so that `status` and
     the rest need not import the key client and the store just for this."""
-    keys = sys.modules.get(__package__ + ".keys")
+    keys = sys.modules.get("mailtresor.keys.ring")
     if keys is not None and isinstance(e, keys.KeyUnavailable):
         return f"no key: {e}"
-    store = sys.modules.get(__package__ + ".store")
+    store = sys.modules.get("mailtresor.archive.store")
     if store is not None and isinstance(e, store.StoreError):
         return str(e)
     return None
 
 
 if __name__ == "__main__":
-    # Run as mailtresor.cli, not as a second copy named __main__: command
-    # modules (cli_audit) raise mailtresor.cli.UserError, which run() catches.
-    from mailtresor import cli as _cli
+    # Run as mailtresor.cli.main, not as a second copy named __main__: command
+    # modules (cli/audit.py) raise mailtresor.cli.main.UserError, which run() catches.
+    from mailtresor.cli import main as _cli
     sys.exit(_cli.main())

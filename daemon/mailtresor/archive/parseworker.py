@@ -3,7 +3,7 @@
 Parsing is the largest part of the archiver's work (the email package is
 pure Python), and it needs neither keys nor the store: its input is a
 message's bytes, its output plain data.  So the archiver hands it to
-`parse_processes` child processes (`python3 -m mailtresor.parseworker`) and
+`parse_processes` child processes (`python3 -m mailtresor.archive.parseworker`) and
 meanwhile commits and indexes the previous batch on its own thread: the
 work of a batch is spread over two cores instead of one.
 
@@ -43,9 +43,9 @@ from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
-from . import confine, journal, parse
+from mailtresor.archive import confine, journal, parse
 
-log = logging.getLogger("mailtresor.parseworker")
+log = logging.getLogger("mailtresor.archive.parseworker")
 
 _LEN = struct.Struct(">I")
 # Seconds a message may take in a parser process (pdftotext has its own,
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------- the parent
 
-COMMAND = [sys.executable, "-m", "mailtresor.parseworker"]
+COMMAND = [sys.executable, "-m", "mailtresor.archive.parseworker"]
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _reported = False
 

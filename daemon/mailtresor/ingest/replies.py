@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .spool import (MessageTooLarge, SpoolClosed, SpoolError, SpoolFull, SpoolIOError,
+from mailtresor.ingest.spool import (MessageTooLarge, SpoolClosed, SpoolError, SpoolFull, SpoolIOError,
                     SpoolUnavailable)
 
 

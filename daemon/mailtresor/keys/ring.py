@@ -5,7 +5,7 @@ written anywhere, never logged (its `summary()` shows names, versions and
 ages, not material).  `KeyFetcher` asks the control endpoint over mutual TLS
 and retries with backoff while it is unreachable.
 
-The control endpoint's API (mailtresor.control serves it):
+The control endpoint's API (mailtresor.control.server serves it):
 
     GET /v1/keys/NAME            -> {"name", "version", "key": base64, "created"}
     GET /v1/keys/NAME/VERSION    -> the same, for a given version
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import crypto
-from .lazylog import LazyLogger
+from mailtresor.keys import crypto
+from mailtresor.lazylog import LazyLogger
 
-log = LazyLogger("mailtresor.keys")
+log = LazyLogger("mailtresor.keys.ring")
 
 KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 

@@ -39,10 +39,10 @@ if TYPE_CHECKING:
 
 import lmdb
 
-from . import crypto
-from .lazylog import LazyLogger
+from mailtresor.keys import crypto
+from mailtresor.lazylog import LazyLogger
 
-log = LazyLogger("mailtresor.store")
+log = LazyLogger("mailtresor.archive.store")
 
 ID_BYTES = 20
 RECORD_MAGIC = b"MTR1"
@@ -312,7 +312,7 @@ class Outcome:
 
 
 class Keys:
-    """Tenant sub-keys from a key ring (mailtresor.keys.KeyRing), derived
+    """Tenant sub-keys from a key ring (mailtresor.keys.ring.KeyRing), derived
     once and cached in memory."""
 
     def __init__(self, ring):
@@ -373,7 +373,7 @@ class FetchingKeys(Keys):
     """Tenant keys fetched from the control endpoint when first needed
     (blocking: the archiver thread and the CLI), kept in memory only.
     `fetch(name, version|None) -> KeyMaterial` raises KeyUnavailable
-    (mailtresor.keys.control_fetcher makes one)."""
+    (mailtresor.keys.ring.control_fetcher makes one)."""
 
     def __init__(self, ring, fetch):
         super().__init__(ring)

@@ -30,7 +30,7 @@ What it promises:
 - parameters are RFC 5321 syntax in ASCII (`SIZE=²` is a `501`, never an
   exception);
 - `250 2.0.0 Ok: queued as ID` only once the spool says the entry is
-  durable; every storage failure is a 4xx (mailtresor.replies).
+  durable; every storage failure is a 4xx (mailtresor.ingest.replies).
 
 The engine knows nothing of storage: it talks to a `Sink` (the spool).
 """
@@ -53,11 +53,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from . import replies
-from .replies import Reply
-from .spool import Envelope
+from mailtresor.ingest import replies
+from mailtresor.ingest.replies import Reply
+from mailtresor.ingest.spool import Envelope
 
-log = logging.getLogger("mailtresor.relay")
+log = logging.getLogger("mailtresor.ingest.relay")
 
 MAX_COMMAND_LINE = 4096
 MAX_ERRORS = 10
@@ -930,7 +930,7 @@ class RelayFactory(ServerFactory):
                  session_timeout: float = 0.0, min_data_rate: int = 0, data_rate_window: float = 30.0,
                  bare_newline: str = "keep", clients: ClientCounts | None = None,
                  implicit_tls: bool = False, listener_name: str = "", clock=None, call_from_thread=None,
-                 log_name: str = "mailtresor.relay"):
+                 log_name: str = "mailtresor.ingest.relay"):
         from twisted.internet import reactor
         self.sink, self.gate, self.tls = sink, gate, tls
         self.hostname, self.max_size = hostname, max_size

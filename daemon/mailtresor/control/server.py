@@ -29,11 +29,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import config as configmod
-from . import crypto
-from .keys import KEY_NAME
+from mailtresor import config as configmod
+from mailtresor.keys import crypto
+from mailtresor.keys.ring import KEY_NAME
 
-log = logging.getLogger("mailtresor.control")
+log = logging.getLogger("mailtresor.control.server")
 
 KEYSTORE_FORMAT = 1
 _KEYSTORE_AAD = b"mailtresor-control-keystore-v1"
@@ -579,7 +579,7 @@ def serve(cfg: configmod.Config) -> int:
     from twisted.internet import endpoints, reactor
     from twisted.internet import ssl as tssl
 
-    from . import service
+    from mailtresor import service
 
     cs = cfg.control_server
     if cs is None:
@@ -629,7 +629,7 @@ def serve(cfg: configmod.Config) -> int:
 # --- CLI ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from . import no_core_dumps, service
+    from mailtresor import no_core_dumps, service
     no_core_dumps()
 
     p = argparse.ArgumentParser(prog="mailtresor-control", description=__doc__.split("\n\n")[0])
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     service.setup_logging("info")
     try:
         if args.cmd == "pki":
-            from .pki import dev_pki
+            from mailtresor.keys.pki import dev_pki
             paths = dev_pki(Path(args.directory), appliance=args.appliance, hostname=args.hostname)
             print(f"development PKI in {args.directory}: {len(paths)} files")
             return 0

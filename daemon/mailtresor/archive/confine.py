@@ -1,6 +1,6 @@
 """Confinement of the parser processes: what hostile mail could make them do.
 
-A parser child (`python3 -m mailtresor.parseworker`) and the extractors it
+A parser child (`python3 -m mailtresor.archive.parseworker`) and the extractors it
 runs (`pdftotext`) read attacker-controlled bytes with code that has had
 bugs (poppler, zip, XML).  Whatever such a bug lets an attacker run must
 find nothing worth stealing and nobody to talk to.  Before it reads its

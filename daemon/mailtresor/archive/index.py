@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import xapian
 
-from .lazylog import LazyLogger
+from mailtresor.lazylog import LazyLogger
 
 if TYPE_CHECKING:  # parse.py is the producer of what is indexed here
-    from .parse import Parsed
+    from mailtresor.archive.parse import Parsed
 
-log = LazyLogger("mailtresor.index")
+log = LazyLogger("mailtresor.archive.index")
 
 # --------------------------------------------------------------------------
 # The schema (cf. notmuch lib/prefix.cc).  Change nothing here without a
@@ -336,7 +336,7 @@ class ShardIndex:
         committed document, and Xapian refuses to open it, so it goes."""
         import shutil
 
-        from .store import DIR_MODE, private_dir, private_tree
+        from mailtresor.archive.store import DIR_MODE, private_dir, private_tree
         private_dir(self.path.parent)
         fresh = self.path.with_name(self.path.name + ".new")
         shutil.rmtree(fresh, ignore_errors=True)
@@ -388,7 +388,7 @@ class ShardIndex:
             db.close()
         # Glass makes some tables at their first use (position.glass), with
         # the process umask, which a root shell may leave at 022.
-        from .store import private_tree
+        from mailtresor.archive.store import private_tree
         private_tree(self.path)
 
 

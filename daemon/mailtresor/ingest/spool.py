@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from . import crypto
+from mailtresor.keys import crypto
 
-log = logging.getLogger("mailtresor.spool")
+log = logging.getLogger("mailtresor.ingest.spool")
 
 MAGIC = b"MTSPOOL1"
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 # --- failures ---------------------------------------------------------------
 # relay.py and the milter adapter turn these into replies through one table
-# (mailtresor.replies); every one of them is temporary.
+# (mailtresor.ingest.replies); every one of them is temporary.
 
 class SpoolError(Exception):
     """The spool cannot take this message now; the sender should retry."""
@@ -111,7 +111,7 @@ class KeyNotHeld(Exception):
 
 
 class Keys(Protocol):
-    """What the spool needs from the key ring (mailtresor.keys.KeyRing)."""
+    """What the spool needs from the key ring (mailtresor.keys.ring.KeyRing)."""
 
     def current(self, name: str) -> tuple[int, bytes] | None: ...
 

@@ -1,0 +1,1 @@
+"""The `mailtresor` command: its parser and commands (main)."""
