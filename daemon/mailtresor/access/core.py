@@ -113,6 +113,12 @@ def months_in(months: list[str], bounds) -> list[str]:
     return out
 
 
+def owner(who: Principal) -> str:
+    """Who a cursor or an export job belongs to: kind, name and tenant (a
+    user of the same name in another tenant is someone else)."""
+    return json.dumps([who.kind, who.name, who.tenant])
+
+
 def envelope_addresses(env: dict) -> list[str]:
     """Every address of one stored envelope (see archiver.envelope_addresses)."""
     from mailtresor.archive.archiver import envelope_addresses as addrs
@@ -122,7 +128,7 @@ def envelope_addresses(env: dict) -> list[str]:
 @dataclass
 class _Job:
     id: str
-    owner: str                      # Principal.label
+    owner: str                      # owner(principal)
     tenant: str
     format: str
     query: str | None
@@ -272,7 +278,7 @@ class Core:
 
     def _binding(self, who: Principal, tenant: str, query: str, order: str) -> bytes:
         # A cursor is good for the same principal, tenant, query and order only.
-        return hashlib.sha256(json.dumps([who.label, tenant, query, order]).encode()).digest()[:16]
+        return hashlib.sha256(json.dumps([owner(who), tenant, query, order]).encode()).digest()[:16]
 
     def _offset(self, cursor: str, who: Principal, tenant: str, query: str, order: str) -> int:
         try:
@@ -513,7 +519,7 @@ class Core:
             scope = self._read_scope(who, export=True)
             self._expire()
             with self._jobs_lock:
-                running = sum(1 for j in self._jobs.values() if j.owner == who.label
+                running = sum(1 for j in self._jobs.values() if j.owner == owner(who)
                               and j.state in ("queued", "running"))
             if running >= EXPORTS_RUNNING:
                 raise BadRequest(f"{running} exports are running already; wait for one to finish")
@@ -538,7 +544,7 @@ class Core:
                     raise BadRequest(f"bad query: {e}") from None
                 items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
             jid = secrets.token_hex(16)
-            job = _Job(id=jid, owner=who.label, tenant=t, format=format, query=query, items=items,
+            job = _Job(id=jid, owner=owner(who), tenant=t, format=format, query=query, items=items,
                        scope=scope, created=self.clock(),
                        path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
             with self._jobs_lock:
@@ -558,7 +564,7 @@ class Core:
         self._expire()
         with self._jobs_lock:
             job = self._jobs.get(job_id)
-        if job is None or job.owner != who.label:
+        if job is None or job.owner != owner(who):
             raise NotFound("no such export")
         return job
 
