@@ -25,8 +25,13 @@ from mailtresor.archive.index import ShardIndex
 # without importing the archiver.
 from mailtresor.keys.ring import KeyUnavailable, control_fetcher
 from mailtresor.ingest.spool import KeyNotHeld, SpoolCorrupt
-from mailtresor.archive.store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
-                    describe_fault, effective_date, month_of, seal_listing)
+from mailtresor.archive.store.backup import BackupDirectory
+from mailtresor.archive.store.codecs import seal_listing
+from mailtresor.archive.store.errors import StoreLocked
+from mailtresor.archive.store.fs import describe_fault
+from mailtresor.archive.store.lock import WriterLock
+from mailtresor.archive.store.shard import UNROUTED, Item, Store, effective_date, month_of
+from mailtresor.keys.derive import FetchingKeys, KeyMissing, Keys
 
 log = logging.getLogger("mailtresor.archive.archiver")
 

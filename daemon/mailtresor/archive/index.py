@@ -336,7 +336,7 @@ class ShardIndex:
         committed document, and Xapian refuses to open it, so it goes."""
         import shutil
 
-        from mailtresor.archive.store import DIR_MODE, private_dir, private_tree
+        from mailtresor.archive.store.fs import DIR_MODE, private_dir, private_tree
         private_dir(self.path.parent)
         fresh = self.path.with_name(self.path.name + ".new")
         shutil.rmtree(fresh, ignore_errors=True)
@@ -388,7 +388,7 @@ class ShardIndex:
             db.close()
         # Glass makes some tables at their first use (position.glass), with
         # the process umask, which a root shell may leave at 022.
-        from mailtresor.archive.store import private_tree
+        from mailtresor.archive.store.fs import private_tree
         private_tree(self.path)
 
 
