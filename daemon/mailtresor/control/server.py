@@ -32,6 +32,7 @@ from pathlib import Path
 from mailtresor import config as configmod
 from mailtresor.keys import crypto
 from mailtresor.keys.ring import KEY_NAME
+from mailtresor.system import notify, setup_logging
 
 log = logging.getLogger("mailtresor.control.server")
 
@@ -575,11 +576,10 @@ def _fd_budget(wanted: int) -> int:
     return max(2, min(wanted, soft - 64))
 
 
-def serve(cfg: configmod.Config) -> int:
-    from twisted.internet import endpoints, reactor
+def serve(cfg: configmod.Config, reactor) -> int:
+    """Run the HTTPS key service on `reactor` until it stops."""
+    from twisted.internet import endpoints
     from twisted.internet import ssl as tssl
-
-    from mailtresor import service
 
     cs = cfg.control_server
     if cs is None:
@@ -612,7 +612,7 @@ def serve(cfg: configmod.Config) -> int:
     def listening(port):
         log.info("control endpoint listening on %s (mutual TLS), %d appliance(s), at most %d connections "
                  "(%d per client)", cs.listen, len(cs.appliance), guard.max_connections, guard.max_per_client)
-        service.notify("READY=1", f"STATUS=serving keys on {cs.listen}")
+        notify("READY=1", f"STATUS=serving keys on {cs.listen}")
 
     result = {"exit": 0}
 
@@ -629,7 +629,7 @@ def serve(cfg: configmod.Config) -> int:
 # --- CLI ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from mailtresor import no_core_dumps, service
+    from mailtresor import no_core_dumps
     no_core_dumps()
 
     p = argparse.ArgumentParser(prog="mailtresor-control", description=__doc__.split("\n\n")[0])
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     pki.add_argument("--appliance", default="dev")
     pki.add_argument("--hostname", default="localhost")
     args = p.parse_args(argv)
-    service.setup_logging("info")
+    setup_logging("info")
     try:
         if args.cmd == "pki":
             from mailtresor.keys.pki import dev_pki
@@ -664,7 +664,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = configmod.load(configmod.locate(args.config))
         if args.cmd == "serve":
-            return serve(cfg)
+            # The one place that takes the global reactor.
+            from twisted.internet import reactor
+            return serve(cfg, reactor)
         cs = cfg.control_server
         if cs is None:
             raise ControlError(f"{cfg.source}: no [control_server] section")
