@@ -24,6 +24,7 @@ import typing
 import calendar
 import datetime
 import hashlib
+import logging
 import math
 import re
 import threading
@@ -35,12 +36,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import xapian
 
-from mailtresor.lazylog import LazyLogger
 
 if TYPE_CHECKING:  # parse.py is the producer of what is indexed here
     from mailtresor.archive.parse import Parsed
 
-log = LazyLogger("mailtresor.archive.index")
+log = logging.getLogger("mailtresor.archive.index")
 
 # --------------------------------------------------------------------------
 # The schema (cf. notmuch lib/prefix.cc).  Change nothing here without a
