@@ -332,8 +332,10 @@ def _peer_of(request) -> str:
     return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
 
-def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, idle_timeout: float = 30.0):
-    """appliances: certificate CN -> appliance name.
+def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, idle_timeout: float = 30.0,
+              reactor=None):
+    """appliances: certificate CN -> appliance name.  `reactor` runs the
+    connections' idle timers (serve() passes its own; tests a task.Clock).
 
     Every answer is JSON; every refusal (4xx, 5xx) is in the audit log with
     who asked (certificate names, address), what (the path) and why --
@@ -460,7 +462,7 @@ def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, i
                              path=_printable_path(request), reason=http.RESPONSES.get(request.code, b"").decode(),
                              appliance=next((appliances[n] for n in names if n in appliances), None))
 
-    return QuietSite(root, timeout=idle_timeout)
+    return QuietSite(root, timeout=idle_timeout, reactor=reactor)
 
 
 class ConnectionGuard:
@@ -593,7 +595,7 @@ def serve(cfg: configmod.Config, reactor) -> int:
     if problems:
         raise ControlError(f"audit log {cs.audit_log} is damaged: {problems[0]}")
     appliances = {cn: a.name for a in cs.appliance for cn in a.cert_names}
-    site = make_site(store, audit, appliances, idle_timeout=cs.idle_timeout)
+    site = make_site(store, audit, appliances, idle_timeout=cs.idle_timeout, reactor=reactor)
     me = tssl.PrivateCertificate.loadPEM(Path(cs.cert_file).read_bytes() + Path(cs.key_file).read_bytes())
     ca = tssl.Certificate.loadPEM(Path(cs.client_ca_file).read_bytes())
     options = tssl.CertificateOptions(privateKey=me.privateKey.original, certificate=me.original,
