@@ -37,9 +37,9 @@ from mailtresor.archive.store.fs import (DIR_MODE, FILE_MODE, describe_fault, pr
 from mailtresor.archive.store.lock import WriterLock
 from mailtresor.archive.store.shard import (UNROUTED, Item, Outcome, Shard, Store, effective_date, month_of)
 from mailtresor.archive.store.verify import Problem, verify_shard
-# Re-exported for the branches that import them from here; their home is
-# mailtresor.keys.derive.
-from mailtresor.keys.derive import ID_BYTES, SEAL_KEY, FetchingKeys, KeyMissing, Keys, tenant_key_name
+# Re-exported only because code written before the split imports them from
+# here; their home is mailtresor.keys.derive.
+from mailtresor.keys.derive import FetchingKeys, KeyMissing, Keys
 
 _CHAIN = CHAIN_ENTRY        # the name tests/test_store.py imports
 
@@ -54,5 +54,5 @@ __all__ = [
     "WriterLock",
     "UNROUTED", "Item", "Outcome", "Shard", "Store", "effective_date", "month_of",
     "Problem", "verify_shard",
-    "ID_BYTES", "SEAL_KEY", "FetchingKeys", "KeyMissing", "Keys", "tenant_key_name",
+    "FetchingKeys", "KeyMissing", "Keys",
 ]
