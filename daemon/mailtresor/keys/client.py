@@ -11,6 +11,9 @@ against ca_file) and speaks the control endpoint's API
   reactor (the spool key's KeyFetcher).  It runs `fetch_blocking` in the
   reactor's thread pool.
 
+A fetch in the thread pool cannot be cancelled: at shutdown the reactor
+waits for one in progress, at most `timeout` ([control] timeout) seconds.
+
 Why a thread and not Twisted's Agent: a key fetch is rare (the spool key
 at start and every refresh interval, a tenant key when first needed), so
 a thread per fetch costs nothing that matters, and one HTTP/TLS code path
@@ -77,8 +80,10 @@ class ControlClient:
 
     def context(self) -> ssl.SSLContext:
         """The TLS context, made on first use (IdentityUnusable if the
-        appliance's files do not make one).  The daemon calls it at start
-        to fail there rather than at the first fetch."""
+        appliance's files do not make one) and kept: a new appliance
+        certificate takes a restart, as a new relay certificate does.  The
+        daemon calls it at start to fail there rather than at the first
+        fetch."""
         with self._lock:
             if self._ctx is None:
                 self._ctx = client_context(*self._files)
