@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from mailtresor.keys.ring import KeyRing
 from mailtresor.archive.store import Keys, RecordCorrupt, Store, open_record
 from tests.conftest import REPO, corpus_files, corpus_message
 from tests.harness.stack import Stack
@@ -67,9 +66,8 @@ def arch(tmp_path):
 
 
 def keys_of(stack) -> Keys:
-    ring = KeyRing()
-    from mailtresor.archive.archiver import FetchingKeys, control_fetcher
-    return FetchingKeys(ring, control_fetcher(stack.cfg))
+    from mailtresor.assemble import build_keys
+    return build_keys(stack.cfg)
 
 
 def test_relay_to_archive_search_show_verify(arch):

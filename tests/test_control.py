@@ -17,7 +17,8 @@ import pytest
 from mailtresor.keys import crypto
 from mailtresor.control.server import (AuditLog, ConnectionGuard, ControlError, KeyStore, parse_key_path,
                                 read_master_secret)
-from mailtresor.keys.ring import KeyRefused, fetch_blocking
+from mailtresor.keys.client import fetch_blocking
+from mailtresor.keys.ring import KeyRefused
 from mailtresor.keys.pki import CA
 from tests.harness import devstack
 from tests.harness.stack import Stack

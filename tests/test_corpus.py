@@ -132,10 +132,8 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
     import time
     from pathlib import Path
 
-    from mailtresor.archive.archiver import FetchingKeys, control_fetcher
-    from mailtresor.keys.ring import KeyRing
     from mailtresor.archive.parse import parse_message
-    from mailtresor.archive.store import Store
+    from mailtresor.assemble import build_keys, build_store
     from tests.conftest import REPO
     from tests.test_milter import MilterRig
 
@@ -156,8 +154,8 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
             assert time.monotonic() < deadline, "archiver did not drain the spool"
             time.sleep(0.5)
         assert not any((st.spool_dir / "bad").iterdir())
-        keys = FetchingKeys(KeyRing(), control_fetcher(st.cfg))
-        store = Store(st.cfg.archive.directory, readonly=True)
+        keys = build_keys(st.cfg)
+        store = build_store(st.cfg, readonly=True)
         try:
             for tenant in ("acme", "globex"):
                 ids = {keys.archive_id(tenant, m): m for m in messages}

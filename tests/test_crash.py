@@ -210,11 +210,9 @@ def test_kill_9_during_archiving_keeps_every_message_exactly_once(tmp_path):
         assert st.stop_daemon() == 0
         assert kills >= KILLS // 2, f"only {kills} kills before the spool drained"
 
-        from mailtresor.archive.archiver import FetchingKeys, control_fetcher
-        from mailtresor.keys.ring import KeyRing
-        from mailtresor.archive.store import Store
-        keys = FetchingKeys(KeyRing(), control_fetcher(st.cfg))
-        store = Store(st.cfg.archive.directory, readonly=True)
+        from mailtresor.assemble import build_keys, build_store
+        keys = build_keys(st.cfg)
+        store = build_store(st.cfg, readonly=True)
         try:
             for tenant in ("acme", "globex"):
                 want: dict[str, set] = {}

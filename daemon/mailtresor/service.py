@@ -20,52 +20,9 @@ import sys
 import time
 
 from mailtresor import config as configmod
+from mailtresor.system import notify, setup_logging
 
 log = logging.getLogger("mailtresor")
-
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
-_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                    logging.CRITICAL: 2}
-
-
-class _JournalFormatter(logging.Formatter):
-    """journald reads "<N>" prefixes as priorities; it adds the time itself."""
-
-    def format(self, record):
-        return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}" + (
-            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
-
-
-def setup_logging(level: str = "info") -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(_LEVELS.get(level, logging.INFO))
-    # Twisted's own messages go the same way, at warning and above.
-    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                                STDLibLogObserver, globalLogBeginner)
-    pred = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(STDLibLogObserver(name="twisted"), [pred])],
-                                     redirectStandardIO=False, discardBuffer=True)
-
-
-def notify(*lines: str) -> None:
-    """sd_notify(3); a no-op outside systemd."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    try:
-        from systemd import daemon
-        daemon.notify("\n".join(lines))
-    except Exception as e:  # noqa: BLE001 - never fatal
-        log.debug("sd_notify failed: %s", e)
-
 
 class _WorkerProcess:
     """A relay worker as the main process sees it (a Twisted ProcessProtocol)."""
@@ -120,45 +77,47 @@ class Daemon:
     """
 
     def __init__(self, cfg: configmod.Config, reactor, *, worker: int = 0, listen_fds: list[int] = ()):
-        from mailtresor.keys.ring import ControlClient, KeyFetcher, KeyRing
-        from mailtresor.ingest.spool import Spool
+        from mailtresor import assemble
+        from mailtresor.keys.ring import KeyFetcher
 
         self.cfg = cfg
         self.reactor = reactor
         self.worker = worker
         self.listen_fds = list(listen_fds)
-        self.ring = KeyRing()
-        sp = cfg.spool
-        self.spool = Spool(sp.directory, self.ring, max_message_size=sp.max_message_size,
-                           min_free_bytes=sp.min_free_bytes, max_entries=sp.max_entries,
-                           sync=sp.sync, max_tries=sp.max_tries)
+        self.ring = assemble.build_ring()
+        self.spool = assemble.build_spool(cfg, self.ring)
         self.processes = cfg.relay.processes or (os.cpu_count() or 1) + 1
         if not cfg.relay.listener:
             self.processes = 1
         self.fetcher = None
         self.trail = self.audit_error = None
+        self.archiver = None
         if not worker:
+            # One client to the control endpoint for the whole process: the
+            # spool key's fetcher uses its Deferred face, the archiver's
+            # thread its blocking one.
+            self.control = assemble.build_control_client(cfg, reactor=reactor)
+            self.control.context()          # the appliance's TLS files: fail now, not at the first fetch
             self._open_trail()
             c = cfg.control
-            client = ControlClient(reactor, c.url, c.ca_file, c.cert_file, c.key_file, c.timeout)
-            self.fetcher = KeyFetcher(reactor, client, self.ring, retry_initial=c.retry_initial,
+            self.fetcher = KeyFetcher(reactor, self.control, self.ring, retry_initial=c.retry_initial,
                                       retry_max=c.retry_max, refresh_interval=c.refresh_interval,
                                       on_status=self.set_status, on_key=self._key_to_workers,
                                       on_revoke=self._key_revoked, on_fetch=self._key_fetched)
-        self.archiver = None
-        if not worker and cfg.archive is not None and cfg.archive.enabled:
-            from mailtresor.archive.archiver import Archiver
-            from mailtresor.keys.ring import control_fetcher
-            fetch = control_fetcher(cfg)
-            self.archiver = Archiver(cfg, reactor, self.spool, self.ring,
-                                     fetch=self.trail.audited_fetch(fetch) if self.trail else fetch)
-            if self.trail is not None:
-                self.archiver.pipeline.on_anomaly = self.trail.anomaly
-                # One FetchingKeys in the daemon: the archiver's expiry of
-                # tenant keys (forget()) covers what the trail derived too.
-                self.trail.log.keys = self.archiver.keys
-            # A pause (full disk, missing key) and its end are in status.json at once.
-            self.archiver.on_change = self.write_status
+            if cfg.archive is not None and cfg.archive.enabled:
+                from mailtresor.archive.archiver import Archiver
+                keys = assemble.build_keys(cfg, ring=self.ring, client=self.control)
+                if self.trail is not None:
+                    keys.fetch = self.trail.audited_fetch(keys.fetch)
+                pipeline = assemble.build_pipeline(cfg, self.spool, assemble.build_store(cfg), keys)
+                self.archiver = Archiver(cfg, reactor, pipeline)
+                if self.trail is not None:
+                    pipeline.on_anomaly = self.trail.anomaly
+                    # One FetchingKeys in the daemon: the archiver's expiry of
+                    # tenant keys (forget()) covers what the trail derived too.
+                    self.trail.log.keys = keys
+                # A pause (full disk, missing key) and its end are in status.json at once.
+                self.archiver.on_change = self.write_status
         self.query = None
         if self.archiver is not None:
             from mailtresor.query import QueryService
@@ -189,12 +148,11 @@ class Daemon:
         seal is due.  A trail that cannot be opened is said in the status
         and the log; mail is still taken and archived."""
         from mailtresor.access.audit import AuditError, AuditLog, DaemonTrail
-        from mailtresor.keys.ring import control_fetcher
-        from mailtresor.archive.store import FetchingKeys
+        from mailtresor.keys.derive import FetchingKeys
         try:
             keys = FetchingKeys(self.ring, None)
             trail = DaemonTrail(AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every))
-            keys.fetch = trail.audited_fetch(control_fetcher(self.cfg))
+            keys.fetch = trail.audited_fetch(self.control.fetch_blocking)
             self.trail = trail
         except (AuditError, OSError) as e:
             self.audit_error = str(e)
@@ -322,12 +280,16 @@ class Daemon:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
             # The reactor answering is what the watchdog proves.
-            task.LoopingCall(notify, "WATCHDOG=1").start(usec / 2e6, now=True)
+            watchdog = task.LoopingCall(notify, "WATCHDOG=1")
+            watchdog.clock = self.reactor
+            watchdog.start(usec / 2e6, now=True)
         self._status_loop = task.LoopingCall(self.write_status)
+        self._status_loop.clock = self.reactor
         self._status_loop.start(10, now=False)
         if self.trail is not None:
             # A quiet trail is sealed too, not only every seal_every records.
             self._trail_sealer = task.LoopingCall(self._seal_trail)
+            self._trail_sealer.clock = self.reactor
             self._trail_sealer.start(self.cfg.archive.seal_interval if self.cfg.archive else 300.0, now=False)
 
     def _start_worker(self):
@@ -458,6 +420,7 @@ class Daemon:
                 from twisted.internet import task
                 self.archiver.start()
                 self._expiry = task.LoopingCall(self.archiver.expire_keys, self.cfg.control.key_cache_seconds)
+                self._expiry.clock = self.reactor
                 self._expiry.start(60, now=False)
 
     def _milter_exited(self, error):
@@ -581,12 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     no_core_dumps()
     private_umask()                       # the spool, store, index and backup: the daemon's user's only
     setup_logging(cfg.service.log_level)
+    # The one place that takes the global reactor; everything else is given it.
     from twisted.internet import reactor
+
+    from mailtresor.keys.ring import IdentityUnusable
 
     try:
         daemon = Daemon(cfg, reactor, worker=args.worker,
                         listen_fds=[int(x) for x in args.listen_fds.split(",") if x])
-    except OSError as e:
+    except (OSError, IdentityUnusable) as e:
         log.error("cannot start: %s", e)
         return 1
     reactor.callWhenRunning(daemon.start)

@@ -19,8 +19,10 @@ import subprocess
 from pathlib import Path
 
 from mailtresor import config as configmod
-from mailtresor.keys.ring import KeyRing, fetch_blocking
-from mailtresor.ingest.spool import SPOOL_KEY, Spool
+from mailtresor import assemble
+from mailtresor.ingest.spool import Spool
+from mailtresor.keys.derive import SPOOL_KEY
+from mailtresor.keys.ring import KeyRing
 
 from . import devstack, tomlw
 
@@ -198,16 +200,16 @@ class Stack:
 
     def keyring(self) -> KeyRing:
         """The spool keys, fetched the way the archiver will: over mTLS."""
-        ring = KeyRing()
-        c = self.cfg.control
-        cur = fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, SPOOL_KEY)
+        ring = assemble.build_ring()
+        client = assemble.build_control_client(self.cfg)
+        cur = client.fetch_blocking(SPOOL_KEY)
         ring.put(cur, current=True)
         for v in range(1, cur.version):
-            ring.put(fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, SPOOL_KEY, v))
+            ring.put(client.fetch_blocking(SPOOL_KEY, v))
         return ring
 
     def open_spool(self) -> Spool:
-        return Spool(self.spool_dir, self.keyring(), min_free_bytes=0)
+        return assemble.build_spool(self.cfg, self.keyring(), tool=True)
 
     def entries(self) -> dict:
         spool = self.open_spool()

@@ -21,12 +21,16 @@ from pathlib import Path
 
 from mailtresor.archive import parse, parseworker
 from mailtresor.archive.index import ShardIndex
-# FetchingKeys and control_fetcher are in store and keys: the CLI uses them
-# without importing the archiver.
-from mailtresor.keys.ring import KeyUnavailable, control_fetcher
+from mailtresor.keys.client import control_fetcher  # noqa: F401 - imported from here by older tests
+from mailtresor.keys.ring import KeyUnavailable
 from mailtresor.ingest.spool import KeyNotHeld, SpoolCorrupt
-from mailtresor.archive.store import (UNROUTED, BackupDirectory, FetchingKeys, Item, KeyMissing, Keys, Store, StoreLocked, WriterLock,
-                    describe_fault, effective_date, month_of, seal_listing)
+from mailtresor.archive.store.backup import BackupDirectory
+from mailtresor.archive.store.codecs import seal_listing
+from mailtresor.archive.store.errors import StoreLocked
+from mailtresor.archive.store.fs import describe_fault
+from mailtresor.archive.store.lock import WriterLock
+from mailtresor.archive.store.shard import UNROUTED, Item, Store, effective_date, month_of
+from mailtresor.keys.derive import FetchingKeys, KeyMissing, Keys  # noqa: F401 - FetchingKeys: for older tests
 
 log = logging.getLogger("mailtresor.archive.archiver")
 
@@ -638,19 +642,16 @@ class Archiver:
     of its own, again at once while the spool has entries, else after
     `interval` seconds."""
 
-    def __init__(self, cfg, reactor, spool, ring, *, fetch=None):
+    def __init__(self, cfg, reactor, pipeline: Pipeline):
+        """`pipeline`: mailtresor.assemble.build_pipeline's, over the
+        daemon's spool and a FetchingKeys."""
         from twisted.python.threadpool import ThreadPool
 
         a = cfg.archive
-        self.cfg, self.reactor, self.spool = cfg, reactor, spool
-        self.keys = FetchingKeys(ring, fetch or control_fetcher(cfg))
-        self.store = Store(a.directory, max_open_shards=a.max_open_shards)
-        backup = BackupDirectory(a.backup_directory) if a.backup_directory else None
-        self.pipeline = Pipeline(spool, self.store, self.keys, Router(cfg.tenant), backup=backup,
-                                 seal_seed=self.keys.seal_seed, seal_interval=a.seal_interval,
-                                 timestamper=make_timestamper(a.tsa_url, a.tsa_ca_file),
-                                 batch_size=a.batch_size,
-                                 parser=make_parser(a.parse_processes, parse.limits_of(a)))
+        self.cfg, self.reactor, self.spool = cfg, reactor, pipeline.spool
+        self.keys = pipeline.keys
+        self.store = pipeline.store
+        self.pipeline = pipeline
         self.interval = a.interval
         # Held by a batch, and by the daemon's query socket while it reads
         # the store: an LMDB environment must not be open twice in one

@@ -26,6 +26,7 @@ import typing
 import calendar
 import datetime
 import hashlib
+import logging
 import math
 import re
 import threading
@@ -37,12 +38,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import xapian
 
-from mailtresor.lazylog import LazyLogger
 
 if TYPE_CHECKING:  # parse.py is the producer of what is indexed here
     from mailtresor.archive.parse import Parsed
 
-log = LazyLogger("mailtresor.archive.index")
+log = logging.getLogger("mailtresor.archive.index")
 
 # --------------------------------------------------------------------------
 # The schema (cf. notmuch lib/prefix.cc).  Change nothing here without a
@@ -388,7 +388,7 @@ class ShardIndex:
         committed document, and Xapian refuses to open it, so it goes."""
         import shutil
 
-        from mailtresor.archive.store import DIR_MODE, private_dir, private_tree
+        from mailtresor.archive.store.fs import DIR_MODE, private_dir, private_tree
         private_dir(self.path.parent)
         fresh = self.path.with_name(self.path.name + ".new")
         shutil.rmtree(fresh, ignore_errors=True)
@@ -441,7 +441,7 @@ class ShardIndex:
             db.close()
         # Glass makes some tables at their first use (position.glass), with
         # the process umask, which a root shell may leave at 022.
-        from mailtresor.archive.store import private_tree
+        from mailtresor.archive.store.fs import private_tree
         private_tree(self.path)
 
 

@@ -201,9 +201,8 @@ def _tenant(cfg, name: str) -> str:
 
 
 def _keys(cfg):
-    from mailtresor.keys.ring import KeyRing, control_fetcher
-    from mailtresor.archive.store import FetchingKeys
-    return FetchingKeys(KeyRing(), control_fetcher(cfg))
+    from mailtresor.assemble import build_keys
+    return build_keys(cfg)
 
 
 def _key_errors():
@@ -571,19 +570,16 @@ def _messages(paths: list[str]):
 
 
 def cmd_import(cfg, args) -> int:
-    from mailtresor.archive import parse
-    from mailtresor.archive.archiver import Pipeline, Router, make_parser
-    from mailtresor.ingest.spool import Envelope, Spool
-    from mailtresor.archive.store import BackupDirectory, Store, StoreLocked, WriterLock
+    from mailtresor.assemble import build_pipeline, build_spool, build_store
+    from mailtresor.ingest.spool import Envelope
+    from mailtresor.archive.store import StoreLocked, WriterLock
     a = _archive_cfg(cfg)
     tenant = _tenant(cfg, args.tenant)
     keys = _keys(cfg)
     ring = keys.ring
     spool_key = keys.fetch("spool", None)
     ring.put(spool_key, current=True)
-    sp = cfg.spool
-    spool = Spool(sp.directory, ring, max_message_size=sp.max_message_size, min_free_bytes=sp.min_free_bytes,
-                  max_entries=sp.max_entries, sync=sp.sync, max_tries=sp.max_tries)
+    spool = build_spool(cfg, ring)
     spooled: dict[str, tuple[str, str]] = {}   # spool id -> (where from, archive id)
     skipped: list[str] = []
     started = time.time()
@@ -621,12 +617,9 @@ def cmd_import(cfg, args) -> int:
     except StoreLocked:
         mine = False
     if mine:
-        spool = Spool(sp.directory, ring, min_free_bytes=0, max_tries=sp.max_tries)
-        store = Store(a.directory, max_open_shards=a.max_open_shards)
-        pipe = Pipeline(spool, store, keys, Router(cfg.tenant),
-                        backup=BackupDirectory(a.backup_directory) if a.backup_directory else None,
-                        seal_seed=keys.seal_seed, batch_size=a.batch_size,
-                        parser=make_parser(a.parse_processes, parse.limits_of(a)))
+        spool = build_spool(cfg, ring, tool=True)
+        store = build_store(cfg)
+        pipe = build_pipeline(cfg, spool, store, keys, timestamps=False)
         pipe.lock = lock
         pipe.hold_lock = True
         try:
@@ -646,7 +639,7 @@ def cmd_import(cfg, args) -> int:
         _progress_end()
     else:
         deadline = time.time() + args.wait
-        spool = Spool(sp.directory, ring, min_free_bytes=0)
+        spool = build_spool(cfg, ring, tool=True)
         try:
             while ids & set(spool.ready()) and time.time() < deadline:
                 _progress("archived by the daemon", len(ids - set(spool.ready())), 0)
@@ -691,10 +684,10 @@ def _progress_end() -> None:
 
 
 def _import_summary(cfg, a, tenant, keys, spooled, skipped, started) -> int:
-    from mailtresor.ingest.spool import Spool
+    from mailtresor.assemble import build_spool
     from mailtresor.archive.store import Store
     ring = keys.ring
-    spool = Spool(cfg.spool.directory, ring, min_free_bytes=0)
+    spool = build_spool(cfg, ring, tool=True)
     reasons = spool.set_aside_reasons()
     unrouted = set(spool.unrouted_entries())
     spool.close()
@@ -732,9 +725,9 @@ def _import_summary(cfg, a, tenant, keys, spooled, skipped, started) -> int:
 
 
 def cmd_reroute(cfg, args) -> int:
+    from mailtresor.assemble import build_spool
     from mailtresor.keys.ring import KeyRing
-    from mailtresor.ingest.spool import Spool
-    spool = Spool(cfg.spool.directory, KeyRing(), min_free_bytes=0)
+    spool = build_spool(cfg, KeyRing(), tool=True)
     try:
         n = spool.reroute()
     finally:
@@ -747,7 +740,8 @@ def cmd_requeue(cfg, args) -> int:
     """Set-aside entries (spool bad/) back into the queue: by id, or all;
     or list them with why they were set aside."""
     from mailtresor.keys.ring import KeyRing
-    from mailtresor.ingest.spool import NotSetAside, Spool
+    from mailtresor.assemble import build_spool
+    from mailtresor.ingest.spool import NotSetAside
     if not (args.list or args.all or args.ids):
         raise UserError("name the entries to put back (IDs), or give --all, or --list to see them", EXIT_USAGE)
     if args.list and (args.all or args.ids):
@@ -755,7 +749,7 @@ def cmd_requeue(cfg, args) -> int:
     if args.all and args.ids:
         raise UserError("give either --all or IDs, not both", EXIT_USAGE)
     # No key: entries move between directories as they are, still encrypted.
-    spool = Spool(cfg.spool.directory, KeyRing(), min_free_bytes=0)
+    spool = build_spool(cfg, KeyRing(), tool=True)
     try:
         notes = spool.set_aside_notes()
         if args.list:

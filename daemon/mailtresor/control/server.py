@@ -32,6 +32,7 @@ from pathlib import Path
 from mailtresor import config as configmod
 from mailtresor.keys import crypto
 from mailtresor.keys.ring import KEY_NAME
+from mailtresor.system import notify, setup_logging
 
 log = logging.getLogger("mailtresor.control.server")
 
@@ -331,8 +332,10 @@ def _peer_of(request) -> str:
     return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
 
-def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, idle_timeout: float = 30.0):
-    """appliances: certificate CN -> appliance name.
+def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, idle_timeout: float = 30.0,
+              reactor=None):
+    """appliances: certificate CN -> appliance name.  `reactor` runs the
+    connections' idle timers (serve() passes its own; tests a task.Clock).
 
     Every answer is JSON; every refusal (4xx, 5xx) is in the audit log with
     who asked (certificate names, address), what (the path) and why --
@@ -459,7 +462,7 @@ def make_site(store: KeyStore, audit: AuditLog, appliances: dict[str, str], *, i
                              path=_printable_path(request), reason=http.RESPONSES.get(request.code, b"").decode(),
                              appliance=next((appliances[n] for n in names if n in appliances), None))
 
-    return QuietSite(root, timeout=idle_timeout)
+    return QuietSite(root, timeout=idle_timeout, reactor=reactor)
 
 
 class ConnectionGuard:
@@ -575,11 +578,10 @@ def _fd_budget(wanted: int) -> int:
     return max(2, min(wanted, soft - 64))
 
 
-def serve(cfg: configmod.Config) -> int:
-    from twisted.internet import endpoints, reactor
+def serve(cfg: configmod.Config, reactor) -> int:
+    """Run the HTTPS key service on `reactor` until it stops."""
+    from twisted.internet import endpoints
     from twisted.internet import ssl as tssl
-
-    from mailtresor import service
 
     cs = cfg.control_server
     if cs is None:
@@ -593,7 +595,7 @@ def serve(cfg: configmod.Config) -> int:
     if problems:
         raise ControlError(f"audit log {cs.audit_log} is damaged: {problems[0]}")
     appliances = {cn: a.name for a in cs.appliance for cn in a.cert_names}
-    site = make_site(store, audit, appliances, idle_timeout=cs.idle_timeout)
+    site = make_site(store, audit, appliances, idle_timeout=cs.idle_timeout, reactor=reactor)
     me = tssl.PrivateCertificate.loadPEM(Path(cs.cert_file).read_bytes() + Path(cs.key_file).read_bytes())
     ca = tssl.Certificate.loadPEM(Path(cs.client_ca_file).read_bytes())
     options = tssl.CertificateOptions(privateKey=me.privateKey.original, certificate=me.original,
@@ -612,7 +614,7 @@ def serve(cfg: configmod.Config) -> int:
     def listening(port):
         log.info("control endpoint listening on %s (mutual TLS), %d appliance(s), at most %d connections "
                  "(%d per client)", cs.listen, len(cs.appliance), guard.max_connections, guard.max_per_client)
-        service.notify("READY=1", f"STATUS=serving keys on {cs.listen}")
+        notify("READY=1", f"STATUS=serving keys on {cs.listen}")
 
     result = {"exit": 0}
 
@@ -629,7 +631,7 @@ def serve(cfg: configmod.Config) -> int:
 # --- CLI ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from mailtresor import no_core_dumps, service
+    from mailtresor import no_core_dumps
     no_core_dumps()
 
     p = argparse.ArgumentParser(prog="mailtresor-control", description=__doc__.split("\n\n")[0])
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     pki.add_argument("--appliance", default="dev")
     pki.add_argument("--hostname", default="localhost")
     args = p.parse_args(argv)
-    service.setup_logging("info")
+    setup_logging("info")
     try:
         if args.cmd == "pki":
             from mailtresor.keys.pki import dev_pki
@@ -664,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = configmod.load(configmod.locate(args.config))
         if args.cmd == "serve":
-            return serve(cfg)
+            # The one place that takes the global reactor.
+            from twisted.internet import reactor
+            return serve(cfg, reactor)
         cs = cfg.control_server
         if cs is None:
             raise ControlError(f"{cfg.source}: no [control_server] section")

@@ -924,14 +924,20 @@ class ClientCounts:
 
 
 class RelayFactory(ServerFactory):
+    """The SMTP sessions of one listener.  `clock` (IReactorTime: the
+    reactor, or a task.Clock in tests) runs every timer of a session;
+    `call_from_thread` brings the spool's commit results back to the
+    reactor's thread.  Neither defaults to the global reactor: the caller
+    (mailtresor.service) passes its own."""
+
     def __init__(self, *, sink: Sink, gate: Gate, tls: ServerTLS, hostname: str, max_size: int,
+                 clock, call_from_thread,
                  max_recipients: int = 1000, max_connections: int = 100, timeout: float = 300.0,
                  max_connections_per_client: int = 0, handshake_timeout: float = 10.0,
                  session_timeout: float = 0.0, min_data_rate: int = 0, data_rate_window: float = 30.0,
                  bare_newline: str = "keep", clients: ClientCounts | None = None,
-                 implicit_tls: bool = False, listener_name: str = "", clock=None, call_from_thread=None,
+                 implicit_tls: bool = False, listener_name: str = "",
                  log_name: str = "mailtresor.ingest.relay"):
-        from twisted.internet import reactor
         self.sink, self.gate, self.tls = sink, gate, tls
         self.hostname, self.max_size = hostname, max_size
         self.max_recipients, self.max_connections = max_recipients, max_connections
@@ -943,8 +949,8 @@ class RelayFactory(ServerFactory):
         self.bare_newline = bare_newline
         self.clients = clients if clients is not None else ClientCounts()
         self.timeout, self.implicit_tls, self.listener_name = timeout, implicit_tls, listener_name
-        self.clock = clock or reactor
-        self.call_from_thread = call_from_thread or reactor.callFromThread
+        self.clock = clock
+        self.call_from_thread = call_from_thread
         self.log = logging.getLogger(log_name)
         self.active: set[RelayProtocol] = set()
         self.shutting_down = False

@@ -49,13 +49,13 @@ from pathlib import Path
 from typing import Protocol
 
 from mailtresor.keys import crypto
+from mailtresor.keys.derive import SPOOL_KEY, spool_file_key
 
 log = logging.getLogger("mailtresor.ingest.spool")
 
 MAGIC = b"MTSPOOL1"
 FORMAT_VERSION = 1
 CHUNK_SIZE = 64 * 1024
-SPOOL_KEY = "spool"
 _REC = struct.Struct(">cI")
 _MAX_RECORD = CHUNK_SIZE + crypto.TAG_SIZE + 16 * 1024 * 1024  # envelopes may be large
 _FLUSH_AT = 256 * 1024
@@ -194,10 +194,6 @@ def _aad(header_digest: bytes, rtype: bytes, seq: int) -> bytes:
     return b"mailtresor-spool-v1\0" + header_digest + rtype + seq.to_bytes(4, "big")
 
 
-def _file_key(spool_key: bytes, salt: bytes, entry_id: str) -> bytes:
-    return crypto.derive(spool_key, salt, b"mailtresor spool file v1 " + entry_id.encode())
-
-
 def _record(rtype: bytes, payload: bytes) -> bytes:
     return _REC.pack(rtype, len(payload)) + payload
 
@@ -236,7 +232,7 @@ class SpoolWriter:
             "alg": "AES-256-GCM;HKDF-SHA256", "salt": base64.b64encode(salt).decode(),
         }, separators=(",", ":")).encode()
         self._digest = hashlib.sha256(header).digest()
-        self._aead = crypto.Aead(_file_key(key, salt, entry_id))
+        self._aead = crypto.Aead(spool_file_key(key, salt, entry_id))
         self._out = bytearray(MAGIC + _record(b"H", header))
         self._buf = bytearray()
         self._seq = 0
@@ -756,7 +752,7 @@ def decode(raw: bytes, entry_id: str, keys: Keys) -> SpoolEntry:
         salt = base64.b64decode(header["salt"], validate=True)
     except (KeyError, ValueError):
         raise SpoolCorrupt("header lacks a valid salt") from None
-    aead = crypto.Aead(_file_key(key, salt, entry_id))
+    aead = crypto.Aead(spool_file_key(key, salt, entry_id))
     digest = hashlib.sha256(hbytes).digest()
     chunks: list[bytes] = []
     envelope = end = None

@@ -2,8 +2,10 @@
 
 Keys live only in this process: the `KeyRing` is a dict in memory, never
 written anywhere, never logged (its `summary()` shows names, versions and
-ages, not material).  `KeyFetcher` asks the control endpoint over mutual TLS
-and retries with backoff while it is unreachable.
+ages, not material).  `KeyFetcher` keeps the spool key: it asks the control
+endpoint (through mailtresor.keys.client.ControlClient, the one client) and
+retries with backoff while it is unreachable.  What is derived from the
+keys is in mailtresor.keys.derive.
 
 The control endpoint's API (mailtresor.control.server serves it):
 
@@ -18,20 +20,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import random
 import re
-import ssl
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from mailtresor.keys import crypto
-from mailtresor.lazylog import LazyLogger
 
-log = LazyLogger("mailtresor.keys.ring")
+log = logging.getLogger("mailtresor.keys.ring")
 
 KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -152,133 +151,24 @@ class KeyRing:
                      "age": round(now - t)} for (n, v), (_, t) in sorted(self._keys.items())]
 
 
-# --- blocking client (CLI tools) ----------------------------------------------
-
-def fetch_blocking(url: str, ca_file: Path, cert_file: Path, key_file: Path, name: str,
-                   version: int | None = None, timeout: float = 10.0) -> KeyMaterial:
-    """Fetch one key with the standard library (for CLI tools off the reactor)."""
-    import http.client
-
-    parts = urllib.parse.urlsplit(url)
-    ctx = client_context(ca_file, cert_file, key_file)
-    conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=ctx, timeout=timeout)
-    try:
-        conn.request("GET", key_path(name, version))
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise ControlUnreachable(f"control endpoint {url} unreachable: {e}") from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise KeyRefused(f"control endpoint refused key {name!r}: {resp.status} {_error_text(body)}",
-                         resp.status)
-    return parse_key_response(body, name)
-
-
-def client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """The mTLS client context for the control endpoint; IdentityUnusable
-    naming the [control] setting and file at fault."""
-    for setting, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as e:
-            raise IdentityUnusable(f"[control] {setting} {path}: {e.strerror or e}") from None
-    try:
-        ctx = ssl.create_default_context(cafile=str(ca_file))
-    except (ssl.SSLError, ValueError) as e:
-        raise IdentityUnusable(f"[control] ca_file {ca_file}: not a usable CA certificate ({e})") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(cert_file), str(key_file))
-    except (ssl.SSLError, ValueError) as e:
-        raise IdentityUnusable(f"[control] cert_file {cert_file} and key_file {key_file}: "
-                               f"not a certificate and its private key ({e})") from None
-    return ctx
-
-
-def control_fetcher(cfg):
-    """(name, version) -> KeyMaterial over the appliance's mTLS identity
-    (its configuration's [control] section), blocking."""
-    c = cfg.control
-
-    def fetch(name: str, version: int | None = None) -> KeyMaterial:
-        return fetch_blocking(c.url, c.ca_file, c.cert_file, c.key_file, name, version, timeout=c.timeout)
-    return fetch
-
-
-def _error_text(body: bytes) -> str:
+def error_text(body: bytes) -> str:
+    """The control endpoint's reason in an error answer, if it gave one."""
     try:
         return str(json.loads(body)["error"])[:200]
     except (ValueError, KeyError, TypeError):
         return ""
 
 
-# --- Twisted client -------------------------------------------------------------
-
-class ControlClient:
-    """Asynchronous key fetches over mutual TLS (Twisted Agent)."""
-
-    def __init__(self, reactor, url: str, ca_file: Path, cert_file: Path, key_file: Path,
-                 timeout: float = 10.0):
-        from twisted.internet import ssl as tssl
-        from twisted.web.client import Agent
-        from twisted.web.iweb import IPolicyForHTTPS
-        from zope.interface import implementer
-
-        self._reactor = reactor
-        self._url = url.rstrip("/")
-        self._timeout = timeout
-        parts = urllib.parse.urlsplit(url)
-        trust = tssl.Certificate.loadPEM(Path(ca_file).read_bytes())
-        client = tssl.PrivateCertificate.loadPEM(Path(cert_file).read_bytes() + Path(key_file).read_bytes())
-        options = tssl.optionsForClientTLS(parts.hostname, trustRoot=trust, clientCertificate=client,
-                                           extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_2})
-
-        @implementer(IPolicyForHTTPS)
-        class _Policy:
-            def creatorForNetloc(self, hostname, port):
-                return options
-
-        self._agent = Agent(reactor, contextFactory=_Policy(), connectTimeout=timeout)
-
-    def fetch(self, name: str, version: int | None = None):
-        """Deferred firing with KeyMaterial, or failing with a KeyUnavailable."""
-        from twisted.web.client import readBody
-
-        d = self._agent.request(b"GET", (self._url + key_path(name, version)).encode())
-        d.addTimeout(self._timeout, self._reactor)
-
-        def got(resp):
-            return readBody(resp).addCallback(lambda body: (resp.code, body))
-
-        def check(result):
-            code, body = result
-            if code != 200:
-                raise KeyRefused(f"control endpoint refused key {name!r}: {code} {_error_text(body)}", code)
-            return parse_key_response(body, name)
-
-        def unreachable(f):
-            if f.check(KeyUnavailable):
-                return f
-            raise ControlUnreachable(f"control endpoint {self._url} unreachable: {_describe(f)}")
-
-        return d.addCallback(got).addCallback(check).addErrback(unreachable)
+def __getattr__(name: str):
+    # The client moved to mailtresor.keys.client; the old names still
+    # import from here (without making every user of the ring import ssl).
+    if name in ("ControlClient", "fetch_blocking", "control_fetcher", "client_context"):
+        from mailtresor.keys import client
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _describe(failure) -> str:
-    from twisted.internet.defer import TimeoutError as DTimeout
-    from twisted.web.client import ResponseNeverReceived
-
-    if failure.check(ResponseNeverReceived):
-        reasons = getattr(failure.value, "reasons", None) or []
-        return "; ".join(_describe(r) for r in reasons) or "no response"
-    if failure.check(DTimeout):
-        return "timed out"
-    value = failure.value
-    return f"{type(value).__name__}: {value}"[:300]
-
+# --- the spool key's keeper, on the reactor ----------------------------------------
 
 class KeyFetcher:
     """Gets the spool key at start (retrying with backoff), refreshes the
