@@ -203,7 +203,10 @@ def _address_values(addr: str) -> list[str]:
     values = [a]
     if "@" in a:
         local, _, domain = a.rpartition("@")
-        if local:
+        # A local part with an @ of its own ("bob@corp"@evil, bob@corp@evil)
+        # is not indexed whole: it would be a term that is another whole
+        # address, which a user's scope (address_filter) takes for theirs.
+        if local and "@" not in local:
             values.append(local)
             if "+" in local:
                 values.append(local.split("+", 1)[0])
@@ -787,8 +790,8 @@ def address_filter(addresses: Iterable[str]) -> xapian.Query:
     address: matches nothing."""
     terms = []
     for addr in sorted({a.strip().strip("<>").strip().lower() for a in addresses}):
-        if not addr:
-            continue
+        if "@" not in addr.strip("@"):
+            continue        # not a whole address: a word or a domain matches parts of others' addresses
         for field in _ADDRESS_FIELDS:
             term = _term(PREFIXES[field], addr)
             if term is not None:
