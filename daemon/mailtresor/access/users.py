@@ -144,6 +144,23 @@ class UserDB:
         self._file = SealedFile(path, key, _AAD, lambda: {"version": 1, "users": {}})
         self.path = self._file.path
         self._clock = clock
+        self._listeners: list = []
+
+    def on_change(self, fn) -> None:
+        """Call fn(tenant, name, change) after a user is disabled, removed,
+        given a new password, new roles or addresses, or a new second
+        factor (change: "disable", "remove", "passwd", "update", "totp").
+        The API registers `lambda t, n, c: sessions.drop_user(t, n)` so that
+        no open session outlives the change; a listener that raises does
+        not undo the change (it is written already)."""
+        self._listeners.append(fn)
+
+    def _changed(self, tenant: str | None, name: str, change: str) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(tenant, name, change)
+            except Exception:  # noqa: BLE001 - see on_change
+                pass
 
     # --- reading ---
 
@@ -201,11 +218,14 @@ class UserDB:
         def do(data):
             self._need(data, tenant, name)["hash"] = h
         self._file.modify(do)
+        self._changed(tenant, name, "passwd")
 
     def set_disabled(self, tenant: str | None, name: str, disabled: bool) -> None:
         def do(data):
             self._need(data, tenant, name)["disabled"] = bool(disabled)
         self._file.modify(do)
+        if disabled:
+            self._changed(tenant, name, "disable")
 
     def disable(self, tenant: str | None, name: str) -> None:
         self.set_disabled(tenant, name, True)
@@ -224,13 +244,16 @@ class UserDB:
             if addresses is not None:
                 rec["addresses"] = sorted(addresses)
             return self._user(tenant, name, rec)
-        return self._file.modify(do)
+        user = self._file.modify(do)
+        self._changed(tenant, name, "update")
+        return user
 
     def remove(self, tenant: str | None, name: str) -> None:
         def do(data):
             self._need(data, tenant, name)
             del data["users"][tenant or APPLIANCE][name]
         self._file.modify(do)
+        self._changed(tenant, name, "remove")
 
     def rehash(self, tenant: str | None, name: str, password: str) -> None:
         """Re-hash a password that verified against a hash with older
@@ -259,6 +282,7 @@ class UserDB:
             rec["totp"] = {"secret": secret, "last_step": 0}
             rec["recovery"] = [hash_recovery(c) for c in codes]
         self._file.modify(do)
+        self._changed(tenant, name, "totp")
         label = name if tenant is None else f"{name}@{tenant}"
         uri = pyotp.TOTP(secret).provisioning_uri(name=label, issuer_name=TOTP_ISSUER)
         return uri, codes
@@ -269,6 +293,7 @@ class UserDB:
             rec["totp"] = None
             rec["recovery"] = []
         self._file.modify(do)
+        self._changed(tenant, name, "totp")
 
     def check_totp(self, tenant: str | None, name: str, code: str) -> bool:
         """True once for a current code (±1 step of 30 s); the step is then
