@@ -53,6 +53,7 @@ EXPORT_MAX = 100_000                # messages per export (Core(export_max=...))
 EXPORT_TTL = 24 * 3600.0            # seconds a finished export is kept
 EXPORTS_RUNNING = 2                 # exports one principal may have running at once
 EXPORTS_KEPT = 10                   # exports (and their files) one principal keeps; the oldest finished goes
+MAX_QUERY = 4096                    # characters of a search string (the audit record keeps them)
 FILENAME_MAX = 200                  # characters of an attachment's file name handed out
 ORDERS = ("date-desc", "date-asc", "relevance")
 FORMATS = ("mbox", "zip")
@@ -120,6 +121,12 @@ def months_in(months: list[str], bounds) -> list[str]:
         if (lo is None or end >= lo) and (hi is None or start <= hi):
             out.append(m)
     return out
+
+
+def _terms(query) -> str | None:
+    """What the audit record keeps of a query: the query, or None when it
+    is no string or too long to be one (refused: MAX_QUERY)."""
+    return query if isinstance(query, str) and len(query) <= MAX_QUERY else None
 
 
 def safe_filename(name: str, n: int) -> str:
@@ -330,6 +337,8 @@ class Core:
     def _prepared(self, query: str, scope: frozenset[str] | None) -> index.Prepared:
         if not isinstance(query, str):
             raise BadRequest("bad query: the query must be a string")
+        if len(query) > MAX_QUERY:
+            raise BadRequest(f"the query is over {MAX_QUERY} characters")
         try:
             prepared = index.prepare(query)
         except index.QueryError as e:
@@ -370,7 +379,7 @@ class Core:
             except index.QueryError as e:
                 raise BadQuery(f"bad query: {e}") from None
             return doc, None
-        return self._audited(who, "search", run, asked=tenant, terms=query if isinstance(query, str) else None,
+        return self._audited(who, "search", run, asked=tenant, terms=_terms(query),
                              gate=lambda: self._read_scope(who),
                              detail={"order": order if order in ORDERS else "invalid", "page": bool(cursor)})
 
@@ -601,7 +610,7 @@ class Core:
             return job, jid
         # The job runs only once its audit record is written: an export the
         # trail could not record never produces a file.
-        job = self._audited(who, "export", run, asked=tenant, terms=query if isinstance(query, str) else None,
+        job = self._audited(who, "export", run, asked=tenant, terms=_terms(query),
                              gate=lambda: self._read_scope(who, export=True),
                              detail={"format": format if format in FORMATS else "invalid",
                                      "ids": len(ids) if isinstance(ids, list) else None})

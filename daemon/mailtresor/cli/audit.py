@@ -67,6 +67,29 @@ def run_verify(cfg, args) -> int:
     return 1 if rep.problems else 0
 
 
+def shown(value) -> str:
+    """One field of a record on a terminal line: as it is when it is
+    printable and has no space, else quoted and escaped (JSON, ASCII).  A
+    login name, an id or a client address is what the caller sent: a
+    newline in one would forge a record line under it, an escape sequence
+    would rewrite the auditor's terminal.  Pure."""
+    s = "-" if value is None or value == "" else str(value)
+    if all(c.isprintable() and not c.isspace() for c in s):
+        return s
+    return json.dumps(s, ensure_ascii=True)
+
+
+def format_record(r: dict) -> str:
+    """A record as one line of `mailtresor audit show`."""
+    line = " ".join([f"{r['seq']:>8}", shown(r["time"]), shown(r["principal"]), shown(r["tenant"]),
+                     shown(r["action"]), shown(r["object"]), shown(r["result"]), shown(r["client"])])
+    if "terms" in r:
+        line += f" terms={json.dumps(r['terms'], ensure_ascii=True)}"
+    if "detail" in r:
+        line += " " + json.dumps(r["detail"], sort_keys=True, ensure_ascii=True)
+    return line
+
+
 def run_show(cfg, args) -> int:
     from mailtresor.access import audit
     from mailtresor.cli.main import UserError, _keys, _tenant
@@ -95,12 +118,6 @@ def run_show(cfg, args) -> int:
         print(json.dumps({"records": records, "next": nxt}, indent=1, sort_keys=True))
         return 0
     for r in records:
-        line = (f"{r['seq']:>8} {r['time']} {r['principal']} {r['tenant'] or '-'} {r['action']} "
-                f"{r['object'] or '-'} {r['result']} {r['client'] or '-'}")
-        if "terms" in r:
-            line += f" terms={json.dumps(r['terms'], ensure_ascii=False)}"
-        if "detail" in r:
-            line += " " + json.dumps(r["detail"], sort_keys=True, ensure_ascii=False)
-        print(line)
+        print(format_record(r))
     print(f"{len(records)} record(s); next: --since {nxt}", file=sys.stderr)
     return 0
