@@ -488,3 +488,42 @@ def test_audit_show_lines_cannot_be_forged():
     assert line.split()[1:5] == ["2026-01-01T00:00:00Z", '"mallory\\u001b]0;owned\\u0007"', "acme", "read"]
     plain = dict(r, principal="alice", object="0" * 40, client="192.0.2.1", detail={})
     assert f" alice acme read {'0' * 40} not-found 192.0.2.1" in format_record(plain)
+
+
+def test_an_alias_to_an_entry_outside_the_base_logs_nobody_in(tmp_path):
+    """The same against a real slapd: the tenant's base is ou=people; an
+    alias there points at an entry under ou=system (another tenant's
+    subtree, say).  ldap3 dereferences aliases in searches, so the search
+    returned the outside entry, and its password bound."""
+    import subprocess
+    from pathlib import Path
+    from tests.harness import slapd as slapdmod
+    if not Path(slapdmod.SLAPD).exists():
+        pytest.skip("slapd is not installed")
+    s = slapdmod.Slapd(tmp_path / "slapd")
+    base = slapdmod.BASE
+    extra = s.dir / "extra.ldif"
+    extra.write_text(
+        f"dn: uid=eve,ou=system,{base}\nobjectClass: inetOrgPerson\nuid: eve\ncn: Eve\nsn: Eve\n"
+        f"mail: eve@globex.example\nuserPassword: {slapdmod.ssha('eve-password')}\n\n"
+        f"dn: uid=eve,ou=people,{base}\nobjectClass: alias\nobjectClass: extensibleObject\nuid: eve\n"
+        f"aliasedObjectName: uid=eve,ou=system,{base}\n")
+    r = subprocess.run([slapdmod.SLAPADD, "-f", str(s.conf), "-l", str(extra)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    s.start()
+    try:
+        cfg = make_cfg(tmp_path, {"throttle_failures": 100},
+                       [{"name": "acme", "domains": ["acme.example"],
+                         "ldap": s.ldap_config(base=f"ou=people,{base}")}])
+        a = Authenticator(cfg, UserDB(tmp_path / "users.db", KEY), TokenDB(tmp_path / "tokens.db", KEY))
+        try:
+            with pytest.raises(LoginFailed):
+                a.login(tenant="acme", username="eve", password="eve-password", totp=None, client="c")
+            p = a.login(tenant="acme", username="alice", password=s.users["alice"], totp=None, client="c")
+            assert p.addresses == {"alice@acme.example"}
+        finally:
+            for d in a._dirs.values():
+                d.close()
+    finally:
+        s.close()
