@@ -527,3 +527,84 @@ def test_an_alias_to_an_entry_outside_the_base_logs_nobody_in(tmp_path):
                 d.close()
     finally:
         s.close()
+
+
+def test_wildcards_per_query_are_bounded(world):
+    """Finding: each wildcard may expand to WILDCARD_LIMIT terms in each
+    field it names, but a query could hold hundreds of them (address:x*
+    is five): seconds of work per request for any user."""
+    core, _, _, _ = world
+    q = " OR ".join(f"address:{c}{d}*" for c in "abcdefgh" for d in "ae")
+    with pytest.raises(BadRequest) as e:
+        core.search(FRANK, query=q)
+    assert "wildcards" in e.value.reason
+    core.search(FRANK, query="subject:sal* OR from:car*")         # a few are fine
+    core.search(FRANK, query='"a* b* c* d* e* f* g* h* i*"')      # inside a phrase: no wildcard
+
+
+def test_throttle_takes_an_ipv6_client_by_its_64(tmp_path):
+    """Finding: the per-address throttle counted every IPv6 address apart;
+    a host has a /64 to pick from, so it never reached the back-off (and
+    every try cost an argon2 verify)."""
+    clock = Clock()
+    db = UserDB(tmp_path / "users.db", KEY, clock=clock)
+    authn = Authenticator(make_cfg(tmp_path, {"throttle_failures": 3, "throttle_window": 60}), db,
+                          TokenDB(tmp_path / "tokens.db", KEY), clock=clock)
+    for i in range(3):
+        with pytest.raises(LoginFailed):
+            authn.login(tenant="acme", username=f"name{i}", password="whatever1", totp=None,
+                        client=f"2001:db8:1:2::{i + 1:x}")
+    with pytest.raises(Throttled):
+        authn.login(tenant="acme", username="other", password="whatever1", totp=None,
+                    client="2001:db8:1:2:dead:beef:0:1")
+    with pytest.raises(LoginFailed):           # the next /64 is someone else
+        authn.login(tenant="acme", username="other", password="whatever1", totp=None, client="2001:db8:1:3::1")
+
+
+def test_argon2_checks_at_once_are_bounded(monkeypatch):
+    """Finding: every login thread ran its argon2 verify at once (100 MiB
+    and 8 lanes each): logins from many addresses, each within its
+    throttle, could take the appliance's memory.  At most VERIFY_SLOTS run
+    at once; the others wait."""
+    import threading
+    import time
+    from mailtresor.access import users as usersmod
+    real = usersmod._hasher
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    class Counting:
+        def verify(self, h, pw):
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            try:
+                time.sleep(0.05)
+                return real.verify(h, pw)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    monkeypatch.setattr(usersmod, "_hasher", Counting())
+    threads = [threading.Thread(target=usersmod.dummy_verify, args=("guess",)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert 1 <= state["peak"] <= usersmod.VERIFY_SLOTS
+
+
+def test_one_account_cannot_push_out_the_others_sessions():
+    """Finding: the session table evicted the least recently used session
+    when full, whoever's it was: one account logging in again and again
+    (a right password is never throttled) logged everybody else out."""
+    clock = Clock()
+    s = Sessions(clock=clock, max_sessions=10, per_principal=3)
+    bob, _ = s.create(P(name="bob", roles=["user"]))
+    mallory = P(name="mallory", roles=["user"])
+    sids = []
+    for _ in range(25):
+        clock.t += 1
+        sids.append(s.create(mallory)[0])
+    assert s.get(bob) is not None
+    assert [x for x in sids if s.get(x) is not None] == sids[-3:]

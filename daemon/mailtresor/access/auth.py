@@ -29,6 +29,23 @@ GENERIC = "wrong user name, password or code"
 MAX_NAME = 256
 
 
+def throttle_client(client: str) -> str:
+    """The form of a client address its throttle counter is kept under: an
+    IPv6 address by its /64 (one host is given a whole /64 and picks any
+    address in it: per address, each would get the free failures anew), an
+    IPv4-mapped one as IPv4; anything else as it is.  Pure."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(client.strip("[]"))
+    except ValueError:
+        return client
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
 def throttle_name(name: str) -> str:
     """The form of a user name its throttle counter is kept under: every
     spelling a directory takes for the same entry counts together.  LDAP
@@ -94,7 +111,7 @@ class Authenticator:
         # Throttle keys: the name case-folded (so "Alice" and "alice" count
         # together), and the client address.
         user_key = f"user:{tenant or ''}/{throttle_name(name)}"
-        keys = (user_key, f"addr:{client}")
+        keys = (user_key, f"addr:{throttle_client(client if isinstance(client, str) else '')}")
         self.throttle.check(keys)
         try:
             p = self._login(tenant, name, password, totp, client)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,11 @@ _hasher = argon2.PasswordHasher()
 # Verified against for a user who does not exist, so that an unknown name
 # costs what a wrong password costs (auth.py).
 DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+# Password checks running at once, in this process.  Each takes the hash's
+# memory (100 MiB) and its lanes: logins from many addresses at once (each
+# within its throttle) must queue, not take the appliance's memory.
+VERIFY_SLOTS = 2
+_verify_slots = threading.BoundedSemaphore(VERIFY_SLOTS)
 
 
 class UserError(ValueError):
@@ -66,10 +72,11 @@ def verify_password(stored_hash: str, password: str) -> bool:
     """argon2 verify; False (never an exception) for a wrong password or a
     malformed hash.  Every password check in access/ goes through here (tests
     count the calls)."""
-    try:
-        return _hasher.verify(stored_hash, password)
-    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
-        return False
+    with _verify_slots:
+        try:
+            return _hasher.verify(stored_hash, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
+            return False
 
 
 def dummy_verify(password: str) -> None:

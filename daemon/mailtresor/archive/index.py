@@ -147,6 +147,7 @@ INDEX_FORMAT = 2
 MAX_TERM = 245              # bytes, Xapian's limit (glass backend)
 MAX_WORD = 64               # bytes, longer words are not indexed (base64 debris)
 WILDCARD_LIMIT = 1024       # a wildcard expanding to more terms is an error
+MAX_WILDCARDS = 8           # wildcards in one query: each may expand to WILDCARD_LIMIT terms (per field)
 _POS_GAP = 100              # between fields/attachments: no phrase across them
 
 _STEM_LANGUAGE = "english"
@@ -735,6 +736,11 @@ def _precheck(text: str) -> str:
                     raise QueryError("unbalanced parentheses: a ')' without its '('")
     if depth > 0:
         raise QueryError(f"unbalanced parentheses: {depth} '(' not closed")
+    # Each wildcard is an OR of up to WILDCARD_LIMIT terms (in every field it
+    # names): hundreds of them in one query are seconds of work per request.
+    stars = sum(outside.count("*") for outside in parts[::2])
+    if stars > MAX_WILDCARDS:
+        raise QueryError(f"{stars} wildcards: at most {MAX_WILDCARDS} in one query")
     for i in range(0, len(parts), 2):
         parts[i] = _ATTACHMENT_TEXT_RE.sub(rf"\1{_ATTACHMENT_TEXT_ALIAS}:", parts[i])
         parts[i] = _BARE_ADDRESS_WORD.sub(r"\1address:\2", parts[i])
