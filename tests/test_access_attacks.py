@@ -608,3 +608,27 @@ def test_one_account_cannot_push_out_the_others_sessions():
         sids.append(s.create(mallory)[0])
     assert s.get(bob) is not None
     assert [x for x in sids if s.get(x) is not None] == sids[-3:]
+
+
+def _html_part(markup):
+    from mailtresor.archive import parse
+    return parse.Part(n=0, content_type="text/html", filename="", content_id="", charset="utf-8",
+                      data=markup.encode())
+
+
+@pytest.mark.parametrize("markup", ["<div>" * 3000, "<b><i>" * 2000, "<span>x</span>" * (render.MAX_TAGS + 1)])
+def test_html_too_deep_or_too_large_is_shown_as_text(markup):
+    """Finding: html5lib builds its tree in (elements) x (depth) steps:
+    8,000 nested <div>s took ten seconds, the 4 MB a message may hold
+    hours of a request thread, for anyone who opens the message.  Markup
+    nested deeper than MAX_DEPTH or with more than MAX_TAGS tags is shown
+    as its text (escaped, in <pre>), measured by a linear tokenizer."""
+    out = render.message_html([_html_part(markup + "<script>alert(1)</script>")])
+    assert "too deeply nested or too large" in out
+    assert "<script" not in out and "<div" not in out and "<span" not in out
+
+
+def test_ordinary_html_is_still_rendered_as_html():
+    markup = "<table>" + "<tr><td><b>x</b> <a href='https://example.com/'>y</a></td></tr>" * 500 + "</table>"
+    out = render.message_html([_html_part("<div>" * 50 + markup + "</div>" * 50)])
+    assert "too deeply" not in out and "<table>" in out and 'href="https://example.com/"' in out
