@@ -632,3 +632,42 @@ def test_ordinary_html_is_still_rendered_as_html():
     markup = "<table>" + "<tr><td><b>x</b> <a href='https://example.com/'>y</a></td></tr>" * 500 + "</table>"
     out = render.message_html([_html_part("<div>" * 50 + markup + "</div>" * 50)])
     assert "too deeply" not in out and "<table>" in out and 'href="https://example.com/"' in out
+
+
+def test_audit_show_terms_is_recorded_for_the_tenant(tmp_path):
+    """Finding: `mailtresor audit show --terms` without --tenant decrypted
+    every tenant's search terms and recorded that read once, as an
+    appliance record (tenant None): no tenant's auditor was shown that the
+    operator had read their terms."""
+    import argparse
+    from mailtresor.cli.audit import run_show
+    from mailtresor.cli.main import UserError
+    args = argparse.Namespace(tenant=None, appliance=False, terms=True, limit=10, since=0, json=False, action=None)
+    cfg = make_cfg(tmp_path)
+    cfg.audit.directory.mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        run_show(cfg, args)
+    assert "--tenant" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["*", "*)(uid=*", "a\\2a", "alice)(|(uid=*", "ali(ce", "ａｌｉｃｅ*", "\\", "x\x00y"])
+def test_ldap_filter_values_are_escaped(name):
+    from mailtresor.access.ldap import user_filter
+    flt = user_filter("(&(objectClass=inetOrgPerson)(uid={username}))", name)
+    value = flt[len("(&(objectClass=inetOrgPerson)(uid="):-2]
+    assert not any(c in value for c in "*()\x00")
+    assert value.count("\\") == sum(name.count(c) for c in "*()\\\x00")
+
+
+def test_zip_export_names_and_manifest(world):
+    import json
+    import re
+    core, ids, _, _ = world
+    job = core.export_start(AUDITOR, query="", format="zip")
+    core.wait_exports()
+    with zipfile.ZipFile(core.export_path(AUDITOR, job["id"])) as z:
+        names = z.namelist()
+        manifest = json.loads(z.read("manifest.json"))
+    assert all(re.fullmatch(r"[0-9a-f]{40}\.eml", n) for n in names if n != "manifest.json")
+    assert set(manifest) == {"tenant", "created", "query", "messages", "missing"}
+    assert {m["id"] for m in manifest["messages"]} == {ids[n] for n in ("carol", "frank", "names")}

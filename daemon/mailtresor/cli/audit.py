@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     sh.add_argument("--limit", type=int, default=1000)
     sh.add_argument("--action", action="append", metavar="ACTION", help="only these actions (repeatable)")
     sh.add_argument("--terms", action="store_true",
-                    help="decrypt search terms with the tenant's key (recorded in the trail)")
+                    help="decrypt search terms with the tenant's key (needs --tenant; recorded in that "
+                         "tenant's trail)")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     sh.set_defaults(func=run_show)
 
@@ -100,6 +101,11 @@ def run_show(cfg, args) -> int:
         raise UserError("--limit must be at least 1")
     if args.since < 0:
         raise UserError("--since must not be negative")
+    if args.terms and not args.tenant:
+        # The record of this read goes to the tenant whose terms are read,
+        # where its auditors see it; over every tenant at once it would be
+        # an appliance record that no tenant's auditor is shown.
+        raise UserError("--terms needs --tenant (the read is recorded in that tenant's trail)")
     tenant = _tenant(cfg, args.tenant) if args.tenant else None if args.appliance else audit.ALL
     keys = _keys(cfg) if args.terms else None
     if args.terms:
