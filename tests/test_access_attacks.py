@@ -45,7 +45,11 @@ def nasty_names(frm, to):
             f"{base64.b64encode(b'one').decode()}\r\n"
             f"--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"{long_name}\"\r\n"
             "Content-Transfer-Encoding: base64\r\n\r\n"
-            f"{base64.b64encode(b'two').decode()}\r\n--B--\r\n").encode()
+            f"{base64.b64encode(b'two').decode()}\r\n"
+            "--B\r\nContent-Type: text/html\r\n x-injected: 1\r\nContent-Disposition: attachment; filename=c.html\r\n\r\n"
+            "<p>three</p>\r\n"
+            "--B\r\nContent-Type: \"image/png\\\"><x\"\r\nContent-Disposition: attachment; filename=d.png\r\n\r\n"
+            "four\r\n--B--\r\n").encode()
 
 
 MAILS = {
@@ -319,6 +323,21 @@ def test_attachment_names_cannot_escape_or_inject(world):
         assert 0 < len(name) <= coremod.FILENAME_MAX
     assert names[0].endswith(".pdf") and names[1].endswith(".pdf")
     assert "\r" not in core.text(FRANK, ids["names"])
+
+
+def test_attachment_content_types_are_tokens(world):
+    """Finding: an attachment's content type was handed out as the message
+    folded it ("text/html\r\n x-injected: 1") or quoted it, for the API to
+    put into a Content-Type header.  Now a type/subtype token pair, else
+    application/octet-stream."""
+    core, ids, _, _ = world
+    meta = core.message(FRANK, ids["names"])
+    types = [a["content_type"] for a in meta["attachments"]]
+    assert types[:2] == ["application/pdf", "application/pdf"]
+    assert types[2:] == ["application/octet-stream", "application/octet-stream"]
+    for n in range(1, len(types) + 1):
+        assert core.attachment(FRANK, ids["names"], n)[1] == types[n - 1]
+    assert "x-injected" not in core.text(FRANK, ids["names"])
 
 
 @pytest.mark.parametrize("markup", [

@@ -59,6 +59,7 @@ ORDERS = ("date-desc", "date-asc", "relevance")
 FORMATS = ("mbox", "zip")
 
 _AID = re.compile(r"[0-9a-f]{40}")
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _JOB = re.compile(r"[0-9a-f]{32}")
 
 
@@ -144,6 +145,14 @@ def safe_filename(name: str, n: int) -> str:
         name = (stem[:FILENAME_MAX - len(ext) - 1] + "." + ext) if dot and stem and len(ext) <= 16 \
             else name[:FILENAME_MAX]
     return name or f"attachment-{n}"
+
+
+def safe_content_type(ctype: str) -> str:
+    """An attachment's content type as it may be handed out (and put in a
+    Content-Type header): a plain type/subtype token pair, else
+    application/octet-stream.  The message's own value may hold a folded
+    line (CR/LF), quotes or markup.  Pure."""
+    return ctype if isinstance(ctype, str) and _MIME_TYPE.fullmatch(ctype) else "application/octet-stream"
 
 
 def owner(who: Principal) -> str:
@@ -507,7 +516,7 @@ class Core:
                     "envelopes": envelopes, "journal_recipients": list(dict.fromkeys(journal_rcpts)),
                     "flags": sorted(set(summary.get("flags") or [])), "tags": tags,
                     "attachments": [{"n": p.n, "filename": safe_filename(p.filename, p.n),
-                                     "content_type": p.content_type,
+                                     "content_type": safe_content_type(p.content_type),
                                      "size": len(p.data)} for p in parts if p.n]}
         return self._read(who, "read", aid, tenant, run)
 
@@ -524,7 +533,7 @@ class Core:
                 raise NotFound("no such attachment")
             for p in parse.mime_parts(raw, self.limits):
                 if p.n == n:
-                    return safe_filename(p.filename, n), p.content_type, p.data
+                    return safe_filename(p.filename, n), safe_content_type(p.content_type), p.data
             raise NotFound("no such attachment")
         return self._read(who, "download", aid, tenant, run)
 
@@ -546,7 +555,8 @@ class Core:
                 plain = [parse.html_to_text(parse.decode_text(p)) for p in parts
                          if not p.n and p.content_type == "text/html"]
             body = "\n\n".join(s.replace("\r\n", "\n").strip("\n") for s in plain)
-            atts = [f"[{p.n}] {safe_filename(p.filename, p.n)} ({p.content_type}, {len(p.data)} bytes)"
+            atts = [f"[{p.n}] {safe_filename(p.filename, p.n)} ({safe_content_type(p.content_type)}, "
+                    f"{len(p.data)} bytes)"
                     for p in parts if p.n]
             return "\n".join(lines) + "\n\n" + body + ("\n\nAttachments:\n" + "\n".join(atts) if atts else "") + "\n"
         return self._read(who, "read", aid, tenant, run)
