@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 
 from mailtresor.access import users as usersmod
 from mailtresor.access.principal import Principal
@@ -26,6 +27,33 @@ log = logging.getLogger("mailtresor.access.auth")
 
 GENERIC = "wrong user name, password or code"
 MAX_NAME = 256
+
+
+def throttle_client(client: str) -> str:
+    """The form of a client address its throttle counter is kept under: an
+    IPv6 address by its /64 (one host is given a whole /64 and picks any
+    address in it: per address, each would get the free failures anew), an
+    IPv4-mapped one as IPv4; anything else as it is.  Pure."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(client.strip("[]"))
+    except ValueError:
+        return client
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+def throttle_name(name: str) -> str:
+    """The form of a user name its throttle counter is kept under: every
+    spelling a directory takes for the same entry counts together.  LDAP
+    matches uid with insignificant spaces removed, case folded and Unicode
+    compatibility-normalised ("Alice", " alice ", "ａｌｉｃｅ" are one
+    user), so each of them being a counter of its own would let a guesser
+    try 5 passwords per spelling.  Pure."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 class LoginFailed(Exception):
@@ -82,8 +110,8 @@ class Authenticator:
         password = password if isinstance(password, str) else ""
         # Throttle keys: the name case-folded (so "Alice" and "alice" count
         # together), and the client address.
-        user_key = f"user:{tenant or ''}/{name.casefold()}"
-        keys = (user_key, f"addr:{client}")
+        user_key = f"user:{tenant or ''}/{throttle_name(name)}"
+        keys = (user_key, f"addr:{throttle_client(client if isinstance(client, str) else '')}")
         self.throttle.check(keys)
         try:
             p = self._login(tenant, name, password, totp, client)
@@ -132,6 +160,23 @@ class Authenticator:
             raise LoginFailed()
         return Principal(kind="user", name=name, tenant=tenant, roles=found.roles,
                          addresses=found.addresses, client=client)
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether a session's principal may still act: for a local user,
+        that the user still exists, is not disabled and has the roles and
+        addresses the session was opened with (users.db is re-read when it
+        changed: `mailtresor user disable` in another process counts at
+        once).  The API asks this on every request made with a session
+        cookie and drops the session when it is False; in this process,
+        UserDB.on_change() ends the sessions at once (Sessions.drop_user).
+        A directory user keeps the session until its timeouts."""
+        if principal.kind != "user":
+            return True
+        if self.users.password_hash(principal.tenant, principal.name) is None:
+            return principal.tenant is not None and self.directory(principal.tenant) is not None
+        user = self.users.get(principal.tenant, principal.name)
+        return (user is not None and not user.disabled and user.roles == principal.roles
+                and user.addresses == principal.addresses)
 
     def token(self, secret: str, client: str) -> Principal:
         """The Principal of a valid API token; LoginFailed for an unknown,

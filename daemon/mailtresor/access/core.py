@@ -52,10 +52,14 @@ MAX_AUDIT_PAGE = 1000               # records per audit/events page
 EXPORT_MAX = 100_000                # messages per export (Core(export_max=...))
 EXPORT_TTL = 24 * 3600.0            # seconds a finished export is kept
 EXPORTS_RUNNING = 2                 # exports one principal may have running at once
+EXPORTS_KEPT = 10                   # exports (and their files) one principal keeps; the oldest finished goes
+MAX_QUERY = 4096                    # characters of a search string (the audit record keeps them)
+FILENAME_MAX = 200                  # characters of an attachment's file name handed out
 ORDERS = ("date-desc", "date-asc", "relevance")
 FORMATS = ("mbox", "zip")
 
 _AID = re.compile(r"[0-9a-f]{40}")
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _JOB = re.compile(r"[0-9a-f]{32}")
 
 
@@ -72,6 +76,13 @@ class AccessError(Exception):
 class BadRequest(AccessError):
     """400: the request cannot be run; the reason names the problem."""
     status = 400
+
+
+class BadQuery(BadRequest):
+    """400 for a query that does not parse.  The reason quotes the query
+    (what the user must fix); the audit record says only "bad query": the
+    terms are kept encrypted (`terms=`), never in clear in a reason."""
+    audit_reason = "bad query"
 
 
 class Forbidden(AccessError):
@@ -111,6 +122,37 @@ def months_in(months: list[str], bounds) -> list[str]:
         if (lo is None or end >= lo) and (hi is None or start <= hi):
             out.append(m)
     return out
+
+
+def _terms(query) -> str | None:
+    """What the audit record keeps of a query: the query, or None when it
+    is no string or too long to be one (refused: MAX_QUERY)."""
+    return query if isinstance(query, str) and len(query) <= MAX_QUERY else None
+
+
+def safe_filename(name: str, n: int) -> str:
+    """An attachment's file name as it may be handed out: the last path
+    component (no "/", "\\", "..": a client that saves it stays in its
+    directory), no control, format (bidi overrides) or line-separator
+    characters and no double quote (nothing to break a Content-Disposition
+    header with), no leading dot, at most FILENAME_MAX characters keeping a
+    short extension; "attachment-N" when nothing is left.  Pure."""
+    name = (name or "").replace("\\", "/").rpartition("/")[2]
+    name = "".join(c for c in name if c.isprintable() and c != '"')
+    name = name.strip().lstrip(".").strip()
+    if len(name) > FILENAME_MAX:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[:FILENAME_MAX - len(ext) - 1] + "." + ext) if dot and stem and len(ext) <= 16 \
+            else name[:FILENAME_MAX]
+    return name or f"attachment-{n}"
+
+
+def safe_content_type(ctype: str) -> str:
+    """An attachment's content type as it may be handed out (and put in a
+    Content-Type header): a plain type/subtype token pair, else
+    application/octet-stream.  The message's own value may hold a folded
+    line (CR/LF), quotes or markup.  Pure."""
+    return ctype if isinstance(ctype, str) and _MIME_TYPE.fullmatch(ctype) else "application/octet-stream"
 
 
 def owner(who: Principal) -> str:
@@ -216,6 +258,11 @@ class Core:
     def _read_scope(self, who: Principal, export: bool = False) -> frozenset[str] | None:
         """None: the whole tenant; else the addresses the caller's mail is
         found by.  Raises Forbidden."""
+        if who.tenant is None and who.kind != "local":
+            # Only a local administrator names the tenant it reads: a
+            # tenant-less token or user with a read right would read them all.
+            raise Forbidden("administrators do not read mail" if who.roles & {"admin", "appliance-admin"}
+                            else "a principal without a tenant reads no mail")
         if who.can("read-tenant"):
             scope = None
         elif who.can("read-own"):
@@ -249,7 +296,8 @@ class Core:
                 value, obj, tenant = fn(None)
         except AccessError as e:
             self._append(who, tenant if tenant is not None and self._tenant_ok(tenant) else who.tenant,
-                         action, obj, e.result, terms, {"reason": e.reason, **(detail or {})})
+                         action, obj, e.result, terms,
+                         {"reason": getattr(e, "audit_reason", e.reason), **(detail or {})})
             raise
         except Exception:
             self._append(who, tenant if tenant is not None and self._tenant_ok(tenant) else who.tenant,
@@ -298,10 +346,12 @@ class Core:
     def _prepared(self, query: str, scope: frozenset[str] | None) -> index.Prepared:
         if not isinstance(query, str):
             raise BadRequest("bad query: the query must be a string")
+        if len(query) > MAX_QUERY:
+            raise BadRequest(f"the query is over {MAX_QUERY} characters")
         try:
             prepared = index.prepare(query)
         except index.QueryError as e:
-            raise BadRequest(f"bad query: {e}") from None
+            raise BadQuery(f"bad query: {e}") from None
         if scope is not None:
             prepared = index.restrict(prepared, index.address_filter(scope))
         return prepared
@@ -336,11 +386,11 @@ class Core:
                 if facets:
                     doc["facets"] = index.facets(paths, prepared, readers=self.readers)
             except index.QueryError as e:
-                raise BadRequest(f"bad query: {e}") from None
+                raise BadQuery(f"bad query: {e}") from None
             return doc, None
-        return self._audited(who, "search", run, asked=tenant, terms=query if isinstance(query, str) else None,
+        return self._audited(who, "search", run, asked=tenant, terms=_terms(query),
                              gate=lambda: self._read_scope(who),
-                             detail={"order": order, "page": bool(cursor)} if isinstance(order, str) else None)
+                             detail={"order": order if order in ORDERS else "invalid", "page": bool(cursor)})
 
     def _row(self, tenant: str, h: index.Hit) -> dict:
         from mailtresor.archive.store import index_listing
@@ -371,6 +421,8 @@ class Core:
         if not isinstance(aid, str) or not _AID.fullmatch(aid.lower()):
             raise NotFound()
         aid = aid.lower()           # as `mailtresor show` takes it
+        if scope is not None and not self._indexed_in_scope(tenant, aid, scope):
+            raise NotFound()
         with self._store_lock:
             try:
                 if not self.store.has_archive(tenant):
@@ -390,6 +442,21 @@ class Core:
         if scope is not None and not self._visible(scope, meta, head):
             raise NotFound()
         return month, raw, meta, head
+
+    def _indexed_in_scope(self, tenant: str, aid: str, scope: frozenset[str]) -> bool:
+        """Whether the index has `aid` within a user's scope.  Asked before
+        the store is touched, so that another user's message and a message
+        that does not exist cost the same work (one term lookup per shard
+        index) and take the same time: no decryption, no parsing for mail
+        that is not the caller's.  Mail not indexed yet is not found yet
+        (as it is not found by a search)."""
+        prepared = index.restrict(index.prepare(f"aid:{aid}"), index.address_filter(scope))
+        with self._store_lock:
+            if not self.store.has_archive(tenant):
+                return False
+            paths = self.store.index_paths(tenant, self.store.months(tenant, check=False))
+        total, _ = index.search(paths, prepared, limit=0, readers=self.readers)
+        return total > 0
 
     @staticmethod
     def _visible(scope: frozenset[str], meta: dict, head: dict) -> bool:
@@ -448,7 +515,8 @@ class Core:
                     "sha256": hashlib.sha256(raw).hexdigest(), "first_seen": iso(meta.get("first_seen")),
                     "envelopes": envelopes, "journal_recipients": list(dict.fromkeys(journal_rcpts)),
                     "flags": sorted(set(summary.get("flags") or [])), "tags": tags,
-                    "attachments": [{"n": p.n, "filename": p.filename, "content_type": p.content_type,
+                    "attachments": [{"n": p.n, "filename": safe_filename(p.filename, p.n),
+                                     "content_type": safe_content_type(p.content_type),
                                      "size": len(p.data)} for p in parts if p.n]}
         return self._read(who, "read", aid, tenant, run)
 
@@ -465,7 +533,7 @@ class Core:
                 raise NotFound("no such attachment")
             for p in parse.mime_parts(raw, self.limits):
                 if p.n == n:
-                    return p.filename or f"attachment-{n}", p.content_type, p.data
+                    return safe_filename(p.filename, n), safe_content_type(p.content_type), p.data
             raise NotFound("no such attachment")
         return self._read(who, "download", aid, tenant, run)
 
@@ -487,7 +555,8 @@ class Core:
                 plain = [parse.html_to_text(parse.decode_text(p)) for p in parts
                          if not p.n and p.content_type == "text/html"]
             body = "\n\n".join(s.replace("\r\n", "\n").strip("\n") for s in plain)
-            atts = [f"[{p.n}] {p.filename or '(no name)'} ({p.content_type}, {len(p.data)} bytes)"
+            atts = [f"[{p.n}] {safe_filename(p.filename, p.n)} ({safe_content_type(p.content_type)}, "
+                    f"{len(p.data)} bytes)"
                     for p in parts if p.n]
             return "\n".join(lines) + "\n\n" + body + ("\n\nAttachments:\n" + "\n".join(atts) if atts else "") + "\n"
         return self._read(who, "read", aid, tenant, run)
@@ -523,6 +592,7 @@ class Core:
                               and j.state in ("queued", "running"))
             if running >= EXPORTS_RUNNING:
                 raise BadRequest(f"{running} exports are running already; wait for one to finish")
+            self._keep_room(owner(who))
             if ids is not None:
                 if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                     raise BadRequest("ids must be a list of archive ids")
@@ -541,22 +611,41 @@ class Core:
                                          f"of {self.export_max}")
                     _, hits = index.search(paths, prepared, limit=total, order="date-asc", readers=self.readers)
                 except index.QueryError as e:
-                    raise BadRequest(f"bad query: {e}") from None
+                    raise BadQuery(f"bad query: {e}") from None
                 items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
             jid = secrets.token_hex(16)
             job = _Job(id=jid, owner=owner(who), tenant=t, format=format, query=query, items=items,
                        scope=scope, created=self.clock(),
                        path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
-            with self._jobs_lock:
-                self._jobs[jid] = job
-            job.thread = threading.Thread(target=self._run_export, args=(job,), name=f"export-{jid[:8]}",
-                                          daemon=True)
-            job.thread.start()
-            return job.public(), jid
-        return self._audited(who, "export", run, asked=tenant, terms=query if isinstance(query, str) else None,
+            return job, jid
+        # The job runs only once its audit record is written: an export the
+        # trail could not record never produces a file.
+        job = self._audited(who, "export", run, asked=tenant, terms=_terms(query),
                              gate=lambda: self._read_scope(who, export=True),
-                             detail={"format": format if isinstance(format, str) else None,
+                             detail={"format": format if format in FORMATS else "invalid",
                                      "ids": len(ids) if isinstance(ids, list) else None})
+        with self._jobs_lock:
+            self._jobs[job.id] = job
+        job.thread = threading.Thread(target=self._run_export, args=(job,), name=f"export-{job.id[:8]}",
+                                      daemon=True)
+        job.thread.start()
+        return job.public()
+
+    def _keep_room(self, who_owner: str) -> None:
+        """Forget the owner's oldest finished exports (and remove their
+        files) so that a new one leaves it at most EXPORTS_KEPT: one user
+        starting export after export cannot fill the disk within EXPORT_TTL."""
+        with self._jobs_lock:
+            mine = sorted((j for j in self._jobs.values() if j.owner == who_owner), key=lambda j: j.created)
+            finished = [j for j in mine if j.state in ("done", "failed")]
+            drop = finished[:max(0, len(mine) - EXPORTS_KEPT + 1)]
+            for j in drop:
+                del self._jobs[j.id]
+        for j in drop:
+            try:
+                os.unlink(j.path)
+            except OSError:
+                pass
 
     def _job(self, who: Principal, job_id) -> _Job:
         if not isinstance(job_id, str) or not _JOB.fullmatch(job_id):
@@ -625,6 +714,9 @@ class Core:
         for aid, month in job.items:
             try:
                 if not _AID.fullmatch(aid):
+                    raise NotFound()
+                if job.scope is not None and month is None and not self._indexed_in_scope(job.tenant, aid,
+                                                                                          job.scope):
                     raise NotFound()
                 with self._store_lock:
                     if month is None:
@@ -697,7 +789,7 @@ class Core:
         """The tenant's audit records after `since`, search terms decrypted
         (auditors and local administrators): {"records": [...], "next": seq}."""
         def run(t):
-            if not who.can("audit-read"):
+            if not who.can("audit-read") or (who.tenant is None and who.kind != "local"):
                 raise Forbidden("only auditors read the audit trail")
             since_, limit_ = self._page(since, limit)
             records, nxt = self.audit.read(tenant=t, since=since_, limit=limit_, with_terms=True)
@@ -709,7 +801,7 @@ class Core:
         downloads, exports, administrative changes, key fetches, anomalies),
         terms left encrypted: {"events": [...], "next": seq}."""
         def run(t):
-            if not who.can("events"):
+            if not who.can("events") or (who.tenant is None and who.kind != "local"):
                 raise Forbidden("this principal may not read events")
             since_, limit_ = self._page(since, limit)
             from mailtresor.access.audit import EVENT_ACTIONS

@@ -58,6 +58,13 @@ def normalise_dn(dn: str) -> str:
         return dn.strip().lower()
 
 
+def within(dn: str, base: str) -> bool:
+    """Whether `dn` is `base` or below it (RDN by RDN, as normalise_dn
+    spells them).  Pure."""
+    d, b = normalise_dn(dn).split(","), normalise_dn(base).split(",")
+    return bool(b) and len(d) >= len(b) and d[len(d) - len(b):] == b
+
+
 def addresses_from(values) -> set[str]:
     """Mail addresses from attribute values: "smtp:"/"SMTP:" prefixes
     stripped, other proxy address types ("x500:", "sip:") dropped,
@@ -179,6 +186,10 @@ class Directory:
         if not password or not username or "\x00" in username or "\x00" in password:
             return None                 # empty password = anonymous bind: never "succeeds" here
         found = self._search(self.cfg.base, user_filter(self.cfg.filter, username), self._attrs)
+        # An entry outside the base (an alias dereferenced to it, a referral
+        # chased by a proxy, a directory that ignores the base) is no user of
+        # this tenant: several tenants may share one directory.
+        found = [e for e in found if isinstance(e.get("dn"), str) and within(e["dn"], self.cfg.base)]
         if len(found) != 1:
             # Bind as a DN that does not exist, so that an unknown name costs
             # the TLS handshake and bind that a wrong password costs.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import html
+import html.parser
 
 import bleach
 import html5lib
@@ -126,6 +127,58 @@ def _drop_code(markup: str) -> str:
     return html5lib.serialize(root, tree="etree", omit_optional_tags=False, quote_attr_values="always")
 
 
+# html5lib's tree building costs (elements) x (depth of the open-element
+# stack): 8,000 nested <div>s take ten seconds, the 4 MB a message may hold
+# take hours of a request thread; and html5lib plus bleach cost about 80 us
+# a tag.  Markup over these bounds is shown as its text instead (measured
+# by the standard library's linear tokenizer): at most about 2 s a rendering.
+MAX_DEPTH = 256
+MAX_TAGS = 20_000
+# No end tag needed (they close themselves) or none allowed (void): they do
+# not deepen the stack a browser builds.
+_FLAT = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+                   "source", "track", "wbr", "keygen", "p", "li", "dt", "dd", "tr", "td", "th", "option",
+                   "optgroup", "rb", "rt", "rp", "thead", "tbody", "tfoot", "colgroup", "html", "head",
+                   "body"})
+
+
+class _Shape(html.parser.HTMLParser):
+    """Counts start tags and the deepest nesting (unclosed tags counted as
+    open: an over-estimate, never an under-one)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=False)
+        self.tags = self.depth = self.deepest = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags += 1
+        if tag not in _FLAT:
+            self.depth += 1
+            self.deepest = max(self.deepest, self.depth)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags += 1
+
+    def handle_endtag(self, tag):
+        if tag not in _FLAT and self.depth:
+            self.depth -= 1
+
+
+def too_complex(markup: str) -> bool:
+    """Whether `markup` is beyond what is rendered as HTML (MAX_DEPTH,
+    MAX_TAGS).  Linear in its length."""
+    shape = _Shape()
+    try:
+        for i in range(0, len(markup), 65536):
+            shape.feed(markup[i:i + 65536])
+            if shape.deepest > MAX_DEPTH or shape.tags > MAX_TAGS:
+                return True
+        shape.close()
+    except Exception:  # noqa: BLE001 - the stdlib parser is lenient; never trust that
+        return True
+    return shape.deepest > MAX_DEPTH or shape.tags > MAX_TAGS
+
+
 def sanitise(markup: str, images: dict[str, str] | None = None) -> str:
     """`markup` with only the allow-listed tags and attributes left (see
     the module's docstring)."""
@@ -142,6 +195,10 @@ def message_html(parts: list[parse.Part]) -> str:
     images = inline_images(parts)
     for p in parts:
         if not p.n and p.content_type == "text/html":
-            return sanitise(parse.decode_text(p)[:parse._HTML_MAX_INPUT], images)
+            markup = parse.decode_text(p)[:parse._HTML_MAX_INPUT]
+            if too_complex(markup):
+                return ("<p><em>This message's HTML is too deeply nested or too large to show; "
+                        "its text:</em></p><pre>" + html.escape(parse.html_to_text(markup)) + "</pre>")
+            return sanitise(markup, images)
     text = "\n\n".join(parse.decode_text(p) for p in parts if not p.n and p.content_type == "text/plain")
     return "<pre>" + html.escape(text.replace("\r\n", "\n")) + "</pre>"

@@ -29,10 +29,13 @@ class Sessions:
     """sid -> (principal, CSRF token), with an idle and an absolute timeout."""
 
     def __init__(self, *, idle: float = 1800, absolute: float = 43200, clock=time.time,
-                 max_sessions: int = 100_000):
+                 max_sessions: int = 100_000, per_principal: int = 20):
         self.idle, self.absolute = float(idle), float(absolute)
         self._clock = clock
         self._max = max_sessions
+        # One account logging in again and again must not fill the table and
+        # push everybody else's sessions out: its own oldest go first.
+        self._per = per_principal
         self._lock = threading.Lock()
         self._s: dict[str, _Session] = {}
 
@@ -47,7 +50,13 @@ class Sessions:
         sid = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(32)
         now = self._clock()
+        who = (principal.kind, principal.tenant, principal.name)
         with self._lock:
+            mine = [k for k, s in self._s.items()
+                    if (s.principal.kind, s.principal.tenant, s.principal.name) == who]
+            while len(mine) >= self._per:
+                del self._s[min(mine, key=lambda k: self._s[k].last)]
+                mine = [k for k in mine if k in self._s]
             if len(self._s) >= self._max:
                 self._prune(now)
                 if len(self._s) >= self._max:          # still full: the oldest goes

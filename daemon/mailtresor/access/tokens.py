@@ -82,6 +82,9 @@ class TokenDB:
         """A new token; returns (token id, the whole token "mt_<id>_<secret>"),
         the second shown once and never stored.  `expires`: a Unix time, or
         None for a token that lasts until revoked."""
+        if not isinstance(tenant, str) or not tenant:
+            # A token without a tenant would be let into any tenant it names.
+            raise TokenError("a token belongs to a tenant")
         scopes = frozenset(scopes)
         bad = scopes - set(SCOPES)
         if bad:

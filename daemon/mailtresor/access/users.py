@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,11 @@ _hasher = argon2.PasswordHasher()
 # Verified against for a user who does not exist, so that an unknown name
 # costs what a wrong password costs (auth.py).
 DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+# Password checks running at once, in this process.  Each takes the hash's
+# memory (100 MiB) and its lanes: logins from many addresses at once (each
+# within its throttle) must queue, not take the appliance's memory.
+VERIFY_SLOTS = 2
+_verify_slots = threading.BoundedSemaphore(VERIFY_SLOTS)
 
 
 class UserError(ValueError):
@@ -66,10 +72,11 @@ def verify_password(stored_hash: str, password: str) -> bool:
     """argon2 verify; False (never an exception) for a wrong password or a
     malformed hash.  Every password check in access/ goes through here (tests
     count the calls)."""
-    try:
-        return _hasher.verify(stored_hash, password)
-    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
-        return False
+    with _verify_slots:
+        try:
+            return _hasher.verify(stored_hash, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHash):
+            return False
 
 
 def dummy_verify(password: str) -> None:
@@ -144,6 +151,23 @@ class UserDB:
         self._file = SealedFile(path, key, _AAD, lambda: {"version": 1, "users": {}})
         self.path = self._file.path
         self._clock = clock
+        self._listeners: list = []
+
+    def on_change(self, fn) -> None:
+        """Call fn(tenant, name, change) after a user is disabled, removed,
+        given a new password, new roles or addresses, or a new second
+        factor (change: "disable", "remove", "passwd", "update", "totp").
+        The API registers `lambda t, n, c: sessions.drop_user(t, n)` so that
+        no open session outlives the change; a listener that raises does
+        not undo the change (it is written already)."""
+        self._listeners.append(fn)
+
+    def _changed(self, tenant: str | None, name: str, change: str) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(tenant, name, change)
+            except Exception:  # noqa: BLE001 - see on_change
+                pass
 
     # --- reading ---
 
@@ -201,11 +225,14 @@ class UserDB:
         def do(data):
             self._need(data, tenant, name)["hash"] = h
         self._file.modify(do)
+        self._changed(tenant, name, "passwd")
 
     def set_disabled(self, tenant: str | None, name: str, disabled: bool) -> None:
         def do(data):
             self._need(data, tenant, name)["disabled"] = bool(disabled)
         self._file.modify(do)
+        if disabled:
+            self._changed(tenant, name, "disable")
 
     def disable(self, tenant: str | None, name: str) -> None:
         self.set_disabled(tenant, name, True)
@@ -224,13 +251,16 @@ class UserDB:
             if addresses is not None:
                 rec["addresses"] = sorted(addresses)
             return self._user(tenant, name, rec)
-        return self._file.modify(do)
+        user = self._file.modify(do)
+        self._changed(tenant, name, "update")
+        return user
 
     def remove(self, tenant: str | None, name: str) -> None:
         def do(data):
             self._need(data, tenant, name)
             del data["users"][tenant or APPLIANCE][name]
         self._file.modify(do)
+        self._changed(tenant, name, "remove")
 
     def rehash(self, tenant: str | None, name: str, password: str) -> None:
         """Re-hash a password that verified against a hash with older
@@ -259,6 +289,7 @@ class UserDB:
             rec["totp"] = {"secret": secret, "last_step": 0}
             rec["recovery"] = [hash_recovery(c) for c in codes]
         self._file.modify(do)
+        self._changed(tenant, name, "totp")
         label = name if tenant is None else f"{name}@{tenant}"
         uri = pyotp.TOTP(secret).provisioning_uri(name=label, issuer_name=TOTP_ISSUER)
         return uri, codes
@@ -269,6 +300,7 @@ class UserDB:
             rec["totp"] = None
             rec["recovery"] = []
         self._file.modify(do)
+        self._changed(tenant, name, "totp")
 
     def check_totp(self, tenant: str | None, name: str, code: str) -> bool:
         """True once for a current code (±1 step of 30 s); the step is then

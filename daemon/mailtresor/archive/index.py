@@ -147,6 +147,7 @@ INDEX_FORMAT = 2
 MAX_TERM = 245              # bytes, Xapian's limit (glass backend)
 MAX_WORD = 64               # bytes, longer words are not indexed (base64 debris)
 WILDCARD_LIMIT = 1024       # a wildcard expanding to more terms is an error
+MAX_WILDCARDS = 8           # wildcards in one query: each may expand to WILDCARD_LIMIT terms (per field)
 _POS_GAP = 100              # between fields/attachments: no phrase across them
 
 _STEM_LANGUAGE = "english"
@@ -203,7 +204,10 @@ def _address_values(addr: str) -> list[str]:
     values = [a]
     if "@" in a:
         local, _, domain = a.rpartition("@")
-        if local:
+        # A local part with an @ of its own ("bob@corp"@evil, bob@corp@evil)
+        # is not indexed whole: it would be a term that is another whole
+        # address, which a user's scope (address_filter) takes for theirs.
+        if local and "@" not in local:
             values.append(local)
             if "+" in local:
                 values.append(local.split("+", 1)[0])
@@ -732,6 +736,11 @@ def _precheck(text: str) -> str:
                     raise QueryError("unbalanced parentheses: a ')' without its '('")
     if depth > 0:
         raise QueryError(f"unbalanced parentheses: {depth} '(' not closed")
+    # Each wildcard is an OR of up to WILDCARD_LIMIT terms (in every field it
+    # names): hundreds of them in one query are seconds of work per request.
+    stars = sum(outside.count("*") for outside in parts[::2])
+    if stars > MAX_WILDCARDS:
+        raise QueryError(f"{stars} wildcards: at most {MAX_WILDCARDS} in one query")
     for i in range(0, len(parts), 2):
         parts[i] = _ATTACHMENT_TEXT_RE.sub(rf"\1{_ATTACHMENT_TEXT_ALIAS}:", parts[i])
         parts[i] = _BARE_ADDRESS_WORD.sub(r"\1address:\2", parts[i])
@@ -787,8 +796,8 @@ def address_filter(addresses: Iterable[str]) -> xapian.Query:
     address: matches nothing."""
     terms = []
     for addr in sorted({a.strip().strip("<>").strip().lower() for a in addresses}):
-        if not addr:
-            continue
+        if "@" not in addr.strip("@"):
+            continue        # not a whole address: a word or a domain matches parts of others' addresses
         for field in _ADDRESS_FIELDS:
             term = _term(PREFIXES[field], addr)
             if term is not None:

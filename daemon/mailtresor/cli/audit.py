@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     sh.add_argument("--limit", type=int, default=1000)
     sh.add_argument("--action", action="append", metavar="ACTION", help="only these actions (repeatable)")
     sh.add_argument("--terms", action="store_true",
-                    help="decrypt search terms with the tenant's key (recorded in the trail)")
+                    help="decrypt search terms with the tenant's key (needs --tenant; recorded in that "
+                         "tenant's trail)")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     sh.set_defaults(func=run_show)
 
@@ -67,6 +68,29 @@ def run_verify(cfg, args) -> int:
     return 1 if rep.problems else 0
 
 
+def shown(value) -> str:
+    """One field of a record on a terminal line: as it is when it is
+    printable and has no space, else quoted and escaped (JSON, ASCII).  A
+    login name, an id or a client address is what the caller sent: a
+    newline in one would forge a record line under it, an escape sequence
+    would rewrite the auditor's terminal.  Pure."""
+    s = "-" if value is None or value == "" else str(value)
+    if all(c.isprintable() and not c.isspace() for c in s):
+        return s
+    return json.dumps(s, ensure_ascii=True)
+
+
+def format_record(r: dict) -> str:
+    """A record as one line of `mailtresor audit show`."""
+    line = " ".join([f"{r['seq']:>8}", shown(r["time"]), shown(r["principal"]), shown(r["tenant"]),
+                     shown(r["action"]), shown(r["object"]), shown(r["result"]), shown(r["client"])])
+    if "terms" in r:
+        line += f" terms={json.dumps(r['terms'], ensure_ascii=True)}"
+    if "detail" in r:
+        line += " " + json.dumps(r["detail"], sort_keys=True, ensure_ascii=True)
+    return line
+
+
 def run_show(cfg, args) -> int:
     from mailtresor.access import audit
     from mailtresor.cli.main import UserError, _keys, _tenant
@@ -77,6 +101,11 @@ def run_show(cfg, args) -> int:
         raise UserError("--limit must be at least 1")
     if args.since < 0:
         raise UserError("--since must not be negative")
+    if args.terms and not args.tenant:
+        # The record of this read goes to the tenant whose terms are read,
+        # where its auditors see it; over every tenant at once it would be
+        # an appliance record that no tenant's auditor is shown.
+        raise UserError("--terms needs --tenant (the read is recorded in that tenant's trail)")
     tenant = _tenant(cfg, args.tenant) if args.tenant else None if args.appliance else audit.ALL
     keys = _keys(cfg) if args.terms else None
     if args.terms:
@@ -95,12 +124,6 @@ def run_show(cfg, args) -> int:
         print(json.dumps({"records": records, "next": nxt}, indent=1, sort_keys=True))
         return 0
     for r in records:
-        line = (f"{r['seq']:>8} {r['time']} {r['principal']} {r['tenant'] or '-'} {r['action']} "
-                f"{r['object'] or '-'} {r['result']} {r['client'] or '-'}")
-        if "terms" in r:
-            line += f" terms={json.dumps(r['terms'], ensure_ascii=False)}"
-        if "detail" in r:
-            line += " " + json.dumps(r["detail"], sort_keys=True, ensure_ascii=False)
-        print(line)
+        print(format_record(r))
     print(f"{len(records)} record(s); next: --since {nxt}", file=sys.stderr)
     return 0
