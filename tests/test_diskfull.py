@@ -518,7 +518,8 @@ def test_daemon_pauses_on_a_full_store_and_resumes(tmp_path):
             assert ar["paused"].startswith(f"store file system full ({fs / 'store'}): No space left on device"), ar
             assert ar["state"].startswith("paused: store file system full (") and "; next try in " in ar["state"]
             text = _cli(stack, "status").stdout.decode()
-            assert "archiver: paused: store file system full (" in text and "Error(" not in text
+            assert "Archiver: paused: store file system full (" in text and "Error(" not in text
+            assert "Paused: store file system full (" in text and "{'" not in text
             time.sleep(4)                          # several tries (retry_max is 1 s here): still nothing aside
             assert list((stack.spool_dir / "bad").iterdir()) == []
             assert list((stack.spool_dir / "tries").iterdir()) == []

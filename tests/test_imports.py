@@ -117,6 +117,6 @@ def test_status_of_an_archive_imports_no_key_client(archive):
     # Index lag and the like need the store and Xapian, but no key, no
     # TLS, no email package.
     p, names = imported(cli(archive, "status"))
-    assert p.returncode == 3 and "shard:    acme/2002-08: 3 records" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert p.returncode == 3 and "Shards: acme/2002-08  3 records" in p.stdout, p.stdout + p.stderr[-2000:]
     bad = unwanted(names, NOT_FOR_THE_CLI | CRYPTOGRAPHY_BACKEND | {"mailtresor.keys.ring", "ssl", "http.client", "email"})
     assert not bad, f"mailtresor status imported {bad} (a new top-level import?)"

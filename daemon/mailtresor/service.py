@@ -149,10 +149,6 @@ class Daemon:
             self.archiver = Archiver(cfg, reactor, self.spool, self.ring)
             # A pause (full disk, missing key) and its end are in status.json at once.
             self.archiver.on_change = self.write_status
-        self.query = None
-        if self.archiver is not None:
-            from mailtresor.query import QueryService
-            self.query = QueryService(cfg, reactor, self.archiver)
         self.factories = []
         self.ports = []
         self.workers: list[_WorkerProcess] = []
@@ -185,8 +181,7 @@ class Daemon:
                "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
                "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
-               "archive": self.archiver.status() if self.archiver is not None else None,
-               "query_socket": self.query.status() if self.query is not None else None}
+               "archive": self.archiver.status() if self.archiver is not None else None}
         try:
             if not self._status_file.parent.is_dir():
                 self._status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -257,8 +252,6 @@ class Daemon:
             self.milter = MilterServer(self.spool, cfg.milter, hostname=cfg.appliance.hostname,
                                        on_exit=self._milter_exited)
             self.milter.start()
-        if self.query is not None:
-            self.query.start()
         d = defer.gatherResults(listens, consumeErrors=True)
 
         def listened(ports):
@@ -449,8 +442,6 @@ class Daemon:
             waits.append(self._workers_done)
             for w in live:
                 w.signal("TERM")
-        if self.query is not None:
-            waits.append(self.query.stop())
         if self.archiver is not None:
             if getattr(self, "_expiry", None) is not None and self._expiry.running:
                 self._expiry.stop()
