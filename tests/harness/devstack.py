@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -49,16 +50,62 @@ def prepare(cfg: configmod.Config) -> None:
     if not store.exists():
         store.init()
         audit.append("init", keystore=str(cs.keystore))
-    wanted = [(a.name, k) for a in cs.appliance for k in ("spool", "seal")]
+    wanted = [(a.name, k) for a in cs.appliance for k in ("spool", "seal", "access")]
     wanted += [(a.name, f"tenant.{t.name}") for a in cs.appliance for t in cfg.tenant]
     for appliance, name in wanted:
         if store.get(appliance, name) is None:
             audit.append("create", appliance=appliance, key=name, version=store.create(appliance, name))
 
 
+# Who `make run` lets in at once: (tenant, name, roles, addresses).  Made
+# with the product's own user database (mailtresor.access.users), given a
+# new random password at every start, which main() prints: this is a
+# developer's sandbox, and a newcomer should be able to log in and search
+# without reading how users are made.  (The product itself never prints
+# or logs a password.)
+SAMPLE_USERS = (
+    ("acme", "alice", ("user",), ("alice@acme.example",)),
+    ("acme", "audrey", ("auditor",), ()),
+    ("acme", "adam", ("admin",), ()),
+    ("globex", "gina", ("user",), ("gina@globex.example",)),
+)
+
+
+def sample_users(cfg: configmod.Config) -> list[tuple[str, str, tuple, tuple, str]]:
+    """SAMPLE_USERS of the configured tenants, each with a new password:
+    (tenant, name, roles, addresses, password).  The control endpoint must
+    run (the user database's key comes from it)."""
+    from mailtresor.access.auth import open_databases
+    from mailtresor.keys.ring import control_fetcher
+    users, _tokens = open_databases(cfg, control_fetcher(cfg))
+    tenants = {t.name for t in cfg.tenant}
+    made = []
+    for tenant, name, roles, addresses in SAMPLE_USERS:
+        if tenant not in tenants:
+            continue
+        password = secrets.token_urlsafe(12)
+        if users.get(tenant, name) is None:
+            users.add(tenant, name, password, roles, addresses)
+        else:
+            users.passwd(tenant, name, password)
+            users.update(tenant, name, roles=roles, addresses=addresses)
+            users.enable(tenant, name)
+        made.append((tenant, name, roles, addresses, password))
+    return made
+
+
+def api_url(cfg: configmod.Config) -> str | None:
+    """https://HOST:PORT of the API's TLS listener, if the daemon runs one."""
+    api = getattr(cfg, "api", None)
+    if api is None or not getattr(api, "enabled", True):
+        return None
+    hp = _port_of(api.listen)
+    return f"https://{hp[0]}:{hp[1]}" if hp else None
+
+
 def _port_of(endpoint: str) -> tuple[str, int] | None:
     parts = endpoint.split(":")
-    if parts[0] != "tcp":
+    if parts[0] not in ("tcp", "ssl"):
         return None
     host = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")), "127.0.0.1")
     return host, int(parts[1])
@@ -173,6 +220,7 @@ def main(argv=None) -> int:
         f"[mailtresord] {line[7:]}", flush=True)
     control = start_control(cfg)
     print(f"[devstack] mailtresor-control serving on {cfg.control.url} (mutual TLS)", flush=True)
+    users = sample_users(cfg)
     daemon = None
     stopping = threading.Event()
 
@@ -192,11 +240,25 @@ def main(argv=None) -> int:
         if cfg.milter and cfg.milter.enabled:
             lines.append(f"  milter  {cfg.milter.listen:<22} smtpd_milters = {configmod.milter_socket(cfg.milter.listen)}")
         lines.append(f"  control {cfg.control.url:<22} key custody (mutual TLS)")
+        api = api_url(cfg)
+        if api:
+            lines.append(f"  API     {api + '/api/v1':<22} HTTPS, JSON (CA: {pki}/ca.pem)")
+        lines += ["", "Sample users (new passwords at every start):"]
+        for tenant, name, roles, addresses, password in users:
+            lines.append(f"  {tenant:<7} {name:<7} {password:<17} {', '.join(roles)}"
+                         + (f" of {', '.join(addresses)}" if addresses else ""))
         lines += ["", "Try:",
                   "  swaks --server 127.0.0.1:10025 -tls --tls-ca-path "
-                  f"{pki}/ca.pem --to someone@acme.example --from me@globex.example",
-                  f"  ls {cfg.spool.directory}/new",
-                  "Stop with Ctrl-C.", ""]
+                  f"{pki}/ca.pem --to alice@acme.example --from me@globex.example",
+                  f"  {VENV_BIN / 'mailtresor'} --config {cfg.source} search --tenant acme from:me@globex.example"]
+        alice = next((u for u in users if u[1] == "alice"), None)
+        if api and alice:
+            jar = cfg.appliance.runtime_directory / "alice.cookies"
+            lines += [f"  curl --cacert {pki}/ca.pem -c {jar} -H 'Content-Type: application/json' \\",
+                      f"       -d '{{\"tenant\": \"acme\", \"username\": \"alice\", \"password\": \"{alice[4]}\"}}' "
+                      f"{api}/api/v1/login",
+                      f"  curl --cacert {pki}/ca.pem -b {jar} '{api}/api/v1/search?q=from:me@globex.example'"]
+        lines += ["Stop with Ctrl-C.", ""]
         print("\n".join(lines), flush=True)
         while not stopping.is_set():
             if daemon.poll() is not None:
