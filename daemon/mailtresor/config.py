@@ -224,6 +224,17 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """[audit]: the audit trail of every access (mailtresor/access/audit.py)."""
+
+    # Default: appliance.state_directory + "/audit".
+    directory: Path | None = None
+    # A seal (Ed25519, the seal key) after this many records; also when a
+    # segment is full and when the daemon stops.
+    seal_every: int = 1000
+
+
+@dataclass(frozen=True)
 class Tenant:
     """[[tenant]]: an archive of its own for mail to its domains."""
 
@@ -280,6 +291,7 @@ class Config:
     service: Service = field(default_factory=Service)
     tenant: tuple[Tenant, ...] = ()
     control_server: ControlServer | None = None
+    audit: Audit = field(default_factory=Audit)
     source: Path = Path("")
 
 
@@ -305,6 +317,9 @@ def load(path: str | os.PathLike) -> Config:
 def parse(raw: dict, source: Path) -> Config:
     cfg = _build(Config, raw, source, "", skip={"source"})
     cfg = dataclasses.replace(cfg, source=source)
+    if cfg.audit.directory is None:
+        cfg = dataclasses.replace(cfg, audit=dataclasses.replace(
+            cfg.audit, directory=cfg.appliance.state_directory / "audit"))
     _check(cfg, source)
     return cfg
 
@@ -492,6 +507,12 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
             fail("archive.backup_directory", "must not be the store directory itself")
+    if not 1 <= cfg.audit.seal_every <= 1_000_000:
+        fail("audit.seal_every", "must be between 1 and 1000000")
+    if cfg.archive is not None and cfg.audit.directory in (cfg.archive.directory, cfg.archive.backup_directory):
+        fail("audit.directory", "must be a directory of its own (not the store or the backup)")
+    if cfg.audit.directory == cfg.spool.directory:
+        fail("audit.directory", "must be a directory of its own (not the spool)")
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]
