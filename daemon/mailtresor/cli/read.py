@@ -1,15 +1,31 @@
-"""`mailtresor search` and `mailtresor show`: reading the archive."""
+"""`mailtresor search` and `mailtresor show`: reading the archive.
+
+A thin adapter over the access core (mailtresor.access.core), which alone
+checks who may see what and writes the audit record.  Two ways to reach it,
+with the same answers:
+
+- the daemon runs: over its API socket (RUNTIME_DIRECTORY/api.sock, see
+  cli/client.py), where the daemon's core answers with its keys and open
+  indexes, and audits the socket's peer as a local principal;
+- it does not (no socket, connection refused): a core in this process, over
+  the store opened read-only, keys fetched from the control endpoint, the
+  same audit trail, and a local principal for the user running the command.
+
+Either way the answer is the core's: a document, or an error with an HTTP
+status and a reason.  This module turns both into the same output, error
+lines and exit codes (tests/test_read.py runs every case both ways).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import time
 
-from mailtresor.cli.common import (EXIT_USAGE, UserError, archive_section, clip, fetching_keys, known_tenant,
-                                   minute)
+from mailtresor.cli.common import (EXIT_FAIL, EXIT_USAGE, UserError, archive_section, clip, fetching_keys,
+                                   known_tenant, minute)
+
+MAX_PAGE = 200          # the core's largest page; longer listings are fetched page by page
 
 
 def register(subparsers) -> None:
@@ -20,8 +36,8 @@ def register(subparsers) -> None:
                     "standard error, how many matched; every search is recorded in the audit trail.")
     s.add_argument("--tenant", required=True)
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--limit", type=int, default=50, help="at most this many messages (default 50)")
-    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--limit", type=_positive, default=50, help="at most this many messages (default 50)")
+    s.add_argument("--offset", type=_count, default=0, help="leave out the first N matches (default 0)")
     s.add_argument("--order", choices=("date-desc", "date-asc", "relevance"), default="date-desc")
     s.add_argument("query", nargs="+", help="e.g. from:alice subject:invoice date:2002-07-01..2002-08-01")
     s.set_defaults(func=run_search)
@@ -35,137 +51,234 @@ def register(subparsers) -> None:
     s.set_defaults(func=run_show)
 
 
-def _months_in(months: list[str], bounds) -> list[str]:
-    if bounds is None:
-        return months
-    lo, hi = bounds
-    out = []
-    for m in months:
-        y, mo = int(m[:4]), int(m[5:7])
-        start = time.mktime((y, mo, 1, 0, 0, 0, 0, 0, 0)) - 86400 * 2      # generous: time zones
-        end = time.mktime((y + (mo == 12), 1 if mo == 12 else mo + 1, 1, 0, 0, 0, 0, 0, 0)) + 86400 * 2
-        if (lo is None or end >= lo) and (hi is None or start <= hi):
-            out.append(m)
-    return out
+def _positive(text: str) -> int:
+    return _number(text, 1)
 
 
-# --- search / show ------------------------------------------------------------------
+def _count(text: str) -> int:
+    return _number(text, 0)
 
-class Session:
-    """Where `search` and `show` read and write.
 
-    The command's own process: output to stdout and stderr, the store
-    opened read-only, keys fetched from the control endpoint."""
+def _number(text: str, least: int) -> int:
+    import argparse
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}: {n}")
+    return n
 
-    readers = None          # an index.Readers in a process that searches again and again
+
+# --- the two ways to the core --------------------------------------------------------------
+
+class AccessFailed(Exception):
+    """The core's refusal, whichever way it came: HTTP status and reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Unavailable(Exception):
+    """The daemon does not answer on its socket."""
+
+
+class Daemon:
+    """The core of the running daemon, over its API socket."""
+
+    def __init__(self, runtime_directory):
+        # Here, not at the top: every command builds the parser (imports this
+        # module); only search and show need HTTP.
+        from mailtresor.cli import client
+        self.client = client
+        self.conn = client.Client(runtime_directory)
+
+    def _call(self, fn, *a):
+        try:
+            return fn(*a)
+        except self.client.ApiError as e:
+            raise AccessFailed(e.status, e.reason) from None
+        except self.client.DaemonUnavailable as e:
+            raise Unavailable(str(e)) from None
+
+    def search(self, tenant, *, query, cursor, limit, order) -> dict:
+        return self._call(self.conn.json, "GET", f"{self.client.API}/search",
+                          {"tenant": tenant, "q": query, "cursor": cursor, "limit": limit, "order": order})
+
+    def message(self, tenant, aid) -> dict:
+        return self._call(self.conn.json, "GET", self._path(aid), {"tenant": tenant})
+
+    def raw(self, tenant, aid) -> bytes:
+        return self._call(self.conn.bytes, self._path(aid) + "/raw", {"tenant": tenant})
+
+    def _path(self, aid: str) -> str:
+        return f"{self.client.API}/messages/{self.client.quote(aid)}"
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class InProcess:
+    """A core of this process's own (the daemon does not run): the store
+    read-only, keys fetched from the control endpoint, the daemon's audit
+    trail (appended under its lock), a local principal for this user."""
+
+    def __init__(self, cfg):
+        from mailtresor.access.core import AccessError
+        from mailtresor.access.principal import Principal
+        self.cfg = cfg
+        self._errors = AccessError
+        uid = os.geteuid()
+        # The principal the daemon makes of a socket peer, for this process.
+        self.who = Principal(kind="local", name=f"uid={uid}", tenant=None, roles=frozenset(),
+                             client=f"unix:uid={uid},pid={os.getpid()}")
+        self._core = None
+        self._closing: list = []
+
+    def core(self):
+        if self._core is None:
+            self._core = self._build()
+        return self._core
+
+    def _build(self):
+        import shutil
+        import tempfile
+
+        from mailtresor.access.audit import AuditLog
+        from mailtresor.access.core import Core
+        from mailtresor.archive import parse
+        from mailtresor.archive.store import Store
+        a = archive_section(self.cfg)
+        keys = fetching_keys(self.cfg)
+        store = Store(a.directory, readonly=True)
+        self._closing.append(store.close)
+        audit = AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every, name="mailtresor")
+        self._closing.append(lambda: audit.close(seal=False))
+        # search and show export nothing; the core wants a directory of its
+        # own for exports all the same (not the daemon's: root would own it).
+        exports = tempfile.mkdtemp(prefix="mailtresor-cli-")
+        self._closing.append(lambda: shutil.rmtree(exports, ignore_errors=True))
+        return Core(store=store, keys=keys, audit=audit, exports_dir=exports,
+                    tenants=[t.name for t in self.cfg.tenant], limits=parse.limits_of(a))
+
+    def _call(self, method: str, *a, **kw):
+        try:
+            return getattr(self.core(), method)(self.who, *a, **kw)
+        except self._errors as e:
+            raise AccessFailed(e.status, e.reason) from None
+
+    def search(self, tenant, *, query, cursor, limit, order) -> dict:
+        return self._call("search", tenant=tenant, query=query, cursor=cursor, limit=limit, order=order)
+
+    def message(self, tenant, aid) -> dict:
+        return self._call("message", aid, tenant=tenant)
+
+    def raw(self, tenant, aid) -> bytes:
+        return self._call("raw", aid, tenant=tenant)
+
+    def close(self) -> None:
+        while self._closing:
+            self._closing.pop()()
+
+
+class Reader:
+    """The daemon's core while it answers; from the first request it does
+    not (no socket, connection refused), a core in this process."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self._keys = None
-        self._store = None
+        self.way = Daemon(cfg.appliance.runtime_directory)
 
-    def __enter__(self):
-        return self
+    def _do(self, method: str, *a, **kw):
+        if isinstance(self.way, Daemon):
+            try:
+                return getattr(self.way, method)(*a, **kw)
+            except Unavailable:
+                self.way.close()
+                self.way = InProcess(self.cfg)
+        return getattr(self.way, method)(*a, **kw)
 
-    def __exit__(self, *exc):
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+    def search(self, tenant, **kw) -> dict:
+        return self._do("search", tenant, **kw)
 
-    def write(self, text: str) -> None:
-        sys.stdout.write(text)
+    def message(self, tenant, aid) -> dict:
+        return self._do("message", tenant, aid)
 
-    def write_bytes(self, data: bytes) -> None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+    def raw(self, tenant, aid) -> bytes:
+        return self._do("raw", tenant, aid)
 
-    def note(self, text: str) -> None:
-        print(text, file=sys.stderr)
-
-    def keys(self):
-        if self._keys is None:
-            self._keys = fetching_keys(self.cfg)
-        return self._keys
-
-    def root(self):
-        """A Store for what needs no environment open (months, index paths)."""
-        return self._open_store()
-
-    @contextlib.contextmanager
-    def store(self):
-        """The store, for reading records, metadata and the catalog."""
-        yield self._open_store()
-
-    def _open_store(self):
-        if self._store is None:
-            from mailtresor.archive.store import Store
-            self._store = Store(archive_section(self.cfg).directory, readonly=True)
-        return self._store
+    def close(self) -> None:
+        self.way.close()
 
 
-def run_search(cfg, args, session: Session | None = None) -> int:
-    from mailtresor.archive import index
-    from mailtresor.archive.store import index_listing
+def _failed(e: AccessFailed) -> UserError:
+    """The one line and exit code for a refusal of the core: its reason;
+    exit 2 for a bad request (a usage error), else 1."""
+    return UserError(e.reason, EXIT_USAGE if e.status == 400 else EXIT_FAIL)
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+def run_search(cfg, args) -> int:
     archive_section(cfg)
-    with session or Session(cfg) as s:
-        tenant = known_tenant(cfg, args.tenant)
-        query = " ".join(args.query)
-        try:
-            prepared = index.prepare(query)
-        except index.QueryError as e:
-            raise UserError(f"bad query: {e}", EXIT_USAGE)
-        root = s.root()
-        months = _months_in(root.months(tenant, check=False), prepared.bounds)
-        total, hits = index.search(root.index_paths(tenant, months), prepared, offset=args.offset,
-                                   limit=args.limit, order=args.order, readers=s.readers)
-        keys = s.keys() if hits else None
-        rows = []
-        for h in hits:
-            month = os.path.basename(os.path.dirname(h.shard_path))
-            sm = index_listing(h.listing, tenant, month, h.archive_id, keys)
-            if sm is None:
-                with s.store() as store:
-                    sm = store.stored_listing(tenant, month, h.archive_id, keys)
-            rows.append({"id": h.archive_id, "shard": f"{tenant}/{month}",
-                         "date": sm.get("date") if sm.get("date") is not None else h.date,
-                         "from": sm.get("from", ""), "subject": sm.get("subject", ""),
-                         "size": sm.get("size", h.size), "message_id": sm.get("message_id", "")})
-        if args.json:
-            s.write(json.dumps({"total": total, "results": rows}, indent=1, ensure_ascii=False) + "\n")
-        else:
-            s.write("".join(f"{r['id']}  {minute(r['date'])}  {clip(r['from'], 32):32}  {clip(r['subject'], 80)}\n"
-                            for r in rows))
-            s.note(f"{len(rows)} of about {total} message(s)")
+    tenant = known_tenant(cfg, args.tenant)
+    query = " ".join(args.query)
+    want = args.offset + args.limit
+    core = Reader(cfg)
+    rows: list = []
+    cursor = None
+    try:
+        # Page by page (the core gives at most MAX_PAGE at a time); a cursor
+        # is good only in the process that made it, so paging stays in here.
+        while True:
+            page = core.search(tenant, query=query, cursor=cursor, order=args.order,
+                               limit=min(MAX_PAGE, want - len(rows)))
+            rows += page["results"]
+            cursor = page.get("next_cursor")
+            if not cursor or len(rows) >= want:
+                break
+    except AccessFailed as e:
+        raise _failed(e) from None
+    finally:
+        core.close()
+    rows = rows[args.offset:]
+    total = page["total"]
+    if args.json:
+        sys.stdout.write(json.dumps({"total": total, "results": rows}, indent=1, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("".join(f"{r['id']}  {minute(r.get('date'))}  {clip(r.get('from', ''), 32):32}  "
+                                 f"{clip(r.get('subject', ''), 80)}\n" for r in rows))
+        print(f"{len(rows)} of about {total} message(s)", file=sys.stderr)
     return 0
 
 
-def run_show(cfg, args, session: Session | None = None) -> int:
+def run_show(cfg, args) -> int:
     archive_section(cfg)
-    with session or Session(cfg) as s:
-        tenant = known_tenant(cfg, args.tenant)
-        aid = args.id.lower()
-        if len(aid) != 40 or any(c not in "0123456789abcdef" for c in aid):
-            raise UserError(f"{args.id!r} is not an archive id (40 hex digits, as `search` prints)", EXIT_USAGE)
-        with s.store() as store:
-            # Asked first: the daemon's store is not read-only, and its
-            # locate() answers "not stored" rather than "no archive".
-            if not store.has_archive(tenant):
-                raise UserError(f"no archive for tenant {tenant}")
-            month = store.locate(tenant, aid)
-            if month is None:
-                raise UserError(f"no message {aid} in the archive of {tenant}")
-            raw, meta = store.shard(tenant, month).get(aid, s.keys())
+    tenant = known_tenant(cfg, args.tenant)
+    aid = args.id.lower()
+    if len(aid) != 40 or any(c not in "0123456789abcdef" for c in aid):
+        raise UserError(f"{args.id!r} is not an archive id (40 hex digits, as `search` prints)", EXIT_USAGE)
+    core = Reader(cfg)
+    try:
         if args.envelope:
-            s.write(json.dumps({"id": aid, "tenant": tenant, "shard": f"{tenant}/{month}",
-                                "summary": meta.get("summary"), "first_seen": meta.get("first_seen"),
-                                "envelopes": meta.get("envelopes")}, indent=1, ensure_ascii=False) + "\n")
+            doc = core.message(tenant, aid)
+            sys.stdout.write(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
             return 0
-        if args.headers:
-            end = raw.find(b"\r\n\r\n")
-            end2 = raw.find(b"\n\n")
-            cut = min(x for x in (end if end >= 0 else len(raw), end2 if end2 >= 0 else len(raw)))
-            raw = raw[:cut] + (b"\r\n" if raw[cut:cut + 1] == b"\r" else b"\n")
-        s.write_bytes(raw)
+        raw = core.raw(tenant, aid)
+    except AccessFailed as e:
+        if e.status == 404:
+            raise UserError(f"no message {aid} in the archive of {tenant}") from None
+        raise _failed(e) from None
+    finally:
+        core.close()
+    if args.headers:
+        end = raw.find(b"\r\n\r\n")
+        end2 = raw.find(b"\n\n")
+        cut = min(end if end >= 0 else len(raw), end2 if end2 >= 0 else len(raw))
+        raw = raw[:cut] + (b"\r\n" if raw[cut:cut + 1] == b"\r" else b"\n")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(raw)
+    sys.stdout.buffer.flush()
     return 0
-
