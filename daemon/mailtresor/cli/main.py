@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-from mailtresor import CONFIG_ENV_VAR, CONFIG_PATH
+from mailtresor import CONFIG_ENV_VAR, CONFIG_PATH, no_core_dumps, private_umask
 # UserError and the exit codes live in cli/common.py; named here too for
 # the command modules and tests that know them as cli.main's.
 from mailtresor.cli.common import EXIT_FAIL, EXIT_USAGE, UserError  # noqa: F401
@@ -72,7 +72,7 @@ def build_parser(parser_class: type | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mailtresor import no_core_dumps, private_umask
+    """The console script's entry point: parse, load the configuration, run."""
     no_core_dumps()                       # some commands hold tenant keys and mail
     private_umask()                       # reindex/restore/import from a root shell: private files
     args = build_parser().parse_args(argv)

@@ -131,9 +131,11 @@ class InProcess:
         self.cfg = cfg
         self._errors = AccessError
         uid = os.geteuid()
-        # The principal the daemon makes of a socket peer, for this process.
+        # The principal the daemon makes of a socket peer (client
+        # "unix:uid=...,pid=..."), but "local:": the trail tells that the
+        # command read the archive in its own process.
         self.who = Principal(kind="local", name=f"uid={uid}", tenant=None, roles=frozenset(),
-                             client=f"unix:uid={uid},pid={os.getpid()}")
+                             client=f"local:uid={uid},pid={os.getpid()}")
         self._core = None
         self._closing: list = []
 
