@@ -200,3 +200,31 @@ def test_generated_test_config_round_trips(tmp_path):
         assert s.cfg.relay.connector[0].tenant == "acme"
     finally:
         s.close()
+
+
+# --- [audit] (issue 13: the audit trail) ---
+
+def test_audit_defaults_to_the_state_directory(tmp_path):
+    cfg, _ = load_text(tmp_path, BASE)
+    assert cfg.audit.directory == Path("/var/lib/mailtresor/audit") and cfg.audit.seal_every == 1000
+    cfg, _ = load_text(tmp_path, BASE.replace('name = "a"', 'name = "a"\nstate_directory = "st"'))
+    assert cfg.audit.directory == Path("st/audit")
+    cfg, _ = load_text(tmp_path, BASE + "[audit]\ndirectory = 'trail'\nseal_every = 5\n")
+    assert cfg.audit.directory == Path("trail") and cfg.audit.seal_every == 5
+
+
+@pytest.mark.parametrize("extra,key,message", [
+    ("[audit]\nseal_every = 0\n", "audit.seal_every", "between 1 and 1000000"),
+    ("[audit]\nseal_every = 2000000\n", "audit.seal_every", "between 1 and 1000000"),
+    ("[audit]\nseal_every = 'often'\n", "audit.seal_every", "expected an integer"),
+    ("[audit]\ndirectory = ''\n", "audit.directory", "expected a path"),
+    ("[audit]\ndirectory = 'spool'\n", "audit.directory", "not the spool"),
+    ("[audit]\ndirectory = 'store'\n[archive]\ndirectory = 'store'\n", "audit.directory", "not the store"),
+    ("[audit]\nsealing = 3\n", "audit.sealing", "unknown key"),
+])
+def test_bad_audit_configs(tmp_path, extra, key, message):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, BASE + extra)
+    text = str(e.value)
+    assert text.startswith(str(tmp_path / "m.toml") + ": " + key + ":"), text
+    assert message in text

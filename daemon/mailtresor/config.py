@@ -333,6 +333,17 @@ class Api:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """[audit]: the audit trail of every access (mailtresor/access/audit.py)."""
+
+    # Default: appliance.state_directory + "/audit".
+    directory: Path | None = None
+    # A seal (Ed25519, the seal key) after this many records; also when a
+    # segment is full and when the daemon stops.
+    seal_every: int = 1000
+
+
+@dataclass(frozen=True)
 class Tenant:
     """[[tenant]]: an archive of its own for mail to its domains."""
 
@@ -392,6 +403,7 @@ class Config:
     control_server: ControlServer | None = None
     access: Access = field(default_factory=Access)
     api: Api = field(default_factory=Api)
+    audit: Audit = field(default_factory=Audit)
     source: Path = Path("")
 
 
@@ -417,6 +429,9 @@ def load(path: str | os.PathLike) -> Config:
 def parse(raw: dict, source: Path) -> Config:
     cfg = _build(Config, raw, source, "", skip={"source"})
     cfg = dataclasses.replace(cfg, source=source)
+    if cfg.audit.directory is None:
+        cfg = dataclasses.replace(cfg, audit=dataclasses.replace(
+            cfg.audit, directory=cfg.appliance.state_directory / "audit"))
     _check(cfg, source)
     return cfg
 
@@ -610,6 +625,12 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.backup_directory", "must not be the store directory itself")
     _check_access(cfg, fail)
     _check_api(cfg, fail)
+    if not 1 <= cfg.audit.seal_every <= 1_000_000:
+        fail("audit.seal_every", "must be between 1 and 1000000")
+    if cfg.archive is not None and cfg.audit.directory in (cfg.archive.directory, cfg.archive.backup_directory):
+        fail("audit.directory", "must be a directory of its own (not the store or the backup)")
+    if cfg.audit.directory == cfg.spool.directory:
+        fail("audit.directory", "must be a directory of its own (not the spool)")
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]

@@ -62,6 +62,7 @@ MAX_OPEN_SHARDS = 4
 
 ID_INFO = b"mailtresor/archive-id"
 STORE_INFO = b"mailtresor/store/v1"
+AUDIT_INFO = b"mailtresor audit terms v1"      # search terms in the audit trail (access/audit.py)
 UNROUTED = "unrouted"
 
 
@@ -342,6 +343,27 @@ class Keys:
 
     def archive_id(self, tenant: str, raw: bytes) -> str:
         return hmac.digest(self.id_key(tenant), raw, "sha256")[:ID_BYTES].hex()
+
+    def audit_key(self, tenant: str, version: int | None = None) -> tuple[int, bytes]:
+        """(version, key) for the search terms the audit trail keeps of
+        this tenant: the current version of its key, or `version`."""
+        if version is None:
+            version = self.current(tenant)[0]
+        return version, self._sub(tenant, version, AUDIT_INFO)
+
+    def seal_seed(self) -> bytes:
+        """The current seal key (an Ed25519 seed) from the ring."""
+        cur = self.ring.current(SEAL_KEY)
+        if cur is None:
+            raise KeyMissing(SEAL_KEY)
+        return cur[1]
+
+    def seal_seeds(self) -> list[bytes]:
+        """Every version of the seal key the ring holds, oldest first."""
+        cur = self.ring.current(SEAL_KEY)
+        if cur is None:
+            raise KeyMissing(SEAL_KEY)
+        return [k for k in (self.ring.get(SEAL_KEY, v) for v in range(1, cur[0] + 1)) if k is not None]
 
 
 SEAL_KEY = "seal"

@@ -859,6 +859,9 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="with --list: machine-readable output")
     s.add_argument("ids", nargs="*", metavar="ID", help="spool entry ids (as --list shows them)")
     s.set_defaults(func=cmd_requeue)
+
+    from . import cli_audit
+    cli_audit.register(sub)
     return p
 
 
