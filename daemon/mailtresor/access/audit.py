@@ -42,9 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import crypto
-from ..keys import KeyUnavailable
-from ..store import KeyMissing, private_dir
+from ..keys import crypto
+from ..keys.ring import KeyUnavailable
+from ..archive.store import KeyMissing, private_dir
 
 log = logging.getLogger("mailtresor.audit")
 
