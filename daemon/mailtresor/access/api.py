@@ -153,13 +153,18 @@ class Call:
     sid: str | None = None
 
     def body(self, *, required=(), optional=()) -> dict:
-        ctype = (self.request.getHeader(b"content-type") or "").split(";", 1)[0].strip().lower()
+        ctype = header(self.request, b"content-type").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             # A browser's cross-site form cannot send application/json
             # without a CORS preflight, which this API never grants.
             raise HttpError(415, "send the body as Content-Type: application/json")
         self.request.content.seek(0)
         return parse_json_object(self.request.content.read(), required=required, optional=optional)
+
+
+def header(request, name: bytes) -> str:
+    """A request header as text ("" if absent)."""
+    return (request.getHeader(name) or b"").decode("latin-1")
 
 
 def _access_error(e: Exception) -> tuple[int, str] | None:
@@ -210,7 +215,7 @@ class Api:
         return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kw)
 
     def site(self, *, timeout: float = 60.0, max_body: int = 1 << 20) -> server.Site:
-        s = server.Site(self.root, timeout=timeout)
+        s = server.Site(self.root, timeout=timeout, reactor=self.reactor)
         s.requestFactory = LimitedRequest
         s.max_body = max_body
         s.displayTracebacks = False
@@ -228,7 +233,7 @@ class Api:
 
     @staticmethod
     def local_principal(uid: int, pid: int) -> Principal:
-        return Principal(kind="local", name=f"uid={uid}", tenant=None, client=f"unix:uid={uid},pid={pid}")
+        return Principal(kind="local", name=f"uid={uid}", tenant=None, roles=frozenset(), client=f"unix:uid={uid},pid={pid}")
 
     @staticmethod
     def client_of(request) -> str:
@@ -244,6 +249,7 @@ class Api:
         label = ["(no route)"]
         for k, v in SECURITY_HEADERS.items():
             request.setHeader(k, v)
+        request.setHeader(b"server", b"mailtresor")      # not the Twisted version
 
         def finished(_):
             self.metrics.observe(label[0], request.code, time.monotonic() - t0)
@@ -257,7 +263,9 @@ class Api:
             route, params = match(request.method.decode("latin-1"), path)
             label[0] = route.pattern
             client = self.client_of(request)
-            args = query_args(request.args, route.args)
+            # From the URL only (request.args would mix in a form body).
+            _, _, qs = request.uri.partition(b"?")
+            args = query_args(urllib.parse.parse_qs(qs, keep_blank_values=True), route.args)
             who, sid = await self._who(request, route, client)
             call = Call(request, route, params, args, who, client, sid)
             answer = await getattr(self, "h_" + route.handler)(call)
@@ -311,8 +319,10 @@ class Api:
         local = getattr(getattr(request.channel, "transport", None), "local", None)
         if local is not None:
             return local, None
-        authz = request.getHeader(b"authorization")
-        if authz is not None:
+        if not route.login:
+            return None, None       # login, openapi.json, healthz: credentials play no part
+        authz = header(request, b"authorization")
+        if authz:
             scheme, _, secret = authz.strip().partition(" ")
             if scheme.lower() != "bearer" or not secret.strip():
                 raise HttpError(401, "the Authorization header must be 'Bearer <token>'",
@@ -332,16 +342,13 @@ class Api:
             if got is not None:
                 who, csrf = got
                 if request.method in STATE_CHANGING:
-                    sent = request.getHeader(CSRF_HEADER) or ""
-                    if not secrets.compare_digest(sent.encode("utf-8", "replace"), csrf.encode()):
+                    sent = request.getHeader(CSRF_HEADER) or b""
+                    if not secrets.compare_digest(sent, csrf.encode()):
                         raise HttpError(403, "missing or wrong CSRF token: send the login's \"csrf\" "
                                         "in the X-CSRF-Token header")
                 return dataclasses.replace(who, client=client), sid
-            if route.login:
-                raise HttpError(401, "the session has expired or ended; log in again")
-        if route.login:
-            raise HttpError(401, "not logged in (log in at /api/v1/login, or send a Bearer token)")
-        return None, None
+            raise HttpError(401, "the session has expired or ended; log in again")
+        raise HttpError(401, "not logged in (log in at /api/v1/login, or send a Bearer token)")
 
     def _need_core(self):
         if self.core is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
 import struct
@@ -262,7 +261,7 @@ class _Gated(policies.ProtocolWrapper):
             self.local = f.make_local(uid, pid)
         else:
             self.host = getattr(transport.getPeer(), "host", "")
-            if len(f.connections) >= f.max_connections or \
+            if len(f.protocols) >= f.max_connections or \
                     f.per_client.get(self.host, 0) >= f.max_per_client:
                 log.warning("api: %s: too many connections; refused", self.host)
                 self.refused = True
@@ -295,14 +294,12 @@ class ConnectionGate(policies.WrappingFactory):
     protocol = _Gated
 
     def __init__(self, site, *, unix: bool = False, max_connections: int = 256, max_per_client: int = 32,
-                 allowed_uids=(0,), make_local=None):
+                 allowed_uids=(), make_local=None):
         super().__init__(site)
         self.unix = unix
         self.max_connections = max_connections
         self.max_per_client = max_per_client
-        self.allowed_uids = frozenset(allowed_uids) | {0}
+        self.allowed_uids = frozenset(allowed_uids)
         self.make_local = make_local
         self.per_client: dict[str, int] = {}
 
-    def own_uid(self) -> int:
-        return os.geteuid()
