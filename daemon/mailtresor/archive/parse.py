@@ -1165,3 +1165,97 @@ def html_to_text(markup: str, budget: _Budget | None = None) -> str:
         text = unescape(_TAG.sub(" ", _DROP_BLOCK.sub(" ", markup)))
     text = _WS_RUN.sub(" ", text.replace("\r", ""))
     return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+# ---------------------------------------------------------------- parts, for reading
+
+@dataclass
+class Part:
+    """One leaf of a message's MIME tree, decoded, as a reader gets it
+    (mime_parts())."""
+    n: int                 # attachment number (1, 2, ...), 0 for a body part
+    content_type: str      # lowercased maintype/subtype
+    filename: str          # decoded, "" if none
+    content_id: str        # without <>, "" if none (inline images: cid:)
+    charset: str | None
+    data: bytes            # the decoded payload (an attached message: its bytes)
+
+
+def mime_parts(raw: bytes, limits: Limits | None = None) -> list[Part]:
+    """The body parts (inline text/plain and text/html, as _walk() takes
+    them) and the attachments of `raw`, in message order, decoded, within
+    the budget's part, nesting and byte limits.  Attachments are numbered
+    from 1: a message's own parts, an attached message counting as one (it
+    is not descended into: it is downloaded whole, as a .eml; its bytes are
+    the parser's rendering of it, which may differ from the original in
+    line endings and folding).  Never raises on bad input."""
+    budget = _Budget(limits or LIMITS, len(raw))
+    ctx = _Ctx(budget)
+    out: list[Part] = []
+    try:
+        msg = _parse_bytes(raw, ctx)
+        _collect(msg, ctx, out, 0)
+    except Exception:   # what was collected so far is still right
+        pass
+    return out
+
+
+def _collect(part, ctx: _Ctx, out: list[Part], nesting: int) -> None:
+    limits = ctx.budget.limits
+    ctx.parts += 1
+    if ctx.parts > limits.max_parts:
+        return
+    shell = _shell(part)
+    ctype = _content_type(shell)
+    payload = part.get_payload()
+    if ctype.startswith("multipart/") and isinstance(payload, list):
+        if nesting >= limits.max_nesting:
+            return
+        for sub in payload:
+            if isinstance(sub, email.message.Message):
+                _collect(sub, ctx, out, nesting + 1)
+        return
+    filename = _filename(shell, ctx.hint)
+    disposition = _disposition(shell)
+    cid = str(part.get("content-id", "") or "").strip().strip("<>").strip()
+    try:
+        charset = shell.get_param("charset")
+        if isinstance(charset, tuple):
+            charset = email.utils.collapse_rfc2231_value(charset)
+    except Exception:
+        charset = None
+    charset = str(charset) if charset else None
+    if ctype.startswith("message/") and isinstance(payload, list):
+        try:
+            data = payload[0].as_bytes() if payload else b""
+        except Exception:
+            data = b""
+    else:
+        data, _ = _payload_bytes(part)
+    if not ctx.budget.spend_bytes(len(data)):
+        data = b""          # over the message's budget of decoded bytes: listed, not handed out
+    is_body = not filename and disposition != "attachment" and ctype in ("text/plain", "text/html")
+    n = 0 if is_body else 1 + sum(1 for p in out if p.n)
+    out.append(Part(n=n, content_type=ctype, filename=filename, content_id=cid, charset=charset, data=data))
+
+
+def decode_text(part: Part) -> str:
+    """A text part's payload as text, in its charset (replacement for what
+    does not decode); HTML is left as markup."""
+    charset = part.charset
+    if part.content_type == "text/html" and not charset:
+        charset = _meta_charset(part.data)
+    return _safe(_decode(part.data, charset)[0])
+
+
+def headers(raw: bytes) -> dict:
+    """The decoded headers parse_message() reads (message_id, date,
+    from_header, from, to, cc, bcc, subject), from the header block only:
+    no body is parsed.  Never raises on bad input."""
+    ctx = _Ctx(_Budget(LIMITS, len(raw)))
+    try:
+        msg = email.parser.BytesParser(policy=_TREE).parsebytes(raw, headersonly=True)
+        return _headers(msg, ctx)
+    except Exception:
+        return {"message_id": "", "date": None, "from_header": "", "from": [], "to": [], "cc": [],
+                "bcc": [], "subject": ""}

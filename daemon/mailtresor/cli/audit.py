@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def _directory(cfg):
-    from .cli import UserError
+    from mailtresor.cli.main import UserError
     d = cfg.audit.directory
     if not d.is_dir():
         raise UserError(f"no audit trail at {d} ([audit] directory): the daemon makes it at its first start")
@@ -48,8 +48,8 @@ def _directory(cfg):
 
 
 def run_verify(cfg, args) -> int:
-    from .access import audit
-    from .cli import UserError, _key_errors, _keys
+    from mailtresor.access import audit
+    from mailtresor.cli.main import UserError, _key_errors, _keys
     d = _directory(cfg)
     try:
         rep = audit.check(d, _keys(cfg))
@@ -68,8 +68,8 @@ def run_verify(cfg, args) -> int:
 
 
 def run_show(cfg, args) -> int:
-    from .access import audit
-    from .cli import UserError, _keys, _tenant
+    from mailtresor.access import audit
+    from mailtresor.cli.main import UserError, _keys, _tenant
     d = _directory(cfg)
     if args.tenant and args.appliance:
         raise UserError("--tenant and --appliance exclude each other")

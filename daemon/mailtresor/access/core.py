@@ -1,0 +1,753 @@
+"""The access core: the one place that reads the archive for someone.
+
+Every way out of the archive (the HTTPS API, the `mailtresor` command over
+the daemon's socket, later the web UI and IMAP) is a thin adapter over
+`Core`.  Each method of Core
+
+1. resolves the tenant (`tenant_of`: nobody crosses tenants, and a tenant
+   that is not the caller's is "not found", whether it exists or not),
+2. checks the caller's scope: an auditor, a local administrator and an API
+   token with the search (export) scope read the whole tenant; a user reads
+   the mail where one of their addresses is in the envelope or in
+   From/To/Cc/Bcc -- a Xapian filter in searches and exports, checked again
+   on every message read, so that a guessed id is "not found"; an
+   administrator reads no mail,
+3. writes exactly one audit record (ok, denied, not-found or failed),
+   search terms passed as `terms=` so that the trail keeps them encrypted.
+
+The core is blocking (LMDB, Xapian, parsing): the API calls it from a thread
+pool.  The store is shared by those threads under one lock (a `Store` keeps
+an LRU of open shards and is not thread-safe); the index readers
+(`index.Readers`) are thread-safe on their own.
+
+Messages are rendered in this process, with the parser's budget
+(`parse.Limits`): rendering needs only the MIME split and the decoding of
+the parts (`parse.mime_parts`, `parse.headers`), never the text
+extractors (pdftotext, Office) that make parsing dangerous, and these
+messages were already parsed once, confined, when they were archived.
+A round trip through the parser pool would cost more than the split.
+"""
+
+from __future__ import annotations
+
+import base64
+import calendar
+import hashlib
+import hmac
+import html as htmlmod
+import json
+import os
+import re
+import secrets
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailtresor.access.principal import Principal
+from mailtresor.archive import index, parse
+
+MAX_PAGE = 200                      # results per search page
+MAX_AUDIT_PAGE = 1000               # records per audit/events page
+EXPORT_MAX = 100_000                # messages per export (Core(export_max=...))
+EXPORT_TTL = 24 * 3600.0            # seconds a finished export is kept
+EXPORTS_RUNNING = 2                 # exports one principal may have running at once
+INLINE_IMAGE_MAX = 5 * 1024 * 1024  # bytes of one cid: image made a data: URI
+INLINE_TOTAL_MAX = 20 * 1024 * 1024
+ORDERS = ("date-desc", "date-asc", "relevance")
+FORMATS = ("mbox", "zip")
+
+_AID = re.compile(r"[0-9a-f]{40}")
+_JOB = re.compile(r"[0-9a-f]{32}")
+
+
+class AccessError(Exception):
+    """What the caller is told: an HTTP status and a reason (no traceback)."""
+    status = 500
+    result = "failed"               # the audit record's result
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadRequest(AccessError):
+    """400: the request cannot be run; the reason names the problem."""
+    status = 400
+
+
+class Forbidden(AccessError):
+    """403: the caller's role does not allow it (audited as denied)."""
+    status = 403
+    result = "denied"
+
+
+class NotFound(AccessError):
+    """404: no such message -- also another tenant's, one outside a user's
+    scope, and every malformed id (no existence leak)."""
+    status = 404
+    result = "not-found"
+
+    def __init__(self, reason: str = "no such message"):
+        super().__init__(reason)
+
+
+def iso(t: float | None) -> str | None:
+    """ISO 8601 UTC, to the second."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+
+
+def months_in(months: list[str], bounds) -> list[str]:
+    """The shards (YYYY-MM) that can hold mail dated within `bounds` (see
+    index.query_date_bounds); generous by two days for time zones."""
+    if bounds is None:
+        return months
+    lo, hi = bounds
+    out = []
+    for m in months:
+        y, mo = int(m[:4]), int(m[5:7])
+        start = calendar.timegm((y, mo, 1, 0, 0, 0)) - 86400 * 2
+        end = calendar.timegm((y + (mo == 12), 1 if mo == 12 else mo + 1, 1, 0, 0, 0)) + 86400 * 2
+        if (lo is None or end >= lo) and (hi is None or start <= hi):
+            out.append(m)
+    return out
+
+
+def envelope_addresses(env: dict) -> list[str]:
+    """Every address of one stored envelope (see archiver.envelope_addresses)."""
+    from mailtresor.archive.archiver import envelope_addresses as addrs
+    return addrs(env)
+
+
+@dataclass
+class _Job:
+    id: str
+    owner: str                      # Principal.label
+    tenant: str
+    format: str
+    query: str | None
+    items: list[tuple[str, str | None]]     # (archive id, month or None: locate it)
+    scope: frozenset[str] | None
+    created: float
+    path: Path
+    state: str = "queued"           # queued, running, done, failed
+    done: int = 0
+    size: int = 0
+    missing: int = 0
+    error: str = ""
+    finished: float | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def total(self) -> int:
+        return len(self.items)
+
+    def public(self) -> dict:
+        d = {"id": self.id, "state": self.state, "done": self.done, "total": self.total,
+             "format": self.format, "size": self.size, "missing": self.missing,
+             "created": iso(self.created), "expires": iso(self.created + EXPORT_TTL)}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+class Core:
+    """Search, read and export a tenant's archive on behalf of a Principal.
+
+    `store` is a mailtresor.archive.store.Store (read-only, or the daemon's
+    own), `keys` its Keys, `audit` an AuditLog (append/read), `readers` an
+    index.Readers to keep shard indexes open between searches.  Optional:
+    `tenants` (the configured tenant names; without it, the tenants that
+    have an archive), `limits` (parse.Limits for rendering), `export_max`,
+    `cursor_key` (32 bytes; default: random per process, so a cursor does
+    not outlive the process that made it)."""
+
+    def __init__(self, *, store, keys, audit, readers=None, exports_dir: Path, clock=time.time,
+                 tenants=None, limits: parse.Limits | None = None, export_max: int = EXPORT_MAX,
+                 cursor_key: bytes | None = None):
+        self.store = store
+        self.keys = keys
+        self.audit = audit
+        self.readers = readers if readers is not None else index.Readers()
+        self.exports_dir = Path(exports_dir)
+        self.clock = clock
+        self.tenants = None if tenants is None else frozenset(tenants)
+        self.limits = limits
+        self.export_max = export_max
+        self._cursor_key = cursor_key or secrets.token_bytes(32)
+        self._store_lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._jobs_lock = threading.Lock()
+        from mailtresor.archive.store import private_dir
+        private_dir(self.exports_dir)
+        self._sweep_files()
+
+    # --- who may do what ---------------------------------------------------
+
+    def _known(self, tenant: str) -> bool:
+        if self.tenants is not None:
+            return tenant in self.tenants
+        with self._store_lock:
+            return tenant in self.store.tenants()
+
+    def tenant_of(self, who: Principal, asked: str | None) -> str:
+        """The tenant a request is about.  A principal of tenant X gets X
+        (asking for any other tenant is "not found", whether it exists or
+        not); a local principal and an appliance administrator must name
+        one."""
+        if asked is not None and not isinstance(asked, str):
+            raise BadRequest("tenant must be a name")
+        if who.tenant is not None:
+            if asked not in (None, "", who.tenant):
+                raise NotFound("no such tenant")
+            return who.tenant
+        if not asked:
+            raise BadRequest("name a tenant (tenant=)")
+        if not self._known(asked):
+            raise NotFound("no such tenant")
+        return asked
+
+    def _read_scope(self, who: Principal, export: bool = False) -> frozenset[str] | None:
+        """None: the whole tenant; else the addresses the caller's mail is
+        found by.  Raises Forbidden."""
+        if export and not who.can("export"):
+            raise Forbidden("this principal may not export" if who.kind != "token"
+                            else "this token has no export scope")
+        if who.can("read-tenant"):
+            return None
+        if who.can("read-own"):
+            return frozenset(a.strip().lower() for a in who.addresses if a.strip())
+        if who.roles & {"admin", "appliance-admin"}:
+            raise Forbidden("administrators do not read mail")
+        if who.kind == "token":
+            raise Forbidden("this token has no search scope")
+        raise Forbidden("not allowed to read mail")
+
+    def _audited(self, who: Principal, action: str, fn, *, asked: str | None = None,
+                 obj: str | None = None, terms: str | None = None, detail=None, gate=None,
+                 resolve: bool = True):
+        """Run fn(tenant) -> (result, object) and append its one audit
+        record, also when it raises.  `gate()` runs first (a role check:
+        an administrator is refused before any tenant is looked at);
+        without `resolve`, fn(None) -> (result, object, tenant)."""
+        tenant = who.tenant
+        try:
+            if gate is not None:
+                gate()
+            if resolve:
+                tenant = self.tenant_of(who, asked)
+                value, obj = fn(tenant)
+            else:
+                value, obj, tenant = fn(None)
+        except AccessError as e:
+            self._append(who, tenant if tenant is not None and self._tenant_ok(tenant) else who.tenant,
+                         action, obj, e.result, terms, {"reason": e.reason, **(detail or {})})
+            raise
+        except Exception:
+            self._append(who, tenant if tenant is not None and self._tenant_ok(tenant) else who.tenant,
+                         action, obj, "failed", terms, detail)
+            raise
+        self._append(who, tenant, action, obj, "ok", terms, detail)
+        return value
+
+    def _tenant_ok(self, tenant: str) -> bool:
+        # A tenant the caller named but that does not exist is not written
+        # into the trail as a tenant (its terms would need a key it has not).
+        return self.tenants is None or tenant in self.tenants
+
+    def _append(self, who, tenant, action, obj, result, terms, detail) -> None:
+        if tenant is None:
+            terms = None            # terms are kept under a tenant's key only: none, none kept
+        self.audit.append(principal=who, tenant=tenant, action=action, object=obj, result=result,
+                          client=who.client, terms=terms, detail=detail)
+
+    # --- search --------------------------------------------------------------
+
+    def _cursor(self, who: Principal, tenant: str, query: str, order: str, offset: int) -> str:
+        body = offset.to_bytes(8, "big") + self._binding(who, tenant, query, order)
+        mac = hmac.new(self._cursor_key, body, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(body + mac).decode().rstrip("=")
+
+    def _binding(self, who: Principal, tenant: str, query: str, order: str) -> bytes:
+        # A cursor is good for the same principal, tenant, query and order only.
+        return hashlib.sha256(json.dumps([who.label, tenant, query, order]).encode()).digest()[:16]
+
+    def _offset(self, cursor: str, who: Principal, tenant: str, query: str, order: str) -> int:
+        try:
+            if not isinstance(cursor, str) or len(cursor) > 100:
+                raise ValueError
+            data = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        except ValueError:
+            raise BadRequest("bad cursor") from None
+        if len(data) != 40:
+            raise BadRequest("bad cursor")
+        body, mac = data[:24], data[24:]
+        good = hmac.new(self._cursor_key, body, hashlib.sha256).digest()[:16]
+        if not hmac.compare_digest(mac, good) or body[8:] != self._binding(who, tenant, query, order):
+            raise BadRequest("bad cursor")
+        return int.from_bytes(body[:8], "big")
+
+    def _prepared(self, query: str, scope: frozenset[str] | None) -> index.Prepared:
+        if not isinstance(query, str):
+            raise BadRequest("bad query: the query must be a string")
+        try:
+            prepared = index.prepare(query)
+        except index.QueryError as e:
+            raise BadRequest(f"bad query: {e}") from None
+        if scope is not None:
+            prepared = index.restrict(prepared, index.address_filter(scope))
+        return prepared
+
+    def _paths(self, tenant: str, prepared: index.Prepared) -> list[str]:
+        with self._store_lock:
+            months = self.store.months(tenant, check=False)
+            return self.store.index_paths(tenant, months_in(months, prepared.bounds))
+
+    def search(self, who: Principal, *, tenant: str | None = None, query: str = "", cursor: str | None = None,
+               limit: int = 50, order: str = "date-desc", facets: bool = False) -> dict:
+        """One page of the matches of `query` (the CLI's query language,
+        index.parse_query) in the tenant, within the caller's scope:
+        {"total", "results": [Row], "next_cursor", "facets" (if asked)}.
+        Row: id, date (ISO 8601 UTC), from, subject, size, message_id,
+        has_attachments, flags, tags."""
+        def run(t: str):
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+                raise BadRequest(f"limit must be a number from 1 to {MAX_PAGE}")
+            if order not in ORDERS:
+                raise BadRequest(f"order must be one of {', '.join(ORDERS)}")
+            scope = self._read_scope(who)
+            prepared = self._prepared(query, scope)
+            offset = self._offset(cursor, who, t, query, order) if cursor else 0
+            paths = self._paths(t, prepared)
+            try:
+                total, hits = index.search(paths, prepared, offset=offset, limit=limit, order=order,
+                                           readers=self.readers)
+                doc = {"total": total, "results": [self._row(t, h) for h in hits]}
+                doc["next_cursor"] = (self._cursor(who, t, query, order, offset + limit)
+                                      if hits and offset + limit < total else None)
+                if facets:
+                    doc["facets"] = index.facets(paths, prepared, readers=self.readers)
+            except index.QueryError as e:
+                raise BadRequest(f"bad query: {e}") from None
+            return doc, None
+        return self._audited(who, "search", run, asked=tenant, terms=query if isinstance(query, str) else None,
+                             gate=lambda: self._read_scope(who),
+                             detail={"order": order, "page": bool(cursor)} if isinstance(order, str) else None)
+
+    def _row(self, tenant: str, h: index.Hit) -> dict:
+        from mailtresor.archive.store import index_listing
+        month = os.path.basename(os.path.dirname(h.shard_path))
+        sm = index_listing(h.listing, tenant, month, h.archive_id, self.keys)
+        meta = None
+        if sm is None or h.flags is None:
+            with self._store_lock:
+                meta = self.store.shard(tenant, month).get_meta(h.archive_id, self.keys) or {}
+            sm = sm if sm is not None else (meta.get("summary") or {})
+        summary = (meta or {}).get("summary") or {}
+        date = sm.get("date") if sm.get("date") is not None else h.date
+        return {"id": h.archive_id, "date": iso(date), "from": sm.get("from") or "",
+                "subject": sm.get("subject") or "", "size": sm.get("size") or h.size,
+                "message_id": sm.get("message_id") or "",
+                # An index older than format 2 lacks these: from the stored summary.
+                "has_attachments": h.has_attachments if h.has_attachments is not None
+                else bool(summary.get("attachments")),
+                "flags": list(h.flags) if h.flags is not None else sorted(summary.get("flags") or []),
+                "tags": list(h.tags) if h.tags is not None else []}
+
+    # --- one message -----------------------------------------------------------
+
+    def _load(self, who: Principal, tenant: str, aid) -> tuple[str, bytes, dict, dict]:
+        """(month, raw, meta, headers) of a message the caller may read;
+        NotFound for anything else."""
+        scope = self._read_scope(who)
+        if not isinstance(aid, str) or not _AID.fullmatch(aid):
+            raise NotFound()
+        with self._store_lock:
+            try:
+                if not self.store.has_archive(tenant):
+                    raise NotFound()
+                month = self.store.locate(tenant, aid)
+                if month is None:
+                    raise NotFound()
+                raw, meta = self.store.shard(tenant, month).get(aid, self.keys)
+            except NotFound:
+                raise
+            except Exception as e:
+                from mailtresor.archive.store import RecordCorrupt, StoreError
+                if isinstance(e, StoreError) and not isinstance(e, RecordCorrupt) and "no message" in str(e):
+                    raise NotFound() from None
+                raise
+        head = parse.headers(raw)
+        if scope is not None and not self._visible(scope, meta, head):
+            raise NotFound()
+        return month, raw, meta, head
+
+    @staticmethod
+    def _visible(scope: frozenset[str], meta: dict, head: dict) -> bool:
+        """Whether one of a user's addresses is in an envelope of the
+        message or in its From/To/Cc/Bcc."""
+        if not scope:
+            return False
+        for env in (meta.get("envelopes") or {}).values():
+            if scope.intersection(envelope_addresses(env)):
+                return True
+        for name in ("from", "to", "cc", "bcc"):
+            if scope.intersection(a.lower() for a in head.get(name) or ()):
+                return True
+        return False
+
+    def _read(self, who, action, aid, tenant, fn):
+        return self._audited(who, action, lambda t: (fn(t, *self._load(who, t, aid)), aid if isinstance(aid, str)
+                                                     and len(aid) <= 64 else None),
+                             asked=tenant, obj=aid if isinstance(aid, str) and len(aid) <= 64 else None,
+                             gate=lambda: self._read_scope(who))
+
+    def message(self, who: Principal, aid: str, *, tenant: str | None = None) -> dict:
+        """The metadata of one message: id, tenant, date, from, to, cc,
+        bcc, subject, message_id, size, sha256 (of the raw message),
+        envelopes (each: mail_from, recipients, received_at, source,
+        connector, journal recipients), journal_recipients, flags, tags,
+        attachments [{n, filename, content_type, size}]."""
+        def run(t, month, raw, meta, head):
+            from mailtresor.archive.archiver import index_terms
+            summary = meta.get("summary") or {}
+            parts = parse.mime_parts(raw, self.limits)
+            envelopes, journal_rcpts = [], []
+            for env in sorted((meta.get("envelopes") or {}).values(), key=lambda e: e.get("received_at") or 0):
+                e = {"mail_from": env.get("mail_from") or "", "recipients": list(env.get("rcpt_to") or []),
+                     "received_at": iso(env.get("received_at")), "source": env.get("source"),
+                     "connector": env.get("connector"), "flags": list(env.get("flags") or [])}
+                j = env.get("journal")
+                if j:
+                    e["journal"] = {"sender": j.get("sender") or "",
+                                    "recipients": [{k: r[k] for k in ("address", "expanded", "forwarded")
+                                                    if r.get(k)} for r in j.get("recipients", [])]}
+                    journal_rcpts += [r["address"] for r in j.get("recipients", []) if r.get("address")]
+                if env.get("journal_untrusted"):
+                    e["journal_untrusted"] = str(env["journal_untrusted"])
+                envelopes.append(e)
+            fake = parse.Parsed(message_id="", date=None, from_header="", from_=head["from"], to=head["to"],
+                                cc=head["cc"], bcc=head["bcc"], subject="", body_text="", attachments=[],
+                                flags=[], size=len(raw))
+            tags = index_terms(meta, fake)[2]
+            date = summary.get("date") if summary.get("date") is not None else head.get("date")
+            return {"id": aid, "tenant": t, "date": iso(date),
+                    "from": head.get("from_header") or summary.get("from") or "",
+                    "to": head["to"], "cc": head["cc"], "bcc": head["bcc"],
+                    "subject": head.get("subject") or summary.get("subject") or "",
+                    "message_id": head.get("message_id") or "", "size": len(raw),
+                    "sha256": hashlib.sha256(raw).hexdigest(), "first_seen": iso(meta.get("first_seen")),
+                    "envelopes": envelopes, "journal_recipients": list(dict.fromkeys(journal_rcpts)),
+                    "flags": sorted(set(summary.get("flags") or [])), "tags": tags,
+                    "attachments": [{"n": p.n, "filename": p.filename, "content_type": p.content_type,
+                                     "size": len(p.data)} for p in parts if p.n]}
+        return self._read(who, "read", aid, tenant, run)
+
+    def raw(self, who: Principal, aid: str, *, tenant: str | None = None) -> bytes:
+        """The message as it was archived, byte for byte (what `mailtresor
+        show` prints)."""
+        return self._read(who, "download", aid, tenant, lambda t, month, raw, meta, head: raw)
+
+    def attachment(self, who: Principal, aid: str, n: int, *, tenant: str | None = None) -> tuple[str, str, bytes]:
+        """(file name, content type, decoded bytes) of attachment `n` (as
+        numbered in message()["attachments"])."""
+        def run(t, month, raw, meta, head):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise NotFound("no such attachment")
+            for p in parse.mime_parts(raw, self.limits):
+                if p.n == n:
+                    return p.filename or f"attachment-{n}", p.content_type, p.data
+            raise NotFound("no such attachment")
+        return self._read(who, "download", aid, tenant, run)
+
+    def text(self, who: Principal, aid: str, *, tenant: str | None = None) -> str:
+        """A plain-text rendering: a summary of the headers, the body text
+        (the text/plain parts, else the text of the HTML parts) and the
+        list of attachments."""
+        def run(t, month, raw, meta, head):
+            parts = parse.mime_parts(raw, self.limits)
+            lines = [f"From: {head.get('from_header') or ''}"]
+            for name in ("to", "cc", "bcc"):
+                if head.get(name):
+                    lines.append(f"{name.capitalize()}: {', '.join(head[name])}")
+            if head.get("date") is not None:
+                lines.append(f"Date: {iso(head['date'])}")
+            lines.append(f"Subject: {head.get('subject') or ''}")
+            plain = [parse.decode_text(p) for p in parts if not p.n and p.content_type == "text/plain"]
+            if not plain:
+                plain = [parse.html_to_text(parse.decode_text(p)) for p in parts
+                         if not p.n and p.content_type == "text/html"]
+            body = "\n\n".join(s.replace("\r\n", "\n").strip("\n") for s in plain)
+            atts = [f"[{p.n}] {p.filename or '(no name)'} ({p.content_type}, {len(p.data)} bytes)"
+                    for p in parts if p.n]
+            return "\n".join(lines) + "\n\n" + body + ("\n\nAttachments:\n" + "\n".join(atts) if atts else "") + "\n"
+        return self._read(who, "read", aid, tenant, run)
+
+    def html(self, who: Principal, aid: str, *, tenant: str | None = None) -> str:
+        """An HTML rendering of the body, sanitised (mailtresor.access.render):
+        no script, form, frame, style or remote content; cid: images of the
+        message's own parts as data: URIs; links with rel="noopener
+        noreferrer".  A message without HTML: its text, escaped, in <pre>."""
+        def run(t, month, raw, meta, head):
+            from mailtresor.access import render
+            return render.message_html(parse.mime_parts(raw, self.limits))
+        return self._read(who, "read", aid, tenant, run)
+
+    # --- exports -----------------------------------------------------------------
+
+    def export_start(self, who: Principal, *, tenant: str | None = None, query: str | None = None,
+                     ids: list[str] | None = None, format: str = "mbox") -> dict:   # noqa: A002 - the API's name
+        """Start a background export of the matches of `query`, or of the
+        messages `ids` (in that order), as an mbox (mboxrd) or a zip of
+        .eml files with manifest.json.  Messages outside the caller's scope
+        or not stored are left out and counted as `missing` (the same for
+        both: no existence leak)."""
+        def run(t):
+            if format not in FORMATS:
+                raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
+            if (query is None) == (ids is None):
+                raise BadRequest("give either a query or a list of ids")
+            scope = self._read_scope(who, export=True)
+            self._expire()
+            with self._jobs_lock:
+                running = sum(1 for j in self._jobs.values() if j.owner == who.label
+                              and j.state in ("queued", "running"))
+            if running >= EXPORTS_RUNNING:
+                raise BadRequest(f"{running} exports are running already; wait for one to finish")
+            if ids is not None:
+                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                    raise BadRequest("ids must be a list of archive ids")
+                if not ids:
+                    raise BadRequest("ids is empty")
+                if len(ids) > self.export_max:
+                    raise BadRequest(f"{len(ids)} messages are over the export limit of {self.export_max}")
+                items = [(i.lower(), None) for i in dict.fromkeys(ids)]
+            else:
+                prepared = self._prepared(query, scope)
+                paths = self._paths(t, prepared)
+                try:
+                    total, _ = index.search(paths, prepared, limit=0, readers=self.readers)
+                    if total > self.export_max:
+                        raise BadRequest(f"the query matches {total} messages, over the export limit "
+                                         f"of {self.export_max}")
+                    _, hits = index.search(paths, prepared, limit=total, order="date-asc", readers=self.readers)
+                except index.QueryError as e:
+                    raise BadRequest(f"bad query: {e}") from None
+                items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
+            jid = secrets.token_hex(16)
+            job = _Job(id=jid, owner=who.label, tenant=t, format=format, query=query, items=items,
+                       scope=scope, created=self.clock(),
+                       path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
+            with self._jobs_lock:
+                self._jobs[jid] = job
+            job.thread = threading.Thread(target=self._run_export, args=(job,), name=f"export-{jid[:8]}",
+                                          daemon=True)
+            job.thread.start()
+            return job.public(), jid
+        return self._audited(who, "export", run, asked=tenant, terms=query if isinstance(query, str) else None,
+                             gate=lambda: self._read_scope(who, export=True),
+                             detail={"format": format if isinstance(format, str) else None,
+                                     "ids": len(ids) if isinstance(ids, list) else None})
+
+    def _job(self, who: Principal, job_id) -> _Job:
+        if not isinstance(job_id, str) or not _JOB.fullmatch(job_id):
+            raise NotFound("no such export")
+        self._expire()
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+        if job is None or job.owner != who.label:
+            raise NotFound("no such export")
+        return job
+
+    def export_status(self, who: Principal, job_id: str) -> dict:
+        """The job: id, state (queued, running, done, failed), done, total,
+        format, size, missing."""
+        def run(_):
+            job = self._job(who, job_id)
+            return job.public(), job.id, job.tenant
+        return self._audited(who, "export", run, resolve=False, detail={"status": True},
+                             obj=job_id if isinstance(job_id, str) and len(job_id) <= 64 else None)
+
+    def export_path(self, who: Principal, job_id: str) -> Path:
+        """The finished export's file (the API serves it with Range)."""
+        def run(_):
+            job = self._job(who, job_id)
+            if job.state != "done":
+                raise BadRequest(f"the export is {job.state}, not finished")
+            return job.path, job.id, job.tenant
+        return self._audited(who, "download", run, resolve=False,
+                             obj=job_id if isinstance(job_id, str) and len(job_id) <= 64 else None)
+
+    def wait_exports(self, timeout: float = 60.0) -> None:
+        """Wait for the running exports (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._jobs_lock:
+            threads = [j.thread for j in self._jobs.values() if j.thread is not None]
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+
+    def _run_export(self, job: _Job) -> None:
+        part = job.path.with_suffix(job.path.suffix + ".part")
+        job.state = "running"
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                if job.format == "mbox":
+                    self._write_mbox(job, f)
+                else:
+                    self._write_zip(job, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(part, job.path)
+            job.size = job.path.stat().st_size
+            job.state = "done"
+        except Exception as e:  # noqa: BLE001 - the job says it failed; the reason is the type only
+            job.state = "failed"
+            job.error = f"export failed ({type(e).__name__})"
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
+        job.finished = self.clock()
+
+    def _messages(self, job: _Job):
+        """(aid, raw, meta) of each message of the job the owner may read;
+        the others are counted as missing."""
+        for aid, month in job.items:
+            try:
+                if not _AID.fullmatch(aid):
+                    raise NotFound()
+                with self._store_lock:
+                    if month is None:
+                        month = self.store.locate(job.tenant, aid) if self.store.has_archive(job.tenant) else None
+                        if month is None:
+                            raise NotFound()
+                    raw, meta = self.store.shard(job.tenant, month).get(aid, self.keys)
+                if job.scope is not None and not self._visible(job.scope, meta, parse.headers(raw)):
+                    raise NotFound()
+            except NotFound:
+                job.missing += 1
+                job.done += 1
+                continue
+            yield aid, raw, meta
+            job.done += 1
+
+    def _write_mbox(self, job: _Job, f) -> None:
+        for aid, raw, meta in self._messages(job):
+            f.write(mbox_entry(raw, meta))
+            job.size = f.tell()
+
+    def _write_zip(self, job: _Job, f) -> None:
+        manifest = {"tenant": job.tenant, "created": iso(job.created), "query": job.query, "messages": []}
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+            for aid, raw, meta in self._messages(job):
+                name = f"{aid}.eml"
+                z.writestr(name, raw)
+                summary = meta.get("summary") or {}
+                manifest["messages"].append({
+                    "id": aid, "file": name, "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw),
+                    "date": iso(summary.get("date")), "first_seen": iso(meta.get("first_seen")),
+                    "envelopes": [{"mail_from": e.get("mail_from") or "", "recipients": list(e.get("rcpt_to") or []),
+                                   "received_at": iso(e.get("received_at")), "source": e.get("source"),
+                                   "journal_recipients": [r.get("address") for r in
+                                                          (e.get("journal") or {}).get("recipients", [])]}
+                                  for e in (meta.get("envelopes") or {}).values()]})
+                job.size = f.tell()
+            manifest["missing"] = job.missing
+            z.writestr("manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+
+    def _expire(self) -> None:
+        """Forget exports older than EXPORT_TTL and remove their files."""
+        now = self.clock()
+        with self._jobs_lock:
+            old = [j for j in self._jobs.values()
+                   if j.state in ("done", "failed") and now - j.created > EXPORT_TTL]
+            for j in old:
+                del self._jobs[j.id]
+        for j in old:
+            try:
+                os.unlink(j.path)
+            except OSError:
+                pass
+
+    def _sweep_files(self) -> None:
+        """Exports a previous process left (their jobs are gone with it):
+        removed once they are older than EXPORT_TTL; unfinished ones at once."""
+        now = time.time()
+        for p in self.exports_dir.iterdir():
+            try:
+                if p.suffix == ".part" or now - p.stat().st_mtime > EXPORT_TTL:
+                    p.unlink()
+            except OSError:
+                pass
+
+    # --- the audit trail ---------------------------------------------------------
+
+    def audit_records(self, who: Principal, *, tenant: str | None = None, since: int = 0,
+                      limit: int = 100) -> dict:
+        """The tenant's audit records after `since`, search terms decrypted
+        (auditors and local administrators): {"records": [...], "next": seq}."""
+        def run(t):
+            if not who.can("audit-read"):
+                raise Forbidden("only auditors read the audit trail")
+            since_, limit_ = self._page(since, limit)
+            records, nxt = self.audit.read(tenant=t, since=since_, limit=limit_, with_terms=True)
+            return {"records": records, "next": nxt}, "audit"
+        return self._audited(who, "audit-read", run, asked=tenant, obj="audit")
+
+    def events(self, who: Principal, *, since: int = 0, limit: int = 100, tenant: str | None = None) -> dict:
+        """The tenant's events for a SOC (logins, searches, reads,
+        downloads, exports, administrative changes, key fetches, anomalies),
+        terms left encrypted: {"events": [...], "next": seq}."""
+        def run(t):
+            if not who.can("events"):
+                raise Forbidden("this principal may not read events")
+            since_, limit_ = self._page(since, limit)
+            from mailtresor.access.audit import EVENT_ACTIONS
+            records, nxt = self.audit.read(tenant=t, since=since_, limit=limit_, actions=set(EVENT_ACTIONS))
+            return {"events": records, "next": nxt}, "events"
+        return self._audited(who, "audit-read", run, asked=tenant, obj="events")
+
+    @staticmethod
+    def _page(since, limit) -> tuple[int, int]:
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise BadRequest("since must be a record number (0 or more)")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_AUDIT_PAGE:
+            raise BadRequest(f"limit must be a number from 1 to {MAX_AUDIT_PAGE}")
+        return since, limit
+
+
+# --- mbox -------------------------------------------------------------------------
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.M)
+
+
+def mbox_entry(raw: bytes, meta: dict) -> bytes:
+    """One message of an mboxrd file: a `From ` line (the envelope sender
+    and the arrival time), the message with every line that starts with
+    ">*From " given one more ">", and a blank line.  Reading it back
+    (mbox_messages) gives `raw` byte for byte when `raw` ends with a line
+    feed (a message without one gets one)."""
+    envs = sorted((meta.get("envelopes") or {}).values(), key=lambda e: e.get("received_at") or 0)
+    sender = (envs[0].get("mail_from") if envs else "") or "MAILER-DAEMON"
+    sender = re.sub(r"\s", "_", sender) or "MAILER-DAEMON"
+    when = (envs[0].get("received_at") if envs else None) or meta.get("first_seen") or 0
+    head = f"From {sender} {time.asctime(time.gmtime(float(when)))}\n".encode("utf-8", "replace")
+    body = _FROM_LINE.sub(rb">\1", raw)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return head + body + b"\n"
+
+
+def mbox_messages(data: bytes) -> list[bytes]:
+    """The messages of an mboxrd file written by mbox_entry(), unquoted."""
+    out = []
+    chunks = re.split(rb"(?:^|\n)From [^\n]*\n", data)[1:]
+    for i, c in enumerate(chunks):
+        if i == len(chunks) - 1 and c.endswith(b"\n"):
+            c = c[:-1]      # the blank line after the last message (the others' went with the split)
+        out.append(re.sub(rb"^>(>*From )", rb"\1", c, flags=re.M))
+    return out
