@@ -13,7 +13,7 @@ import pyotp
 import pytest
 
 from mailtresor import config as configmod
-from mailtresor import crypto
+from mailtresor.keys import crypto
 from mailtresor.access import auth as authmod
 from mailtresor.access import users as usersmod
 from mailtresor.access.auth import Authenticator, LoginFailed

@@ -49,7 +49,7 @@ def prepare(cfg: configmod.Config) -> None:
     if not store.exists():
         store.init()
         audit.append("init", keystore=str(cs.keystore))
-    wanted = [(a.name, k) for a in cs.appliance for k in ("spool", "seal")]
+    wanted = [(a.name, k) for a in cs.appliance for k in ("spool", "seal", "access")]
     wanted += [(a.name, f"tenant.{t.name}") for a in cs.appliance for t in cfg.tenant]
     for appliance, name in wanted:
         if store.get(appliance, name) is None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import time
 
-from . import users as usersmod
-from .principal import Principal
-from .sessions import Throttle, Throttled  # noqa: F401  (Throttled is part of this module's API)
+from mailtresor.access import users as usersmod
+from mailtresor.access.principal import Principal
+from mailtresor.access.sessions import Throttle, Throttled  # noqa: F401  (Throttled is part of this module's API)
 
 log = logging.getLogger("mailtresor.access.auth")
 
 GENERIC = "wrong user name, password or code"
+MAX_NAME = 256
 
 
 class LoginFailed(Exception):
@@ -32,9 +33,12 @@ class LoginFailed(Exception):
     `needs_totp` is True only when the password was right and the second
     factor is missing."""
 
-    def __init__(self, needs_totp: bool = False):
+    def __init__(self, needs_totp: bool = False, *, unavailable: bool = False):
         super().__init__(GENERIC)
         self.needs_totp = needs_totp
+        # The tenant's directory could not answer (logged with the reason):
+        # not the user's fault, so not counted against them.
+        self.unavailable = unavailable
         self.reason = GENERIC
 
 
@@ -64,7 +68,7 @@ class Authenticator:
             t = self._tenants.get(tenant)
             if t is None or t.ldap is None:
                 return None
-            from .ldap import Directory
+            from mailtresor.access.ldap import Directory
             d = self._dirs[tenant] = Directory(t.ldap, tenant=tenant)
         return d
 
@@ -73,6 +77,8 @@ class Authenticator:
         """A Principal for a right user name, password (and code); else
         LoginFailed, or Throttled when this name or address must wait."""
         name = username if isinstance(username, str) else ""
+        if len(name) > MAX_NAME:
+            name = name[:MAX_NAME] + "\x00"      # no user has it; bounds the throttle key
         password = password if isinstance(password, str) else ""
         # Throttle keys: the name case-folded (so "Alice" and "alice" count
         # together), and the client address.
@@ -82,7 +88,7 @@ class Authenticator:
         try:
             p = self._login(tenant, name, password, totp, client)
         except LoginFailed as e:
-            if not e.needs_totp:           # a right password without its code is no guess
+            if not (e.needs_totp or e.unavailable):   # a right password without its code is no guess
                 self.throttle.failure(keys)
             raise
         self.throttle.success((user_key,))
@@ -116,12 +122,12 @@ class Authenticator:
                          addresses=user.addresses, client=client)
 
     def _ldap_login(self, d, tenant, name, password, client) -> Principal:
-        from .ldap import DirectoryUnavailable
+        from mailtresor.access.ldap import DirectoryUnavailable
         try:
             found = d.authenticate(name, password)
         except DirectoryUnavailable as e:
             log.warning("login to tenant %s: %s", tenant, e)
-            raise LoginFailed() from None
+            raise LoginFailed(unavailable=True) from None
         if found is None:
             raise LoginFailed()
         return Principal(kind="user", name=name, tenant=tenant, roles=found.roles,
@@ -135,3 +141,15 @@ class Authenticator:
             raise LoginFailed()
         return Principal(kind="token", name=t.id, tenant=t.tenant, roles=frozenset(), scopes=t.scopes,
                          client=client)
+
+
+def open_databases(cfg, fetch) -> tuple["usersmod.UserDB", "TokenDB"]:
+    """users.db and tokens.db in [access] directory, under the key derived
+    from the control key "access"; `fetch(name, version)` -> KeyMaterial
+    (keys.control_fetcher(cfg) in the CLI, the daemon's fetcher there)."""
+    from mailtresor import config as configmod
+    from mailtresor.access.sealed import ACCESS_KEY_NAME, ACCESS_KEY_VERSION, file_key
+    from mailtresor.access.tokens import TokenDB
+    key = file_key(fetch(ACCESS_KEY_NAME, ACCESS_KEY_VERSION).key)
+    d = configmod.access_directory(cfg)
+    return usersmod.UserDB(d / "users.db", key), TokenDB(d / "tokens.db", key)

@@ -112,11 +112,13 @@ class Directory:
     def _connect(self, user: str | None, password: str | None) -> ldap3.Connection:
         conn = ldap3.Connection(self.server, user=user, password=password,
                                 authentication=ldap3.SIMPLE if user else ldap3.ANONYMOUS,
-                                receive_timeout=self.cfg.timeout, raise_exceptions=False,
+                                receive_timeout=max(1, int(self.cfg.timeout)), raise_exceptions=False,
                                 read_only=True, auto_referrals=False)
         conn.open()
-        if self.cfg.start_tls:
-            conn.start_tls()
+        if self.cfg.start_tls and not conn.start_tls():
+            # Never carry on in clear: the next thing sent is a password.
+            conn.unbind()
+            raise DirectoryUnavailable(f"tenant {self.tenant}: directory {self.cfg.url} refused StartTLS")
         return conn
 
     def _search_conn(self) -> ldap3.Connection:

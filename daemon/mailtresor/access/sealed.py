@@ -113,3 +113,17 @@ class SealedFile:
         finally:
             os.close(dfd)
         self._data, self._stamp = data, self._stat()
+
+
+# The control endpoint's key for users.db and tokens.db, and how the file key
+# comes from it.  Version 1 always: the files carry no key version, so a
+# rotated "access" key would make them unreadable (re-encryption on rotation
+# is future work; see docs/access/auth.md).
+ACCESS_KEY_NAME = "access"
+ACCESS_KEY_VERSION = 1
+FILE_KEY_INFO = b"mailtresor access v1"
+
+
+def file_key(access_key: bytes) -> bytes:
+    """The 32-byte key of users.db and tokens.db, from the control key "access"."""
+    return crypto.derive(access_key, b"", FILE_KEY_INFO)

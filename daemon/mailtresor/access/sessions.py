@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .principal import Principal
+from mailtresor.access.principal import Principal
 
 
 @dataclass

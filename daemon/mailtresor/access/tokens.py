@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .principal import SCOPES
-from .sealed import SealedFile
+from mailtresor.access.principal import SCOPES
+from mailtresor.access.sealed import SealedFile
 
 _AAD = b"mailtresor access tokens v1"
 PREFIX = "mt"

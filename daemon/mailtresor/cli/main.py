@@ -868,6 +868,8 @@ def build_parser(parser_class: type = None) -> argparse.ArgumentParser:
 
     from mailtresor.cli import audit as cli_audit
     cli_audit.register(sub)
+    from mailtresor.cli import user as cli_user              # becomes COMMAND_MODULES in cli/main.py
+    cli_user.register(sub)
     return p
 
 
