@@ -136,17 +136,27 @@ class Daemon:
         if not cfg.relay.listener:
             self.processes = 1
         self.fetcher = None
+        self.trail = self.audit_error = None
         if not worker:
+            self._open_trail()
             c = cfg.control
             client = ControlClient(reactor, c.url, c.ca_file, c.cert_file, c.key_file, c.timeout)
             self.fetcher = KeyFetcher(reactor, client, self.ring, retry_initial=c.retry_initial,
                                       retry_max=c.retry_max, refresh_interval=c.refresh_interval,
                                       on_status=self.set_status, on_key=self._key_to_workers,
-                                      on_revoke=self._key_revoked)
+                                      on_revoke=self._key_revoked, on_fetch=self._key_fetched)
         self.archiver = None
         if not worker and cfg.archive is not None and cfg.archive.enabled:
             from mailtresor.archive.archiver import Archiver
-            self.archiver = Archiver(cfg, reactor, self.spool, self.ring)
+            from mailtresor.keys.ring import control_fetcher
+            fetch = control_fetcher(cfg)
+            self.archiver = Archiver(cfg, reactor, self.spool, self.ring,
+                                     fetch=self.trail.audited_fetch(fetch) if self.trail else fetch)
+            if self.trail is not None:
+                self.archiver.pipeline.on_anomaly = self.trail.anomaly
+                # One FetchingKeys in the daemon: the archiver's expiry of
+                # tenant keys (forget()) covers what the trail derived too.
+                self.trail.log.keys = self.archiver.keys
             # A pause (full disk, missing key) and its end are in status.json at once.
             self.archiver.on_change = self.write_status
         self.query = None
@@ -170,6 +180,34 @@ class Daemon:
         self._workers_done = None
         self._status_file = cfg.appliance.runtime_directory / "status.json"
 
+    # --- the audit trail: the daemon's own records (access/audit.py) ---
+
+    def _open_trail(self) -> None:
+        """Open the trail before any key is fetched: opening needs no key
+        (it checks the tail; records of key fetches and anomalies hold no
+        secret); sealing waits for the seal key, fetched when the first
+        seal is due.  A trail that cannot be opened is said in the status
+        and the log; mail is still taken and archived."""
+        from mailtresor.access.audit import AuditError, AuditLog, DaemonTrail
+        from mailtresor.keys.ring import control_fetcher
+        from mailtresor.archive.store import FetchingKeys
+        try:
+            keys = FetchingKeys(self.ring, None)
+            trail = DaemonTrail(AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every))
+            keys.fetch = trail.audited_fetch(control_fetcher(self.cfg))
+            self.trail = trail
+        except (AuditError, OSError) as e:
+            self.audit_error = str(e)
+            log.error("audit trail %s unusable: %s", self.cfg.audit.directory, e)
+
+    def _key_fetched(self, name: str, version, error) -> None:
+        if self.trail is not None:
+            self.reactor.callInThread(self.trail.key_fetch, name, version, error)
+
+    def _seal_trail(self) -> None:
+        if self.trail is not None:
+            self.reactor.callInThread(self.trail.log.seal)
+
     # --- status ---
 
     def set_status(self, text: str) -> None:
@@ -186,7 +224,9 @@ class Daemon:
                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
                "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
                "archive": self.archiver.status() if self.archiver is not None else None,
-               "query_socket": self.query.status() if self.query is not None else None}
+               "query_socket": self.query.status() if self.query is not None else None,
+               "audit": (self.trail.log.status() if self.trail is not None
+                         else {"error": self.audit_error} if self.audit_error else None)}
         try:
             if not self._status_file.parent.is_dir():
                 self._status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -285,6 +325,10 @@ class Daemon:
             task.LoopingCall(notify, "WATCHDOG=1").start(usec / 2e6, now=True)
         self._status_loop = task.LoopingCall(self.write_status)
         self._status_loop.start(10, now=False)
+        if self.trail is not None:
+            # A quiet trail is sealed too, not only every seal_every records.
+            self._trail_sealer = task.LoopingCall(self._seal_trail)
+            self._trail_sealer.start(self.cfg.archive.seal_interval if self.cfg.archive else 300.0, now=False)
 
     def _start_worker(self):
         import socket as socketmod
@@ -485,6 +529,12 @@ class Daemon:
         self.spool.close(timeout=self.cfg.service.shutdown_timeout)
         if self._status_loop is not None and self._status_loop.running:
             self._status_loop.stop()
+        if self.trail is not None:
+            if getattr(self, "_trail_sealer", None) is not None and self._trail_sealer.running:
+                self._trail_sealer.stop()
+            # Sealed at stop when the seal key is held (never a wait on the
+            # control endpoint here); else the next start's first seal covers it.
+            self.trail.log.close(seal=self.ring.current("seal") is not None)
         self.set_status("stopped")
         if self.worker:
             log.debug("relay worker %d stopped", self.worker)

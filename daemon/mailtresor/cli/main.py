@@ -85,7 +85,25 @@ def daemon_status(cfg) -> dict:
             pass
     if cfg.archive is not None:
         doc["shards"] = _shards(cfg.archive.directory)
+    doc["audit"] = _audit_status(cfg, published)
     return doc
+
+
+def _audit_status(cfg, published: dict | None) -> dict:
+    """The audit trail's last seal (its head file: a removed tail shows
+    against it) and, from a running daemon, its last seq and unsealed count."""
+    d = cfg.audit.directory
+    out: dict = {"directory": str(d), "last_seal": None}
+    try:
+        head = json.loads((d / "head").read_text())
+        out["last_seal"], out["last_seal_hash"] = head.get("seal_seq"), head.get("seal_hash")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        out["head_error"] = f"{d / 'head'}: {getattr(e, 'strerror', None) or e}"
+    if published is not None and published.get("state") != "stopped" and published.get("audit"):
+        out["daemon"] = published["audit"]
+    return out
 
 
 def _list(d: Path) -> list[str]:
@@ -154,6 +172,13 @@ def cmd_status(cfg, args) -> int:
                 # archived as received; flag:journal-untrusted lists them.
                 print(f"archiver: {ar['journal_untrusted']} message(s) with an untrusted journal report header "
                       "archived as received (search flag:journal-untrusted)")
+        au = doc["audit"]
+        live = au.get("daemon") or {}
+        print(f"audit:    " + (f"up to seq {live['seq']}, {live['unsealed']} unsealed; " if "seq" in live else "")
+              + (f"last seal at seq {au['last_seal']}" if au["last_seal"] else "no seal yet")
+              + f" ({au['directory']})" + (f"; {au['head_error']}" if "head_error" in au else "")
+              + (f"; {live['error'] or live.get('seal_problem')}" if live.get("error") or live.get("seal_problem")
+                 else ""))
         for sh in doc.get("shards") or []:
             print(f"shard:    {sh['shard']}: {sh['records']} records, chain {sh['chain']}, "
                   f"index lag {sh['index_lag']}, backup lag {sh['backup_lag']}, {sh['unsealed']} unsealed")
@@ -925,4 +950,7 @@ def _failure(e: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as mailtresor.cli, not as a second copy named __main__: command
+    # modules (cli_audit) raise mailtresor.cli.UserError, which run() catches.
+    from mailtresor import cli as _cli
+    sys.exit(_cli.main())
