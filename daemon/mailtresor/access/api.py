@@ -205,6 +205,7 @@ class Api:
         self.metrics = Metrics(facts)
         self.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in metrics_networks]
         self.clock = clock
+        self.logins_unavailable = "logins are not available yet (the access key is being fetched)"
         self.openapi_bytes = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
         self.root = ApiResource(self)
 
@@ -329,7 +330,7 @@ class Api:
                                 headers={b"WWW-Authenticate": b'Bearer realm="mailtresor"'})
             from .auth import LoginFailed
             try:
-                who = await self.run(self.auth.token, secret.strip(), client)
+                who = await self.run(self._need_auth().token, secret.strip(), client)
             except LoginFailed:
                 raise HttpError(401, "unknown, expired or revoked token",
                                 headers={b"WWW-Authenticate": b'Bearer realm="mailtresor", error="invalid_token"'}) \
@@ -349,6 +350,11 @@ class Api:
                 return dataclasses.replace(who, client=client), sid
             raise HttpError(401, "the session has expired or ended; log in again")
         raise HttpError(401, "not logged in (log in at /api/v1/login, or send a Bearer token)")
+
+    def _need_auth(self):
+        if self.auth is None:
+            raise HttpError(503, self.logins_unavailable)
+        return self.auth
 
     def _need_core(self):
         if self.core is None:
@@ -376,7 +382,7 @@ class Api:
         # An unknown tenant fails like a wrong password, in the same time
         # (the Authenticator sees to it): no tenant enumeration.
         try:
-            who = await self.run(self.auth.login, tenant=tenant, username=username, password=password,
+            who = await self.run(self._need_auth().login, tenant=tenant, username=username, password=password,
                                  totp=totp, client=c.client)
         except Throttled as e:
             await self.run(self._audit_login, None, tenant, username, c.client, "denied", "throttled")
@@ -508,6 +514,7 @@ class Api:
     def _manage_tenant(self, who: Principal, asked, verb: str, action_obj: str) -> str | None:
         """The tenant an administrative call is about, checked.  Another
         tenant's is 404 (no existence leak), a missing right 403."""
+        self._need_auth()                   # users.db and tokens.db
         if asked is not None and asked not in self.tenant_names:
             raise HttpError(404, "no such tenant")
         if not who.can(verb):
@@ -686,3 +693,129 @@ class ApiResource(resource.Resource):
     def render(self, request):
         self.api.serve(request)
         return server.NOT_DONE_YET
+
+
+# --- in the daemon ---------------------------------------------------------------
+
+class ApiServer:
+    """The API as the daemon runs it: the thread pool, the core over the
+    archiver's store, logins, and the two listeners ([api] listen, TLS only;
+    RUNTIME_DIRECTORY/api.sock for root and the daemon's user).
+
+    `daemon` is the mailtresor.service.Daemon; what is read of it: cfg,
+    archiver (store, store_lock, keys), trail (the audit log), and the
+    status_doc / health / facts methods."""
+
+    SOCKET_NAME = "api.sock"
+
+    def __init__(self, cfg, reactor, daemon):
+        from twisted.python.threadpool import ThreadPool
+
+        from .sessions import Sessions
+
+        self.cfg, self.reactor, self.daemon = cfg, reactor, daemon
+        a = cfg.api
+        self.pool = ThreadPool(1, a.threads, name="api")
+        self.path = Path(cfg.appliance.runtime_directory) / self.SOCKET_NAME
+        self.ports = []
+        core = None
+        archiver = daemon.archiver
+        audit = daemon.trail.log if daemon.trail is not None else None
+        if archiver is not None and audit is not None:
+            from mailtresor.archive import index
+
+            from .core import Core
+            core = Core(store=archiver.store, keys=archiver.keys, audit=audit, readers=index.Readers(),
+                        exports_dir=cfg.appliance.state_directory / "exports",
+                        tenants=[t.name for t in cfg.tenant])
+            # One Store in the process (LMDB allows an environment to be
+            # open once per process): the core's lock must be the archiver's.
+            core._store_lock = archiver.store_lock
+        self.api = Api(reactor=reactor, pool=self.pool, core=core, audit=audit,
+                       sessions=Sessions(idle=cfg.access.session_idle, absolute=cfg.access.session_absolute),
+                       tenants=[t.name for t in cfg.tenant], status=daemon.status_doc, health=daemon.health,
+                       facts=daemon.metrics_facts, metrics_networks=a.metrics_networks)
+
+    def start(self) -> defer.Deferred:
+        import os
+
+        from twisted.internet import endpoints
+
+        from mailtresor import config as configmod
+
+        a = self.cfg.api
+        self.pool.start()
+        self.run_logins()
+        port, interface = configmod.api_listen(a.listen)
+        cert = a.cert_file or self.cfg.tls.cert_file
+        key = a.key_file or self.cfg.tls.key_file
+        tcp = endpoints.SSL4ServerEndpoint(self.reactor, port, _tls_context(cert, key), interface=interface)
+        kw = dict(timeout=a.timeout, max_body=a.max_body)
+        d1 = tcp.listen(self.api.factory(max_connections=a.max_connections,
+                                         max_per_client=a.max_connections_per_client, **kw))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        unix = endpoints.UNIXServerEndpoint(self.reactor, str(self.path), mode=0o660, wantPID=True)
+        d2 = unix.listen(self.api.factory(unix=True, allowed_uids={0, os.geteuid()}, **kw))
+
+        def listening(port_, what):
+            self.ports.append(port_)
+            log.info("api listening on %s", what)
+            return port_
+        d1.addCallback(listening, f"https://{interface or '*'}:{port}/api/v1/")
+        d2.addCallback(listening, str(self.path))
+        d2.addErrback(lambda f: log.warning("api socket %s: cannot listen (%s)", self.path, f.getErrorMessage()))
+        return d1
+
+    def run_logins(self) -> None:
+        """users.db and tokens.db need the control key "access": fetched
+        in a pool thread; until then (or if it cannot be had) logins
+        answer 503 and say why."""
+        from mailtresor.keys.ring import control_fetcher
+
+        from .auth import Authenticator, open_databases
+
+        def opened(dbs):
+            users, tokens = dbs
+            self.api.users, self.api.tokens = users, tokens
+            self.api.auth = Authenticator(self.cfg, users, tokens)
+            log.info("api: logins and tokens available")
+
+        def failed(f):
+            self.api.logins_unavailable = f"logins are not available: {f.getErrorMessage()}"
+            log.error("api: %s", self.api.logins_unavailable)
+
+        self.api.run(open_databases, self.cfg, control_fetcher(self.cfg)).addCallbacks(opened, failed)
+
+    def stop(self) -> defer.Deferred:
+        """Stop listening (first, at shutdown); requests under way finish
+        in the pool, which then stops."""
+        ports, self.ports = self.ports, []
+        d = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+
+        def done(_):
+            self.pool.stop()
+        return d.addBoth(done)
+
+    def status(self) -> dict:
+        return {"listen": self.cfg.api.listen, "socket": str(self.path), "listening": len(self.ports),
+                "logins": self.api.auth is not None}
+
+
+def _tls_context(cert_file, key_file):
+    """The API's TLS: 1.2 or later, forward-secret AEAD ciphers, the appliance's certificate."""
+    from OpenSSL import SSL
+
+    class Context:
+        def __init__(self):
+            ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+            ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+            ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+            ctx.set_cipher_list(b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS")
+            ctx.use_certificate_chain_file(str(cert_file))
+            ctx.use_privatekey_file(str(key_file))
+            ctx.check_privatekey()
+            self._ctx = ctx
+
+        def getContext(self):
+            return self._ctx
+    return Context()

@@ -43,6 +43,18 @@ _GAUGES = (("spool_depth", "mailtresor_spool_depth", "Entries waiting in the spo
            ("ready", "mailtresor_ready", "1 when the daemon holds its keys and its spool takes mail"))
 
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def spool_id_time(entry_id: str) -> float:
+    """When a spool entry was received: its id is 26 Crockford base-32
+    digits of (milliseconds << 80 | 80 random bits) (ingest.spool.new_id). Pure."""
+    n = 0
+    for ch in entry_id:
+        n = n * 32 + _CROCKFORD.index(ch)
+    return (n >> 80) / 1000.0
+
+
 class _FactsCollector:
     def __init__(self, facts):
         self._facts = facts
