@@ -35,6 +35,7 @@ from twisted.web import resource, server, static
 from .http import (HTML_CSP, JSON_TYPE, SECURITY_HEADERS, ConnectionGate, HttpError, LimitedRequest,
                    bool_arg, content_disposition, download_type, int_arg, json_bytes, member,
                    parse_json_object, query_args)
+from .core import MAX_AUDIT_PAGE, MAX_PAGE
 from .principal import Principal
 
 log = logging.getLogger("mailtresor.access.api")
@@ -43,7 +44,6 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 COOKIE = b"mt_session"
 COOKIE_PATH = b"/api"
 CSRF_HEADER = b"x-csrf-token"
-MAX_PAGE = 200                 # the core's limit too (access.core.MAX_PAGE)
 ORDERS = ("date-desc", "date-asc", "relevance")
 EXPORT_FORMATS = ("mbox", "zip")
 MAX_EXPORT_IDS = 100_000
@@ -86,7 +86,7 @@ ROUTES = (
     Route("GET", f"{V1}/exports/{{id}}", "export_status"),
     Route("GET", f"{V1}/exports/{{id}}/download", "export_download"),
     Route("GET", f"{V1}/audit", "audit", args=("since", "limit", "tenant")),
-    Route("GET", f"{V1}/events", "events", args=("since", "limit")),
+    Route("GET", f"{V1}/events", "events", args=("since", "limit", "tenant")),
     Route("GET", f"{V1}/users", "users", args=("tenant",)),
     Route("POST", f"{V1}/users", "user_add"),
     Route("POST", f"{V1}/users/{{name}}/disable", "user_disable", args=("tenant",)),
@@ -500,13 +500,15 @@ class Api:
     async def h_audit(self, c: Call) -> Answer:
         a = c.args
         doc = await self.run(self._need_core().audit_records, c.who, tenant=a.get("tenant"),
-                             since=int_arg(a, "since", 0, 0, 2**62), limit=int_arg(a, "limit", 100, 1, MAX_PAGE))
+                             since=int_arg(a, "since", 0, 0, 2**62),
+                             limit=int_arg(a, "limit", 100, 1, MAX_AUDIT_PAGE))
         return Answer(200, doc)
 
     async def h_events(self, c: Call) -> Answer:
         a = c.args
-        doc = await self.run(self._need_core().events, c.who, since=int_arg(a, "since", 0, 0, 2**62),
-                             limit=int_arg(a, "limit", 100, 1, MAX_PAGE))
+        doc = await self.run(self._need_core().events, c.who, tenant=a.get("tenant"),
+                             since=int_arg(a, "since", 0, 0, 2**62),
+                             limit=int_arg(a, "limit", 100, 1, MAX_AUDIT_PAGE))
         return Answer(200, doc)
 
     # --- administration (checked and audited here: the core reads mail) ---
