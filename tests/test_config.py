@@ -223,6 +223,82 @@ def test_audit_defaults_to_the_state_directory(tmp_path):
     ("[audit]\nsealing = 3\n", "audit.sealing", "unknown key"),
 ])
 def test_bad_audit_configs(tmp_path, extra, key, message):
+
+
+# --- issue 13: [access] and [tenant.ldap] ---------------------------------------------
+
+ACME = "[[tenant]]\nname = 'acme'\ndomains = ['acme.example']\n"
+LDAP = ACME + "[tenant.ldap]\nbase = 'dc=acme,dc=example'\n"
+
+
+def test_access_and_ldap_load(tmp_path):
+    cfg, _ = load_text(tmp_path, BASE + """
+[access]
+directory = "/var/lib/mailtresor/access"
+session_idle = 900
+session_absolute = 28800
+throttle_failures = 10
+[[tenant]]
+name = "acme"
+domains = ["acme.example"]
+[tenant.ldap]
+url = "ldaps://dc1.acme.example"
+ca_file = "/etc/mailtresor/acme-ldap-ca.pem"
+base = "dc=acme,dc=example"
+filter = "(&(objectClass=user)(sAMAccountName={username}))"
+bind_dn = "cn=archive,ou=services,dc=acme,dc=example"
+bind_password_file = "/etc/mailtresor/acme-ldap.password"
+address_attributes = ["mail", "proxyAddresses"]
+[tenant.ldap.roles]
+"cn=Compliance,ou=groups,dc=acme,dc=example" = "auditor"
+"cn=IT Admins,ou=groups,dc=acme,dc=example" = "admin"
+[[tenant]]
+name = "globex"
+domains = ["globex.example"]
+""")
+    a = cfg.access
+    assert (a.session_idle, a.session_absolute, a.throttle_failures, a.throttle_window) == (900, 28800, 10, 300)
+    assert config.access_directory(cfg) == Path("/var/lib/mailtresor/access")
+    ld = cfg.tenant[0].ldap
+    assert ld.url == "ldaps://dc1.acme.example" and ld.address_attributes == ("mail", "proxyAddresses")
+    assert ld.roles == {"cn=Compliance,ou=groups,dc=acme,dc=example": "auditor",
+                        "cn=IT Admins,ou=groups,dc=acme,dc=example": "admin"}
+    assert ld.filter.endswith("(sAMAccountName={username}))") and ld.default_roles == ("user",)
+    assert cfg.tenant[1].ldap is None
+
+
+def test_access_defaults(tmp_path):
+    cfg, _ = load_text(tmp_path, BASE + LDAP + "url = 'ldap://dc1'\nstart_tls = true\n")
+    assert config.access_directory(cfg) == cfg.appliance.state_directory / "access"
+    assert (cfg.access.session_idle, cfg.access.session_absolute) == (1800, 43200)
+    ld = cfg.tenant[0].ldap
+    assert ld.filter == "(&(objectClass=inetOrgPerson)(uid={username}))" and ld.address_attributes == ("mail",)
+    assert ld.bind_dn == "" and ld.roles == {}
+
+
+@pytest.mark.parametrize("extra,key,message", [
+    ("[access]\nsession_idle = 10\n", "access.session_idle", "at least 60"),
+    ("[access]\nsession_idle = 3600\nsession_absolute = 600\n", "access.session_absolute", "at least access.session_idle"),
+    ("[access]\nthrottle_failures = 0\n", "access.throttle_failures", "at least 1"),
+    ("[access]\nsesion_idle = 60\n", "access.sesion_idle", "unknown key"),
+    (ACME + "[tenant.ldap]\nurl = 'ldaps://x'\n", "tenant[0].ldap.base", "required key is missing"),
+    (LDAP + "url = 'ldap://dc1'\n", "tenant[0].ldap.url", "needs start_tls = true"),
+    (LDAP + "url = 'ldaps://dc1'\nstart_tls = true\n", "tenant[0].ldap.start_tls", "not with an ldaps://"),
+    (LDAP + "url = 'https://dc1'\n", "tenant[0].ldap.url", "use ldaps://"),
+    (LDAP + "url = 'ldaps://dc1'\nfilter = '(uid=alice)'\n", "tenant[0].ldap.filter", "{username}"),
+    (LDAP + "url = 'ldaps://dc1'\nbind_dn = 'cn=svc'\n", "tenant[0].ldap.bind_dn", "go together"),
+    (LDAP + "url = 'ldaps://dc1'\naddress_attributes = []\n", "tenant[0].ldap.address_attributes", "at least one"),
+    (LDAP + "url = 'ldaps://dc1'\n[tenant.ldap.roles]\n'cn=x' = 'boss'\n", "tenant[0].ldap.roles",
+     "'boss' is not a tenant role"),
+    (LDAP + "url = 'ldaps://dc1'\n[tenant.ldap.roles]\n'cn=x' = 'appliance-admin'\n", "tenant[0].ldap.roles",
+     "not a tenant role"),
+    (LDAP + "url = 'ldaps://dc1'\n[tenant.ldap.roles]\n'cn=x' = 3\n", "tenant[0].ldap.roles.'cn=x'",
+     "expected a string"),
+    (LDAP + "url = 'ldaps://dc1'\nroles = 'auditor'\n", "tenant[0].ldap.roles", "expected a table"),
+    (LDAP + "url = 'ldaps://dc1'\ndefault_roles = ['root']\n", "tenant[0].ldap.default_roles", "not a tenant role"),
+    (LDAP + "url = 'ldaps://dc1'\nurll = 'x'\n", "tenant[0].ldap.urll", "unknown key"),
+])
+def test_bad_access_configs_name_the_key(tmp_path, extra, key, message):
     with pytest.raises(config.ConfigError) as e:
         load_text(tmp_path, BASE + extra)
     text = str(e.value)

@@ -77,6 +77,13 @@ MAILS = {
 }
 
 
+# Through acme's journaling connector: a journal report around this original,
+# jill a Bcc recipient reached through the list staff@.
+JOURNALED = plain("Merger talk", "Zed <zed@globex.example>", "amy@acme.example",
+                  date="Tue, 02 Jan 2024 08:00:00 +0000")
+ACME = [k for k in MAILS if k != "globex"] + ["journal"]
+
+
 @pytest.fixture(scope="module")
 def arch(tmp_path_factory):
     d = tmp_path_factory.mktemp("core")
@@ -86,6 +93,12 @@ def arch(tmp_path_factory):
         with s.smtp() as c:
             for frm, rcpts, raw in MAILS.values():
                 c.sendmail(frm, rcpts, raw)
+        from tests.harness.journalgen import make_report
+        report = make_report(JOURNALED, sender="zed@globex.example",
+                             recipients=[("to", "amy@acme.example", None),
+                                         ("bcc", "jill@acme.example", "Expanded: staff@acme.example")])
+        with s.smtp(implicit=True, cert="client-exchange-acme") as c:
+            c.sendmail("", ["journal@archive.test"], report)
         wait_archived(s)
         s.stop_daemon()
         yield s
@@ -105,6 +118,7 @@ def world(arch, tmp_path_factory):
     for name, (_, _, raw) in MAILS.items():
         tenant = "globex" if name == "globex" else "acme"
         ids[name] = keys.archive_id(tenant, raw)
+    ids["journal"] = keys.archive_id("acme", JOURNALED)
     yield core, ids, audit, d
     core.wait_exports()
     audit.close()
@@ -136,7 +150,7 @@ def found(core, who, q, **kw):
 
 def test_auditor_searches_whole_tenant_and_nothing_of_another(world):
     core, ids, _, _ = world
-    acme = {v for k, v in ids.items() if k != "globex"}
+    acme = {ids[k] for k in ACME}
     assert found(core, AUDITOR, "") == acme
     assert found(core, GLOBEX_AUDITOR, "") == {ids["globex"]}
     assert found(core, AUDITOR, "secret plans") == set()
@@ -327,6 +341,26 @@ def test_message_metadata(world):
     assert isinstance(r["flags"], list) and isinstance(r["tags"], list)
 
 
+def test_journal_recipients_and_scope(world):
+    core, ids, _, _ = world
+    aid = ids["journal"]
+    assert core.raw(AUDITOR, aid) == JOURNALED            # the original, unwrapped
+    m = core.message(AUDITOR, aid)
+    assert m["journal_recipients"] == ["amy@acme.example", "jill@acme.example"]
+    [env] = m["envelopes"]
+    assert env["connector"] == "exchange-acme"
+    assert {"address": "jill@acme.example", "expanded": "staff@acme.example"} in env["journal"]["recipients"]
+    assert "journal" in m["tags"]
+    # found by a bare address of a journal recipient, and of the expanded list
+    assert found(core, AUDITOR, "jill@acme.example") == {aid}
+    assert found(core, AUDITOR, "staff@acme.example") == {aid}
+    jill = P(name="jill", roles=["user"], addresses=["JILL@acme.example"])
+    assert found(core, jill, "") == {aid}
+    assert core.message(jill, aid)["id"] == aid
+    staff = P(name="staff", roles=["user"], addresses=["staff@acme.example"])
+    assert core.raw(staff, aid) == JOURNALED
+
+
 def test_attachment_text_and_html(world):
     core, ids, _, _ = world
     name, ctype, data = core.attachment(AUDITOR, ids["report"], 1)
@@ -399,22 +433,22 @@ def test_user_cannot_read_others_mail_by_id(world):
 def test_export_mbox_byte_identity(world):
     core, ids, _, _ = world
     job = core.export_start(AUDITOR, query="", format="mbox")
-    assert job["total"] == 5 and job["format"] == "mbox"
+    assert job["total"] == len(ACME) and job["format"] == "mbox"
     core.wait_exports()
     st = core.export_status(AUDITOR, job["id"])
-    assert st["state"] == "done" and st["done"] == 5 and st["missing"] == 0
+    assert st["state"] == "done" and st["done"] == len(ACME) and st["missing"] == 0
     path = core.export_path(AUDITOR, job["id"])
     assert path.stat().st_mode & 0o777 == 0o600
     data = path.read_bytes()
     assert st["size"] == len(data)
     msgs = coremod.mbox_messages(data)
-    expect = {core.raw(AUDITOR, i) for k, i in ids.items() if k != "globex"}
-    assert set(msgs) == expect and len(msgs) == 5
+    expect = {core.raw(AUDITOR, ids[k]) for k in ACME}
+    assert set(msgs) == expect and len(msgs) == len(ACME)
     # the From line in the body was quoted on the way out
     assert b"\n>From the start\r\n>>From quoted\r\n>>>From twice\r\n" in data
     # Python's own reader agrees on the number of messages
     import mailbox
-    assert len(mailbox.mbox(str(path))) == 5
+    assert len(mailbox.mbox(str(path))) == len(ACME)
 
 
 def test_export_zip_manifest(world):
@@ -592,3 +626,36 @@ def test_matrix(world, role, tenant):
     else:
         with pytest.raises(Forbidden):
             core.events(who, **kw)
+
+
+def test_reindex_rebuilds_an_older_index_with_the_facet_slots(world, arch):
+    """An index made before format 2 lacks the facet slots: `reindex`
+    rebuilds it in the current format, with the same facets and flags."""
+    import xapian
+    core, ids, _, _ = world
+    before = core.search(AUDITOR, query="", limit=200, facets=True)
+    store = core.store
+    paths = [p for m in store.months("acme") for p in store.index_paths("acme", [m])]
+    assert all(index.index_format(p) == index.INDEX_FORMAT for p in paths)
+    for p in paths:                                  # make them look like format 1
+        db = xapian.WritableDatabase(p, xapian.DB_OPEN)
+        db.set_metadata(index.META_FORMAT, "")
+        for item in db.postlist(""):
+            doc = db.get_document(item.docid)
+            for slot in [v.num for v in doc.values() if v.num >= 2]:
+                doc.remove_value(slot)
+            db.replace_document(item.docid, doc)
+        db.commit()
+        db.close()
+    assert all(index.index_format(p) == 1 for p in paths)
+    old = core.search(AUDITOR, query="", limit=200, facets=True)
+    assert old["facets"]["month"] == {} and old["total"] == before["total"]
+    # rows still say has_attachments (from the stored summary: named attachments only)
+    assert {r["id"]: r["has_attachments"] for r in old["results"]}[ids["report"]] is True
+    p = subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(arch.config_path), "reindex",
+                        "--tenant", "acme"], cwd=REPO, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert all(index.index_format(p) == index.INDEX_FORMAT for p in paths)
+    after = core.search(AUDITOR, query="", limit=200, facets=True)
+    assert after["facets"] == before["facets"]
+    assert sorted(after["results"], key=lambda r: r["id"]) == sorted(before["results"], key=lambda r: r["id"])

@@ -223,6 +223,115 @@ class Service:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+# --- access: logins, sessions, per-tenant directories ---------------------------
+
+@dataclass(frozen=True)
+class Ldap:
+    """[tenant.ldap]: the tenant's directory (LDAPS, or LDAP with StartTLS)."""
+
+    url: str
+    base: str
+    ca_file: Path | None = None           # None: the system's CA store
+    start_tls: bool = False               # needed with an ldap:// url
+    # {username} is replaced by the login name, escaped (RFC 4515).
+    filter: str = "(&(objectClass=inetOrgPerson)(uid={username}))"
+    # The search bind; without it the user is looked up anonymously.
+    bind_dn: str = ""
+    bind_password_file: Path | None = None
+    address_attributes: tuple[str, ...] = ("mail",)
+    # Where groups are looked up by (member=<user DN>); default: base.
+    group_base: str = ""
+    # Group DN -> role.
+    roles: dict[str, str] = field(default_factory=dict)
+    # Roles every directory user has, whatever their groups.
+    default_roles: tuple[str, ...] = ("user",)
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Access:
+    """[access]: logins and sessions."""
+
+    # users.db and tokens.db; default STATE/access.
+    directory: Path | None = None
+    session_idle: float = 1800.0
+    session_absolute: float = 43200.0
+    # Failed logins per user name and per client address within
+    # throttle_window seconds before back-off (throttle_base * 2^n seconds,
+    # at most throttle_max_delay).
+    throttle_failures: int = 5
+    throttle_window: float = 300.0
+    throttle_base: float = 1.0
+    throttle_max_delay: float = 900.0
+
+
+def access_directory(cfg: "Config") -> Path:
+    return cfg.access.directory or cfg.appliance.state_directory / "access"
+
+
+def _check_access(cfg: "Config", fail) -> None:
+    from .access.principal import ROLES      # the one list of role names
+    a = cfg.access
+    if a.session_idle < 60:
+        fail("access.session_idle", "must be at least 60 seconds")
+    if a.session_absolute < a.session_idle:
+        fail("access.session_absolute", "must be at least access.session_idle")
+    if a.throttle_failures < 1:
+        fail("access.throttle_failures", "must be at least 1")
+    if a.throttle_window < 1:
+        fail("access.throttle_window", "must be at least 1 second")
+    if a.throttle_max_delay < a.throttle_base:
+        fail("access.throttle_max_delay", "must be at least access.throttle_base")
+    for i, t in enumerate(cfg.tenant):
+        ld = t.ldap
+        if ld is None:
+            continue
+        key = f"tenant[{i}].ldap"
+        if ld.url.startswith("ldaps://"):
+            if ld.start_tls:
+                fail(f"{key}.start_tls", "not with an ldaps:// url (it is TLS already)")
+        elif ld.url.startswith("ldap://"):
+            if not ld.start_tls:
+                fail(f"{key}.url", "ldap:// needs start_tls = true (passwords travel only over TLS)")
+        else:
+            fail(f"{key}.url", f"{ld.url!r}: use ldaps://HOST[:PORT] or ldap://HOST[:PORT] with start_tls = true")
+        if "{username}" not in ld.filter or not (ld.filter.startswith("(") and ld.filter.endswith(")")):
+            fail(f"{key}.filter", "must be an LDAP filter in parentheses containing {username}")
+        if bool(ld.bind_dn) != (ld.bind_password_file is not None):
+            fail(f"{key}.bind_dn", "bind_dn and bind_password_file go together")
+        if not ld.address_attributes:
+            fail(f"{key}.address_attributes", "name at least one attribute (e.g. mail)")
+        for dn, role in ld.roles.items():
+            if role not in ROLES or role == "appliance-admin":
+                fail(f"{key}.roles", f"group {dn!r}: {role!r} is not a tenant role "
+                     f"({', '.join(r for r in ROLES if r != 'appliance-admin')})")
+        for r in ld.default_roles:
+            if r not in ROLES or r == "appliance-admin":
+                fail(f"{key}.default_roles", f"{r!r} is not a tenant role")
+
+
+@dataclass(frozen=True)
+class Api:
+    """[api]: the HTTPS API (mailtresor.access.api), TLS only.  The daemon
+    also answers it on RUNTIME_DIRECTORY/api.sock for root and its own user."""
+
+    enabled: bool = True
+    # A Twisted endpoint string, ssl: only (e.g. ssl:8443:interface=192.0.2.1).
+    listen: str = "ssl:8443:interface=127.0.0.1"
+    # Default: the [tls] certificate and key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    max_body: int = 1 << 20                 # bytes of a request body (413 beyond)
+    # Seconds a connection may stay idle (between or inside requests).
+    timeout: float = 60.0
+    max_connections: int = 256
+    max_connections_per_client: int = 32
+    # Threads that run the access core's blocking calls (LMDB, Xapian, argon2).
+    threads: int = 8
+    # Who may scrape /metrics without logging in (a Prometheus server).
+    metrics_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
 @dataclass(frozen=True)
 class Audit:
     """[audit]: the audit trail of every access (mailtresor/access/audit.py)."""
@@ -240,6 +349,7 @@ class Tenant:
 
     name: str
     domains: tuple[str, ...]
+    ldap: Ldap | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +401,8 @@ class Config:
     service: Service = field(default_factory=Service)
     tenant: tuple[Tenant, ...] = ()
     control_server: ControlServer | None = None
+    access: Access = field(default_factory=Access)
+    api: Api = field(default_factory=Api)
     audit: Audit = field(default_factory=Audit)
     source: Path = Path("")
 
@@ -365,6 +477,10 @@ def _convert(tp, value, source: Path, key: str):
             allowed = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{source}: {key}: {value!r} is not one of {allowed}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a table, got {_tname(value)}")
+        return {str(k): _convert(args[1], v, source, f"{key}.{k!r}") for k, v in value.items()}
     if origin is tuple:
         item = args[0]
         if not isinstance(value, list):
@@ -507,6 +623,8 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
             fail("archive.backup_directory", "must not be the store directory itself")
+    _check_access(cfg, fail)
+    _check_api(cfg, fail)
     if not 1 <= cfg.audit.seal_every <= 1_000_000:
         fail("audit.seal_every", "must be between 1 and 1000000")
     if cfg.archive is not None and cfg.audit.directory in (cfg.archive.directory, cfg.archive.backup_directory):
@@ -532,6 +650,57 @@ def _check(cfg: Config, source: Path) -> None:
             if a.name in seen:
                 fail(f"control_server.appliance[{i}].name", f"appliance {a.name!r} is defined twice")
             seen.add(a.name)
+
+
+def api_listen(endpoint: str) -> tuple[int, str]:
+    """``ssl:PORT[:interface=HOST]`` (or ``ssl:port=PORT:...``) -> (port,
+    interface).  The API listens with TLS only; anything else is a
+    ValueError saying so."""
+    kind, _, rest = endpoint.partition(":")
+    if kind != "ssl":
+        raise ValueError(f"{endpoint!r}: the API listens with TLS only: ssl:PORT:interface=HOST")
+    port, interface = None, ""
+    for i, part in enumerate(rest.split(":") if rest else []):
+        key, eq, value = part.partition("=")
+        if not eq and i == 0:
+            key, value = "port", part
+        if key == "port" and value.isdigit() and 0 < int(value) < 65536:
+            port = int(value)
+        elif key == "interface" and value:
+            interface = value
+        else:
+            raise ValueError(f"{endpoint!r}: {part!r} is not understood (ssl:PORT:interface=HOST; the "
+                             "certificate comes from api.cert_file/key_file or [tls])")
+    if port is None:
+        raise ValueError(f"{endpoint!r}: no port (ssl:PORT:interface=HOST)")
+    return port, interface
+
+
+def _check_api(cfg: "Config", fail) -> None:
+    a = cfg.api
+    if not a.enabled:
+        return
+    try:
+        api_listen(a.listen)
+    except ValueError as e:
+        fail("api.listen", str(e))
+    if (a.cert_file is None) != (a.key_file is None):
+        fail("api.cert_file", "api.cert_file and api.key_file go together")
+    if a.cert_file is None and cfg.tls is None:
+        fail("api", "the API needs a certificate: api.cert_file and api.key_file, or a [tls] section")
+    if a.max_body < 1024:
+        fail("api.max_body", "must be at least 1024 bytes")
+    if a.timeout < 1:
+        fail("api.timeout", "must be at least 1 second")
+    if not 1 <= a.max_connections_per_client <= a.max_connections:
+        fail("api.max_connections_per_client", "must be at least 1 and at most api.max_connections")
+    if not 1 <= a.threads <= 64:
+        fail("api.threads", "must be between 1 and 64")
+    for j, net in enumerate(a.metrics_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            fail(f"api.metrics_networks[{j}]", f"{net!r} is not a network (e.g. 192.0.2.0/24)")
 
 
 def milter_socket(endpoint: str) -> str:

@@ -136,19 +136,33 @@ class Daemon:
         if not cfg.relay.listener:
             self.processes = 1
         self.fetcher = None
+        self.trail = self.audit_error = None
         if not worker:
+            self._open_trail()
             c = cfg.control
             client = ControlClient(reactor, c.url, c.ca_file, c.cert_file, c.key_file, c.timeout)
             self.fetcher = KeyFetcher(reactor, client, self.ring, retry_initial=c.retry_initial,
                                       retry_max=c.retry_max, refresh_interval=c.refresh_interval,
                                       on_status=self.set_status, on_key=self._key_to_workers,
-                                      on_revoke=self._key_revoked)
+                                      on_revoke=self._key_revoked, on_fetch=self._key_fetched)
         self.archiver = None
         if not worker and cfg.archive is not None and cfg.archive.enabled:
             from mailtresor.archive.archiver import Archiver
-            self.archiver = Archiver(cfg, reactor, self.spool, self.ring)
+            from mailtresor.keys.ring import control_fetcher
+            fetch = control_fetcher(cfg)
+            self.archiver = Archiver(cfg, reactor, self.spool, self.ring,
+                                     fetch=self.trail.audited_fetch(fetch) if self.trail else fetch)
+            if self.trail is not None:
+                self.archiver.pipeline.on_anomaly = self.trail.anomaly
+                # One FetchingKeys in the daemon: the archiver's expiry of
+                # tenant keys (forget()) covers what the trail derived too.
+                self.trail.log.keys = self.archiver.keys
             # A pause (full disk, missing key) and its end are in status.json at once.
             self.archiver.on_change = self.write_status
+        self.api = None
+        if not worker and cfg.api.enabled:
+            from mailtresor.access.api import ApiServer
+            self.api = ApiServer(cfg, reactor, self)
         self.factories = []
         self.ports = []
         self.workers: list[_WorkerProcess] = []
@@ -166,6 +180,34 @@ class Daemon:
         self._workers_done = None
         self._status_file = cfg.appliance.runtime_directory / "status.json"
 
+    # --- the audit trail: the daemon's own records (access/audit.py) ---
+
+    def _open_trail(self) -> None:
+        """Open the trail before any key is fetched: opening needs no key
+        (it checks the tail; records of key fetches and anomalies hold no
+        secret); sealing waits for the seal key, fetched when the first
+        seal is due.  A trail that cannot be opened is said in the status
+        and the log; mail is still taken and archived."""
+        from mailtresor.access.audit import AuditError, AuditLog, DaemonTrail
+        from mailtresor.keys.ring import control_fetcher
+        from mailtresor.archive.store import FetchingKeys
+        try:
+            keys = FetchingKeys(self.ring, None)
+            trail = DaemonTrail(AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every))
+            keys.fetch = trail.audited_fetch(control_fetcher(self.cfg))
+            self.trail = trail
+        except (AuditError, OSError) as e:
+            self.audit_error = str(e)
+            log.error("audit trail %s unusable: %s", self.cfg.audit.directory, e)
+
+    def _key_fetched(self, name: str, version, error) -> None:
+        if self.trail is not None:
+            self.reactor.callInThread(self.trail.key_fetch, name, version, error)
+
+    def _seal_trail(self) -> None:
+        if self.trail is not None:
+            self.reactor.callInThread(self.trail.log.seal)
+
     # --- status ---
 
     def set_status(self, text: str) -> None:
@@ -174,14 +216,52 @@ class Daemon:
             notify(f"STATUS={text}")
             self.write_status()
 
+    def status_doc(self) -> dict:
+        """What status.json holds (and the API's /api/v1/status answers)."""
+        return {"pid": os.getpid(), "state": self.state, "status": self.status, "time": time.time(),
+                "spool_depth": self.spool.depth(), "spool_commits": self.spool.commits,
+                "spool_flush_batches": self.spool.batches, "keys": self.ring.summary(),
+                "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
+                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
+                "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
+                "archive": self.archiver.status() if self.archiver is not None else None,
+                "audit": (self.trail.log.status() if self.trail is not None
+                          else {"error": self.audit_error} if self.audit_error else None),
+                "api": self.api.status() if self.api is not None else None}
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: ready when the spool key is held and the spool takes mail."""
+        from mailtresor.ingest.spool import SpoolError
+        if self.state != "running":
+            return False, f"not ready: {self.status}"
+        try:
+            self.spool.admit(0)
+        except SpoolError as e:
+            return False, f"the spool takes no mail: {e}"
+        if not os.access(self.cfg.spool.directory, os.W_OK):
+            return False, f"the spool {self.cfg.spool.directory} is not writable"
+        return True, "ok"
+
+    def metrics_facts(self) -> dict:
+        """The numbers /metrics shows (see mailtresor.access.metrics)."""
+        from mailtresor.access.metrics import spool_id_time
+        now = time.time()
+        depth = self.spool.depth()
+        facts = {"spool_depth": depth, "accepted": self.spool.commits, "keys": self.ring.summary(),
+                 "ready": 1 if self.health()[0] else 0, "archive_lag": 0.0, "index_lag": 0.0}
+        if depth:
+            oldest = self.spool.ready(limit=1)
+            if oldest:
+                facts["archive_lag"] = max(0.0, now - spool_id_time(oldest[0]))
+        if self.archiver is not None:
+            st = self.archiver.status()
+            facts.update({k: st[k] for k in ("archived", "failed", "set_aside", "duplicates")})
+            if depth and st.get("last_batch"):
+                facts["index_lag"] = max(0.0, now - st["last_batch"])
+        return facts
+
     def write_status(self) -> None:
-        doc = {"pid": os.getpid(), "state": self.state, "status": self.status, "time": time.time(),
-               "spool_depth": self.spool.depth(), "spool_commits": self.spool.commits,
-               "spool_flush_batches": self.spool.batches, "keys": self.ring.summary(),
-               "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
-               "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
-               "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
-               "archive": self.archiver.status() if self.archiver is not None else None}
+        doc = self.status_doc()
         try:
             if not self._status_file.parent.is_dir():
                 self._status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +332,10 @@ class Daemon:
             self.milter = MilterServer(self.spool, cfg.milter, hostname=cfg.appliance.hostname,
                                        on_exit=self._milter_exited)
             self.milter.start()
+        if self.api is not None:
+            # Not fatal: mail is still taken and archived without the API.
+            self.api.start().addErrback(lambda f: log.error("api: cannot listen on %s: %s", cfg.api.listen,
+                                                            f.getErrorMessage()))
         d = defer.gatherResults(listens, consumeErrors=True)
 
         def listened(ports):
@@ -278,6 +362,10 @@ class Daemon:
             task.LoopingCall(notify, "WATCHDOG=1").start(usec / 2e6, now=True)
         self._status_loop = task.LoopingCall(self.write_status)
         self._status_loop.start(10, now=False)
+        if self.trail is not None:
+            # A quiet trail is sealed too, not only every seal_every records.
+            self._trail_sealer = task.LoopingCall(self._seal_trail)
+            self._trail_sealer.start(self.cfg.archive.seal_interval if self.cfg.archive else 300.0, now=False)
 
     def _start_worker(self):
         import socket as socketmod
@@ -429,11 +517,14 @@ class Daemon:
             self.set_status("shutting down: finishing transactions in progress")
             log.info("shutting down: no new mail; finishing transactions in progress")
             self.fetcher.stop()
+        waits = []
+        if self.api is not None:
+            waits.append(self.api.stop())       # no new requests; those under way finish
         for port in self.ports:
             port.stopListening()
         if self.milter is not None:
             self.milter.begin_shutdown()
-        waits = [f.shutdown() for f in self.factories]
+        waits += [f.shutdown() for f in self.factories]
         if self.milter is not None:
             waits.append(self.milter.wait_idle(self.reactor))
         live = [w for w in self.workers if w.transport is not None]
@@ -476,6 +567,12 @@ class Daemon:
         self.spool.close(timeout=self.cfg.service.shutdown_timeout)
         if self._status_loop is not None and self._status_loop.running:
             self._status_loop.stop()
+        if self.trail is not None:
+            if getattr(self, "_trail_sealer", None) is not None and self._trail_sealer.running:
+                self._trail_sealer.stop()
+            # Sealed at stop when the seal key is held (never a wait on the
+            # control endpoint here); else the next start's first seal covers it.
+            self.trail.log.close(seal=self.ring.current("seal") is not None)
         self.set_status("stopped")
         if self.worker:
             log.debug("relay worker %d stopped", self.worker)

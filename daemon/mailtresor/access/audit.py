@@ -498,6 +498,8 @@ class AuditLog:
                 with self._mu:
                     batch, self._queue = self._queue, []
                 try:
+                    if self.closed:
+                        raise AuditError("the audit log is closed")
                     with self._exclusive():
                         cut = self._sync()
                         self._write_locked(([cut] if cut else []) + batch)
@@ -564,6 +566,15 @@ class AuditLog:
         anomaly record of a cut, to be written first."""
         segs = segments(self.directory)
         if not segs:
+            # A new trail -- unless there was one: never begin again at seq 1
+            # over a trail whose files were removed.
+            head = None
+            with contextlib.suppress(Malformed):
+                head = read_head(self.directory)
+            if self._seq or head is not None:
+                raise AuditError(f"the audit trail's files in {self.directory} are gone (it had records up to "
+                                 f"seq {max(self._seq, head['seal_seq'] if head else 0)}); "
+                                 "run `mailtresor audit verify`")
             self._open_segment(1, create=True)
             self._seq, self._hash, self._us, self._last_seal, self._last_type = 0, GENESIS, 0, 0, ""
             return None
@@ -711,7 +722,7 @@ class AuditLog:
     def _seal_if_due(self, force: bool = False) -> int | None:
         if getattr(self._local, "sealing", False):
             return None                     # fetching the seal key appended a record: no seal inside a seal
-        if not (self._due() or (force and self._seq > self._last_seal)):
+        if not (force or self._due()):       # force: whether anything is unsealed is seen under the lock
             return None
         self._local.sealing = True
         try:
@@ -726,15 +737,21 @@ class AuditLog:
         finally:
             self._local.sealing = False
         self.seal_problem = ""
-        with self._io:
-            if self.closed:
-                return None
-            with self._exclusive():
-                cut = self._sync()
-                if self._seq == self._last_seal and cut is None:
+        try:
+            with self._io:
+                if self.closed:
                     return None
-                self._write_locked([cut] if cut else [], seal={"seed": seed})
-                return self._seq
+                with self._exclusive():
+                    cut = self._sync()
+                    if self._seq == self._last_seal and cut is None:
+                        return None
+                    self._write_locked([cut] if cut else [], seal={"seed": seed})
+                    return self._seq
+        except (AuditError, OSError) as e:
+            # The records it was to cover are on disk already; the next seal covers them.
+            self.seal_problem = str(e)
+            log.error("audit log: cannot seal: %s", e)
+            return None
 
 
 def _seal_doc(seed: bytes, seq: int, prev: str, when: str) -> dict:
@@ -769,3 +786,54 @@ def _write_head(directory: Path, doc: dict) -> None:
         os.close(fd)
     os.replace(tmp, directory / HEAD)
     _fsync_dir(directory)
+
+
+# --- the daemon's own records: key fetches and archive anomalies ----------------------
+
+class DaemonTrail:
+    """What the daemon itself records: every key it fetches from the
+    control endpoint (and a failure when the reason changes), and the
+    archive's anomalies (set-aside mail, untrusted journal reports,
+    truncated extraction).  Blocking (call it from a thread); a record that
+    cannot be written is logged, never a reason to stop archiving."""
+
+    PRINCIPAL = "mailtresord"
+    CLIENT = "daemon"
+
+    def __init__(self, log_: AuditLog):
+        self.log = log_
+        self._failing: dict[str, str] = {}      # key name -> the failure last recorded
+
+    def _append(self, **kw) -> None:
+        try:
+            self.log.append(principal=self.PRINCIPAL, client=self.CLIENT, **kw)
+        except (AuditError, ValueError, KeyMissing, KeyUnavailable) as e:
+            log.error("audit trail: cannot record %s %s: %s", kw.get("action"), kw.get("object"), e)
+
+    def key_fetch(self, name: str, version: int | None, error: str | None = None) -> None:
+        """A fetch of key `name` (a version, or None: the current one) and how it went."""
+        tenant = name[len("tenant."):] if name.startswith("tenant.") else None
+        if error is None:
+            self._failing.pop(name, None)
+            self._append(tenant=tenant, action="key-fetch", object=name, result="ok",
+                         detail={"version": version})
+        elif self._failing.get(name) != error:     # an outage retried every minute is one record
+            self._failing[name] = error
+            self._append(tenant=tenant, action="key-fetch", object=name, result="failed",
+                         detail={"version": version, "error": error[:300]})
+
+    def audited_fetch(self, fetch):
+        """A blocking `fetch(name, version) -> KeyMaterial` that records each fetch."""
+        def audited(name: str, version: int | None = None):
+            try:
+                material = fetch(name, version)
+            except KeyUnavailable as e:
+                self.key_fetch(name, version, str(e))
+                raise
+            self.key_fetch(name, material.version)
+            return material
+        return audited
+
+    def anomaly(self, kind: str, tenant: str | None, obj: str, detail: dict | None = None) -> None:
+        self._append(tenant=tenant, action="anomaly", object=obj, result="failed" if kind == "set-aside" else "ok",
+                     detail={"kind": kind, **(detail or {})})

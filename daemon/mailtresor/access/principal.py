@@ -1,72 +1,103 @@
-"""Who is asking: the principal every access decision is made for.
+"""Who is asking: the principal every access-layer call carries, and the role table.
 
-A Principal is made by a login (local user or LDAP), an API token, or the
-peer credentials of the daemon's local socket, and is immutable from then
-on.  `can()` answers the role table; the access core (mailtresor.access.core)
-is the one place that applies it, together with the tenant and address
-scope."""
+A Principal is built by the Authenticator (password or LDAP login, API token)
+or by the API for a unix-socket peer (kind "local"); the access core asks
+``can()`` and checks the tenant itself.  The table here is the one place that
+says which role may do what.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROLES = ("user", "auditor", "admin", "appliance-admin")
-SCOPES = ("events", "search", "export")          # what an API token may be issued for
+SCOPES = ("events", "search", "export")  # API token scopes
 
-# verb -> roles that grant it; token scopes are mapped in can().
-_ROLE_VERBS = {
-    "read-own": {"user"},
-    "read-tenant": {"auditor"},
-    "export": {"user", "auditor"},
-    "audit-read": {"auditor"},
-    "events": {"auditor"},
-    "manage-users": {"admin", "appliance-admin"},
-    "manage-tokens": {"admin", "appliance-admin"},
-    "manage-tenants": {"appliance-admin"},
+KINDS = ("user", "token", "local")
+
+# What each verb needs.  A principal may do `what` if one of its roles is in
+# the role set, or (tokens) one of its scopes is in the scope set.
+#   read-own      a user's own mail (one of `addresses` on the envelope or in
+#                 From/To/Cc/Bcc); the core applies the address filter.
+#   read-tenant   the whole tenant, read-only.
+#   export        start an export job: auditors and export-scoped tokens over
+#                 the whole tenant; users over their own mail (the core
+#                 narrows a principal without read-tenant to read-own).
+#   audit-read    /audit.
+#   events        /events (the SOC's pull).
+#   manage-users, manage-tokens   admins of the tenant; the appliance
+#                 administrator for any tenant (incl. creating tenant admins).
+# admin and appliance-admin read no mail unless they are also auditors: they
+# are in no read row.
+_TABLE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "read-own": (frozenset({"user"}), frozenset()),
+    "read-tenant": (frozenset({"auditor"}), frozenset({"search", "export"})),
+    "export": (frozenset({"user", "auditor"}), frozenset({"export"})),
+    "audit-read": (frozenset({"auditor"}), frozenset()),
+    "events": (frozenset({"auditor"}), frozenset({"events"})),
+    "manage-users": (frozenset({"admin", "appliance-admin"}), frozenset()),
+    "manage-tokens": (frozenset({"admin", "appliance-admin"}), frozenset()),
+    "manage-tenants": (frozenset({"appliance-admin"}), frozenset()),
 }
-_SCOPE_VERBS = {
-    "read-tenant": {"search", "export"},
-    "export": {"export"},
-    "events": {"events"},
-}
-VERBS = tuple(_ROLE_VERBS)
+VERBS = tuple(_TABLE)
+
+# A local principal (root or the daemon's user on the unix socket) acts as
+# auditor + admin of the tenant named in the request.
+LOCAL_ROLES = frozenset({"auditor", "admin"})
 
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str                                   # "user" | "token" | "local"
-    name: str                                   # login name; token id; "uid=0" for local
-    tenant: str | None                          # None: appliance administrator or local
-    roles: frozenset[str] = frozenset()
-    scopes: frozenset[str] = frozenset()        # tokens only
-    addresses: frozenset[str] = frozenset()     # lower-cased; what role "user" may read
-    client: str = ""                            # for the audit trail
+    """An authenticated caller.
 
-    def __post_init__(self):
-        if self.kind not in ("user", "token", "local"):
-            raise ValueError(f"unknown principal kind {self.kind!r}")
+    kind: "user" (password/LDAP login) | "token" | "local" (unix socket peer).
+    name: login name; token id; "uid=0" for local.
+    tenant: None for the appliance administrator or a local principal.
+    roles: subset of ROLES (tokens: empty).  scopes: tokens only, subset of SCOPES.
+    addresses: lower-cased mail addresses (role "user").
+    client: the client address for the audit trail.
+    """
+
+    kind: str
+    name: str
+    tenant: str | None
+    roles: frozenset[str]
+    scopes: frozenset[str] = frozenset()
+    addresses: frozenset[str] = frozenset()
+    client: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"principal kind {self.kind!r}: must be one of {', '.join(KINDS)}")
         bad = set(self.roles) - set(ROLES)
         if bad:
-            raise ValueError(f"unknown role(s): {', '.join(sorted(bad))}")
+            raise ValueError(f"unknown role(s) {', '.join(sorted(bad))}")
         bad = set(self.scopes) - set(SCOPES)
         if bad:
-            raise ValueError(f"unknown token scope(s): {', '.join(sorted(bad))}")
-
-    def can(self, verb: str) -> bool:
-        """Whether the role table grants `verb` (see VERBS).  The local
-        principal (root or the daemon's user on the appliance) acts as
-        auditor and administrator of the tenant it names; the tenant and
-        address scope is the access core's to check."""
-        if verb not in _ROLE_VERBS:
-            raise ValueError(f"unknown verb {verb!r}")
-        if self.kind == "local":
-            return verb != "read-own"
-        if self.kind == "token":
-            return bool(self.scopes & _SCOPE_VERBS.get(verb, set()))
-        return bool(self.roles & _ROLE_VERBS[verb])
+            raise ValueError(f"unknown scope(s) {', '.join(sorted(bad))}")
+        # Coerce to frozensets so callers may pass sets/lists and equality holds.
+        for f in ("roles", "scopes", "addresses"):
+            v = getattr(self, f)
+            if not isinstance(v, frozenset):
+                object.__setattr__(self, f, frozenset(v))
 
     @property
-    def label(self) -> str:
-        """How the audit trail names this principal."""
-        where = f"@{self.tenant}" if self.tenant else ""
-        return f"{self.kind}:{self.name}{where}"
+    def effective_roles(self) -> frozenset[str]:
+        """The roles the table is checked against (local principals act as auditor + admin)."""
+        if self.kind == "local":
+            return self.roles | LOCAL_ROLES
+        return self.roles
+
+    def can(self, what: str) -> bool:
+        """Whether the role table lets this principal do `what` (one of VERBS).
+
+        Only the verb: the tenant (nobody crosses tenants) and, for
+        "read-own", the address filter are the access core's to apply.
+        """
+        try:
+            roles, scopes = _TABLE[what]
+        except KeyError:
+            raise ValueError(f"unknown verb {what!r}: must be one of {', '.join(VERBS)}") from None
+        if self.kind == "token":
+            return bool(self.scopes & scopes)
+        return bool(self.effective_roles & roles)

@@ -212,6 +212,9 @@ class Pipeline:
         self._key_waits: dict[str, float] = {}
         self._seal_fault = ""             # the storage fault sealing last met (logged once)
         self._stage_fault = ""            # the index/backup failure last logged (once)
+        # (kind, tenant, object, detail) -> None: the audit trail's anomaly
+        # records (access/audit.py DaemonTrail.anomaly); None: none kept.
+        self.on_anomaly = None
 
     def run_batch(self) -> BatchResult:
         if self.lock.fd is None:
@@ -309,6 +312,8 @@ class Pipeline:
         # Counted once, when archived (an entry that comes again is not).
         res.journal_untrusted += sum(1 for p in prepared
                                      if p.entry_id in finished and "journal_untrusted" in p.envelope)
+        if self.on_anomaly is not None:
+            self._anomalies([p for p in prepared if p.entry_id in finished])
         self._seal_due()
         return self._account(res)
 
@@ -390,8 +395,30 @@ class Pipeline:
         try:
             if self.spool.failed(eid, reason):
                 res.set_aside += 1
+                if self.on_anomaly is not None:
+                    self.on_anomaly("set-aside", None, eid, {"reason": reason})
         except FileNotFoundError:
             pass
+
+    def _anomalies(self, archived: list[Prepared]) -> None:
+        """Audit records for what an auditor of the tenant should hear of:
+        a journal report from an untrusted source, extraction cut short.
+        Once per archived entry and tenant, named by its archive id."""
+        for p in archived:
+            kinds = []
+            if "journal_untrusted" in p.envelope:
+                kinds.append(("journal-untrusted", {"source": p.envelope.get("source") or "",
+                                                    "connector": p.envelope.get("connector") or ""}))
+            if ("extraction-truncated" in p.parsed.flags
+                    or any("extraction-truncated" in a.flags for a in p.parsed.attachments)):
+                kinds.append(("extraction-truncated", {}))
+            for kind, detail in kinds:
+                for tenant in p.tenants:
+                    try:
+                        aid = self.keys.archive_id(tenant, p.raw)
+                    except (KeyUnavailable, KeyMissing):
+                        aid = ""
+                    self.on_anomaly(kind, tenant, aid or p.entry_id, {"spool_id": p.entry_id, **detail})
 
     def _store(self, prepared: list[Prepared], res: BatchResult) -> list[str]:
         """Store, index, back up.  Returns the spool ids that are finished.

@@ -290,6 +290,7 @@ class KeyFetcher:
                  on_status: Callable[[str], None] = lambda s: None,
                  on_key: Callable[[KeyMaterial], None] = lambda m: None,
                  on_revoke: Callable[[str], None] = lambda name: None,
+                 on_fetch: Callable[[str, int | None, str | None], None] = lambda name, version, error: None,
                  rng: random.Random | None = None):
         self._reactor = reactor
         self._client = client
@@ -300,6 +301,7 @@ class KeyFetcher:
         self._on_status = on_status
         self._on_key = on_key
         self._on_revoke = on_revoke
+        self._on_fetch = on_fetch          # (name, version, error or None): the audit trail's key-fetch records
         self._rng = rng or random.Random()
         self._call = None
         self._stopped = False
@@ -321,6 +323,7 @@ class KeyFetcher:
         d = self._client.fetch(name)
 
         def ok(material):
+            self._on_fetch(name, material.version, None)
             known = self._ring.current(name)
             self._ring.put(material, current=True)
             if known is None or known[0] != material.version:
@@ -333,6 +336,7 @@ class KeyFetcher:
 
         def failed(f):
             self.last_error = f.getErrorMessage() if f.check(KeyUnavailable) else repr(f.value)
+            self._on_fetch(name, None, self.last_error)
             holding = self._ring.current(name) is not None
             if holding and f.check(KeyRefused) and f.value.status in REVOKED:
                 # Not an outage: the control endpoint says this appliance
