@@ -223,6 +223,12 @@ def test_audit_defaults_to_the_state_directory(tmp_path):
     ("[audit]\nsealing = 3\n", "audit.sealing", "unknown key"),
 ])
 def test_bad_audit_configs(tmp_path, extra, key, message):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, BASE + extra)
+    text = str(e.value)
+    assert text.startswith(str(tmp_path / "m.toml") + ": " + key + ":"), text
+    assert message in text
+
 
 
 # --- issue 13: [access] and [tenant.ldap] ---------------------------------------------
