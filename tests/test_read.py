@@ -114,8 +114,8 @@ def test_the_daemon_answers_as_the_command_would(archive, args):
     # One record each: the daemon's of its socket peer, the command's own.
     new = records(stack)[before:]
     assert [r["client"].split(":")[0] for r in new] == ["unix", "local"], new
-    assert {r["principal"] for r in new} == {"uid=0"} and {r["tenant"] for r in new} == {"acme"}
-    assert {r["action"] for r in new} == {args[0] if args[0] == "search" else "read"}
+    assert {r["principal"] for r in new} == {"local:uid=0"} and {r["tenant"] for r in new} == {"acme"}
+    assert {r["action"] for r in new} == {"search" if args[0] == "search" else "download"}   # show: the .eml
 
 
 @pytest.mark.parametrize("args", REFUSED_BEFORE, ids=lambda a: " ".join(a)[:60])
