@@ -103,6 +103,15 @@ def test_relay_to_archive_search_show_verify(arch):
     shards = {s["shard"]: s for s in st["shards"]}
     assert shards["acme/2002-08"]["records"] == 2 and shards["acme/2002-08"]["index_lag"] == 0
     assert shards["acme/2002-08"]["backup_lag"] == 0
+    assert st["tenants"]["acme"] == {"records": 2, "shards": 1, "index_lag": 0, "backup_lag": 0,
+                                     "unsealed": shards["acme/2002-08"]["unsealed"]}
+    # The same in words: aligned lines, names and numbers, no Python reprs.
+    text = cli(arch, "status", check=0).stdout.decode()
+    assert "   Tenants: acme    2 messages in 1 shard\n" in text, text
+    assert "    Shards: acme/2002-08    2 records, chain at " in text, text
+    (keys,) = [ln for ln in text.splitlines() if ln.startswith("      Keys: ")]
+    assert {"spool v1", "seal v1", "tenant.acme v1"} <= set(keys[12:].split(", ")), keys
+    assert "{'" not in text and "[{" not in text and "'name'" not in text, text
 
 
 def test_a_tenant_reads_its_copy_with_its_own_key_only(arch):

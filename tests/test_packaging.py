@@ -569,12 +569,16 @@ def test_deb_contents(built_deb):
         shipped = next(p for p in (x / "lib/systemd/system" / unit, x / "usr/lib/systemd/system" / unit)
                        if p.exists())
         assert shipped.read_bytes() == (PACKAGING / unit).read_bytes()
-    # The command is a console script like the daemon's: Debian's python3,
-    # mailtresor.cli.main (no compiled program, an architecture-independent package).
-    command = x / "usr/bin/mailtresor"
-    assert os.access(command, os.X_OK)
-    script = command.read_text()
-    assert script.startswith("#!/usr/bin/python3") and "mailtresor.cli.main" in script, script
+    # The command is a console script like the daemon's: Debian's python3
+    # in isolated mode (-I: no PYTHON* variables, user site or current
+    # directory in what root runs), mailtresor.cli.main (no compiled
+    # program, an architecture-independent package).
+    for name, module in (("mailtresor", "mailtresor.cli.main"), ("mailtresord", "mailtresor.service"),
+                         ("mailtresor-control", "mailtresor.control.server")):
+        script = x / "usr/bin" / name
+        assert os.access(script, os.X_OK), name
+        text = script.read_text()
+        assert re.match(r"#! ?/usr/bin/python3 -I\n", text) and module in text, text
     assert (x / "usr/lib/python3/dist-packages/mailtresor/__main__.py").is_file()
     # Control data: conffile, dependencies = the Makefile's RUNTIME_DEBS.
     r = run(["dpkg-deb", "-f", str(built_deb), "Depends", "Architecture"])
