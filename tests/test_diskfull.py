@@ -457,6 +457,7 @@ def test_cli_requeue(tmp_path):
         out = p.stdout.decode()
         assert f"{ids[0]}  set aside" in out and "cannot prepare: ParserDied" in out
         assert f"{ids[1]}  set aside" in out and "cannot store for acme: RecordCorrupt" in out
+        assert "{'" not in out and "[{" not in out, out                # words, not reprs
         listed = json.loads(_cli(stack, "requeue", "--list", "--json").stdout)
         assert sorted(e["id"] for e in listed) == sorted(ids[:2])
         st = _cli(stack, "status", "--json")
