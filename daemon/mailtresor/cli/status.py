@@ -53,7 +53,7 @@ def daemon_status(cfg) -> dict:
         doc["state"] = published.get("state")
         doc["status"] = published.get("status")
         doc["status_age_seconds"] = round(time.time() - float(published.get("time", 0)), 1)
-        for name in ("keys", "listeners", "milter", "relay_processes", "api"):
+        for name in ("keys", "listeners", "milter", "relay_processes", "api", "audit"):
             doc[name] = published.get(name)
         doc["archiver"] = published.get("archive")
     spool = cfg.spool.directory
@@ -175,7 +175,9 @@ def render(doc: dict) -> str:
         if doc.get("milter"):
             line("Milter", doc["milter"])
         if doc.get("api"):
-            line("API", doc["api"] if isinstance(doc["api"], str) else ", ".join(map(str, doc["api"])))
+            line("API", _api(doc["api"]))
+        if doc.get("audit"):
+            line("Audit", _audit(doc["audit"]))
         line("Keys", _keys(doc.get("keys") or []))
     _spool(doc["spool"], line)
     ar = doc.get("archiver") if running else None
@@ -201,6 +203,28 @@ def _ago(seconds) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min ago"
     return f"{seconds / 3600:.1f} h ago"
+
+
+def _api(api) -> str:
+    if not isinstance(api, dict):
+        return str(api)
+    text = f"{api.get('listen')} and {api.get('socket')}"
+    if not api.get("listening"):
+        text += " (not listening: see the log)"
+    if api.get("logins") is False:
+        text += "; no logins (the user database is not open: see the log)"
+    return text
+
+
+def _audit(au) -> str:
+    if not isinstance(au, dict):
+        return str(au)
+    if au.get("error"):
+        return f"not written: {au['error']}"
+    text = f"{au.get('seq')} record(s), {au.get('unsealed')} not sealed yet ({au.get('directory')})"
+    if au.get("seal_problem"):
+        text += f"; sealing fails: {au['seal_problem']}"
+    return text
 
 
 def _keys(keys: list) -> str:
