@@ -196,6 +196,19 @@ def test_without_the_daemon_the_command_reads_itself(tmp_path):
         s.close()
 
 
+def test_status_asks_the_daemon_and_says_it_in_words(archive):
+    stack, _, _ = archive
+    p = run(stack.config_path, "status")
+    text = p.stdout.decode()
+    assert p.returncode == 0 and f"Daemon: running (pid {stack.daemon.pid}), ready" in text, text
+    (api,) = [ln for ln in text.splitlines() if ln.lstrip().startswith("API:")]
+    assert str(stack.cfg.appliance.runtime_directory / "api.sock") in api, api
+    assert any(ln.lstrip().startswith("Audit:") and "record(s)" in ln for ln in text.splitlines()), text
+    assert "{'" not in text and "[{" not in text, text
+    doc = json.loads(run(stack.config_path, "status", "--json").stdout)
+    assert doc["pid"] == stack.daemon.pid and doc["api"]["listening"] and doc["tenants"]["acme"]["records"] == 26
+
+
 def test_the_client_path_imports_no_archive_code(archive):
     """What makes `search` through the daemon start fast: the command
     imports the configuration and the small HTTP client, nothing of the
