@@ -53,7 +53,7 @@ def daemon_status(cfg) -> dict:
         doc["state"] = published.get("state")
         doc["status"] = published.get("status")
         doc["status_age_seconds"] = round(time.time() - float(published.get("time", 0)), 1)
-        for name in ("keys", "listeners", "milter", "relay_processes", "api", "audit"):
+        for name in ("keys", "listeners", "milter", "relay_processes", "api"):
             doc[name] = published.get(name)
         doc["archiver"] = published.get("archive")
     spool = cfg.spool.directory
@@ -71,7 +71,25 @@ def daemon_status(cfg) -> dict:
     if cfg.archive is not None:
         doc["shards"] = _shards(cfg.archive.directory)
         doc["tenants"] = _tenants(doc["shards"], [t.name for t in cfg.tenant])
+    doc["audit"] = _audit_status(cfg, published if doc["daemon"] == "running" else None)
     return doc
+
+
+def _audit_status(cfg, published: dict | None) -> dict:
+    """The audit trail's last seal (its head file: a removed tail shows
+    against it) and, from a running daemon, its last seq and unsealed count."""
+    d = cfg.audit.directory
+    out: dict = {"directory": str(d), "last_seal": None}
+    try:
+        head = json.loads((d / "head").read_text())
+        out["last_seal"], out["last_seal_hash"] = head.get("seal_seq"), head.get("seal_hash")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        out["head_error"] = f"{d / 'head'}: {getattr(e, 'strerror', None) or e}"
+    if published is not None and published.get("audit"):
+        out["daemon"] = published["audit"]
+    return out
 
 
 def _published(cfg) -> dict | None:
@@ -176,9 +194,9 @@ def render(doc: dict) -> str:
             line("Milter", doc["milter"])
         if doc.get("api"):
             line("API", _api(doc["api"]))
-        if doc.get("audit"):
-            line("Audit", _audit(doc["audit"]))
         line("Keys", _keys(doc.get("keys") or []))
+    if doc.get("audit"):
+        line("Audit", _audit(doc["audit"]))
     _spool(doc["spool"], line)
     ar = doc.get("archiver") if running else None
     if ar:
@@ -216,14 +234,20 @@ def _api(api) -> str:
     return text
 
 
-def _audit(au) -> str:
-    if not isinstance(au, dict):
-        return str(au)
-    if au.get("error"):
-        return f"not written: {au['error']}"
-    text = f"{au.get('seq')} record(s), {au.get('unsealed')} not sealed yet ({au.get('directory')})"
-    if au.get("seal_problem"):
-        text += f"; sealing fails: {au['seal_problem']}"
+def _audit(au: dict) -> str:
+    live = au.get("daemon") or {}
+    if live.get("error"):
+        text = f"not written by the daemon: {live['error']}; "
+    elif "seq" in live:
+        text = f"up to seq {live['seq']}, {live['unsealed']} unsealed; "
+    else:
+        text = ""
+    text += f"last seal at seq {au['last_seal']}" if au.get("last_seal") else "no seal yet"
+    text += f" ({au['directory']})"
+    if au.get("head_error"):
+        text += f"; {au['head_error']}"
+    if live.get("seal_problem"):
+        text += f"; sealing fails: {live['seal_problem']}"
     return text
 
 
