@@ -185,6 +185,12 @@ def run_reindex(cfg, args) -> int:
                             for aid in todo[start:start + 500]:
                                 raw, meta = shard.get(aid, keys)
                                 p = parse.parse_message(raw, parse.limits_of(a))
+                                # What ingest and the archiver flagged (bare-newline,
+                                # journal-untrusted...) is in the stored summary, not in
+                                # the bytes: kept, so flag: and the flag facet survive.
+                                for f in (meta.get("summary") or {}).get("flags") or []:
+                                    if f not in p.flags:
+                                        p.flags.append(f)
                                 addrs, env_only, tags = index_terms(meta, p)
                                 w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
                                       date=effective_date(p.date, _arrival(meta)),
