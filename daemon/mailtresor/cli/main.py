@@ -116,6 +116,11 @@ def _failure(e: Exception) -> str | None:
     store = sys.modules.get("mailtresor.archive.store")
     if store is not None and isinstance(e, store.StoreError):
         return str(e)
+    audit = sys.modules.get("mailtresor.access.audit")
+    if audit is not None and isinstance(e, audit.AuditError):
+        # Reading the archive without the daemon appends to its audit
+        # trail: no trail, no read.
+        return f"audit trail: {e}"
     return None
 
 
