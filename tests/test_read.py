@@ -226,3 +226,42 @@ def test_the_client_path_imports_no_archive_code(archive):
              "twisted", "zope.interface", "OpenSSL", "zstandard"}
     bad = sorted(n for n in names if any(n == h or n.startswith(h + ".") for h in heavy))
     assert not bad, f"search through the daemon imported {bad}"
+
+
+def test_a_daemon_that_goes_away_between_pages_is_not_asked_for_its_cursor(monkeypatch):
+    """The first page from the daemon, then it is gone: the command does
+    not hand the daemon's cursor to a core of its own (it would be refused
+    as tampered); it starts again in its own process."""
+    from types import SimpleNamespace
+
+    from mailtresor.cli import read
+
+    calls = []
+
+    class GoneAfterOnePage:
+        def search(self, tenant, *, query, cursor, limit, order):
+            if calls:
+                raise read.Unavailable("went away")
+            calls.append(("daemon", cursor))
+            return {"total": 3, "results": [{"id": "a"}], "next_cursor": "daemon-cursor"}
+
+        def close(self):
+            pass
+
+    class Own:
+        def __init__(self, cfg):
+            pass
+
+        def search(self, tenant, *, query, cursor, limit, order):
+            calls.append(("own", cursor))
+            assert cursor in (None, "own-cursor")
+            return {"total": 3, "results": [{"id": "a"}, {"id": "b"}, {"id": "c"}][:limit], "next_cursor": None}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(read, "Daemon", lambda runtime_directory: GoneAfterOnePage())
+    monkeypatch.setattr(read, "InProcess", Own)
+    reader = read.Reader(SimpleNamespace(appliance=SimpleNamespace(runtime_directory="/nonexistent")))
+    rows, page = read._rows(reader, "acme", "x", "date-desc", 3)
+    assert [r["id"] for r in rows] == ["a", "b", "c"] and calls == [("daemon", None), ("own", None)]

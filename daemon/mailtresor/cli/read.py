@@ -185,6 +185,11 @@ class InProcess:
             self._closing.pop()()
 
 
+class WentAway(Exception):
+    """The daemon answered, then went away: what it gave (a cursor) means
+    nothing to a core of our own; start again."""
+
+
 class Reader:
     """The daemon's core while it answers; from the first request it does
     not (no socket, connection refused), a core in this process."""
@@ -192,14 +197,20 @@ class Reader:
     def __init__(self, cfg):
         self.cfg = cfg
         self.way = Daemon(cfg.appliance.runtime_directory)
+        self.own = False                   # the way is a core of our own
+        self.answered = False              # the daemon has answered a request
 
     def _do(self, method: str, *a, **kw):
-        if isinstance(self.way, Daemon):
+        if not self.own:
             try:
-                return getattr(self.way, method)(*a, **kw)
+                value = getattr(self.way, method)(*a, **kw)
+                self.answered = True
+                return value
             except Unavailable:
                 self.way.close()
-                self.way = InProcess(self.cfg)
+                self.way, self.own = InProcess(self.cfg), True
+                if self.answered:
+                    raise WentAway() from None
         return getattr(self.way, method)(*a, **kw)
 
     def search(self, tenant, **kw) -> dict:
@@ -229,18 +240,8 @@ def run_search(cfg, args) -> int:
     query = " ".join(args.query)
     want = args.offset + args.limit
     core = Reader(cfg)
-    rows: list = []
-    cursor = None
     try:
-        # Page by page (the core gives at most MAX_PAGE at a time); a cursor
-        # is good only in the process that made it, so paging stays in here.
-        while True:
-            page = core.search(tenant, query=query, cursor=cursor, order=args.order,
-                               limit=min(MAX_PAGE, want - len(rows)))
-            rows += page["results"]
-            cursor = page.get("next_cursor")
-            if not cursor or len(rows) >= want:
-                break
+        rows, page = _rows(core, tenant, query, args.order, want)
     except AccessFailed as e:
         raise _failed(e) from None
     finally:
@@ -254,6 +255,28 @@ def run_search(cfg, args) -> int:
                                  f"{clip(r.get('subject', ''), 80)}\n" for r in rows))
         print(f"{len(rows)} of about {total} message(s)", file=sys.stderr)
     return 0
+
+
+def _rows(core, tenant: str, query: str, order: str, want: int) -> tuple[list, dict]:
+    """_pages(), once more from the start if the daemon went away between two."""
+    try:
+        return _pages(core, tenant, query, order, want)
+    except WentAway:
+        return _pages(core, tenant, query, order, want)
+
+
+def _pages(core, tenant: str, query: str, order: str, want: int) -> tuple[list, dict]:
+    """The first `want` rows, page by page (the core gives at most MAX_PAGE
+    at a time; a cursor is good only in the process that made it, so the
+    paging stays in this command), and the last page."""
+    rows: list = []
+    cursor = None
+    while True:
+        page = core.search(tenant, query=query, cursor=cursor, order=order, limit=min(MAX_PAGE, want - len(rows)))
+        rows += page["results"]
+        cursor = page.get("next_cursor")
+        if not cursor or len(rows) >= want:
+            return rows, page
 
 
 def run_show(cfg, args) -> int:
