@@ -318,7 +318,8 @@ class Api:
     enabled: bool = True
     # A Twisted endpoint string, ssl: only (e.g. ssl:8443:interface=192.0.2.1).
     listen: str = "ssl:8443:interface=127.0.0.1"
-    # Default: the [tls] certificate and key.
+    # Default: the [tls] certificate and key.  With neither, the API is
+    # answered on the unix socket only (the `mailtresor` command's way in).
     cert_file: Path | None = None
     key_file: Path | None = None
     max_body: int = 1 << 20                 # bytes of a request body (413 beyond)
@@ -686,8 +687,6 @@ def _check_api(cfg: "Config", fail) -> None:
         fail("api.listen", str(e))
     if (a.cert_file is None) != (a.key_file is None):
         fail("api.cert_file", "api.cert_file and api.key_file go together")
-    if a.cert_file is None and cfg.tls is None:
-        fail("api", "the API needs a certificate: api.cert_file and api.key_file, or a [tls] section")
     if a.max_body < 1024:
         fail("api.max_body", "must be at least 1024 bytes")
     if a.timeout < 1:
