@@ -800,7 +800,10 @@ class ApiServer:
         d = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
         def done(_):
-            self.pool.stop()
+            # ThreadPool.stop() joins its threads: off the reactor's thread,
+            # so a long search delays the shutdown (bounded by the daemon's
+            # shutdown_timeout) but never the reactor.
+            return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)
         return d.addBoth(done)
 
     def status(self) -> dict:
