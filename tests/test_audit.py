@@ -19,8 +19,8 @@ import pytest
 
 from mailtresor.access import audit
 from mailtresor.access.audit import AuditLog
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.store import Keys
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.archive.store import Keys
 from tests.conftest import REPO
 from tests.harness.stack import Stack
 
@@ -429,8 +429,8 @@ def test_concurrent_appends_share_one_fsync(tmp_path, keys, monkeypatch):
 CHILD = r"""
 import os, sys
 from mailtresor.access.audit import AuditLog
-from mailtresor.keys import KeyMaterial, KeyRing
-from mailtresor.store import Keys
+from mailtresor.keys.ring import KeyMaterial, KeyRing
+from mailtresor.archive.store import Keys
 seal, acme, directory, n = sys.stdin.readline().split()
 r = KeyRing()
 r.put(KeyMaterial("seal", 1, bytes.fromhex(seal)), current=True)
@@ -484,13 +484,13 @@ def test_threads_and_another_process_append_to_one_sound_chain(tmp_path):
 # --- the command line, with keys from a real control endpoint ------------------------
 
 def mailtresor(stack, *args):
-    return subprocess.run([sys.executable, "-m", "mailtresor.cli", "--config", str(stack.config_path), *args],
+    return subprocess.run([sys.executable, "-m", "mailtresor", "--config", str(stack.config_path), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_verify_and_show(stack):
-    from mailtresor.keys import control_fetcher
-    from mailtresor.store import FetchingKeys
+    from mailtresor.keys.ring import control_fetcher
+    from mailtresor.archive.store import FetchingKeys
     stack.start_control()
     d = stack.cfg.audit.directory
     p = mailtresor(stack, "audit", "verify")
@@ -536,8 +536,8 @@ def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
     path, and extraction cut by the budget -- are in the trail, acme's
     in acme's view only; the trail verifies against the control
     endpoint's seal key after a stop (which seals)."""
-    from mailtresor.keys import control_fetcher
-    from mailtresor.store import FetchingKeys
+    from mailtresor.keys.ring import control_fetcher
+    from mailtresor.archive.store import FetchingKeys
     from tests.harness.journalgen import make_forgery
     from tests.test_archive import wait_archived
 
@@ -580,10 +580,10 @@ def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
 def test_set_aside_mail_is_an_anomaly_of_the_appliance(tmp_path, keys, monkeypatch):
     """The pipeline on a real spool and store: a message that cannot be
     prepared is set aside after max_tries, and the trail says so."""
-    from mailtresor import archiver
+    from mailtresor.archive import archiver
     from mailtresor.config import Tenant
-    from mailtresor.spool import Envelope, Spool
-    from mailtresor.store import Store
+    from mailtresor.ingest.spool import Envelope, Spool
+    from mailtresor.archive.store import Store
 
     r = keys.ring
     r.put(KeyMaterial("spool", 1, os.urandom(32)), current=True)
@@ -607,7 +607,7 @@ def test_set_aside_mail_is_an_anomaly_of_the_appliance(tmp_path, keys, monkeypat
 
 
 def test_key_fetch_records_and_an_outage_is_one_record(tmp_path, keys):
-    from mailtresor.keys import ControlUnreachable
+    from mailtresor.keys.ring import ControlUnreachable
     trail = audit.DaemonTrail(AuditLog(tmp_path, keys))
     answers = [ControlUnreachable("control endpoint down"), ControlUnreachable("control endpoint down"),
                KeyMaterial("tenant.acme", 3, os.urandom(32))]

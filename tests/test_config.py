@@ -230,6 +230,7 @@ def test_bad_audit_configs(tmp_path, extra, key, message):
     assert message in text
 
 
+
 # --- issue 13: [access] and [tenant.ldap] ---------------------------------------------
 
 ACME = "[[tenant]]\nname = 'acme'\ndomains = ['acme.example']\n"

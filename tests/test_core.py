@@ -4,9 +4,7 @@ every kind of principal, and writes one audit record per call."""
 
 import base64
 import hashlib
-import io
 import json
-import re
 import subprocess
 import sys
 import zipfile
@@ -416,6 +414,12 @@ def test_ids_path_tricks_and_other_tenants(world):
         core.message(GLOBEX_AUDITOR, good)
 
 
+def test_ids_are_taken_in_either_case(world):
+    core, ids, _, _ = world
+    assert core.raw(AUDITOR, ids["figures"].upper()) == MAILS["figures"][2]
+    assert core.message(AUDITOR, ids["figures"].upper())["id"] == ids["figures"]
+
+
 def test_user_cannot_read_others_mail_by_id(world):
     core, ids, _, _ = world
     assert core.raw(FRANK, ids["report"]) == MAILS["report"][2]
@@ -482,8 +486,10 @@ def test_export_is_per_principal_and_bounded(world):
         core.export_start(AUDITOR, query="", format="pst")
     with pytest.raises(BadRequest, match="either"):
         core.export_start(AUDITOR, format="mbox")
-    with pytest.raises(Forbidden):
+    with pytest.raises(Forbidden, match="no export scope"):
         core.export_start(TOKEN, query="", format="mbox")       # a search-only token
+    with pytest.raises(Forbidden, match="administrators do not read mail"):
+        core.export_start(ADMIN, query="", format="mbox")
     job2 = core.export_start(EXPORT_TOKEN, query="report", format="mbox")
     assert job2["total"] == 1
     small = Core(store=core.store, keys=core.keys, audit=core.audit, exports_dir=core.exports_dir,
@@ -659,3 +665,69 @@ def test_reindex_rebuilds_an_older_index_with_the_facet_slots(world, arch):
     after = core.search(AUDITOR, query="", limit=200, facets=True)
     assert after["facets"] == before["facets"]
     assert sorted(after["results"], key=lambda r: r["id"]) == sorted(before["results"], key=lambda r: r["id"])
+
+
+# --- MIME parts for reading, and threads ------------------------------------------------
+
+def test_mime_parts_numbering_and_limits():
+    from mailtresor.archive import parse
+    inner = plain("Inner", "a@x.example", "b@y.example")
+    raw = (b"From: a@x.example\r\nSubject: outer\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=O\r\n\r\n"
+           b"--O\r\nContent-Type: multipart/alternative; boundary=A\r\n\r\n"
+           b"--A\r\nContent-Type: text/plain\r\n\r\nplain body\r\n"
+           b"--A\r\nContent-Type: text/html\r\n\r\n<p>html body</p>\r\n--A--\r\n"
+           b"--O\r\nContent-Type: message/rfc822\r\n\r\n" + inner +
+           b"\r\n--O\r\nContent-Type: text/plain; name=notes.txt\r\n"
+           b"Content-Disposition: attachment; filename=notes.txt\r\n\r\nsome notes\r\n--O--\r\n")
+    parts = parse.mime_parts(raw)
+    assert [(p.n, p.content_type) for p in parts] == [(0, "text/plain"), (0, "text/html"),
+                                                      (1, "message/rfc822"), (2, "text/plain")]
+    assert b"Subject: Inner" in parts[2].data and parts[3].filename == "notes.txt"
+    # the parser's budget bounds what is read: parts and nesting
+    many = parse.mime_parts(hostile.thousand_parts(1500))
+    assert 0 < len(many) <= parse.Limits().max_parts
+    assert len(parse.mime_parts(hostile.thousand_parts(50), parse.Limits(max_parts=10))) <= 10
+    assert parse.mime_parts(hostile.nested_multiparts(300)) is not None
+
+
+def test_threads_share_one_core(world):
+    """The API calls the core from a thread pool: one Store behind a lock,
+    the readers cache, one audit log."""
+    import threading
+    core, ids, _, _ = world
+    errors, results = [], []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results.append(len(core.search(AUDITOR, query="", limit=10)["results"]))
+                assert core.raw(AUDITOR, ids["report"]) == MAILS["report"][2]
+                assert core.message(FRANK, ids["html"])["subject"] == "Newsletter"
+                with pytest.raises(NotFound):
+                    core.raw(FRANK, ids["figures"])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(results) == 20 and len(set(results)) == 1
+
+
+def test_no_access_without_its_audit_record(world, tmp_path):
+    """The record is written before the answer is handed out: when the
+    trail cannot take it, the caller gets an error, not the mail."""
+    from mailtresor.access.audit import AuditError
+    core, ids, _, _ = world
+    closed = AuditLog(tmp_path / "audit", core.keys)
+    closed.close()
+    c = Core(store=core.store, keys=core.keys, audit=closed, exports_dir=tmp_path / "ex",
+             tenants=["acme", "globex"])
+    with pytest.raises(AuditError):
+        c.raw(AUDITOR, ids["figures"])
+    with pytest.raises(AuditError):
+        c.search(AUDITOR, query="")

@@ -624,14 +624,14 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
             fail("archive.backup_directory", "must not be the store directory itself")
-    _check_access(cfg, fail)
-    _check_api(cfg, fail)
     if not 1 <= cfg.audit.seal_every <= 1_000_000:
         fail("audit.seal_every", "must be between 1 and 1000000")
     if cfg.archive is not None and cfg.audit.directory in (cfg.archive.directory, cfg.archive.backup_directory):
         fail("audit.directory", "must be a directory of its own (not the store or the backup)")
     if cfg.audit.directory == cfg.spool.directory:
         fail("audit.directory", "must be a directory of its own (not the spool)")
+    _check_access(cfg, fail)
+    _check_api(cfg, fail)
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]

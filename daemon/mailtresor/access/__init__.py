@@ -1,6 +1,10 @@
-"""The way out: who may read what.  The access core (core) is the one place
-that checks a caller's scope (tenant, role, the user's own addresses) and
-writes the audit record (audit); the HTTPS API (api), the `mailtresor`
-command and the web UI are thin adapters over it.  Logins, tokens and
-sessions (auth, users, ldap, tokens, sessions) turn a request into a
-Principal (principal)."""
+"""The way into the archive for people and machines.
+
+access/ holds who may read what and how they prove it: the principal and its
+role table (principal.py), local users with argon2id hashes and a TOTP second
+factor (users.py), API tokens for machines (tokens.py), in-memory sessions and
+login throttling (sessions.py), per-tenant LDAP directories (ldap.py) and the
+Authenticator that ties them together (auth.py); beside them the access core
+that alone checks a caller's scope and writes the audit record, the audit
+trail, and the HTTPS API that adapts HTTP to the core.
+"""

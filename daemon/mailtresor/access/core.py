@@ -34,7 +34,6 @@ import base64
 import calendar
 import hashlib
 import hmac
-import html as htmlmod
 import json
 import os
 import re
@@ -53,8 +52,6 @@ MAX_AUDIT_PAGE = 1000               # records per audit/events page
 EXPORT_MAX = 100_000                # messages per export (Core(export_max=...))
 EXPORT_TTL = 24 * 3600.0            # seconds a finished export is kept
 EXPORTS_RUNNING = 2                 # exports one principal may have running at once
-INLINE_IMAGE_MAX = 5 * 1024 * 1024  # bytes of one cid: image made a data: URI
-INLINE_TOTAL_MAX = 20 * 1024 * 1024
 ORDERS = ("date-desc", "date-asc", "relevance")
 FORMATS = ("mbox", "zip")
 
@@ -116,6 +113,12 @@ def months_in(months: list[str], bounds) -> list[str]:
     return out
 
 
+def owner(who: Principal) -> str:
+    """Who a cursor or an export job belongs to: kind, name and tenant (a
+    user of the same name in another tenant is someone else)."""
+    return json.dumps([who.kind, who.name, who.tenant])
+
+
 def envelope_addresses(env: dict) -> list[str]:
     """Every address of one stored envelope (see archiver.envelope_addresses)."""
     from mailtresor.archive.archiver import envelope_addresses as addrs
@@ -125,7 +128,7 @@ def envelope_addresses(env: dict) -> list[str]:
 @dataclass
 class _Job:
     id: str
-    owner: str                      # Principal.label
+    owner: str                      # owner(principal)
     tenant: str
     format: str
     query: str | None
@@ -213,18 +216,20 @@ class Core:
     def _read_scope(self, who: Principal, export: bool = False) -> frozenset[str] | None:
         """None: the whole tenant; else the addresses the caller's mail is
         found by.  Raises Forbidden."""
-        if export and not who.can("export"):
-            raise Forbidden("this principal may not export" if who.kind != "token"
-                            else "this token has no export scope")
         if who.can("read-tenant"):
-            return None
-        if who.can("read-own"):
-            return frozenset(a.strip().lower() for a in who.addresses if a.strip())
-        if who.roles & {"admin", "appliance-admin"}:
+            scope = None
+        elif who.can("read-own"):
+            scope = frozenset(a.strip().lower() for a in who.addresses if a.strip())
+        elif who.roles & {"admin", "appliance-admin"}:
             raise Forbidden("administrators do not read mail")
-        if who.kind == "token":
+        elif who.kind == "token":
             raise Forbidden("this token has no search scope")
-        raise Forbidden("not allowed to read mail")
+        else:
+            raise Forbidden("not allowed to read mail")
+        if export and not who.can("export"):
+            raise Forbidden("this token has no export scope" if who.kind == "token"
+                            else "this principal may not export")
+        return scope
 
     def _audited(self, who: Principal, action: str, fn, *, asked: str | None = None,
                  obj: str | None = None, terms: str | None = None, detail=None, gate=None,
@@ -273,7 +278,7 @@ class Core:
 
     def _binding(self, who: Principal, tenant: str, query: str, order: str) -> bytes:
         # A cursor is good for the same principal, tenant, query and order only.
-        return hashlib.sha256(json.dumps([who.label, tenant, query, order]).encode()).digest()[:16]
+        return hashlib.sha256(json.dumps([owner(who), tenant, query, order]).encode()).digest()[:16]
 
     def _offset(self, cursor: str, who: Principal, tenant: str, query: str, order: str) -> int:
         try:
@@ -363,8 +368,9 @@ class Core:
         """(month, raw, meta, headers) of a message the caller may read;
         NotFound for anything else."""
         scope = self._read_scope(who)
-        if not isinstance(aid, str) or not _AID.fullmatch(aid):
+        if not isinstance(aid, str) or not _AID.fullmatch(aid.lower()):
             raise NotFound()
+        aid = aid.lower()           # as `mailtresor show` takes it
         with self._store_lock:
             try:
                 if not self.store.has_archive(tenant):
@@ -434,7 +440,7 @@ class Core:
                                 flags=[], size=len(raw))
             tags = index_terms(meta, fake)[2]
             date = summary.get("date") if summary.get("date") is not None else head.get("date")
-            return {"id": aid, "tenant": t, "date": iso(date),
+            return {"id": aid.lower(), "tenant": t, "date": iso(date),
                     "from": head.get("from_header") or summary.get("from") or "",
                     "to": head["to"], "cc": head["cc"], "bcc": head["bcc"],
                     "subject": head.get("subject") or summary.get("subject") or "",
@@ -513,7 +519,7 @@ class Core:
             scope = self._read_scope(who, export=True)
             self._expire()
             with self._jobs_lock:
-                running = sum(1 for j in self._jobs.values() if j.owner == who.label
+                running = sum(1 for j in self._jobs.values() if j.owner == owner(who)
                               and j.state in ("queued", "running"))
             if running >= EXPORTS_RUNNING:
                 raise BadRequest(f"{running} exports are running already; wait for one to finish")
@@ -538,7 +544,7 @@ class Core:
                     raise BadRequest(f"bad query: {e}") from None
                 items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
             jid = secrets.token_hex(16)
-            job = _Job(id=jid, owner=who.label, tenant=t, format=format, query=query, items=items,
+            job = _Job(id=jid, owner=owner(who), tenant=t, format=format, query=query, items=items,
                        scope=scope, created=self.clock(),
                        path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
             with self._jobs_lock:
@@ -558,7 +564,7 @@ class Core:
         self._expire()
         with self._jobs_lock:
             job = self._jobs.get(job_id)
-        if job is None or job.owner != who.label:
+        if job is None or job.owner != owner(who):
             raise NotFound("no such export")
         return job
 

@@ -950,7 +950,7 @@ def _failure(e: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    # Run as mailtresor.cli, not as a second copy named __main__: command
-    # modules (cli_audit) raise mailtresor.cli.UserError, which run() catches.
-    from mailtresor import cli as _cli
+    # Run as mailtresor.cli.main, not as a second copy named __main__: command
+    # modules (cli/audit.py) raise mailtresor.cli.main.UserError, which run() catches.
+    from mailtresor.cli import main as _cli
     sys.exit(_cli.main())
