@@ -82,13 +82,6 @@ class Principal:
                 object.__setattr__(self, f, frozenset(v))
 
     @property
-    def label(self) -> str:
-        """kind:name@tenant: one principal across its requests (the core
-        keys export jobs and cursors on it)."""
-        where = f"@{self.tenant}" if self.tenant else ""
-        return f"{self.kind}:{self.name}{where}"
-
-    @property
     def effective_roles(self) -> frozenset[str]:
         """The roles the table is checked against (local principals act as auditor + admin)."""
         if self.kind == "local":
