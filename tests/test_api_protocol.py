@@ -403,6 +403,23 @@ def test_idle_connection_is_closed(world):
     assert c.t.disconnecting
 
 
+def test_a_trickled_request_is_cut_at_the_timeout(world):
+    c = Conn(world)
+    c.proto.dataReceived(b"GET /healthz HTTP/1.1\r\n")
+    for i in range(3):                    # a header line every 12 s: never idle for 30 s
+        world.reactor.advance(12)
+        if c.t.disconnecting:
+            break
+        c.proto.dataReceived(b"X-Slow-%d: 1\r\n" % i)
+    assert c.t.disconnecting
+    # A request that comes in time is not cut, however long it is answered.
+    c = Conn(world)
+    c.send("GET", "/healthz")
+    world.reactor.advance(29)
+    c.send("GET", "/healthz")
+    assert not c.t.disconnecting
+
+
 def test_connections_per_client_limited(world):
     factory = world.api.factory(max_per_client=2)
     a, b = Conn(world, factory=factory), Conn(world, factory=factory)
