@@ -650,13 +650,13 @@ class Api:
 
     async def h_status(self, c: Call) -> Answer:
         await self.run(self._appliance_only, c.who, "status")
-        return Answer(200, self.status_doc())
+        return Answer(200, await self.run(self.status_doc))
 
     async def h_openapi(self, c: Call) -> Answer:
         return Answer(200, body=self.openapi_bytes, content_type=JSON_TYPE)
 
     async def h_healthz(self, c: Call) -> Answer:
-        ok, reason = self.health()
+        ok, reason = await self.run(self.health)     # may list the spool: off the reactor
         if not ok:
             return Answer(503, {"error": reason})
         return Answer(200, body=b"ok\n", content_type=b"text/plain; charset=utf-8")
@@ -668,7 +668,8 @@ class Api:
             who, _ = await self._who(c.request, dataclasses.replace(c.route, login=True), c.client)
             await self.run(self._appliance_only, who, "metrics")
         from .metrics import CONTENT_TYPE
-        return Answer(200, body=self.metrics.render(), content_type=CONTENT_TYPE.encode())
+        # The facts list the spool's oldest entry: off the reactor.
+        return Answer(200, body=await self.run(self.metrics.render), content_type=CONTENT_TYPE.encode())
 
     def _metrics_network(self, c: Call) -> bool:
         import ipaddress
