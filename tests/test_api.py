@@ -276,12 +276,9 @@ def _fill(text: str, ids: dict, who: str) -> str:
 
 
 def test_matrix_every_route_every_principal(world):
-    routes = {(m, p.split("?")[0].split("{")[0]) for m, p, _, _ in EXPECTED}
-    assert len(EXPECTED) >= len(openapi.document()["paths"])
     documented = {(m.upper(), t) for t, item in openapi.document()["paths"].items() for m in item}
     covered = {(m, openapi.operation(m, _fill(p, world.ids, "x"))[0]) for m, p, _, _ in EXPECTED}
     assert documented - covered == set(), "routes the matrix does not drive"
-    assert routes
     got, wrong = {}, []
     for method, path, body, expected in EXPECTED:
         assert set(expected) == set(PRINCIPALS), path
