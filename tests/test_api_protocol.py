@@ -215,8 +215,11 @@ SECURITY_EXPECTED = {"strict-transport-security": "max-age=31536000", "x-content
                      "referrer-policy": "no-referrer", "cache-control": "no-store", "x-frame-options": "DENY"}
 
 
-def test_openapi_document_is_valid():
+def test_openapi_document_is_valid_and_matches_the_routes():
+    from mailtresor.access.api import ROUTES
     openapi.check_document()
+    documented = {(m.upper(), t) for t, item in openapi.document()["paths"].items() for m in item}
+    assert documented == {(r.method, r.pattern) for r in ROUTES}
 
 
 def test_unknown_route_404_and_wrong_method_405_with_allow(world):
