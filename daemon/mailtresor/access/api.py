@@ -774,13 +774,16 @@ class ApiServer:
         d2.addErrback(lambda f: log.warning("api socket %s: cannot listen (%s)", self.path, f.getErrorMessage()))
         return d1
 
-    def run_logins(self) -> None:
+    def run_logins(self, delay: float = 1.0) -> None:
         """users.db and tokens.db need the control key "access": fetched
-        in a pool thread; until then (or if it cannot be had) logins
-        answer 503 and say why."""
+        in a pool thread, again with backoff while it cannot be had (the
+        control endpoint not up yet); until then logins and tokens answer
+        503 and say why."""
         from mailtresor.keys.ring import control_fetcher
 
         from .auth import Authenticator, open_databases
+
+        self._retry = None
 
         def opened(dbs):
             users, tokens = dbs
@@ -789,8 +792,16 @@ class ApiServer:
             log.info("api: logins and tokens available")
 
         def failed(f):
-            self.api.logins_unavailable = f"logins are not available: {f.getErrorMessage()}"
-            log.error("api: %s", self.api.logins_unavailable)
+            why = f.getErrorMessage()
+            if why != getattr(self, "_login_problem", None):
+                log.warning("api: logins are not available: %s; trying again", why)
+            self._login_problem = why
+            # The client is told that, not why (the log says): no internal
+            # addresses in an answer to anyone who asks.
+            self.api.logins_unavailable = "logins are not available yet (the access key cannot be had); " \
+                "the appliance's log says why"
+            if self.pool.started and not self.pool.joined:
+                self._retry = self.reactor.callLater(delay, self.run_logins, min(delay * 2, 60.0))
 
         self.api.run(open_databases, self.cfg, control_fetcher(self.cfg)).addCallbacks(opened, failed)
 
@@ -798,6 +809,8 @@ class ApiServer:
         """Stop listening (first, at shutdown); requests under way finish
         in the pool, which then stops."""
         ports, self.ports = self.ports, []
+        if getattr(self, "_retry", None) is not None and self._retry.active():
+            self._retry.cancel()
         d = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
         def done(_):
