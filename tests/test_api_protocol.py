@@ -231,6 +231,8 @@ def test_unknown_route_404_and_wrong_method_405_with_allow(world):
     assert "not allowed" in json.loads(r.body)["error"]
     r = c.send("PUT", "/api/v1/users")
     assert r.status == 405 and r.header("allow") == "GET, HEAD, POST"
+    r = c.send("HEAD", "/healthz")
+    assert r.status == 200 and r.body == b"" and r.header("content-length") == "3"
 
 
 def test_not_logged_in_401(world):
