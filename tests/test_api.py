@@ -424,3 +424,10 @@ def test_metrics_numbers(world):
                  "mailtresor_index_lag_seconds", 'mailtresor_key_cached{current="true",name="spool"',
                  'mailtresor_http_request_duration_seconds_bucket{le="0.005",route="/api/v1/search",status="200"}'):
         assert name in text, name
+
+
+def test_search_terms_stay_out_of_the_log(world):
+    c = Client(world.stack).login("aud", "acme")
+    assert c.request("GET", "/api/v1/search?q=zebrafinchsecret").status == 200
+    assert c.request("GET", "/api/v1/search?q=zebrafinchsecret&limit=9999").status == 400
+    assert "zebrafinchsecret" not in world.stack.log()
