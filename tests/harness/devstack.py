@@ -196,8 +196,9 @@ def main(argv=None) -> int:
             port, host = configmod.api_listen(cfg.api.listen)
             lines.append(f"  api     https://{host or '127.0.0.1'}:{port}/api/v1/  (docs/access/api.md; "
                          f"curl --cacert {pki}/ca.pem https://{host or '127.0.0.1'}:{port}/healthz)")
-            lines.append(f"  api     {cfg.appliance.runtime_directory / 'api.sock'}  (root and this user: "
-                         "curl --unix-socket ... http://localhost/api/v1/me)")
+            sock = cfg.appliance.runtime_directory / "api.sock"
+            lines.append(f"  api     {sock}  (root and this user: curl --unix-socket {sock} "
+                         "'http://localhost/api/v1/search?tenant=acme&q=')")
         lines += ["", "Try:",
                   "  swaks --server 127.0.0.1:10025 -tls --tls-ca-path "
                   f"{pki}/ca.pem --to someone@acme.example --from me@globex.example",
