@@ -96,16 +96,15 @@ def sample_users(cfg: configmod.Config) -> list[tuple[str, str, tuple, tuple, st
 
 def api_url(cfg: configmod.Config) -> str | None:
     """https://HOST:PORT of the API's TLS listener, if the daemon runs one."""
-    api = getattr(cfg, "api", None)
-    if api is None or not getattr(api, "enabled", True):
+    if not cfg.api.enabled:
         return None
-    hp = _port_of(api.listen)
-    return f"https://{hp[0]}:{hp[1]}" if hp else None
+    port, host = configmod.api_listen(cfg.api.listen)
+    return f"https://{host or '127.0.0.1'}:{port}"
 
 
 def _port_of(endpoint: str) -> tuple[str, int] | None:
     parts = endpoint.split(":")
-    if parts[0] not in ("tcp", "ssl"):
+    if parts[0] != "tcp":
         return None
     host = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")), "127.0.0.1")
     return host, int(parts[1])
@@ -242,7 +241,10 @@ def main(argv=None) -> int:
         lines.append(f"  control {cfg.control.url:<22} key custody (mutual TLS)")
         api = api_url(cfg)
         if api:
-            lines.append(f"  API     {api + '/api/v1':<22} HTTPS, JSON (CA: {pki}/ca.pem)")
+            lines.append(f"  api     {api + '/api/v1/':<22} HTTPS, JSON; CA {pki}/ca.pem (docs/access/api.md)")
+            sock = cfg.appliance.runtime_directory / "api.sock"
+            lines.append(f"  api     {str(sock):<22} the same for root and this user, no login "
+                         "(the mailtresor command asks here)")
         lines += ["", "Sample users (new passwords at every start):"]
         for tenant, name, roles, addresses, password in users:
             lines.append(f"  {tenant:<7} {name:<7} {password:<17} {', '.join(roles)}"
