@@ -46,17 +46,7 @@ $(VENV)/.deps: Makefile setup.cfg
 	@$(VPY) -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null
 	@touch $@
 
-# The command, built as debian/rules builds /usr/bin/mailtresor (Debian's
-# hardening flags), but running the venv's python for what it does not
-# hand to the daemon; warnings are errors here, not in the package build.
-CMD_CFLAGS = $(shell DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get CPPFLAGS) \
-	$(shell DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get CFLAGS) \
-	-Wall -Wextra -Wformat=2 -Wshadow -Wconversion -Werror
-CMD_LDFLAGS = $(shell DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get LDFLAGS)
-$(VENV)/bin/mailtresor: daemon/bin/mailtresor.c $(VENV)/.deps
-	$(CC) $(CMD_CFLAGS) -DMAILTRESOR_PYTHON='"$(CURDIR)/$(VPY)"' $(CMD_LDFLAGS) -o $@ $<
-
-deps: $(VENV)/.deps $(VENV)/bin/mailtresor
+deps: $(VENV)/.deps
 
 run: deps
 	$(VPY) -m tests.harness.devstack --config $(CONFIG)

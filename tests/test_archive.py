@@ -84,8 +84,9 @@ def test_relay_to_archive_search_show_verify(arch):
     assert cli(arch, "show", "--tenant", "acme", aid, check=0).stdout == m1
     assert cli(arch, "show", "--tenant", "acme", "--headers", aid, check=0).stdout == m1.split(b"\r\n\r\n")[0] + b"\r\n"
     env = json.loads(cli(arch, "show", "--tenant", "acme", "--envelope", aid, check=0).stdout)
-    (e,) = env["envelopes"].values()
-    assert e["mail_from"] == "alice@globex.example" and e["rcpt_to"] == ["bob@acme.example"]
+    (e,) = env["envelopes"]
+    assert e["mail_from"] == "alice@globex.example" and e["recipients"] == ["bob@acme.example"]
+    assert env["id"] == aid and env["tenant"] == "acme" and env["subject"] == "Quarterly figures 7f3a"
     assert [h["id"] for h in search(arch, "acme", "from:carol@acme.example")] != []
     assert search(arch, "acme", "envelope:eve@elsewhere.example")[0]["subject"] == "Lunch on friday"
     assert search(arch, "acme", "date:2002-08-01..2002-08-31") and not search(arch, "acme", "date:2003-01-01..")
@@ -100,6 +101,15 @@ def test_relay_to_archive_search_show_verify(arch):
     shards = {s["shard"]: s for s in st["shards"]}
     assert shards["acme/2002-08"]["records"] == 2 and shards["acme/2002-08"]["index_lag"] == 0
     assert shards["acme/2002-08"]["backup_lag"] == 0
+    assert st["tenants"]["acme"] == {"records": 2, "shards": 1, "index_lag": 0, "backup_lag": 0,
+                                     "unsealed": shards["acme/2002-08"]["unsealed"]}
+    # The same in words: aligned lines, names and numbers, no Python reprs.
+    text = cli(arch, "status", check=0).stdout.decode()
+    assert "\n  Tenants: acme    2 messages in 1 shard\n" in text, text
+    assert "\n   Shards: acme/2002-08    2 records, chain at " in text, text
+    (keys,) = [ln for ln in text.splitlines() if ln.startswith("     Keys: ")]
+    assert {"spool v1", "tenant.acme v1"} <= set(keys[11:].split(", ")), keys
+    assert "{'" not in text and "[{" not in text and "'name'" not in text, text
 
 
 def test_a_tenant_reads_its_copy_with_its_own_key_only(arch):
@@ -147,7 +157,7 @@ def test_same_message_twice_is_stored_once_with_both_envelopes(arch):
     wait_archived(arch)
     (hit,) = search(arch, "acme", "subject:twice")
     env = json.loads(cli(arch, "show", "--tenant", "acme", "--envelope", hit["id"], check=0).stdout)
-    assert sorted(e["rcpt_to"][0] for e in env["envelopes"].values()) == ["bob@acme.example", "carol@acme.example"]
+    assert sorted(e["recipients"][0] for e in env["envelopes"]) == ["bob@acme.example", "carol@acme.example"]
     assert [h["id"] for h in search(arch, "acme", "envelope:carol@acme.example")] == [hit["id"]]
 
 
@@ -168,7 +178,7 @@ def test_journal_reports_are_unwrapped_and_merged(arch):
     aid = hits[0]["id"]
     assert cli(arch, "show", "--tenant", "acme", aid, check=0).stdout == original
     env = json.loads(cli(arch, "show", "--tenant", "acme", "--envelope", aid, check=0).stdout)
-    rcpts = sorted(r["address"] for e in env["envelopes"].values() for r in e["journal"]["recipients"])
+    rcpts = sorted(r["address"] for e in env["envelopes"] for r in e["journal"]["recipients"])
     assert rcpts == ["amy@acme.example", "hidden@acme.example", "list-member@acme.example"]
     assert [h["id"] for h in search(arch, "acme", "envelope:staff@acme.example")] == [aid]
     assert [h["id"] for h in search(arch, "acme", "tag:journal")] == [aid]
@@ -191,7 +201,7 @@ def test_cli_user_errors(arch):
     for args, needle in ((("search", "--tenant", "initech", "x"), b"unknown tenant 'initech'"),
                          (("search", "--tenant", "acme", "subject:(unbalanced"), b"bad query"),
                          (("show", "--tenant", "acme", "not-an-id"), b"is not an archive id"),
-                         (("show", "--tenant", "acme", "0" * 40), b"no archive for tenant acme")):
+                         (("show", "--tenant", "acme", "0" * 40), b"no message " + b"0" * 40 + b" in the archive of acme")):
         p = cli(arch, *args)
         assert p.returncode != 0 and needle in p.stderr and b"Traceback" not in p.stderr, (args, p.stderr)
     # The appliance's own TLS key unusable: named, no traceback.

@@ -556,7 +556,7 @@ def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
         wait_archived(stack)
         live = json.loads(mailtresor(stack, "status", "--json").stdout)["audit"]["daemon"]
         assert {"seq", "sealed", "unsealed"} <= set(live) and live["seal_problem"] == ""      # as last published
-        assert "audit:    up to seq " in mailtresor(stack, "status").stdout
+        assert "    Audit: up to seq " in mailtresor(stack, "status").stdout
         assert stack.stop_daemon() == 0
         d = stack.cfg.audit.directory
         st = json.loads(mailtresor(stack, "status", "--json").stdout)["audit"]

@@ -23,7 +23,11 @@ def test_status_of_a_running_daemon(running):
     assert doc["spool"]["ready"] == 1 and doc["spool"]["set_aside"] == 0
     assert "spool" in json.dumps(doc["keys"])
     text = mailtresor(running, "status", check=0).stdout
-    assert "daemon:   running" in text and "1 ready" in text
+    assert f"Daemon: running (pid {running.daemon.pid}), ready" in text and "Spool: 1 ready" in text
+    # Keys in words: names and versions, no Python reprs, no material.
+    (keys,) = [ln for ln in text.splitlines() if ln.lstrip().startswith("Keys:")]
+    assert keys.split(":", 1)[1].strip() == "spool v1", text
+    assert "{'" not in text and "[{" not in text and "'name'" not in text, text
 
 
 def _core_limit(pid: int) -> str:

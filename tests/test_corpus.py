@@ -210,7 +210,13 @@ def test_whole_corpus_archived_via_relay_and_milter_retrievable_and_searchable()
             assert len(search(tenant, "flag:journal-untrusted")) == 1, tenant
             assert len(search(tenant, "flag:extraction-truncated")) >= 3, tenant
             assert len(search(tenant, "from:mallory@evil.example")) >= len(extras) - 1, tenant
-        assert st.log().count("mailtresor.query: query socket: uid 0") >= sum(checked.values())
+        # Every search and show went to the daemon's API socket (client
+        # "unix:..."), none was read in the command's own process ("local:...").
+        from mailtresor.access import audit as auditmod
+        ways = [r["client"].split(":")[0] for r in auditmod.read(st.cfg.audit.directory, tenant=auditmod.ALL,
+                                                                limit=1_000_000)[0]
+                if r["action"] in ("search", "read")]
+        assert len(ways) >= sum(checked.values()) and set(ways) == {"unix"}, ways[-20:]
     finally:
         rig.close()
 

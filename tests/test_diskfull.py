@@ -457,6 +457,7 @@ def test_cli_requeue(tmp_path):
         out = p.stdout.decode()
         assert f"{ids[0]}  set aside" in out and "cannot prepare: ParserDied" in out
         assert f"{ids[1]}  set aside" in out and "cannot store for acme: RecordCorrupt" in out
+        assert "{'" not in out and "[{" not in out, out                # words, not reprs
         listed = json.loads(_cli(stack, "requeue", "--list", "--json").stdout)
         assert sorted(e["id"] for e in listed) == sorted(ids[:2])
         st = _cli(stack, "status", "--json")
@@ -518,7 +519,8 @@ def test_daemon_pauses_on_a_full_store_and_resumes(tmp_path):
             assert ar["paused"].startswith(f"store file system full ({fs / 'store'}): No space left on device"), ar
             assert ar["state"].startswith("paused: store file system full (") and "; next try in " in ar["state"]
             text = _cli(stack, "status").stdout.decode()
-            assert "archiver: paused: store file system full (" in text and "Error(" not in text
+            assert "Archiver: paused: store file system full (" in text and "Error(" not in text
+            assert "Paused: store file system full (" in text and "{'" not in text
             time.sleep(4)                          # several tries (retry_max is 1 s here): still nothing aside
             assert list((stack.spool_dir / "bad").iterdir()) == []
             assert list((stack.spool_dir / "tries").iterdir()) == []

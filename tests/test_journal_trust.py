@@ -102,7 +102,7 @@ def assert_archived_as_received(stack, tenant, raw, codeword):
     assert aid in ids(stack, tenant, "flag:journal-untrusted")
     assert aid not in ids(stack, tenant, "tag:journal")
     env = json.loads(show(stack, tenant, aid, "--envelope"))
-    (e,) = env["envelopes"].values()
+    (e,) = env["envelopes"]
     assert "journal" not in e and e["journal_untrusted"]
     return aid, e
 

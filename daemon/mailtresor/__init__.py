@@ -11,8 +11,7 @@ __version__ = "0.1.0"
 # (about half of what --help costs).
 CONFIG_PATH = "/etc/mailtresor/mailtresor.toml"
 CONFIG_ENV_VAR = "MAILTRESOR_CONFIG"
-# [appliance] runtime_directory when the file does not say (daemon/bin/
-# mailtresor.c, the installed command, spells it too).
+# [appliance] runtime_directory when the file does not say.
 RUNTIME_DIRECTORY = "/run/mailtresor"
 
 

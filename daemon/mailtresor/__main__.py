@@ -1,6 +1,5 @@
-"""`python3 -I -m mailtresor ARGS`: the administration command.  The
-installed /usr/bin/mailtresor (daemon/bin/mailtresor.c) runs this for
-every command the daemon does not answer."""
+"""`python3 -m mailtresor ARGS`: the administration command, as the
+installed /usr/bin/mailtresor (a console script) runs it."""
 
 import sys
 

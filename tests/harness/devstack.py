@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -54,6 +55,51 @@ def prepare(cfg: configmod.Config) -> None:
     for appliance, name in wanted:
         if store.get(appliance, name) is None:
             audit.append("create", appliance=appliance, key=name, version=store.create(appliance, name))
+
+
+# Who `make run` lets in at once: (tenant, name, roles, addresses).  Made
+# with the product's own user database (mailtresor.access.users), given a
+# new random password at every start, which main() prints: this is a
+# developer's sandbox, and a newcomer should be able to log in and search
+# without reading how users are made.  (The product itself never prints
+# or logs a password.)
+SAMPLE_USERS = (
+    ("acme", "alice", ("user",), ("alice@acme.example",)),
+    ("acme", "audrey", ("auditor",), ()),
+    ("acme", "adam", ("admin",), ()),
+    ("globex", "gina", ("user",), ("gina@globex.example",)),
+)
+
+
+def sample_users(cfg: configmod.Config) -> list[tuple[str, str, tuple, tuple, str]]:
+    """SAMPLE_USERS of the configured tenants, each with a new password:
+    (tenant, name, roles, addresses, password).  The control endpoint must
+    run (the user database's key comes from it)."""
+    from mailtresor.access.auth import open_databases
+    from mailtresor.keys.ring import control_fetcher
+    users, _tokens = open_databases(cfg, control_fetcher(cfg))
+    tenants = {t.name for t in cfg.tenant}
+    made = []
+    for tenant, name, roles, addresses in SAMPLE_USERS:
+        if tenant not in tenants:
+            continue
+        password = secrets.token_urlsafe(12)
+        if users.get(tenant, name) is None:
+            users.add(tenant, name, password, roles, addresses)
+        else:
+            users.passwd(tenant, name, password)
+            users.update(tenant, name, roles=roles, addresses=addresses)
+            users.enable(tenant, name)
+        made.append((tenant, name, roles, addresses, password))
+    return made
+
+
+def api_url(cfg: configmod.Config) -> str | None:
+    """https://HOST:PORT of the API's TLS listener, if the daemon runs one."""
+    if not cfg.api.enabled:
+        return None
+    port, host = configmod.api_listen(cfg.api.listen)
+    return f"https://{host or '127.0.0.1'}:{port}"
 
 
 def _port_of(endpoint: str) -> tuple[str, int] | None:
@@ -173,6 +219,7 @@ def main(argv=None) -> int:
         f"[mailtresord] {line[7:]}", flush=True)
     control = start_control(cfg)
     print(f"[devstack] mailtresor-control serving on {cfg.control.url} (mutual TLS)", flush=True)
+    users = sample_users(cfg)
     daemon = None
     stopping = threading.Event()
 
@@ -192,11 +239,28 @@ def main(argv=None) -> int:
         if cfg.milter and cfg.milter.enabled:
             lines.append(f"  milter  {cfg.milter.listen:<22} smtpd_milters = {configmod.milter_socket(cfg.milter.listen)}")
         lines.append(f"  control {cfg.control.url:<22} key custody (mutual TLS)")
+        api = api_url(cfg)
+        if api:
+            lines.append(f"  api     {api + '/api/v1/':<22} HTTPS, JSON; CA {pki}/ca.pem (docs/access/api.md)")
+            sock = cfg.appliance.runtime_directory / "api.sock"
+            lines.append(f"  api     {str(sock):<22} the same for root and this user, no login "
+                         "(the mailtresor command asks here)")
+        lines += ["", "Sample users (new passwords at every start):"]
+        for tenant, name, roles, addresses, password in users:
+            lines.append(f"  {tenant:<7} {name:<7} {password:<17} {', '.join(roles)}"
+                         + (f" of {', '.join(addresses)}" if addresses else ""))
         lines += ["", "Try:",
                   "  swaks --server 127.0.0.1:10025 -tls --tls-ca-path "
-                  f"{pki}/ca.pem --to someone@acme.example --from me@globex.example",
-                  f"  ls {cfg.spool.directory}/new",
-                  "Stop with Ctrl-C.", ""]
+                  f"{pki}/ca.pem --to alice@acme.example --from me@globex.example",
+                  f"  {VENV_BIN / 'mailtresor'} --config {cfg.source} search --tenant acme from:me@globex.example"]
+        alice = next((u for u in users if u[1] == "alice"), None)
+        if api and alice:
+            jar = cfg.appliance.runtime_directory / "alice.cookies"
+            lines += [f"  curl --cacert {pki}/ca.pem -c {jar} -H 'Content-Type: application/json' \\",
+                      f"       -d '{{\"tenant\": \"acme\", \"username\": \"alice\", \"password\": \"{alice[4]}\"}}' "
+                      f"{api}/api/v1/login",
+                      f"  curl --cacert {pki}/ca.pem -b {jar} '{api}/api/v1/search?q=from:me@globex.example'"]
+        lines += ["Stop with Ctrl-C.", ""]
         print("\n".join(lines), flush=True)
         while not stopping.is_set():
             if daemon.poll() is not None:

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _directory(cfg):
-    from mailtresor.cli.main import UserError
+    from mailtresor.cli.common import UserError
     d = cfg.audit.directory
     if not d.is_dir():
         raise UserError(f"no audit trail at {d} ([audit] directory): the daemon makes it at its first start")
@@ -50,11 +50,13 @@ def _directory(cfg):
 
 def run_verify(cfg, args) -> int:
     from mailtresor.access import audit
-    from mailtresor.cli.main import UserError, _key_errors, _keys
+    from mailtresor.archive.store import KeyMissing
+    from mailtresor.cli.common import UserError, fetching_keys
+    from mailtresor.keys.ring import KeyUnavailable
     d = _directory(cfg)
     try:
-        rep = audit.check(d, _keys(cfg))
-    except _key_errors()[:2] as e:
+        rep = audit.check(d, fetching_keys(cfg))
+    except (KeyUnavailable, KeyMissing) as e:
         raise UserError(f"cannot get the seal key to check seals against: {e}")
     except OSError as e:
         raise UserError(f"cannot read the audit trail {d}: {e.strerror or e}")
@@ -93,7 +95,7 @@ def format_record(r: dict) -> str:
 
 def run_show(cfg, args) -> int:
     from mailtresor.access import audit
-    from mailtresor.cli.main import UserError, _keys, _tenant
+    from mailtresor.cli.common import UserError, fetching_keys, known_tenant
     d = _directory(cfg)
     if args.tenant and args.appliance:
         raise UserError("--tenant and --appliance exclude each other")
@@ -106,8 +108,8 @@ def run_show(cfg, args) -> int:
         # where its auditors see it; over every tenant at once it would be
         # an appliance record that no tenant's auditor is shown.
         raise UserError("--terms needs --tenant (the read is recorded in that tenant's trail)")
-    tenant = _tenant(cfg, args.tenant) if args.tenant else None if args.appliance else audit.ALL
-    keys = _keys(cfg) if args.terms else None
+    tenant = known_tenant(cfg, args.tenant) if args.tenant else None if args.appliance else audit.ALL
+    keys = fetching_keys(cfg) if args.terms else None
     if args.terms:
         # Decrypting a tenant's search terms is an access like any other.
         who = f"local:uid={os.getuid()}"
