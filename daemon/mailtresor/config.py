@@ -311,6 +311,28 @@ def _check_access(cfg: "Config", fail) -> None:
 
 
 @dataclass(frozen=True)
+class Api:
+    """[api]: the HTTPS API (mailtresor.access.api), TLS only.  The daemon
+    also answers it on RUNTIME_DIRECTORY/api.sock for root and its own user."""
+
+    enabled: bool = True
+    # A Twisted endpoint string, ssl: only (e.g. ssl:8443:interface=192.0.2.1).
+    listen: str = "ssl:8443:interface=127.0.0.1"
+    # Default: the [tls] certificate and key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    max_body: int = 1 << 20                 # bytes of a request body (413 beyond)
+    # Seconds a connection may stay idle (between or inside requests).
+    timeout: float = 60.0
+    max_connections: int = 256
+    max_connections_per_client: int = 32
+    # Threads that run the access core's blocking calls (LMDB, Xapian, argon2).
+    threads: int = 8
+    # Who may scrape /metrics without logging in (a Prometheus server).
+    metrics_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
 class Audit:
     """[audit]: the audit trail of every access (mailtresor/access/audit.py)."""
 
@@ -379,8 +401,9 @@ class Config:
     service: Service = field(default_factory=Service)
     tenant: tuple[Tenant, ...] = ()
     control_server: ControlServer | None = None
-    audit: Audit = field(default_factory=Audit)
     access: Access = field(default_factory=Access)
+    api: Api = field(default_factory=Api)
+    audit: Audit = field(default_factory=Audit)
     source: Path = Path("")
 
 
@@ -600,13 +623,14 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
             fail("archive.backup_directory", "must not be the store directory itself")
+    _check_access(cfg, fail)
+    _check_api(cfg, fail)
     if not 1 <= cfg.audit.seal_every <= 1_000_000:
         fail("audit.seal_every", "must be between 1 and 1000000")
     if cfg.archive is not None and cfg.audit.directory in (cfg.archive.directory, cfg.archive.backup_directory):
         fail("audit.directory", "must be a directory of its own (not the store or the backup)")
     if cfg.audit.directory == cfg.spool.directory:
         fail("audit.directory", "must be a directory of its own (not the spool)")
-    _check_access(cfg, fail)
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]
@@ -626,6 +650,57 @@ def _check(cfg: Config, source: Path) -> None:
             if a.name in seen:
                 fail(f"control_server.appliance[{i}].name", f"appliance {a.name!r} is defined twice")
             seen.add(a.name)
+
+
+def api_listen(endpoint: str) -> tuple[int, str]:
+    """``ssl:PORT[:interface=HOST]`` (or ``ssl:port=PORT:...``) -> (port,
+    interface).  The API listens with TLS only; anything else is a
+    ValueError saying so."""
+    kind, _, rest = endpoint.partition(":")
+    if kind != "ssl":
+        raise ValueError(f"{endpoint!r}: the API listens with TLS only: ssl:PORT:interface=HOST")
+    port, interface = None, ""
+    for i, part in enumerate(rest.split(":") if rest else []):
+        key, eq, value = part.partition("=")
+        if not eq and i == 0:
+            key, value = "port", part
+        if key == "port" and value.isdigit() and 0 < int(value) < 65536:
+            port = int(value)
+        elif key == "interface" and value:
+            interface = value
+        else:
+            raise ValueError(f"{endpoint!r}: {part!r} is not understood (ssl:PORT:interface=HOST; the "
+                             "certificate comes from api.cert_file/key_file or [tls])")
+    if port is None:
+        raise ValueError(f"{endpoint!r}: no port (ssl:PORT:interface=HOST)")
+    return port, interface
+
+
+def _check_api(cfg: "Config", fail) -> None:
+    a = cfg.api
+    if not a.enabled:
+        return
+    try:
+        api_listen(a.listen)
+    except ValueError as e:
+        fail("api.listen", str(e))
+    if (a.cert_file is None) != (a.key_file is None):
+        fail("api.cert_file", "api.cert_file and api.key_file go together")
+    if a.cert_file is None and cfg.tls is None:
+        fail("api", "the API needs a certificate: api.cert_file and api.key_file, or a [tls] section")
+    if a.max_body < 1024:
+        fail("api.max_body", "must be at least 1024 bytes")
+    if a.timeout < 1:
+        fail("api.timeout", "must be at least 1 second")
+    if not 1 <= a.max_connections_per_client <= a.max_connections:
+        fail("api.max_connections_per_client", "must be at least 1 and at most api.max_connections")
+    if not 1 <= a.threads <= 64:
+        fail("api.threads", "must be between 1 and 64")
+    for j, net in enumerate(a.metrics_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            fail(f"api.metrics_networks[{j}]", f"{net!r} is not a network (e.g. 192.0.2.0/24)")
 
 
 def milter_socket(endpoint: str) -> str:

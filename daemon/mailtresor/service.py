@@ -163,6 +163,10 @@ class Daemon:
         if self.archiver is not None:
             from mailtresor.query import QueryService
             self.query = QueryService(cfg, reactor, self.archiver)
+        self.api = None
+        if not worker and cfg.api.enabled:
+            from mailtresor.access.api import ApiServer
+            self.api = ApiServer(cfg, reactor, self)
         self.factories = []
         self.ports = []
         self.workers: list[_WorkerProcess] = []
@@ -216,17 +220,53 @@ class Daemon:
             notify(f"STATUS={text}")
             self.write_status()
 
+    def status_doc(self) -> dict:
+        """What status.json holds (and the API's /api/v1/status answers)."""
+        return {"pid": os.getpid(), "state": self.state, "status": self.status, "time": time.time(),
+                "spool_depth": self.spool.depth(), "spool_commits": self.spool.commits,
+                "spool_flush_batches": self.spool.batches, "keys": self.ring.summary(),
+                "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
+                "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
+                "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
+                "archive": self.archiver.status() if self.archiver is not None else None,
+                "query_socket": self.query.status() if self.query is not None else None,
+                "audit": (self.trail.log.status() if self.trail is not None
+                          else {"error": self.audit_error} if self.audit_error else None),
+                "api": self.api.status() if self.api is not None else None}
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: ready when the spool key is held and the spool takes mail."""
+        from mailtresor.ingest.spool import SpoolError
+        if self.state != "running":
+            return False, f"not ready: {self.status}"
+        try:
+            self.spool.admit(0)
+        except SpoolError as e:
+            return False, f"the spool takes no mail: {e}"
+        if not os.access(self.cfg.spool.directory, os.W_OK):
+            return False, f"the spool {self.cfg.spool.directory} is not writable"
+        return True, "ok"
+
+    def metrics_facts(self) -> dict:
+        """The numbers /metrics shows (see mailtresor.access.metrics)."""
+        from mailtresor.access.metrics import spool_id_time
+        now = time.time()
+        depth = self.spool.depth()
+        facts = {"spool_depth": depth, "accepted": self.spool.commits, "keys": self.ring.summary(),
+                 "ready": 1 if self.health()[0] else 0, "archive_lag": 0.0, "index_lag": 0.0}
+        if depth:
+            oldest = self.spool.ready(limit=1)
+            if oldest:
+                facts["archive_lag"] = max(0.0, now - spool_id_time(oldest[0]))
+        if self.archiver is not None:
+            st = self.archiver.status()
+            facts.update({k: st[k] for k in ("archived", "failed", "set_aside", "duplicates")})
+            if depth and st.get("last_batch"):
+                facts["index_lag"] = max(0.0, now - st["last_batch"])
+        return facts
+
     def write_status(self) -> None:
-        doc = {"pid": os.getpid(), "state": self.state, "status": self.status, "time": time.time(),
-               "spool_depth": self.spool.depth(), "spool_commits": self.spool.commits,
-               "spool_flush_batches": self.spool.batches, "keys": self.ring.summary(),
-               "relay_processes": 1 + sum(1 for w in self.workers if w.transport is not None),
-               "listeners": [f"{lst.endpoint} ({lst.tls})" for lst in self.cfg.relay.listener],
-               "milter": self.cfg.milter.listen if self.cfg.milter and self.cfg.milter.enabled else None,
-               "archive": self.archiver.status() if self.archiver is not None else None,
-               "query_socket": self.query.status() if self.query is not None else None,
-               "audit": (self.trail.log.status() if self.trail is not None
-                         else {"error": self.audit_error} if self.audit_error else None)}
+        doc = self.status_doc()
         try:
             if not self._status_file.parent.is_dir():
                 self._status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +339,10 @@ class Daemon:
             self.milter.start()
         if self.query is not None:
             self.query.start()
+        if self.api is not None:
+            # Not fatal: mail is still taken and archived without the API.
+            self.api.start().addErrback(lambda f: log.error("api: cannot listen on %s: %s", cfg.api.listen,
+                                                            f.getErrorMessage()))
         d = defer.gatherResults(listens, consumeErrors=True)
 
         def listened(ports):
@@ -480,11 +524,14 @@ class Daemon:
             self.set_status("shutting down: finishing transactions in progress")
             log.info("shutting down: no new mail; finishing transactions in progress")
             self.fetcher.stop()
+        waits = []
+        if self.api is not None:
+            waits.append(self.api.stop())       # no new requests; those under way finish
         for port in self.ports:
             port.stopListening()
         if self.milter is not None:
             self.milter.begin_shutdown()
-        waits = [f.shutdown() for f in self.factories]
+        waits += [f.shutdown() for f in self.factories]
         if self.milter is not None:
             waits.append(self.milter.wait_idle(self.reactor))
         live = [w for w in self.workers if w.transport is not None]

@@ -48,6 +48,7 @@ class Stack:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.smtp_port, self.smtps_port, self.control_port = free_port(), free_port(), free_port()
+        self.api_port = free_port()
         d, pki = self.dir, self.dir / "pki"
         self.pki = pki
         self.spool_dir = d / "spool"
@@ -72,6 +73,7 @@ class Stack:
                               {"name": "local", "networks": ["127.0.0.1/32"]}],
             },
             "service": {"shutdown_timeout": 10.0, "log_level": "info"},
+            "api": {"listen": f"ssl:{self.api_port}:interface=127.0.0.1"},
             # Off unless a test turns it on: the ingest tests look at the spool.
             "archive": {"directory": str(d / "store"), "backup_directory": str(d / "backup"),
                         "enabled": False, "interval": 0.2},

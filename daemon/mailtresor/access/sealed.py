@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from mailtresor.keys import crypto
+from ..keys import crypto
 
 
 class StoreError(Exception):
