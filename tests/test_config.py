@@ -310,3 +310,36 @@ def test_bad_access_configs_name_the_key(tmp_path, extra, key, message):
     text = str(e.value)
     assert text.startswith(str(tmp_path / "m.toml") + ": " + key + ":"), text
     assert message in text
+
+
+# --- [api] (issue 13: the HTTPS API) ---
+
+def test_api_defaults(tmp_path):
+    cfg, _ = load_text(tmp_path, BASE)
+    a = cfg.api
+    assert a.enabled and a.listen == "ssl:8443:interface=127.0.0.1" and a.max_body == 1 << 20
+    assert a.cert_file is None and a.metrics_networks == ("127.0.0.0/8", "::1/128")
+    assert config.api_listen(a.listen) == (8443, "127.0.0.1")
+    assert config.api_listen("ssl:port=443") == (443, "")
+
+
+@pytest.mark.parametrize("extra,key,message", [
+    ('[api]\nlisten = "tcp:8080:interface=127.0.0.1"\n', "api.listen", "TLS only"),
+    ('[api]\nlisten = "ssl:http:interface=127.0.0.1"\n', "api.listen", "'http' is not understood"),
+    ('[api]\nlisten = "ssl:interface=127.0.0.1"\n', "api.listen", "no port"),
+    ('[api]\nlisten = "ssl:8443:privateKey=x.key"\n', "api.listen", "is not understood"),
+    ('[api]\ncert_file = "c.pem"\n', "api.cert_file", "go together"),
+    ('[api]\nmax_body = 10\n', "api.max_body", "at least 1024"),
+    ('[api]\nmax_connections = 4\nmax_connections_per_client = 5\n', "api.max_connections_per_client", "at most"),
+    ('[api]\nmetrics_networks = ["everywhere"]\n', "api.metrics_networks[0]", "not a network"),
+    ('[api]\nthreads = 0\n', "api.threads", "between 1 and 64"),
+])
+def test_api_errors_name_the_key(tmp_path, extra, key, message):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, BASE + extra)
+    assert f": {key}: " in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_api_disabled_is_not_checked(tmp_path):
+    cfg, _ = load_text(tmp_path, BASE + '[api]\nenabled = false\nlisten = "tcp:80"\n')
+    assert not cfg.api.enabled

@@ -555,8 +555,11 @@ def test_deb_contents(built_deb):
     assert any(f.startswith("/usr/share/doc/mailtresor/exchange-journaling.md") for f in files)
     for package, srcdir in (("mailtresor", REPO / "daemon/mailtresor"),
                             ("mailtresor_milter", REPO / "milter/mailtresor_milter")):
-        for module in srcdir.glob("*.py"):
-            assert f"/usr/lib/python3/dist-packages/{package}/{module.name}" in files, module
+        for module in srcdir.rglob("*.py"):
+            rel = module.relative_to(srcdir).as_posix()
+            assert f"/usr/lib/python3/dist-packages/{package}/{rel}" in files, module
+    # Package data: the API serves its OpenAPI document from beside api.py.
+    assert "/usr/lib/python3/dist-packages/mailtresor/access/openapi.json" in files
     for unit in UNITS:
         assert {f"/lib/systemd/system/{unit}", f"/usr/lib/systemd/system/{unit}"} & files, unit
     # No virtualenv, no /usr/local, no setup.py install layout, no tests.

@@ -318,7 +318,8 @@ class Api:
     enabled: bool = True
     # A Twisted endpoint string, ssl: only (e.g. ssl:8443:interface=192.0.2.1).
     listen: str = "ssl:8443:interface=127.0.0.1"
-    # Default: the [tls] certificate and key.
+    # Default: the [tls] certificate and key.  With neither, the API is
+    # answered on the unix socket only (the `mailtresor` command's way in).
     cert_file: Path | None = None
     key_file: Path | None = None
     max_body: int = 1 << 20                 # bytes of a request body (413 beyond)
@@ -623,14 +624,14 @@ def _check(cfg: Config, source: Path) -> None:
             fail("archive.tsa_url", f"{cfg.archive.tsa_url!r} is not an http(s) URL")
         if cfg.archive.backup_directory is not None and cfg.archive.backup_directory == cfg.archive.directory:
             fail("archive.backup_directory", "must not be the store directory itself")
-    _check_access(cfg, fail)
-    _check_api(cfg, fail)
     if not 1 <= cfg.audit.seal_every <= 1_000_000:
         fail("audit.seal_every", "must be between 1 and 1000000")
     if cfg.archive is not None and cfg.audit.directory in (cfg.archive.directory, cfg.archive.backup_directory):
         fail("audit.directory", "must be a directory of its own (not the store or the backup)")
     if cfg.audit.directory == cfg.spool.directory:
         fail("audit.directory", "must be a directory of its own (not the spool)")
+    _check_access(cfg, fail)
+    _check_api(cfg, fail)
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]
@@ -686,8 +687,6 @@ def _check_api(cfg: "Config", fail) -> None:
         fail("api.listen", str(e))
     if (a.cert_file is None) != (a.key_file is None):
         fail("api.cert_file", "api.cert_file and api.key_file go together")
-    if a.cert_file is None and cfg.tls is None:
-        fail("api", "the API needs a certificate: api.cert_file and api.key_file, or a [tls] section")
     if a.max_body < 1024:
         fail("api.max_body", "must be at least 1024 bytes")
     if a.timeout < 1:

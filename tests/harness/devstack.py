@@ -192,6 +192,12 @@ def main(argv=None) -> int:
         if cfg.milter and cfg.milter.enabled:
             lines.append(f"  milter  {cfg.milter.listen:<22} smtpd_milters = {configmod.milter_socket(cfg.milter.listen)}")
         lines.append(f"  control {cfg.control.url:<22} key custody (mutual TLS)")
+        if cfg.api.enabled:
+            port, host = configmod.api_listen(cfg.api.listen)
+            lines.append(f"  api     https://{host or '127.0.0.1'}:{port}/api/v1/  (docs/access/api.md; "
+                         f"curl --cacert {pki}/ca.pem https://{host or '127.0.0.1'}:{port}/healthz)")
+            lines.append(f"  api     {cfg.appliance.runtime_directory / 'api.sock'}  (root and this user: "
+                         "curl --unix-socket ... http://localhost/api/v1/me)")
         lines += ["", "Try:",
                   "  swaks --server 127.0.0.1:10025 -tls --tls-ca-path "
                   f"{pki}/ca.pem --to someone@acme.example --from me@globex.example",

@@ -748,22 +748,27 @@ class ApiServer:
         a = self.cfg.api
         self.pool.start()
         self.run_logins()
-        port, interface = configmod.api_listen(a.listen)
-        cert = a.cert_file or self.cfg.tls.cert_file
-        key = a.key_file or self.cfg.tls.key_file
-        tcp = endpoints.SSL4ServerEndpoint(self.reactor, port, _tls_context(cert, key), interface=interface)
-        kw = dict(timeout=a.timeout, max_body=a.max_body)
-        d1 = tcp.listen(self.api.factory(max_connections=a.max_connections,
-                                         max_per_client=a.max_connections_per_client, **kw))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        unix = endpoints.UNIXServerEndpoint(self.reactor, str(self.path), mode=0o660, wantPID=True)
-        d2 = unix.listen(self.api.factory(unix=True, allowed_uids={0, os.geteuid()}, **kw))
 
         def listening(port_, what):
             self.ports.append(port_)
             log.info("api listening on %s", what)
             return port_
-        d1.addCallback(listening, f"https://{interface or '*'}:{port}/api/v1/")
+        kw = dict(timeout=a.timeout, max_body=a.max_body)
+        cert = a.cert_file or (self.cfg.tls.cert_file if self.cfg.tls is not None else None)
+        key = a.key_file or (self.cfg.tls.key_file if self.cfg.tls is not None else None)
+        if cert is None:
+            log.warning("api: no certificate (api.cert_file or [tls]): HTTPS is off, only %s answers", self.path)
+            d1 = defer.succeed(None)
+        else:
+            port, interface = configmod.api_listen(a.listen)
+            tcp = endpoints.SSL4ServerEndpoint(self.reactor, port, _tls_context(cert, key), interface=interface)
+            d1 = tcp.listen(self.api.factory(max_connections=a.max_connections,
+                                             max_per_client=a.max_connections_per_client, **kw))
+            d1.addCallback(listening, f"https://{interface or '*'}:{port}/api/v1/")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        unix = endpoints.UNIXServerEndpoint(self.reactor, str(self.path), mode=0o660, wantPID=True)
+        d2 = unix.listen(self.api.factory(unix=True, allowed_uids={0, os.geteuid()}, **kw))
+
         d2.addCallback(listening, str(self.path))
         d2.addErrback(lambda f: log.warning("api socket %s: cannot listen (%s)", self.path, f.getErrorMessage()))
         return d1
@@ -795,7 +800,10 @@ class ApiServer:
         d = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
         def done(_):
-            self.pool.stop()
+            # ThreadPool.stop() joins its threads: off the reactor's thread,
+            # so a long search delays the shutdown (bounded by the daemon's
+            # shutdown_timeout) but never the reactor.
+            return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)
         return d.addBoth(done)
 
     def status(self) -> dict:

@@ -269,6 +269,12 @@ class _Gated(policies.ProtocolWrapper):
                 return
             f.per_client[self.host] = f.per_client.get(self.host, 0) + 1
             self.counted = True
+            # Answers are small and whole: no Nagle delay behind the
+            # client's delayed ACK between a TLS record and the next.
+            try:
+                transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (AttributeError, OSError):
+                pass
         super().makeConnection(transport)
 
     def connectionLost(self, reason):
