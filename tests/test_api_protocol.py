@@ -215,8 +215,11 @@ SECURITY_EXPECTED = {"strict-transport-security": "max-age=31536000", "x-content
                      "referrer-policy": "no-referrer", "cache-control": "no-store", "x-frame-options": "DENY"}
 
 
-def test_openapi_document_is_valid():
+def test_openapi_document_is_valid_and_matches_the_routes():
+    from mailtresor.access.api import ROUTES
     openapi.check_document()
+    documented = {(m.upper(), t) for t, item in openapi.document()["paths"].items() for m in item}
+    assert documented == {(r.method, r.pattern) for r in ROUTES}
 
 
 def test_unknown_route_404_and_wrong_method_405_with_allow(world):
@@ -228,6 +231,8 @@ def test_unknown_route_404_and_wrong_method_405_with_allow(world):
     assert "not allowed" in json.loads(r.body)["error"]
     r = c.send("PUT", "/api/v1/users")
     assert r.status == 405 and r.header("allow") == "GET, HEAD, POST"
+    r = c.send("HEAD", "/healthz")
+    assert r.status == 200 and r.body == b"" and r.header("content-length") == "3"
 
 
 def test_not_logged_in_401(world):
@@ -401,6 +406,23 @@ def test_idle_connection_is_closed(world):
     assert not c.t.disconnecting
     world.reactor.advance(31)
     assert c.t.disconnecting
+
+
+def test_a_trickled_request_is_cut_at_the_timeout(world):
+    c = Conn(world)
+    c.proto.dataReceived(b"GET /healthz HTTP/1.1\r\n")
+    for i in range(3):                    # a header line every 12 s: never idle for 30 s
+        world.reactor.advance(12)
+        if c.t.disconnecting:
+            break
+        c.proto.dataReceived(b"X-Slow-%d: 1\r\n" % i)
+    assert c.t.disconnecting
+    # A request that comes in time is not cut, however long it is answered.
+    c = Conn(world)
+    c.send("GET", "/healthz")
+    world.reactor.advance(29)
+    c.send("GET", "/healthz")
+    assert not c.t.disconnecting
 
 
 def test_connections_per_client_limited(world):

@@ -222,6 +222,9 @@ class Api:
         s.displayTracebacks = False
         s.on_refused = lambda request, status: self.metrics.observe("(body limit)", status, 0.0)
         s.noisy = False
+        # No access log: URIs hold search terms, which are kept only
+        # encrypted (in the audit trail); errors name the route template.
+        s.log = lambda request: None
         return s
 
     def factory(self, *, unix: bool = False, timeout: float = 60.0, max_body: int = 1 << 20,
@@ -650,13 +653,13 @@ class Api:
 
     async def h_status(self, c: Call) -> Answer:
         await self.run(self._appliance_only, c.who, "status")
-        return Answer(200, self.status_doc())
+        return Answer(200, await self.run(self.status_doc))
 
     async def h_openapi(self, c: Call) -> Answer:
         return Answer(200, body=self.openapi_bytes, content_type=JSON_TYPE)
 
     async def h_healthz(self, c: Call) -> Answer:
-        ok, reason = self.health()
+        ok, reason = await self.run(self.health)     # may list the spool: off the reactor
         if not ok:
             return Answer(503, {"error": reason})
         return Answer(200, body=b"ok\n", content_type=b"text/plain; charset=utf-8")
@@ -668,7 +671,8 @@ class Api:
             who, _ = await self._who(c.request, dataclasses.replace(c.route, login=True), c.client)
             await self.run(self._appliance_only, who, "metrics")
         from .metrics import CONTENT_TYPE
-        return Answer(200, body=self.metrics.render(), content_type=CONTENT_TYPE.encode())
+        # The facts list the spool's oldest entry: off the reactor.
+        return Answer(200, body=await self.run(self.metrics.render), content_type=CONTENT_TYPE.encode())
 
     def _metrics_network(self, c: Call) -> bool:
         import ipaddress
@@ -773,13 +777,16 @@ class ApiServer:
         d2.addErrback(lambda f: log.warning("api socket %s: cannot listen (%s)", self.path, f.getErrorMessage()))
         return d1
 
-    def run_logins(self) -> None:
+    def run_logins(self, delay: float = 1.0) -> None:
         """users.db and tokens.db need the control key "access": fetched
-        in a pool thread; until then (or if it cannot be had) logins
-        answer 503 and say why."""
+        in a pool thread, again with backoff while it cannot be had (the
+        control endpoint not up yet); until then logins and tokens answer
+        503 and say why."""
         from mailtresor.keys.ring import control_fetcher
 
         from .auth import Authenticator, open_databases
+
+        self._retry = None
 
         def opened(dbs):
             users, tokens = dbs
@@ -788,8 +795,16 @@ class ApiServer:
             log.info("api: logins and tokens available")
 
         def failed(f):
-            self.api.logins_unavailable = f"logins are not available: {f.getErrorMessage()}"
-            log.error("api: %s", self.api.logins_unavailable)
+            why = f.getErrorMessage()
+            if why != getattr(self, "_login_problem", None):
+                log.warning("api: logins are not available: %s; trying again", why)
+            self._login_problem = why
+            # The client is told that, not why (the log says): no internal
+            # addresses in an answer to anyone who asks.
+            self.api.logins_unavailable = "logins are not available yet (the access key cannot be had); " \
+                "the appliance's log says why"
+            if self.pool.started and not self.pool.joined:
+                self._retry = self.reactor.callLater(delay, self.run_logins, min(delay * 2, 60.0))
 
         self.api.run(open_databases, self.cfg, control_fetcher(self.cfg)).addCallbacks(opened, failed)
 
@@ -797,6 +812,8 @@ class ApiServer:
         """Stop listening (first, at shutdown); requests under way finish
         in the pool, which then stops."""
         ports, self.ports = self.ports, []
+        if getattr(self, "_retry", None) is not None and self._retry.active():
+            self._retry.cancel()
         d = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
         def done(_):

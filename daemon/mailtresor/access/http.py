@@ -182,6 +182,33 @@ class LimitedRequest(server.Request):
 
     refused = False
     _received = 0
+    _deadline = None
+
+    def __init__(self, channel, *args, **kw):
+        super().__init__(channel, *args, **kw)
+        # The idle timeout alone lets a client that sends a byte now and
+        # then hold a request open for ever: the whole request (headers and
+        # body) must be in within the site's timeout of its first line.
+        limit = getattr(getattr(channel, "site", None), "timeOut", None)
+        later = getattr(channel, "callLater", None)
+        if limit and later is not None:
+            self._deadline = later(limit, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.info("api: %s: the request was not complete after %s s; connection closed",
+                 self.getClientAddress(), getattr(self.channel.site, "timeOut", "?"))
+        t = self.channel.transport
+        getattr(t, "abortConnection", t.loseConnection)()
+
+    def connectionLost(self, reason):
+        self._cancel_deadline()
+        super().connectionLost(reason)
 
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_body", 1 << 20) if self.channel is not None else 1 << 20
@@ -206,6 +233,7 @@ class LimitedRequest(server.Request):
         """Answer 413 on the wire and close: the request never reaches the
         resource, and the rest of the body is not read."""
         self.refused = True
+        self._cancel_deadline()
         reason = f"the request body is larger than {self._limit()} bytes"
         body = error_body(reason)
         head = [b"HTTP/1.1 413 Content Too Large", b"Content-Type: " + JSON_TYPE,
@@ -220,6 +248,7 @@ class LimitedRequest(server.Request):
         transport.loseConnection()
 
     def process(self):
+        self._cancel_deadline()
         if self.refused:
             return
         super().process()
