@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -122,6 +123,15 @@ class Directory:
                                 receive_timeout=max(1, int(self.cfg.timeout)), raise_exceptions=False,
                                 read_only=True, auto_referrals=False)
         conn.open()
+        # Each request is one small write answered before the next: without
+        # TCP_NODELAY the bind after the handshake waits out the peer's
+        # delayed ACK (about 40 ms, most of a login; bench/ldap_login).
+        sock = getattr(conn, "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass                        # not TCP (ldapi://): nothing to wait out
         if self.cfg.start_tls and not conn.start_tls():
             # Never carry on in clear: the next thing sent is a password.
             conn.unbind()
