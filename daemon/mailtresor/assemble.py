@@ -13,6 +13,8 @@ field-by-field construction.
     spool  = build_spool(cfg, ring)
     store  = build_store(cfg)
     pipe   = build_pipeline(cfg, spool, store, keys)       # spool -> parse -> route -> store -> index
+    audit  = build_audit(cfg, keys, name="mailtresor")     # the audit trail
+    core   = build_core(cfg, store, keys, audit)           # the one access core (search, read, export)
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mailtresor.access.audit import AuditLog
+    from mailtresor.access.core import Core
     from mailtresor.archive.archiver import Pipeline
     from mailtresor.archive.store.backup import BackupDirectory
     from mailtresor.archive.store.shard import Store
@@ -108,3 +112,24 @@ def build_pipeline(cfg: "Config", spool: "Spool", store: "Store", keys: "Fetchin
     return Pipeline(spool, store, keys, Router(cfg.tenant), backup=build_backup(cfg),
                     seal_seed=keys.seal_seed, batch_size=a.batch_size,
                     parser=make_parser(a.parse_processes, parse.limits_of(a)), **kw)
+
+
+def build_audit(cfg: "Config", keys, *, name: str = "mailtresord") -> "AuditLog":
+    """The audit trail of the configuration's [audit] section.  `name` says
+    which program appends (the daemon, or a command in its own process)."""
+    from mailtresor.access.audit import AuditLog
+    return AuditLog(cfg.audit.directory, keys, seal_every=cfg.audit.seal_every, name=name)
+
+
+def build_core(cfg: "Config", store: "Store", keys, audit: "AuditLog", *, exports_dir=None,
+               readers=None) -> "Core":
+    """The access core over `store`, `keys` and `audit`, for the
+    configuration's tenants and parser limits.  Exports go to
+    `exports_dir` (default: the state directory's exports/)."""
+    from mailtresor.access.core import Core
+    from mailtresor.archive import parse
+    a = _archive(cfg)
+    if exports_dir is None:
+        exports_dir = cfg.appliance.state_directory / "exports"
+    return Core(store=store, keys=keys, audit=audit, readers=readers, exports_dir=exports_dir,
+                tenants=[t.name for t in cfg.tenant], limits=parse.limits_of(a))

@@ -147,11 +147,11 @@ class Daemon:
         secret); sealing waits for the seal key, fetched when the first
         seal is due.  A trail that cannot be opened is said in the status
         and the log; mail is still taken and archived."""
-        from mailtresor.access.audit import AuditError, AuditLog, DaemonTrail
+        from mailtresor.access.audit import AuditError, DaemonTrail
         from mailtresor.keys.derive import FetchingKeys
         try:
             keys = FetchingKeys(self.ring, None)
-            trail = DaemonTrail(AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every))
+            trail = DaemonTrail(assemble.build_audit(self.cfg, keys))
             keys.fetch = trail.audited_fetch(self.control.fetch_blocking)
             self.trail = trail
         except (AuditError, OSError) as e:

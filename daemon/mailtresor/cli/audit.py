@@ -94,6 +94,7 @@ def format_record(r: dict) -> str:
 
 
 def run_show(cfg, args) -> int:
+    from mailtresor import assemble
     from mailtresor.access import audit
     from mailtresor.cli.common import UserError, fetching_keys, known_tenant
     d = _directory(cfg)
@@ -113,7 +114,7 @@ def run_show(cfg, args) -> int:
     if args.terms:
         # Decrypting a tenant's search terms is an access like any other.
         who = f"local:uid={os.getuid()}"
-        log = audit.AuditLog(d, keys, seal_every=cfg.audit.seal_every, name="mailtresor")
+        log = assemble.build_audit(cfg, keys, name="mailtresor")
         try:
             log.append(principal=who, tenant=args.tenant or None, action="read", object="audit-terms",
                        result="ok", client=f"unix:uid={os.getuid()},pid={os.getpid()}",

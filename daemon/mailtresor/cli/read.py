@@ -148,22 +148,18 @@ class InProcess:
         import shutil
         import tempfile
 
-        from mailtresor.access.audit import AuditLog
-        from mailtresor.access.core import Core
-        from mailtresor.archive import parse
-        from mailtresor.archive.store import Store
-        a = archive_section(self.cfg)
+        from mailtresor import assemble
+        archive_section(self.cfg)               # a UserError naming the missing [archive]
         keys = fetching_keys(self.cfg)
-        store = Store(a.directory, readonly=True)
+        store = assemble.build_store(self.cfg, readonly=True)
         self._closing.append(store.close)
-        audit = AuditLog(self.cfg.audit.directory, keys, seal_every=self.cfg.audit.seal_every, name="mailtresor")
+        audit = assemble.build_audit(self.cfg, keys, name="mailtresor")
         self._closing.append(lambda: audit.close(seal=False))
         # search and show export nothing; the core wants a directory of its
         # own for exports all the same (not the daemon's: root would own it).
         exports = tempfile.mkdtemp(prefix="mailtresor-cli-")
         self._closing.append(lambda: shutil.rmtree(exports, ignore_errors=True))
-        return Core(store=store, keys=keys, audit=audit, exports_dir=exports,
-                    tenants=[t.name for t in self.cfg.tenant], limits=parse.limits_of(a))
+        return assemble.build_core(self.cfg, store, keys, audit, exports_dir=exports)
 
     def _call(self, method: str, *a, **kw):
         try:
