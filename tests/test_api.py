@@ -19,7 +19,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailtresor.access.auth import open_databases
-from mailtresor.keys.ring import control_fetcher
+from mailtresor.keys.client import control_fetcher
 
 from tests.harness import openapi
 from tests.harness.stack import Stack

@@ -128,7 +128,7 @@ def world(tmp_path, users_db):
                                                          "keys": [{"name": "spool", "version": 1,
                                                                    "current": True, "age": 5}]})
     w = types.SimpleNamespace(api=api, reactor=reactor, core=core, users=users, tokens=tokens, audit=audit,
-                              sessions=sessions, ready=ready, tmp=tmp_path)
+                              sessions=sessions, ready=ready, tmp=tmp_path, key=users_db[1])
     yield w
     audit.close(seal=False)
 
@@ -271,6 +271,33 @@ def test_login_cookie_attributes_session_and_csrf(world):
     assert r.status == 401 and "expired or ended" in json.loads(r.body)["error"]
     records, _ = world.audit.read(tenant="acme")
     assert [x["action"] for x in records] == ["login", "logout"]
+
+
+def test_a_user_disabled_elsewhere_loses_the_session(world):
+    """`mailtresor user disable` runs in another process: its UserDB is not
+    the API's, so no on_change reaches the API's sessions.  The next request
+    with the old cookie is refused all the same (Authenticator.still_valid),
+    and the session is gone, not merely refused once."""
+    c = Conn(world)
+    c.login("alice", "alice-password-1")
+    assert c.send("GET", "/api/v1/me").status == 200
+    other = UserDB(world.tmp / "users.db", world.key)     # the command's own handle
+    other.disable("acme", "alice")
+    r = c.send("GET", "/api/v1/me")
+    assert r.status == 401 and "account changed" in json.loads(r.body)["error"]
+    other.enable("acme", "alice")
+    assert c.send("GET", "/api/v1/me").status == 401                # the session is gone for good
+
+
+def test_a_user_disabled_in_this_process_loses_the_session_at_once(world):
+    """Through the API's own UserDB (as the admin route does), the change
+    listener drops the user's sessions as the change is written."""
+    world.users.on_change(lambda t, n, _c: world.sessions.drop_user(t, n))
+    c = Conn(world)
+    c.login("alice", "alice-password-1")
+    world.users.passwd("acme", "alice", "alice-password-2")
+    assert world.sessions.get(c.cookie) is None
+    assert c.send("GET", "/api/v1/me").status == 401
 
 
 def test_login_failures_same_answer_and_throttled_429(world):

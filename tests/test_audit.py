@@ -489,7 +489,7 @@ def mailtresor(stack, *args):
 
 
 def test_cli_verify_and_show(stack):
-    from mailtresor.keys.ring import control_fetcher
+    from mailtresor.keys.client import control_fetcher
     from mailtresor.archive.store import FetchingKeys
     stack.start_control()
     d = stack.cfg.audit.directory
@@ -536,7 +536,7 @@ def test_the_daemon_records_key_fetches_and_archive_anomalies(tmp_path):
     path, and extraction cut by the budget -- are in the trail, acme's
     in acme's view only; the trail verifies against the control
     endpoint's seal key after a stop (which seals)."""
-    from mailtresor.keys.ring import control_fetcher
+    from mailtresor.keys.client import control_fetcher
     from mailtresor.archive.store import FetchingKeys
     from tests.harness.journalgen import make_forgery
     from tests.test_archive import wait_archived

@@ -10,7 +10,7 @@ import pytest
 
 from mailtresor import config as configmod
 from mailtresor.access.auth import Authenticator, LoginFailed, open_databases
-from mailtresor.keys.ring import control_fetcher
+from mailtresor.keys.client import control_fetcher
 from tests.conftest import REPO
 
 

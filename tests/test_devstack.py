@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from mailtresor.access.auth import Authenticator, LoginFailed, open_databases
-from mailtresor.keys.ring import control_fetcher
+from mailtresor.keys.client import control_fetcher
 from tests.harness import devstack
 from tests.harness.stack import Stack
 

@@ -122,14 +122,15 @@ def build_audit(cfg: "Config", keys, *, name: str = "mailtresord") -> "AuditLog"
 
 
 def build_core(cfg: "Config", store: "Store", keys, audit: "AuditLog", *, exports_dir=None,
-               readers=None) -> "Core":
+               readers=None, store_lock=None) -> "Core":
     """The access core over `store`, `keys` and `audit`, for the
     configuration's tenants and parser limits.  Exports go to
-    `exports_dir` (default: the state directory's exports/)."""
+    `exports_dir` (default: the state directory's exports/).  `store_lock`:
+    the lock of whoever else uses `store` in this process (the archiver)."""
     from mailtresor.access.core import Core
     from mailtresor.archive import parse
     a = _archive(cfg)
     if exports_dir is None:
         exports_dir = cfg.appliance.state_directory / "exports"
     return Core(store=store, keys=keys, audit=audit, readers=readers, exports_dir=exports_dir,
-                tenants=[t.name for t in cfg.tenant], limits=parse.limits_of(a))
+                tenants=[t.name for t in cfg.tenant], limits=parse.limits_of(a), store_lock=store_lock)

@@ -76,7 +76,7 @@ def sample_users(cfg: configmod.Config) -> list[tuple[str, str, tuple, tuple, st
     (tenant, name, roles, addresses, password).  The control endpoint must
     run (the user database's key comes from it)."""
     from mailtresor.access.auth import open_databases
-    from mailtresor.keys.ring import control_fetcher
+    from mailtresor.keys.client import control_fetcher
     users, _tokens = open_databases(cfg, control_fetcher(cfg))
     tenants = {t.name for t in cfg.tenant}
     made = []

@@ -345,6 +345,11 @@ class Api:
             got = self.sessions.get(sid) if self.sessions is not None else None
             if got is not None:
                 who, csrf = got
+                if self.auth is not None and not self.auth.still_valid(who):
+                    # Disabled, removed, or its roles or addresses changed
+                    # (perhaps by `mailtresor user` in another process).
+                    self.sessions.drop(sid)
+                    raise HttpError(401, "the session has ended (the account changed); log in again")
                 if request.method in STATE_CHANGING:
                     sent = request.getHeader(CSRF_HEADER) or b""
                     if not secrets.compare_digest(sent, csrf.encode()):
@@ -728,15 +733,12 @@ class ApiServer:
         archiver = daemon.archiver
         audit = daemon.trail.log if daemon.trail is not None else None
         if archiver is not None and audit is not None:
-            from mailtresor.archive import index
-
-            from .core import Core
-            core = Core(store=archiver.store, keys=archiver.keys, audit=audit, readers=index.Readers(),
-                        exports_dir=cfg.appliance.state_directory / "exports",
-                        tenants=[t.name for t in cfg.tenant])
+            from mailtresor import assemble
             # One Store in the process (LMDB allows an environment to be
-            # open once per process): the core's lock must be the archiver's.
-            core._store_lock = archiver.store_lock
+            # open once per process): the core reads the archiver's, under
+            # the archiver's lock.
+            core = assemble.build_core(cfg, archiver.store, archiver.keys, audit,
+                                       store_lock=archiver.store_lock)
         self.api = Api(reactor=reactor, pool=self.pool, core=core, audit=audit,
                        sessions=Sessions(idle=cfg.access.session_idle, absolute=cfg.access.session_absolute),
                        tenants=[t.name for t in cfg.tenant], status=daemon.status_doc, health=daemon.health,
@@ -782,8 +784,6 @@ class ApiServer:
         in a pool thread, again with backoff while it cannot be had (the
         control endpoint not up yet); until then logins and tokens answer
         503 and say why."""
-        from mailtresor.keys.ring import control_fetcher
-
         from .auth import Authenticator, open_databases
 
         self._retry = None
@@ -792,6 +792,10 @@ class ApiServer:
             users, tokens = dbs
             self.api.users, self.api.tokens = users, tokens
             self.api.auth = Authenticator(self.cfg, users, tokens)
+            # A user disabled, removed or given a new password in this
+            # process loses its sessions at once; a change made by the
+            # command in another process is caught per request (still_valid).
+            users.on_change(lambda tenant, name, _change: self.api.sessions.drop_user(tenant, name))
             log.info("api: logins and tokens available")
 
         def failed(f):
@@ -806,7 +810,8 @@ class ApiServer:
             if self.pool.started and not self.pool.joined:
                 self._retry = self.reactor.callLater(delay, self.run_logins, min(delay * 2, 60.0))
 
-        self.api.run(open_databases, self.cfg, control_fetcher(self.cfg)).addCallbacks(opened, failed)
+        # The daemon's one client to the control endpoint, its blocking face (in the pool).
+        self.api.run(open_databases, self.cfg, self.daemon.control.fetch_blocking).addCallbacks(opened, failed)
 
     def stop(self) -> defer.Deferred:
         """Stop listening (first, at shutdown); requests under way finish

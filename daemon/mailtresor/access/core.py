@@ -212,7 +212,7 @@ class Core:
 
     def __init__(self, *, store, keys, audit, readers=None, exports_dir: Path, clock=time.time,
                  tenants=None, limits: parse.Limits | None = None, export_max: int = EXPORT_MAX,
-                 cursor_key: bytes | None = None):
+                 cursor_key: bytes | None = None, store_lock: threading.Lock | None = None):
         self.store = store
         self.keys = keys
         self.audit = audit
@@ -223,7 +223,9 @@ class Core:
         self.limits = limits
         self.export_max = export_max
         self._cursor_key = cursor_key or secrets.token_bytes(32)
-        self._store_lock = threading.Lock()
+        # Held around every use of `store`: shared with the archiver when
+        # both use one Store (LMDB opens an environment once per process).
+        self._store_lock = store_lock if store_lock is not None else threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._jobs_lock = threading.Lock()
         from mailtresor.archive.store import private_dir

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from mailtresor.archive import parse, parseworker
 from mailtresor.archive.index import ShardIndex
-from mailtresor.keys.client import control_fetcher  # noqa: F401 - imported from here by older tests
 from mailtresor.keys.ring import KeyUnavailable
 from mailtresor.ingest.spool import KeyNotHeld, SpoolCorrupt
 from mailtresor.archive.store.backup import BackupDirectory

@@ -114,7 +114,8 @@ def _tenant_of(cfg, args) -> str | None:
 
 def _databases(cfg):
     from mailtresor.access.auth import open_databases
-    from mailtresor.keys.ring import KeyRefused, control_fetcher
+    from mailtresor.keys.client import control_fetcher
+    from mailtresor.keys.ring import KeyRefused
     try:
         return open_databases(cfg, control_fetcher(cfg))
     except KeyRefused as e:

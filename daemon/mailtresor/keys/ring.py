@@ -159,15 +159,6 @@ def error_text(body: bytes) -> str:
         return ""
 
 
-def __getattr__(name: str):
-    # The client moved to mailtresor.keys.client; the old names still
-    # import from here (without making every user of the ring import ssl).
-    if name in ("ControlClient", "fetch_blocking", "control_fetcher", "client_context"):
-        from mailtresor.keys import client
-        return getattr(client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --- the spool key's keeper, on the reactor ----------------------------------------
 
 class KeyFetcher:
