@@ -2,7 +2,7 @@
 mail, a tenant after another tenant's, an administrator or a tenant-less
 token after mail, an insider who wants mail out without a trace, a hostile
 message, a guesser at the login.  Each finding of the review has a test
-here that fails without its fix (docs/access/*.md, "### Security")."""
+here that fails without its fix (docs/ACCESS.md, "### Security")."""
 
 import base64
 import hashlib

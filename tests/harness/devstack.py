@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         lines.append(f"  control {cfg.control.url:<22} key custody (mutual TLS)")
         api = api_url(cfg)
         if api:
-            lines.append(f"  api     {api + '/api/v1/':<22} HTTPS, JSON; CA {pki}/ca.pem (docs/access/api.md)")
+            lines.append(f"  api     {api + '/api/v1/':<22} HTTPS, JSON; CA {pki}/ca.pem (docs/ACCESS.md)")
             sock = cfg.appliance.runtime_directory / "api.sock"
             lines.append(f"  api     {str(sock):<22} the same for root and this user, no login "
                          "(the mailtresor command asks here)")

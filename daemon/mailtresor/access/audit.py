@@ -20,7 +20,7 @@ Search terms are stored encrypted under a sub-key of the tenant's key with
 the record's seq and tenant as associated data: auditors of the tenant read
 them, an operator reading the file sees ciphertext.  The byte format is in
 docs/FORMAT.md ("Audit trail"); what verify proves and what it cannot is in
-docs/access/audit.md.
+docs/ACCESS.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CLI's client of the daemon's API over its local unix socket.
 
-HTTP/1.1 with JSON, as the HTTPS API speaks it (docs/access/api.md),
+HTTP/1.1 with JSON, as the HTTPS API speaks it (docs/ACCESS.md),
 over RUNTIME_DIRECTORY/api.sock: no TLS (the socket is the daemon's, mode
 0660), no login: the daemon takes the peer's credentials (SO_PEERCRED;
 root or its own user) as a local principal and audits it like any other.

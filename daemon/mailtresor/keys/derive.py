@@ -31,7 +31,7 @@ AUDIT_INFO = b"mailtresor audit terms v1"
 ACCESS_FILE_INFO = b"mailtresor access v1"      # users.db and tokens.db (access/sealed.py)
 # The control endpoint's key for users.db and tokens.db.  Version 1 always:
 # the files carry no key version, so a rotated "access" key would make them
-# unreadable (re-encryption on rotation is future work; docs/access/auth.md).
+# unreadable (re-encryption on rotation is future work; docs/ACCESS.md).
 ACCESS_KEY_NAME = "access"
 ACCESS_KEY_VERSION = 1      # search terms in the audit trail (access/audit.py)
 SPOOL_FILE_INFO = b"mailtresor spool file v1 "
