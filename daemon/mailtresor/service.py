@@ -19,10 +19,12 @@ import signal
 import sys
 import time
 
+from mailtresor import assemble
 from mailtresor import config as configmod
 from mailtresor.system import notify, setup_logging
 
 log = logging.getLogger("mailtresor")
+
 
 class _WorkerProcess:
     """A relay worker as the main process sees it (a Twisted ProcessProtocol)."""
@@ -77,7 +79,6 @@ class Daemon:
     """
 
     def __init__(self, cfg: configmod.Config, reactor, *, worker: int = 0, listen_fds: list[int] = ()):
-        from mailtresor import assemble
         from mailtresor.keys.ring import KeyFetcher
 
         self.cfg = cfg
