@@ -24,6 +24,7 @@ import os
 import typing
 
 import calendar
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -994,32 +995,42 @@ def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, l
         raise ValueError("offset and limit must not be negative")
     q = query.query if isinstance(query, Prepared) else parse_query(query)
     for attempt in range(3):
-        dbs, shards = [], []
         try:
-            for p in paths:
-                try:
-                    dbs.append(readers.take(p) if readers is not None else _open_reader(p))
-                except xapian.DatabaseNotFoundError:
-                    continue        # no index there (yet): a month without mail
-                shards.append(p)
-            if not shards:
-                return 0, []
-            if order == "relevance":
-                return _by_relevance(shards, dbs, q, offset, limit)
-            return _by_date(shards, dbs, q, offset, limit, descending=(order == "date-desc"))
+            with _opened(paths, readers) as (shards, dbs):
+                if not shards:
+                    return 0, []
+                if order == "relevance":
+                    return _by_relevance(shards, dbs, q, offset, limit)
+                return _by_date(shards, dbs, q, offset, limit, descending=(order == "date-desc"))
         except xapian.WildcardError as e:
             raise QueryError(f"{_user_wildcard_message(e.get_msg())}: "
                              "make the wildcard longer") from None
         except xapian.DatabaseModifiedError:
             if attempt == 2:
                 raise
-        finally:
-            for p, db in zip(shards, dbs):
-                if readers is not None:
-                    readers.give(p, db)
-                else:
-                    db.close()
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _opened(paths: list[Path | str], readers: Readers | None):
+    """(shards, databases) of the paths that have an index (a month
+    without mail has none), taken from `readers` or opened here, and given
+    back or closed on the way out."""
+    dbs, shards = [], []
+    try:
+        for p in paths:
+            try:
+                dbs.append(readers.take(p) if readers is not None else _open_reader(p))
+            except xapian.DatabaseNotFoundError:
+                continue
+            shards.append(p)
+        yield shards, dbs
+    finally:
+        for p, db in zip(shards, dbs):
+            if readers is not None:
+                readers.give(p, db)
+            else:
+                db.close()
 
 
 FACETS = ("year", "month", "sender_domain", "has_attachment", "tag", "flag")
@@ -1039,14 +1050,7 @@ def facets(paths: list[Path | str], query: str | Prepared, *, readers: Readers |
     or flag counts each message that has it.  Raises QueryError."""
     q = query.query if isinstance(query, Prepared) else parse_query(query)
     out: dict[str, dict[str, int]] = {f: {} for f in FACETS}
-    dbs, shards = [], []
-    try:
-        for p in paths:
-            try:
-                dbs.append(readers.take(p) if readers is not None else _open_reader(p))
-            except xapian.DatabaseNotFoundError:
-                continue
-            shards.append(p)
+    with _opened(paths, readers) as (shards, dbs):
         if not shards:
             return out
         db = xapian.Database()
@@ -1062,12 +1066,6 @@ def facets(paths: list[Path | str], query: str | Prepared, *, readers: Readers |
             raise QueryError(f"{_user_wildcard_message(e.get_msg())}: make the wildcard longer") from None
         counts = {name: [(_text(item.term), item.termfreq) for item in spy.values()]
                   for name, spy in spies.items()}
-    finally:
-        for p, db_ in zip(shards, dbs):
-            if readers is not None:
-                readers.give(p, db_)
-            else:
-                db_.close()
     for value, n in counts["month"]:
         if value:
             out["month"][value] = n
