@@ -253,7 +253,7 @@ def test_login_cookie_attributes_session_and_csrf(world):
     cookie = next(x for x in r.headers["set-cookie"] if x.startswith("mt_session="))
     attrs = {a.strip().split("=")[0].lower(): a for a in cookie.split(";")[1:]}
     assert {"secure", "httponly", "samesite", "path"} <= set(attrs), cookie
-    assert attrs["samesite"].strip().lower() == "samesite=strict" and attrs["path"].strip() == "Path=/api"
+    assert attrs["samesite"].strip().lower() == "samesite=strict" and attrs["path"].strip() == "Path=/"
     doc = json.loads(r.body)
     assert doc["principal"] == {"kind": "user", "name": "alice", "tenant": "acme", "roles": ["user"],
                                 "scopes": [], "addresses": ["alice@acme.example"]}

@@ -42,7 +42,8 @@ log = logging.getLogger("mailtresor.access.api")
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 COOKIE = b"mt_session"
-COOKIE_PATH = b"/api"
+# "/": the web UI (mailtresor.web) on the same listener shares the session.
+COOKIE_PATH = b"/"
 CSRF_HEADER = b"x-csrf-token"
 ORDERS = ("date-desc", "date-asc", "relevance")
 EXPORT_FORMATS = ("mbox", "zip")
@@ -192,7 +193,7 @@ class Api:
     def __init__(self, *, reactor, pool, core=None, auth=None, sessions=None, audit=None, users=None,
                  tokens=None, tenants=(), status=lambda: {}, health=lambda: (True, "ok"),
                  facts=lambda: {}, metrics_networks=("127.0.0.0/8", "::1/128"), clock=time.time,
-                 openapi: bytes | None = None):
+                 openapi: bytes | None = None, web: bool = False):
         import ipaddress
 
         from .metrics import Metrics
@@ -208,6 +209,11 @@ class Api:
         self.logins_unavailable = "logins are not available yet (the access key is being fetched)"
         self.openapi_bytes = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
         self.root = ApiResource(self)
+        # The web UI: every path outside the API's (see ApiResource).
+        self.web = None
+        if web:
+            from mailtresor.web import Web
+            self.web = Web(self)
 
     # --- plumbing ---
 
@@ -387,25 +393,35 @@ class Api:
         username = member(doc, "username", str)
         password = member(doc, "password", str)
         totp = member(doc, "totp", str)
+        who, _sid, csrf = await self.login_session(c.request, tenant=tenant, username=username,
+                                                   password=password, totp=totp, client=c.client)
+        return Answer(200, {"principal": principal_doc(who), "csrf": csrf})
+
+    async def login_session(self, request, *, tenant, username, password, totp, client):
+        """A login that makes a session (cookie set on `request`): the API's
+        and the web UI's one way in (throttling, audit).  (principal, sid,
+        csrf); HttpError 401 (totp_required in .extra), 429 or 503."""
+        from .auth import LoginFailed
+        from .sessions import Throttled
         # An unknown tenant fails like a wrong password, in the same time
         # (the Authenticator sees to it): no tenant enumeration.
         try:
             who = await self.run(self._need_auth().login, tenant=tenant, username=username, password=password,
-                                 totp=totp, client=c.client)
+                                 totp=totp, client=client)
         except Throttled as e:
-            await self.run(self._audit_login, None, tenant, username, c.client, "denied", "throttled")
+            await self.run(self._audit_login, None, tenant, username, client, "denied", "throttled")
             wait = max(1, math.ceil(e.retry_after))
             raise HttpError(429, f"too many failed logins; try again in {wait} s",
                             headers={b"Retry-After": str(wait).encode()}) from None
         except LoginFailed as e:
-            await self.run(self._audit_login, None, tenant, username, c.client, "failed", None)
+            await self.run(self._audit_login, None, tenant, username, client, "failed", None)
             extra = {"totp_required": True} if e.needs_totp else {}
             raise HttpError(401, e.reason, **extra) from None
         sid, csrf = self.sessions.create(who)
-        c.request.addCookie(COOKIE, sid.encode(), path=COOKIE_PATH, secure=True, httpOnly=True,
-                            sameSite="strict")
-        await self.run(self._audit_login, who, who.tenant, who.name, c.client, "ok", None)
-        return Answer(200, {"principal": principal_doc(who), "csrf": csrf})
+        request.addCookie(COOKIE, sid.encode(), path=COOKIE_PATH, secure=True, httpOnly=True,
+                          sameSite="strict")
+        await self.run(self._audit_login, who, who.tenant, who.name, client, "ok", None)
+        return who, sid, csrf
 
     def _audit_login(self, who, tenant, username, client, result, why) -> None:
         if self.audit is None:
@@ -419,13 +435,17 @@ class Api:
     async def h_logout(self, c: Call) -> Answer:
         if c.sid is None:
             raise HttpError(400, "logout ends a browser session; this request has none")
-        self.sessions.drop(c.sid)
-        c.request.addCookie(COOKIE, b"", path=COOKIE_PATH, secure=True, httpOnly=True, sameSite="strict",
-                            max_age=b"0")
-        if self.audit is not None:
-            await self.run(self.audit.append, principal=c.who, tenant=c.who.tenant, action="logout",
-                           object=None, result="ok", client=c.client)
+        await self.end_session(c.request, c.who, c.sid)
         return Answer(200, {"logged_out": True})
+
+    async def end_session(self, request, who: Principal, sid: str) -> None:
+        """Logout, for the API and the web UI: the session dropped, the cookie cleared, audited."""
+        self.sessions.drop(sid)
+        request.addCookie(COOKIE, b"", path=COOKIE_PATH, secure=True, httpOnly=True, sameSite="strict",
+                          max_age=b"0")
+        if self.audit is not None:
+            await self.run(self.audit.append, principal=who, tenant=who.tenant, action="logout",
+                           object=None, result="ok", client=who.client)
 
     async def h_me(self, c: Call) -> Answer:
         return Answer(200, {"principal": principal_doc(c.who)})
@@ -701,8 +721,14 @@ class ApiResource(resource.Resource):
         super().__init__()
         self.api = api
 
+    API_PREFIXES = (b"/api/", b"/healthz", b"/metrics")
+
     def render(self, request):
-        self.api.serve(request)
+        web = self.api.web
+        if web is not None and not request.path.startswith(self.API_PREFIXES) and request.path != b"/api":
+            web.serve(request)
+        else:
+            self.api.serve(request)
         return server.NOT_DONE_YET
 
 
@@ -742,7 +768,7 @@ class ApiServer:
         self.api = Api(reactor=reactor, pool=self.pool, core=core, audit=audit,
                        sessions=Sessions(idle=cfg.access.session_idle, absolute=cfg.access.session_absolute),
                        tenants=[t.name for t in cfg.tenant], status=daemon.status_doc, health=daemon.health,
-                       facts=daemon.metrics_facts, metrics_networks=a.metrics_networks)
+                       facts=daemon.metrics_facts, metrics_networks=a.metrics_networks, web=True)
 
     def start(self) -> defer.Deferred:
         import os

@@ -1,0 +1,306 @@
+"""Routes, sessions and rendering of the web UI (see __init__)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+import urllib.parse
+from pathlib import Path
+
+import jinja2
+from twisted.internet import defer
+
+from mailtresor.access.http import HTML_CSP, SECURITY_HEADERS, HttpError
+
+log = logging.getLogger("mailtresor.web")
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+LOGIN_COOKIE = b"mt_login"          # the login form's double-submit CSRF token
+PAGE_SIZE = 25
+PENDING_TTL = 300.0                 # seconds a password-checked login waits for its TOTP code
+
+# Pages: only the appliance's own scripts, styles and images; frames only
+# of the appliance's own (sanitised, sandboxed) message rendering.
+CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       b"frame-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
+# The message's HTML, inside the page's iframe: the API's policy, framed by us only.
+FRAME_CSP = HTML_CSP + b"; frame-ancestors 'self'"
+
+STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
+                ".svg": b"image/svg+xml"}
+_STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(css|js|svg)\Z")
+_MESSAGE_ID = re.compile(r"[0-9A-Za-z]{8,64}\Z")
+ORDERS = {"date-desc": "newest first", "date-asc": "oldest first", "relevance": "relevance"}
+FACET_NAMES = {"year": "Year", "month": "Month", "domain": "Sender domain", "from_domain": "Sender domain",
+               "attachment": "Attachment", "has_attachment": "Attachment", "tag": "Tag", "flag": "Flag"}
+
+
+def safe_next(value: str | None) -> str:
+    """Where to go after login: a path of this site only (no //host, no scheme)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value \
+            or value.startswith("/api/") or any(ord(ch) < 0x20 for ch in value):
+        return "/search"
+    return value
+
+
+def human_size(n) -> str:
+    n = int(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Web:
+    """The web UI over `api` (mailtresor.access.api.Api): its sessions,
+    logins and core."""
+
+    def __init__(self, api, clock=time.time):
+        self.api, self.clock = api, clock
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+                                      autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                                      undefined=jinja2.StrictUndefined)
+        self.env.filters["size"] = human_size
+        self.env.filters["facet_name"] = lambda k: FACET_NAMES.get(k, k.replace("_", " ").capitalize())
+        self.pending: dict[str, tuple[float, str | None, str, str]] = {}
+
+    # --- plumbing ---
+
+    def serve(self, request) -> None:
+        for k, v in SECURITY_HEADERS.items():
+            request.setHeader(k, v)
+        request.setHeader(b"content-security-policy", CSP)
+        request.setHeader(b"server", b"mailtresor")
+        d = defer.ensureDeferred(self._handle(request))
+        d.addErrback(self._crashed, request)
+
+    def _crashed(self, failure, request):
+        log.error("web: answering failed: %s", failure.getTraceback())
+        if not request.finished and not request._disconnected:
+            self._send(request, 500, self.page("error.html", None, status=500, reason="internal error"))
+
+    def _send(self, request, status: int, body: bytes, ctype: bytes = b"text/html; charset=utf-8",
+              headers: dict | None = None):
+        if request.finished or request._disconnected:
+            return
+        request.setResponseCode(status)
+        for k, v in (headers or {}).items():
+            request.setHeader(k, v)
+        request.setHeader(b"content-type", ctype)
+        request.setHeader(b"content-length", str(len(body)).encode())
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def redirect(self, request, to: str, headers: dict | None = None):
+        request.setHeader(b"location", to.encode("utf-8"))
+        self._send(request, 303, b"", b"text/plain; charset=utf-8", headers)
+
+    def page(self, template: str, who, **kw) -> bytes:
+        kw.setdefault("csrf", None)
+        return self.env.get_template(template).render(who=who, **kw).encode("utf-8")
+
+    @staticmethod
+    def form(request) -> dict[str, str]:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if ctype != b"application/x-www-form-urlencoded":
+            raise HttpError(415, "send the form as application/x-www-form-urlencoded")
+        request.content.seek(0)
+        got = urllib.parse.parse_qs(request.content.read().decode("utf-8", "replace"), keep_blank_values=True)
+        return {k: v[0] for k, v in got.items()}
+
+    @staticmethod
+    def query(request) -> dict[str, str]:
+        _, _, qs = request.uri.partition(b"?")
+        got = urllib.parse.parse_qs(qs.decode("utf-8", "replace"), keep_blank_values=True)
+        return {k: v[0] for k, v in got.items()}
+
+    def session(self, request):
+        """(principal, sid, csrf) of the request's API session, or None."""
+        cookie = request.getCookie(b"mt_session")
+        sessions = self.api.sessions
+        if not cookie or sessions is None:
+            return None
+        sid = cookie.decode("ascii", "replace")
+        got = sessions.get(sid)
+        if got is None:
+            return None
+        who, csrf = got
+        if self.api.auth is not None and not self.api.auth.still_valid(who):
+            sessions.drop(sid)
+            return None
+        import dataclasses
+        return dataclasses.replace(who, client=self.api.client_of(request)), sid, csrf
+
+    # --- routing ---
+
+    async def _handle(self, request) -> None:
+        path = request.path.decode("utf-8", "replace")
+        method = request.method.decode("latin-1")
+        get = method in ("GET", "HEAD")
+        try:
+            if path.startswith("/static/") and get:
+                return self.static(request, path[len("/static/"):])
+            if path == "/login":
+                if get:
+                    return self.login_form(request)
+                if method == "POST":
+                    return await self.login_post(request)
+            if path == "/logout" and method == "POST":
+                return await self.logout(request)
+            if path in ("/", "/search", "/login", "/logout") or path.startswith("/message/"):
+                s = self.session(request)
+                if s is None:
+                    if not get:
+                        raise HttpError(401, "the session has expired; log in again")
+                    # Back to this page after the login.
+                    return self.redirect(request, "/login?" + urllib.parse.urlencode(
+                        {"next": request.uri.decode("utf-8", "replace")}))
+                who, sid, csrf = s
+                if path in ("/", "/login") and get:
+                    return self.redirect(request, "/search")
+                if path == "/search" and get:
+                    return await self.search(request, who, csrf)
+                m = re.fullmatch(r"/message/([^/]+)(/html)?", path)
+                if m and get:
+                    aid = m.group(1)
+                    if not _MESSAGE_ID.fullmatch(aid):
+                        raise HttpError(404, "no such message")
+                    if m.group(2):
+                        return await self.message_html(request, who, aid)
+                    return await self.message(request, who, csrf, aid)
+                raise HttpError(405, "method not allowed here")
+            raise HttpError(404, "no such page")
+        except Exception as e:  # noqa: BLE001 - pages, never tracebacks
+            status, reason = getattr(e, "status", None), getattr(e, "reason", None)
+            if not (isinstance(status, int) and 400 <= status < 500 and isinstance(reason, str)):
+                log.error("web: %s %s failed", method, path, exc_info=True)
+                status, reason = 500, "internal error"
+            s = self.session(request)
+            self._send(request, status, self.page("error.html", s[0] if s else None,
+                                                  csrf=s[2] if s else None, status=status, reason=reason),
+                       headers=getattr(e, "headers", None))
+
+    def static(self, request, name: str):
+        if not _STATIC_NAME.fullmatch(name) or not (STATIC / name).is_file():
+            raise HttpError(404, "no such file")
+        body = (STATIC / name).read_bytes()
+        # Static assets are the package's own: cacheable for a while.
+        self._send(request, 200, body, STATIC_TYPES[Path(name).suffix], {b"cache-control": b"max-age=3600"})
+
+    # --- logins ---
+
+    def login_form(self, request, *, error=None, status=200, next_=None, totp=None, tenant="", username=""):
+        token = secrets.token_urlsafe(32)
+        request.addCookie(LOGIN_COOKIE, token.encode(), path=b"/login", secure=True, httpOnly=True,
+                          sameSite="strict")
+        q = self.query(request)
+        self._send(request, status, self.page(
+            "login.html", None, login_csrf=token, error=error, next=safe_next(next_ or q.get("next")),
+            totp=totp, tenant=tenant or q.get("tenant", ""), username=username,
+            expired=bool(q.get("next")) and error is None and totp is None))
+
+    def _expire_pending(self):
+        now = self.clock()
+        for k in [k for k, v in self.pending.items() if v[0] < now]:
+            del self.pending[k]
+
+    async def login_post(self, request):
+        f = self.form(request)
+        cookie = (request.getCookie(LOGIN_COOKIE) or b"").decode("ascii", "replace")
+        if not cookie or not secrets.compare_digest(cookie, f.get("login_csrf", "")):
+            raise HttpError(403, "the login form expired or came from elsewhere; load it again")
+        nxt = safe_next(f.get("next"))
+        self._expire_pending()
+        pending = f.get("pending")
+        if pending:
+            # The TOTP step: the name and password checked a moment ago.
+            got = self.pending.pop(pending, None)
+            if got is None:
+                return self.login_form(request, error="The login took too long; start again.", status=401,
+                                       next_=nxt)
+            _, tenant, username, password = got
+            totp = f.get("totp", "").strip()
+        else:
+            tenant = f.get("tenant", "").strip() or None
+            username, password, totp = f.get("username", "").strip(), f.get("password", ""), None
+        try:
+            who, sid, csrf = await self.api.login_session(request, tenant=tenant, username=username,
+                                                          password=password, totp=totp,
+                                                          client=self.api.client_of(request))
+        except HttpError as e:
+            if e.extra.get("totp_required"):
+                token = secrets.token_urlsafe(32)
+                self.pending[token] = (self.clock() + PENDING_TTL, tenant, username, password)
+                return self.login_form(request, totp=token, next_=nxt, status=200,
+                                       error="That code was not right." if totp else None)
+            # The API's words: the same for an unknown user and a wrong password.
+            return self.login_form(request, error=e.reason, status=e.status, next_=nxt, tenant=tenant or "",
+                                   username=username, )
+        self.redirect(request, nxt)
+
+    async def logout(self, request):
+        s = self.session(request)
+        f = self.form(request)
+        if s is None:
+            return self.redirect(request, "/login")
+        who, sid, csrf = s
+        if not secrets.compare_digest(f.get("csrf", ""), csrf):
+            raise HttpError(403, "missing or wrong CSRF token")
+        await self.api.end_session(request, who, sid)
+        self.redirect(request, "/login")
+
+    # --- the archive, through the core ---
+
+    async def search(self, request, who, csrf):
+        q = self.query(request)
+        query = q.get("q", "")
+        order = q.get("order", "date-desc")
+        if order not in ORDERS:
+            order = "date-desc"
+        cursor = q.get("cursor") or None
+        doc, error, took = None, None, None
+        if "q" in q:
+            t0 = time.monotonic()
+            try:
+                doc = await self.api.run(self.api._need_core().search, who, query=query, cursor=cursor,
+                                         limit=PAGE_SIZE, order=order, facets=not cursor)
+            except Exception as e:  # noqa: BLE001
+                if getattr(e, "status", None) == 400:
+                    error = e.reason
+                else:
+                    raise
+            took = time.monotonic() - t0
+
+        def link(**over):
+            args = {"q": query, "order": order, **over}
+            return "/search?" + urllib.parse.urlencode({k: v for k, v in args.items() if v is not None})
+        facets = []
+        if doc and doc.get("facets"):
+            for name, counts in doc["facets"].items():
+                items = counts.items() if isinstance(counts, dict) else counts
+                facets.append((name, [(str(v), n, link(q=f"{query} {name}:{v}".strip(), cursor=None))
+                                      for v, n in list(items)[:12]]))
+        self._send(request, 200, self.page(
+            "search.html", who, csrf=csrf, query=query, order=order, orders=ORDERS, doc=doc, error=error,
+            took=took, facets=facets, page=int(q.get("page", "1") or 1) if q.get("page", "1").isdigit() else 1,
+            next_link=link(cursor=doc["next_cursor"], page=str(int(q.get("page", "1") or 1) + 1
+                                                                 if q.get("page", "1").isdigit() else 2))
+            if doc and doc.get("next_cursor") else None,
+            first_link=link() if cursor else None))
+
+    async def message(self, request, who, csrf, aid):
+        core = self.api._need_core()
+        view = self.query(request).get("view", "html")
+        doc = await self.api.run(core.message, who, aid)
+        text = await self.api.run(core.text, who, aid) if view == "text" else None
+        self._send(request, 200, self.page("message.html", who, csrf=csrf, m=doc, view=view, text=text))
+
+    async def message_html(self, request, who, aid):
+        html = await self.api.run(self.api._need_core().html, who, aid)
+        self._send(request, 200, html.encode("utf-8"),
+                   headers={b"content-security-policy": FRAME_CSP, b"x-frame-options": b"SAMEORIGIN"})
