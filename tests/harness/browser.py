@@ -21,7 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-TIMEOUT = 15.0
+TIMEOUT = 10.0
 
 
 class Browser:
@@ -49,6 +49,10 @@ class Browser:
         self.driver.set_script_timeout(TIMEOUT)
         self.driver.execute_cdp_cmd("Browser.setDownloadBehavior",
                                     {"behavior": "allow", "downloadPath": str(self.downloads)})
+        if width < 500:
+            # A desktop window cannot be made this narrow: emulate the phone.
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
         self.console: list[dict] = []
         self.network: list[dict] = []
 
@@ -58,7 +62,11 @@ class Browser:
         self.driver.get(self.base + path)
 
     def find(self, css: str):
-        return WebDriverWait(self.driver, TIMEOUT).until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+        try:
+            return WebDriverWait(self.driver, TIMEOUT).until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+        except Exception:
+            raise AssertionError(f"no {css} at {self.driver.current_url}\n{self.driver.page_source[:2000]}") \
+                from None
 
     def all(self, css: str):
         return self.driver.find_elements(By.CSS_SELECTOR, css)
@@ -68,7 +76,11 @@ class Browser:
         return url[len(self.base):] if url.startswith(self.base) else url
 
     def wait_path(self, prefix: str) -> None:
-        WebDriverWait(self.driver, TIMEOUT).until(lambda d: self.path().startswith(prefix))
+        try:
+            WebDriverWait(self.driver, TIMEOUT).until(lambda d: self.path().startswith(prefix))
+        except Exception:
+            raise AssertionError(f"not at {prefix}: at {self.driver.current_url}\n"
+                                 f"{self.driver.page_source[:2000]}") from None
 
     def login(self, username: str, password: str, tenant: str | None) -> None:
         self.find("#username")

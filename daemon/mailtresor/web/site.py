@@ -62,8 +62,7 @@ class Web:
     def __init__(self, api, clock=time.time):
         self.api, self.clock = api, clock
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
-                                      autoescape=True, trim_blocks=True, lstrip_blocks=True,
-                                      undefined=jinja2.StrictUndefined)
+                                      autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self.env.filters["size"] = human_size
         self.env.filters["facet_name"] = lambda k: FACET_NAMES.get(k, k.replace("_", " ").capitalize())
         self.pending: dict[str, tuple[float, str | None, str, str]] = {}

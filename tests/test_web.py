@@ -1,0 +1,241 @@
+"""The web UI in real headless Chromium (tests/harness/browser.py) against a
+real daemon (tests/harness/stack.py): log in, search, open a result,
+download the original and compare it with the API's /raw, another user's
+message by URL, an admin reading mail, a hostile HTML message (checked
+through the browser's own console and network logs), an expired session,
+the login's errors and its TOTP step, the pages' headers."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from email.message import EmailMessage
+
+import pyotp
+import pytest
+
+from mailtresor.access.auth import open_databases
+from mailtresor.keys.client import control_fetcher
+
+from tests.harness import hostile
+from tests.harness.stack import Stack
+from tests.test_api import Client, mail
+
+pytestmark = pytest.mark.skipif(not __import__("shutil").which("chromedriver"),
+                                reason="chromium-driver is not installed (make deps)")
+
+PW = {n: f"{n}-password-1" for n in ("alice", "victim", "adm", "aud", "tina")}
+
+
+def hostile_mail() -> bytes:
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = "mallory@evil.example", "alice@acme.example", "hostile html"
+    m["Message-ID"] = "<hostile@test>"
+    m["Date"] = "Fri, 01 Mar 2024 11:00:00 +0000"
+    m.set_content("plain part")
+    m.add_alternative(hostile.html_attacks(), subtype="html")
+    return m.as_bytes()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("web")
+    stack = Stack(d, {"archive": {"enabled": True}, "api": {"timeout": 20},
+                      "access": {"session_idle": 3600}}, milter=False)
+    stack.start_control()
+    users, _tokens = open_databases(stack.cfg, control_fetcher(stack.cfg))
+    users.add("acme", "alice", PW["alice"], {"user"}, ["alice@acme.example"])
+    users.add("acme", "victim", PW["victim"], {"user"}, ["victim@acme.example"])
+    users.add("acme", "adm", PW["adm"], {"admin"}, [])
+    users.add("acme", "aud", PW["aud"], {"auditor"}, [])
+    users.add("acme", "tina", PW["tina"], {"user"}, ["tina@acme.example"])
+    totp_uri, _codes = users.totp_enable("acme", "tina") if hasattr(users, "totp_enable") else (None, None)
+    stack.start_daemon()
+    with stack.smtp() as s:
+        s.sendmail("bob@acme.example", ["alice@acme.example"],
+                   mail("bob@acme.example", "alice@acme.example", "for alice", attachment=b"\x00\x01payload"))
+        s.sendmail("bob@acme.example", ["victim@acme.example"],
+                   mail("bob@acme.example", "victim@acme.example", "for victim"))
+        s.sendmail("mallory@evil.example", ["alice@acme.example"], hostile_mail())
+    aud = Client(stack)
+    r = aud.request("POST", "/api/v1/login", {"tenant": "acme", "username": "aud", "password": PW["aud"]})
+    cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0]
+    aud.cookie, aud.csrf = cookie.split(";", 1)[0].split("=", 1)[1], r.json()["csrf"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        a = aud.request("GET", "/api/v1/search?q=")
+        if a.status == 200 and a.json()["total"] == 3:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
+    ids = {r["subject"]: r["id"] for r in a.json()["results"]}
+    yield type("World", (), {"stack": stack, "ids": ids, "aud": aud, "users": users, "totp_uri": totp_uri,
+                             "base": f"https://127.0.0.1:{stack.api_port}"})
+    aud.close()
+    stack.close()
+
+
+@pytest.fixture
+def browser(world, tmp_path):
+    from tests.harness.browser import Browser
+    b = Browser(world.base, tmp_path)
+    yield b
+    b.close()
+
+
+def login(b, name, tenant="acme", next_path="/search"):
+    b.get(next_path)
+    b.wait_path("/login")
+    b.login(name, PW[name], tenant)
+    b.wait_path(next_path)
+
+
+def test_login_search_open_and_download_the_original(world, browser):
+    b = browser
+    b.get("/")
+    b.wait_path("/login")
+    b.screenshot("login")
+    b.login("alice", PW["alice"], "acme")
+    b.wait_path("/search")
+    q = b.find("#q")
+    q.send_keys("alice\n")
+    b.find("#results")
+    assert b.find("#hit-count").text == "2"
+    assert b.find("#took").text.endswith("ms")
+    subjects = [e.text for e in b.all("#results td.subject a")]
+    assert sorted(subjects) == ["for alice", "hostile html"]
+    assert "for victim" not in b.driver.page_source
+    b.screenshot("search")
+    b.driver.find_element("link text", "for alice").click()
+    b.wait_path("/message/")
+    assert b.find("#subject").text == "for alice"
+    assert "data.bin" in b.find("#attachments").text
+    b.screenshot("message")
+    aid = world.ids["for alice"]
+    b.find("#download-eml").click()
+    got = b.wait_download(f"{aid}.eml")
+    api = world.aud.request("GET", f"/api/v1/messages/{aid}/raw")
+    assert api.status == 200 and got == api.data
+    b.logs()
+    assert not [e for e in b.console if e["level"] == "SEVERE"], b.console
+
+
+def test_phone_width(world, tmp_path):
+    from tests.harness.browser import Browser
+    b = Browser(world.base, tmp_path, width=390, height=844)
+    try:
+        login(b, "alice", next_path="/search?q=alice")
+        b.find("#results")
+        width = b.driver.execute_script("return document.documentElement.scrollWidth")
+        wide = b.driver.execute_script(
+            "return [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > 392)"
+            ".map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))")
+        assert width <= 400, (width, wide)            # no sideways scrolling on a phone
+        b.screenshot("search-phone")
+    finally:
+        b.close()
+
+
+def test_another_users_message_by_url_is_not_found(world, browser):
+    login(browser, "alice")
+    browser.get(f"/message/{world.ids['for victim']}")
+    assert browser.find("#error-title").text == "Not found"
+    assert "for victim" not in browser.driver.page_source
+    browser.get(f"/message/{world.ids['for victim']}/html")
+    assert "The body of for victim" not in browser.driver.page_source
+    browser.get("/message/..%2f..%2fetc")
+    assert browser.find("#error-title").text == "Not found"
+
+
+def test_an_admin_cannot_read_mail(world, browser):
+    login(browser, "adm")
+    browser.get(f"/message/{world.ids['for alice']}")
+    assert browser.find("#error-title").text in ("Not allowed", "Not found")
+    assert "The body of for alice" not in browser.driver.page_source
+    browser.get("/search?q=alice")
+    assert not browser.all("#results")
+
+
+def test_hostile_html_runs_nothing_and_loads_nothing(world, browser):
+    b = browser
+    login(b, "alice")
+    b.get(f"/message/{world.ids['hostile html']}")
+    frame = b.find("iframe#body-html")
+    assert frame.get_attribute("sandbox") == ""
+    assert b.find("#remote-blocked").is_displayed()
+    time.sleep(1.0)         # let anything that would load, load
+    b.driver.switch_to.frame(frame)
+    assert "visible text" in b.driver.find_element("tag name", "body").text
+    b.driver.switch_to.default_content()
+    b.screenshot("hostile")
+    urls = b.requested_urls()
+    # Every request the page made (chrome:// are the browser's own start page).
+    foreign = [u for u in urls if not u.startswith((world.base + "/", "data:", "chrome:", "about:"))]
+    assert not foreign, foreign
+    assert not any("evil.example" in u for u in urls), urls
+    # No script ran: no alert is open, and the console has no script output.
+    assert not [e for e in b.console if "alert" in e["message"].lower() and "Blocked" not in e["message"]]
+    assert b.driver.execute_script("return 1") == 1     # would raise UnexpectedAlertPresent
+
+
+def test_expired_session_goes_to_login_and_back(world, browser):
+    b = browser
+    login(b, "alice")
+    target = f"/message/{world.ids['for alice']}"
+    b.driver.delete_cookie("mt_session")
+    b.get(target)
+    b.wait_path("/login")
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(b.driver.current_url).query)["next"] == [target]
+    b.login("alice", PW["alice"], "acme")
+    b.wait_path(target)
+    assert b.find("#subject").text == "for alice"
+
+
+def test_login_errors_do_not_tell_who_exists_and_logout_ends_the_session(world, browser):
+    b = browser
+    texts = []
+    for name, pw in (("alice", "wrong-password"), ("nobody-here", "wrong-password")):
+        b.get("/login")
+        b.find("#username").send_keys(name)
+        b.find("#tenant").send_keys("acme")
+        b.find("#password").send_keys(pw)
+        b.find("#login-submit").click()
+        texts.append(b.find("#login-error").text)
+    assert texts[0] == texts[1] and texts[0]
+    login(b, "alice")
+    b.find("#logout").click()
+    b.wait_path("/login")
+    b.get("/search")
+    b.wait_path("/login")
+
+
+def test_totp_step(world, browser):
+    if world.totp_uri is None:
+        pytest.skip("no UserDB.totp_enable")
+    b = browser
+    b.get("/login")
+    b.login("tina", PW["tina"], "acme")
+    code = pyotp.parse_uri(world.totp_uri).now()
+    b.find("#totp").send_keys(code + "\n")
+    b.wait_path("/search")
+
+
+def test_pages_carry_the_csp_and_security_headers(world):
+    import http.client
+    c = http.client.HTTPSConnection("127.0.0.1", world.stack.api_port, context=world.stack.client_context(),
+                                    timeout=10)
+    for path in ("/login", "/static/style.css", "/nope"):
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        csp = r.getheader("Content-Security-Policy")
+        assert "default-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+        assert r.getheader("X-Frame-Options") == "DENY" and r.getheader("X-Content-Type-Options") == "nosniff"
+        assert r.getheader("Strict-Transport-Security")
+    # A form posted from elsewhere (no login form cookie) is refused.
+    c.request("POST", "/login", body="username=alice&password=x&login_csrf=abc",
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = c.getresponse()
+    assert r.status == 403 and b"Traceback" not in r.read()
+    c.close()
