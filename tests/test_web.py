@@ -107,6 +107,14 @@ def test_login_search_open_and_download_the_original(world, browser):
     assert sorted(subjects) == ["for alice", "hostile html"]
     assert "for victim" not in b.driver.page_source
     b.screenshot("search")
+    assert len(b.all("#results img[alt='has attachments']")) == 1
+    # Each facet link narrows the search to as many messages as it said.
+    links = [(a.get_attribute("href"), int(a.get_attribute("data-count"))) for a in b.all("a.facet")]
+    assert len(links) >= 3, links
+    for href, n in links:
+        b.driver.get(href)
+        assert b.find("#hit-count").text == str(n), href
+    b.get("/search?q=alice")
     b.driver.find_element("link text", "for alice").click()
     b.wait_path("/message/")
     assert b.find("#subject").text == "for alice"

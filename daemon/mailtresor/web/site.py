@@ -34,8 +34,8 @@ STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; ch
 _STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(css|js|svg)\Z")
 _MESSAGE_ID = re.compile(r"[0-9A-Za-z]{8,64}\Z")
 ORDERS = {"date-desc": "newest first", "date-asc": "oldest first", "relevance": "relevance"}
-FACET_NAMES = {"year": "Year", "month": "Month", "domain": "Sender domain", "from_domain": "Sender domain",
-               "attachment": "Attachment", "has_attachment": "Attachment", "tag": "Tag", "flag": "Flag"}
+FACET_NAMES = {"year": "Year", "month": "Month", "sender_domain": "Sender domain",
+               "has_attachment": "Attachment", "tag": "Tag", "flag": "Flag"}
 
 
 def safe_next(value: str | None) -> str:
@@ -44,6 +44,20 @@ def safe_next(value: str | None) -> str:
             or value.startswith("/api/") or any(ord(ch) < 0x20 for ch in value):
         return "/search"
     return value
+
+
+def facet_term(name: str, value: str) -> str | None:
+    """The query-language term that narrows a search to a facet's value
+    (None: the language has no term for it yet, e.g. has_attachment)."""
+    if not value or any(c in value for c in ' "()'):
+        return None
+    if name in ("year", "month"):
+        return f"date:{value}..{value}"
+    if name == "sender_domain":
+        return f"from:{value}"
+    if name in ("tag", "flag"):
+        return f"{name}:{value}"
+    return None
 
 
 def human_size(n) -> str:
@@ -281,9 +295,12 @@ class Web:
         facets = []
         if doc and doc.get("facets"):
             for name, counts in doc["facets"].items():
-                items = counts.items() if isinstance(counts, dict) else counts
-                facets.append((name, [(str(v), n, link(q=f"{query} {name}:{v}".strip(), cursor=None))
-                                      for v, n in list(items)[:12]]))
+                items = []
+                for v, n in list(counts.items())[:12]:
+                    term = facet_term(name, str(v))
+                    items.append((str(v), n, link(q=f"{query} {term}".strip()) if term else None))
+                if items:
+                    facets.append((name, items))
         self._send(request, 200, self.page(
             "search.html", who, csrf=csrf, query=query, order=order, orders=ORDERS, doc=doc, error=error,
             took=took, facets=facets, page=int(q.get("page", "1") or 1) if q.get("page", "1").isdigit() else 1,
