@@ -46,7 +46,16 @@ $(VENV)/.deps: Makefile setup.cfg
 	@$(VPY) -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null
 	@touch $@
 
-deps: $(VENV)/.deps
+# axe-core (accessibility checks in the browser tests), from the npm
+# registry into a directory this Makefile owns; never fetched at run time.
+AXE_VERSION := 4.10.3
+AXE := .cache/npm/node_modules/axe-core/axe.min.js
+
+$(AXE):
+	@command -v npm >/dev/null || { echo "make: npm is needed for axe-core (apt-get install npm)" >&2; exit 1; }
+	npm install --prefix .cache/npm --no-save --no-audit --no-fund --loglevel=error axe-core@$(AXE_VERSION) >/dev/null
+
+deps: $(VENV)/.deps $(AXE)
 
 run: deps
 	$(VPY) -m tests.harness.devstack --config $(CONFIG)

@@ -247,3 +247,33 @@ def test_pages_carry_the_csp_and_security_headers(world):
     r = c.getresponse()
     assert r.status == 403 and b"Traceback" not in r.read()
     c.close()
+
+
+def test_every_page_passes_axe(world, browser):
+    """No serious or critical accessibility violation on any page (axe-core)."""
+    b = browser
+    found = []
+    b.get("/login")
+    found += b.axe("login")
+    b.login("alice", "wrong-password", "acme")
+    b.find("#login-error")
+    found += b.axe("login error")
+    b.login("alice", PW["alice"], "acme")
+    b.wait_path("/search")
+    found += b.axe("search (empty)")
+    b.get("/search?q=alice")
+    b.find("#results")
+    found += b.axe("search results")
+    b.get("/search?q=%22unclosed")
+    found += b.axe("search error")
+    for view in ("", "?view=text"):
+        b.get(f"/message/{world.ids['for alice']}{view}")
+        b.find("#subject")
+        found += b.axe("message" + view)
+    b.get("/message/0000000000000000")
+    b.find("#error-title")
+    found += b.axe("not found")
+    assert not found, found
+    # The check itself works: an unlabelled field is a critical violation.
+    b.driver.execute_script("document.querySelector('main').appendChild(document.createElement('input'))")
+    assert any(v["id"] == "label" for v in b.axe("self-check")), "axe-core did not run"

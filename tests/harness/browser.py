@@ -22,6 +22,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 TIMEOUT = 10.0
+AXE = Path(__file__).resolve().parents[2] / ".cache/npm/node_modules/axe-core/axe.min.js"
 
 
 class Browser:
@@ -87,6 +88,7 @@ class Browser:
         if tenant:
             self.find("#tenant").clear()
             self.find("#tenant").send_keys(tenant)
+        self.find("#username").clear()
         self.find("#username").send_keys(username)
         self.find("#password").send_keys(password)
         self.find("#login-submit").click()
@@ -131,6 +133,20 @@ class Browser:
     def requested_urls(self) -> list[str]:
         self.logs()
         return [m["params"]["request"]["url"] for m in self.network if m["method"] == "Network.requestWillBeSent"]
+
+    def axe(self, name: str = "") -> list[dict]:
+        """axe-core's serious and critical violations on the current page
+        (axe.min.js from `make deps`: .cache/npm)."""
+        if not AXE.is_file():
+            raise AssertionError(f"{AXE} is missing: run `make deps`")
+        self.driver.execute_script(AXE.read_text(encoding="utf-8"))
+        result = self.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations), e => done(String(e)));")
+        assert isinstance(result, list), result
+        return [{"page": name or self.path(), "id": v["id"], "impact": v["impact"], "help": v["help"],
+                 "nodes": [n["target"] for n in v["nodes"]][:5]}
+                for v in result if v.get("impact") in ("serious", "critical")]
 
     def close(self) -> None:
         try:
