@@ -308,7 +308,7 @@ def test_denials_are_audited(world):
 def test_cookie_attributes_and_csrf(world):
     c = Client(world.stack).login("alice", "acme")
     attrs = [a.strip().lower() for a in c.set_cookie.split(";")[1:]]
-    assert "secure" in attrs and "httponly" in attrs and "samesite=strict" in attrs and "path=/api" in attrs
+    assert "secure" in attrs and "httponly" in attrs and "samesite=strict" in attrs and "path=/" in attrs
     for method, path, body in (("POST", "/api/v1/logout", None),
                                ("POST", "/api/v1/exports", {"ids": [world.ids["for alice"]], "format": "mbox"})):
         r = c.request(method, path, body, csrf=False)

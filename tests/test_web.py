@@ -129,6 +129,21 @@ def test_login_search_open_and_download_the_original(world, browser):
     assert not [e for e in b.console if e["level"] == "SEVERE"], b.console
 
 
+def test_paging_by_the_cores_cursor(world, browser):
+    login(browser, "alice", next_path="/search?q=&limit=1")
+    seen = [browser.find("#results td.subject a").text]
+    assert browser.find("#hit-count").text == "2"
+    browser.find("#next-page").click()
+    browser.wait_path("/search?")
+    browser.find("#first-page")
+    seen.append(browser.find("#results td.subject a").text)
+    assert sorted(seen) == ["for alice", "hostile html"]
+    assert not browser.all("#next-page")
+    # A cursor edited by hand is refused, not followed.
+    browser.get("/search?q=&limit=1&cursor=AAAA")
+    assert browser.all("#search-error") or browser.find("#error-title")
+
+
 def test_phone_width(world, tmp_path):
     from tests.harness.browser import Browser
     b = Browser(world.base, tmp_path, width=390, height=844)

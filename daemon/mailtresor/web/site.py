@@ -276,12 +276,13 @@ class Web:
         if order not in ORDERS:
             order = "date-desc"
         cursor = q.get("cursor") or None
+        limit = int(q["limit"]) if q.get("limit", "").isdigit() and 1 <= int(q["limit"]) <= 100 else PAGE_SIZE
         doc, error, took = None, None, None
         if "q" in q:
             t0 = time.monotonic()
             try:
                 doc = await self.api.run(self.api._need_core().search, who, query=query, cursor=cursor,
-                                         limit=PAGE_SIZE, order=order, facets=not cursor)
+                                         limit=limit, order=order, facets=not cursor)
             except Exception as e:  # noqa: BLE001
                 if getattr(e, "status", None) == 400:
                     error = e.reason
@@ -290,7 +291,7 @@ class Web:
             took = time.monotonic() - t0
 
         def link(**over):
-            args = {"q": query, "order": order, **over}
+            args = {"q": query, "order": order, "limit": str(limit) if limit != PAGE_SIZE else None, **over}
             return "/search?" + urllib.parse.urlencode({k: v for k, v in args.items() if v is not None})
         facets = []
         if doc and doc.get("facets"):
