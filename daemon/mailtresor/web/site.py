@@ -21,6 +21,7 @@ STATIC = HERE / "static"
 LOGIN_COOKIE = b"mt_login"          # the login form's double-submit CSRF token
 PAGE_SIZE = 25
 PENDING_TTL = 300.0                 # seconds a password-checked login waits for its TOTP code
+MAX_PENDING = 1000                  # such logins held at once (the oldest is forgotten first)
 
 # Pages: only the appliance's own scripts, styles and images; frames only
 # of the appliance's own (sanitised, sandboxed) message rendering.
@@ -248,6 +249,8 @@ class Web:
         except HttpError as e:
             if e.extra.get("totp_required"):
                 token = secrets.token_urlsafe(32)
+                while len(self.pending) >= MAX_PENDING:
+                    del self.pending[next(iter(self.pending))]
                 self.pending[token] = (self.clock() + PENDING_TTL, tenant, username, password)
                 return self.login_form(request, totp=token, next_=nxt, status=200,
                                        error="That code was not right." if totp else None)
