@@ -292,3 +292,38 @@ def test_every_page_passes_axe(world, browser):
     # The check itself works: an unlabelled field is a critical violation.
     b.driver.execute_script("document.querySelector('main').appendChild(document.createElement('input'))")
     assert any(v["id"] == "label" for v in b.axe("self-check")), "axe-core did not run"
+
+
+def test_keyboard_only(world, browser):
+    """Log in, search and open a result with the keyboard alone."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    b = browser
+    b.get("/login")
+    b.find("#username")
+
+    def keys(*k):
+        ActionChains(b.driver).send_keys(*k).perform()
+
+    def focused():
+        return b.driver.switch_to.active_element.get_attribute("id")
+    assert focused() == "username"                  # autofocus
+    ActionChains(b.driver).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+    assert focused() == "tenant"
+    keys("acme", Keys.TAB, "alice", Keys.TAB, PW["alice"], Keys.ENTER)
+    b.wait_path("/search")
+    assert focused() == "q"
+    keys("bob", Keys.ENTER)
+    b.find("#results")
+    # Tab from the search box reaches the first result's link.
+    link = b.find("#results td.subject a")
+    for _ in range(12):
+        keys(Keys.TAB)
+        if b.driver.switch_to.active_element == link:
+            break
+    else:
+        raise AssertionError("the first result cannot be reached with Tab")
+    keys(Keys.ENTER)
+    b.wait_path("/message/")
+    assert b.find("#subject").text == "for alice"
