@@ -85,6 +85,12 @@ class Web:
     # --- plumbing ---
 
     def serve(self, request) -> None:
+        t0 = time.monotonic()
+        metrics = getattr(self.api, "metrics", None)
+        if metrics is not None:
+            # One label for all pages: paths hold message ids and search terms.
+            request.notifyFinish().addBoth(
+                lambda _: metrics.observe("(web)", request.code, time.monotonic() - t0))
         for k, v in SECURITY_HEADERS.items():
             request.setHeader(k, v)
         request.setHeader(b"content-security-policy", CSP)
