@@ -308,7 +308,9 @@ class Web:
                 items = []
                 for v, n in list(counts.items())[:12]:
                     term = facet_term(name, str(v))
-                    items.append((str(v), n, link(q=f"{query} {term}".strip()) if term else None))
+                    shown = {"true": "with attachments", "false": "without"}.get(str(v), str(v)) \
+                        if name == "has_attachment" else str(v)
+                    items.append((shown, n, link(q=f"{query} {term}".strip()) if term else None))
                 if items:
                     facets.append((name, items))
         self._send(request, 200, self.page(
