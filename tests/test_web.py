@@ -327,3 +327,32 @@ def test_keyboard_only(world, browser):
     keys(Keys.ENTER)
     b.wait_path("/message/")
     assert b.find("#subject").text == "for alice"
+
+
+def test_logout_form_needs_the_sessions_csrf_token(world):
+    """An API login's session is the web's too; a cross-site logout form
+    (no token, or a wrong one) is refused and ends nothing."""
+    c = Client(world.stack)
+    r = c.request("POST", "/api/v1/login", {"tenant": "acme", "username": "alice", "password": PW["alice"]})
+    c.cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0].split(";", 1)[0].split("=", 1)[1]
+    csrf = r.json()["csrf"]
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"mt_session={c.cookie}"}
+    conn = __import__("http.client").client.HTTPSConnection(
+        "127.0.0.1", world.stack.api_port, context=world.stack.client_context(), timeout=10)
+
+    def post(body):
+        conn.request("POST", "/logout", body=body, headers=form)
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    assert post("") == 403 and post("csrf=" + "A" * 43) == 403
+    conn.request("GET", "/search", headers={"Cookie": f"mt_session={c.cookie}"})
+    r = conn.getresponse()
+    assert r.status == 200 and b"log out" in r.read().lower()       # still logged in
+    assert post("csrf=" + csrf) == 303
+    conn.request("GET", "/search", headers={"Cookie": f"mt_session={c.cookie}"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 303 and r.getheader("Location").startswith("/login?next=")
+    conn.close()
+    c.close()
