@@ -242,6 +242,7 @@ def main(argv=None) -> int:
         api = api_url(cfg)
         if api:
             lines.append(f"  api     {api + '/api/v1/':<22} HTTPS, JSON; CA {pki}/ca.pem (docs/ACCESS.md)")
+            lines.append(f"  web     {api + '/':<22} the web UI: log in with a user below (docs/ACCESS.md)")
             sock = cfg.appliance.runtime_directory / "api.sock"
             lines.append(f"  api     {str(sock):<22} the same for root and this user, no login "
                          "(the mailtresor command asks here)")
