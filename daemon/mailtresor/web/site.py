@@ -285,6 +285,8 @@ class Web:
         if order not in ORDERS:
             order = "date-desc"
         cursor = q.get("cursor") or None
+        # The page number is only shown; the cursor is what the core pages by.
+        page = int(q["page"]) if cursor and q.get("page", "").isdigit() and 0 < int(q["page"]) < 10**6 else 1
         limit = int(q["limit"]) if q.get("limit", "").isdigit() and 1 <= int(q["limit"]) <= 100 else PAGE_SIZE
         doc, error, took = None, None, None
         if "q" in q:
@@ -315,10 +317,8 @@ class Web:
                     facets.append((name, items))
         self._send(request, 200, self.page(
             "search.html", who, csrf=csrf, query=query, order=order, orders=ORDERS, doc=doc, error=error,
-            took=took, facets=facets, page=int(q.get("page", "1") or 1) if q.get("page", "1").isdigit() else 1,
-            next_link=link(cursor=doc["next_cursor"], page=str(int(q.get("page", "1") or 1) + 1
-                                                                 if q.get("page", "1").isdigit() else 2))
-            if doc and doc.get("next_cursor") else None,
+            took=took, facets=facets, page=page,
+            next_link=link(cursor=doc["next_cursor"], page=str(page + 1)) if doc and doc.get("next_cursor") else None,
             first_link=link() if cursor else None))
 
     async def message(self, request, who, csrf, aid):
