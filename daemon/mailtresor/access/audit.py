@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailtresor.durable import fsync_dir, write_all
 from mailtresor.keys import crypto
 from mailtresor.keys.ring import KeyUnavailable
 from mailtresor.archive.store import KeyMissing, private_dir
@@ -611,7 +612,7 @@ class AuditLog:
             raise AuditError(f"cannot open {path}: {e.strerror}") from None
         if create:
             self._own(self._fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._seg, self._size = path, os.fstat(self._fd).st_size
 
     def _load_tail(self, segs) -> _Pending | None:
@@ -664,11 +665,11 @@ class AuditLog:
         keep = self.directory / f"torn-{int(self.clock() * 1e6)}.bin"
         fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, torn)
+            write_all(fd, torn)
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         os.truncate(self._seg, new_size)
         os.fsync(self._fd)
         log.warning("audit log %s: cut a torn last record (%d bytes, kept in %s)", self._seg, len(torn), keep.name)
@@ -697,7 +698,7 @@ class AuditLog:
             last_type = "seal"
         data = b"".join(out)
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -760,32 +761,18 @@ def _seal_doc(seed: bytes, seq: int, prev: str, when: str) -> dict:
             "signature": base64.b64encode(crypto.ed25519_sign(seed, seal_message(seq - 1, prev, when))).decode()}
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_head(directory: Path, doc: dict) -> None:
     """The head file, replaced atomically and durably: a later removal of
     the log's tail (its last seal with it) shows against it."""
     tmp = directory / (HEAD + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, json.dumps(doc, sort_keys=True).encode() + b"\n")
+        write_all(fd, json.dumps(doc, sort_keys=True).encode() + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, directory / HEAD)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 # --- the daemon's own records: key fetches and archive anomalies ----------------------

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from mailtresor.durable import fsync_dir
 from mailtresor.keys import crypto
 # The control key "access" and how the file key comes from it (one home: keys/derive.py).
 from mailtresor.keys.derive import ACCESS_KEY_NAME, ACCESS_KEY_VERSION, access_file_key as file_key  # noqa: F401
@@ -109,9 +110,5 @@ class SealedFile:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.path.parent)
         self._data, self._stamp = data, self._stat()

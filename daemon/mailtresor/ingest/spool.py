@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from mailtresor.durable import fsync_dir, write_all
 from mailtresor.keys import crypto
 from mailtresor.keys.derive import SPOOL_KEY, spool_file_key
 
@@ -198,13 +199,6 @@ def _record(rtype: bytes, payload: bytes) -> bytes:
     return _REC.pack(rtype, len(payload)) + payload
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def _as_spool_error(e: OSError) -> SpoolError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFull(f"no space left in the spool ({e.strerror})")
@@ -276,7 +270,7 @@ class SpoolWriter:
             if self._fd < 0:
                 self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 fcntl.flock(self._fd, fcntl.LOCK_EX)  # a live writer; recover() leaves it alone
-            _write_all(self._fd, self._out)
+            write_all(self._fd, self._out)
         except OSError as e:
             self.error = _as_spool_error(e)
         self._out.clear()
@@ -631,8 +625,8 @@ class Spool:
             os.rename(self.bad_dir / entry_id, self.new_dir / entry_id)
         except FileNotFoundError:
             raise NotSetAside(entry_id, "not set aside") from None
-        _fsync_dir(self.new_dir)
-        _fsync_dir(self.bad_dir)
+        fsync_dir(self.new_dir)
+        fsync_dir(self.bad_dir)
         try:
             os.unlink(self.bad_dir / f"{entry_id}.why")
         except FileNotFoundError:
@@ -669,8 +663,8 @@ class Spool:
     def _move_out(self, entry_id: str, dest: Path) -> None:
         """Move an entry from new/ to `dest` durably; forget its tries."""
         os.rename(self.new_dir / entry_id, dest / entry_id)
-        _fsync_dir(dest)
-        _fsync_dir(self.new_dir)
+        fsync_dir(dest)
+        fsync_dir(self.new_dir)
         with self._lock:
             self._count = max(0, self._count - 1)
         try:
@@ -687,30 +681,22 @@ class Spool:
         for n in names:
             os.rename(self.unrouted_dir / n, self.new_dir / n)
         if names:
-            _fsync_dir(self.new_dir)
+            fsync_dir(self.new_dir)
             with self._lock:
                 self._count += len(names)
         return len(names)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # --- reading ------------------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import lmdb
 
+from mailtresor.durable import fsync_dir
+
 # --- files only the daemon's user may read -----------------------------------------
 # Directories 0700, files 0600, whatever the umask of the process that makes
 # them (a `restore` or `reindex` from a root shell with umask 022 included):
@@ -160,8 +162,4 @@ def open_env(path: Path, *, readonly: bool, **kw) -> lmdb.Environment:
 
 def fsync_parent(path: Path) -> None:
     """fsync the directory that holds `path` (a new file's name is durable)."""
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
