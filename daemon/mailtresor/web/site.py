@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import secrets
@@ -19,7 +20,6 @@ log = logging.getLogger("mailtresor.web")
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
 LOGIN_COOKIE = b"mt_login"          # the login form's double-submit CSRF token
-PAGE_SIZE = 25
 PENDING_TTL = 300.0                 # seconds a password-checked login waits for its TOTP code
 MAX_PENDING = 1000                  # such logins held at once (the oldest is forgotten first)
 
@@ -30,11 +30,18 @@ CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
 # The message's HTML, inside the page's iframe: the API's policy, framed by us only.
 FRAME_CSP = HTML_CSP + b"; frame-ancestors 'self'"
 
+# The modules that hold the pages.  Each has ROUTES: a sequence of
+# (methods, path regex, handler), methods space-separated ("GET POST"), the
+# regex matched against the whole path with named groups passed on as
+# keywords: `async def handler(web, request, who, csrf, **groups)`.  Every
+# route needs a live session (else: GET to the login and back, others 401);
+# the handler checks roles through the core or the API and CSRF on POST
+# (web.check_csrf).  /static/, /login and /logout are this module's own.
+PAGE_MODULES = ("reading",)
+
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".svg": b"image/svg+xml"}
 _STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(css|js|svg)\Z")
-_MESSAGE_ID = re.compile(r"[0-9A-Za-z]{8,64}\Z")
-ORDERS = {"date-desc": "newest first", "date-asc": "oldest first", "relevance": "relevance"}
 FACET_NAMES = {"year": "Year", "month": "Month", "sender_domain": "Sender domain",
                "has_attachment": "Attachment", "tag": "Tag", "flag": "Flag"}
 
@@ -45,20 +52,6 @@ def safe_next(value: str | None) -> str:
             or value.startswith("/api/") or any(ord(ch) < 0x20 for ch in value):
         return "/search"
     return value
-
-
-def facet_term(name: str, value: str) -> str | None:
-    """The query-language term that narrows a search to a facet's value
-    (None: the language has no term for it yet, e.g. has_attachment)."""
-    if not value or any(c in value for c in ' "()'):
-        return None
-    if name in ("year", "month"):
-        return f"date:{value}..{value}"
-    if name == "sender_domain":
-        return f"from:{value}"
-    if name in ("tag", "flag"):
-        return f"{name}:{value}"
-    return None
 
 
 def human_size(n) -> str:
@@ -77,10 +70,20 @@ class Web:
     def __init__(self, api, clock=time.time):
         self.api, self.clock = api, clock
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
-                                      autoescape=True, trim_blocks=True, lstrip_blocks=True)
+                                      autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                                      extensions=["jinja2.ext.i18n"])
+        # Every user-visible string in a template is _("...") (or ngettext):
+        # English until the catalogues are installed.
+        self.env.install_null_translations(newstyle=True)
         self.env.filters["size"] = human_size
         self.env.filters["facet_name"] = lambda k: FACET_NAMES.get(k, k.replace("_", " ").capitalize())
         self.pending: dict[str, tuple[float, str | None, str, str]] = {}
+        # (regex, methods, handler) of every page module's ROUTES.
+        self.routes = []
+        for name in PAGE_MODULES:
+            mod = importlib.import_module(f"mailtresor.web.{name}")
+            for methods, pattern, handler in mod.ROUTES:
+                self.routes.append((re.compile(pattern), frozenset(methods.split()), handler))
 
     # --- plumbing ---
 
@@ -166,35 +169,29 @@ class Web:
             if path.startswith("/static/") and get:
                 return self.static(request, path[len("/static/"):])
             if path == "/login":
+                if self.session(request) is not None and get:
+                    return self.redirect(request, "/search")
                 if get:
                     return self.login_form(request)
                 if method == "POST":
                     return await self.login_post(request)
-            if path == "/logout" and method == "POST":
-                return await self.logout(request)
-            if path in ("/", "/search", "/login", "/logout") or path.startswith("/message/"):
-                s = self.session(request)
-                if s is None:
-                    if not get:
-                        raise HttpError(401, "the session has expired; log in again")
-                    # Back to this page after the login.
-                    return self.redirect(request, "/login?" + urllib.parse.urlencode(
-                        {"next": request.uri.decode("utf-8", "replace")}))
-                who, sid, csrf = s
-                if path in ("/", "/login") and get:
-                    return self.redirect(request, "/search")
-                if path == "/search" and get:
-                    return await self.search(request, who, csrf)
-                m = re.fullmatch(r"/message/([^/]+)(/html)?", path)
-                if m and get:
-                    aid = m.group(1)
-                    if not _MESSAGE_ID.fullmatch(aid):
-                        raise HttpError(404, "no such message")
-                    if m.group(2):
-                        return await self.message_html(request, who, aid)
-                    return await self.message(request, who, csrf, aid)
                 raise HttpError(405, "method not allowed here")
-            raise HttpError(404, "no such page")
+            if path == "/logout":
+                if method == "POST":
+                    return await self.logout(request)
+                raise HttpError(405, "method not allowed here")
+            if path == "/":
+                return self.redirect(request, "/search" if self.session(request) else "/login")
+            handler, groups = self.route(method, path)
+            s = self.session(request)
+            if s is None:
+                if not get:
+                    raise HttpError(401, "the session has expired; log in again")
+                # Back to this page after the login.
+                return self.redirect(request, "/login?" + urllib.parse.urlencode(
+                    {"next": request.uri.decode("utf-8", "replace")}))
+            who, sid, csrf = s
+            return await handler(self, request, who, csrf, **groups)
         except Exception as e:  # noqa: BLE001 - pages, never tracebacks
             status, reason = getattr(e, "status", None), getattr(e, "reason", None)
             if not (isinstance(status, int) and 400 <= status < 500 and isinstance(reason, str)):
@@ -204,6 +201,34 @@ class Web:
             self._send(request, status, self.page("error.html", s[0] if s else None,
                                                   csrf=s[2] if s else None, status=status, reason=reason),
                        headers=getattr(e, "headers", None))
+
+    def route(self, method: str, path: str):
+        """(handler, groups) of the page module route for METHOD PATH;
+        HttpError 404 (no such page) or 405 (not with this method)."""
+        allowed = False
+        for rx, methods, handler in self.routes:
+            m = rx.fullmatch(path)
+            if m is None:
+                continue
+            if method in methods or (method == "HEAD" and "GET" in methods):
+                return handler, m.groupdict()
+            allowed = True
+        if allowed:
+            raise HttpError(405, "method not allowed here")
+        raise HttpError(404, "no such page")
+
+    def check_csrf(self, form: dict, csrf: str) -> None:
+        """A state-changing form must carry the session's CSRF token."""
+        if not secrets.compare_digest(form.get("csrf", "").encode(), (csrf or "").encode()):
+            raise HttpError(403, "missing or wrong CSRF token")
+
+    def render(self, request, template: str, who, csrf, status: int = 200, **kw) -> None:
+        """Send a page rendered from TEMPLATE."""
+        self._send(request, status, self.page(template, who, csrf=csrf, **kw))
+
+    @property
+    def core(self):
+        return self.api._need_core()
 
     def static(self, request, name: str):
         if not _STATIC_NAME.fullmatch(name) or not (STATIC / name).is_file():
@@ -275,60 +300,3 @@ class Web:
             raise HttpError(403, "missing or wrong CSRF token")
         await self.api.end_session(request, who, sid)
         self.redirect(request, "/login")
-
-    # --- the archive, through the core ---
-
-    async def search(self, request, who, csrf):
-        q = self.query(request)
-        query = q.get("q", "")
-        order = q.get("order", "date-desc")
-        if order not in ORDERS:
-            order = "date-desc"
-        cursor = q.get("cursor") or None
-        # The page number is only shown; the cursor is what the core pages by.
-        page = int(q["page"]) if cursor and q.get("page", "").isdigit() and 0 < int(q["page"]) < 10**6 else 1
-        limit = int(q["limit"]) if q.get("limit", "").isdigit() and 1 <= int(q["limit"]) <= 100 else PAGE_SIZE
-        doc, error, took = None, None, None
-        if "q" in q:
-            t0 = time.monotonic()
-            try:
-                doc = await self.api.run(self.api._need_core().search, who, query=query, cursor=cursor,
-                                         limit=limit, order=order, facets=not cursor)
-            except Exception as e:  # noqa: BLE001
-                if getattr(e, "status", None) == 400:
-                    error = e.reason
-                else:
-                    raise
-            took = time.monotonic() - t0
-
-        def link(**over):
-            args = {"q": query, "order": order, "limit": str(limit) if limit != PAGE_SIZE else None, **over}
-            return "/search?" + urllib.parse.urlencode({k: v for k, v in args.items() if v is not None})
-        facets = []
-        if doc and doc.get("facets"):
-            for name, counts in doc["facets"].items():
-                items = []
-                for v, n in list(counts.items())[:12]:
-                    term = facet_term(name, str(v))
-                    shown = {"true": "with attachments", "false": "without"}.get(str(v), str(v)) \
-                        if name == "has_attachment" else str(v)
-                    items.append((shown, n, link(q=f"{query} {term}".strip()) if term else None))
-                if items:
-                    facets.append((name, items))
-        self._send(request, 200, self.page(
-            "search.html", who, csrf=csrf, query=query, order=order, orders=ORDERS, doc=doc, error=error,
-            took=took, facets=facets, page=page,
-            next_link=link(cursor=doc["next_cursor"], page=str(page + 1)) if doc and doc.get("next_cursor") else None,
-            first_link=link() if cursor else None))
-
-    async def message(self, request, who, csrf, aid):
-        core = self.api._need_core()
-        view = self.query(request).get("view", "html")
-        doc = await self.api.run(core.message, who, aid)
-        text = await self.api.run(core.text, who, aid) if view == "text" else None
-        self._send(request, 200, self.page("message.html", who, csrf=csrf, m=doc, view=view, text=text))
-
-    async def message_html(self, request, who, aid):
-        html = await self.api.run(self.api._need_core().html, who, aid)
-        self._send(request, 200, html.encode("utf-8"),
-                   headers={b"content-security-policy": FRAME_CSP, b"x-frame-options": b"SAMEORIGIN"})
