@@ -9,6 +9,13 @@ through Api.login_session (the API's throttling and audit).  Templates are
 jinja2 with autoescaping; no inline script anywhere (see CSP).
 """
 
-from .site import Web
-
 __all__ = ["Web"]
+
+
+def __getattr__(name):
+    # Imported when first asked for, so that `python -m mailtresor.web.i18n`
+    # does not load the pages (and i18n twice).
+    if name == "Web":
+        from .site import Web
+        return Web
+    raise AttributeError(name)
