@@ -559,9 +559,9 @@ def test_deb_contents(built_deb):
             assert f"/usr/lib/python3/dist-packages/{package}/{rel}" in files, module
     # Package data: the API serves its OpenAPI document from beside api.py.
     assert "/usr/lib/python3/dist-packages/mailtresor/access/openapi.json" in files
-    # ... and the web UI its templates and assets from beside site.py.
+    # ... and the web UI its templates, assets and catalogues from beside site.py.
     web = REPO / "daemon/mailtresor/web"
-    for asset in [*web.glob("templates/*"), *web.glob("static/*")]:
+    for asset in [*web.glob("templates/*"), *web.glob("static/*"), *web.glob("locale/*/*.po")]:
         assert f"/usr/lib/python3/dist-packages/mailtresor/web/{asset.relative_to(web).as_posix()}" in files, asset
     for unit in UNITS:
         assert {f"/lib/systemd/system/{unit}", f"/usr/lib/systemd/system/{unit}"} & files, unit

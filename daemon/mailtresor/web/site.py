@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gettext
 import importlib
 import logging
 import re
@@ -11,9 +12,13 @@ import urllib.parse
 from pathlib import Path
 
 import jinja2
+from markupsafe import escape
 from twisted.internet import defer
 
 from mailtresor.access.http import HTML_CSP, SECURITY_HEADERS, HttpError
+
+from . import i18n
+from .i18n import N_
 
 log = logging.getLogger("mailtresor.web")
 
@@ -42,8 +47,8 @@ PAGE_MODULES = ("reading",)
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".svg": b"image/svg+xml"}
 _STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(css|js|svg)\Z")
-FACET_NAMES = {"year": "Year", "month": "Month", "sender_domain": "Sender domain",
-               "has_attachment": "Attachment", "tag": "Tag", "flag": "Flag"}
+FACET_NAMES = {"year": N_("Year"), "month": N_("Month"), "sender_domain": N_("Sender domain"),
+               "has_attachment": N_("Attachment"), "tag": N_("Tag"), "flag": N_("Flag")}
 
 
 def safe_next(value: str | None) -> str:
@@ -63,6 +68,54 @@ def human_size(n) -> str:
     return str(n)
 
 
+_ENGLISH = gettext.NullTranslations()
+
+
+def _translations(ctx):
+    """The translations of the page being rendered: the render's own
+    (Web.page puts them in its context), never shared state."""
+    return ctx.get("mt_translations") or _ENGLISH
+
+
+# The template functions look the render's translations up in its context,
+# so one Environment serves every language and concurrent renders do not
+# meet.  What they return is escaped: a msgid is text, not HTML, and a
+# `_(variable)` that is not one of our constants cannot inject markup.
+@jinja2.pass_context
+def _gettext(ctx, message):
+    return escape(_translations(ctx).gettext(message))
+
+
+@jinja2.pass_context
+def _ngettext(ctx, singular, plural, n):
+    return escape(_translations(ctx).ngettext(singular, plural, n))
+
+
+@jinja2.pass_context
+def _pgettext(ctx, context, message):
+    return escape(_translations(ctx).pgettext(context, message))
+
+
+@jinja2.pass_context
+def _npgettext(ctx, context, singular, plural, n):
+    return escape(_translations(ctx).npgettext(context, singular, plural, n))
+
+
+@jinja2.pass_context
+def _reason(ctx, text):
+    """`{{ reason|reason }}`: a reason (the core's, the API's) in the page's
+    language if the catalogue knows it, else as it is; escaped."""
+    return i18n.translate_reason(_translations(ctx), text)
+
+
+@jinja2.pass_context
+def _facet_name(ctx, key):
+    label = FACET_NAMES.get(key)
+    if label is None:
+        return key.replace("_", " ").capitalize()
+    return _translations(ctx).gettext(label)
+
+
 class Web:
     """The web UI over `api` (mailtresor.access.api.Api): its sessions,
     logins and core."""
@@ -72,11 +125,14 @@ class Web:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                                       autoescape=True, trim_blocks=True, lstrip_blocks=True,
                                       extensions=["jinja2.ext.i18n"])
-        # Every user-visible string in a template is _("...") (or ngettext):
-        # English until the catalogues are installed.
-        self.env.install_null_translations(newstyle=True)
+        # Every user-visible string in a template is _("...") (or ngettext),
+        # in the language of the request (see page()).
+        self.translations = i18n.load_all()
+        self.env.install_gettext_callables(_gettext, _ngettext, newstyle=True, pgettext=_pgettext,
+                                           npgettext=_npgettext)
         self.env.filters["size"] = human_size
-        self.env.filters["facet_name"] = lambda k: FACET_NAMES.get(k, k.replace("_", " ").capitalize())
+        self.env.filters["facet_name"] = _facet_name
+        self.env.filters["reason"] = _reason
         self.pending: dict[str, tuple[float, str | None, str, str]] = {}
         # (regex, methods, handler) of every page module's ROUTES.
         self.routes = []
@@ -104,7 +160,8 @@ class Web:
     def _crashed(self, failure, request):
         log.error("web: answering failed: %s", failure.getTraceback())
         if not request.finished and not request._disconnected:
-            self._send(request, 500, self.page("error.html", None, status=500, reason="internal error"))
+            self._send(request, 500, self.page("error.html", None, lang=i18n.request_language(request),
+                                               status=500, reason=N_("internal error")))
 
     def _send(self, request, status: int, body: bytes, ctype: bytes = b"text/html; charset=utf-8",
               headers: dict | None = None):
@@ -123,15 +180,20 @@ class Web:
         request.setHeader(b"location", to.encode("utf-8"))
         self._send(request, 303, b"", b"text/plain; charset=utf-8", headers)
 
-    def page(self, template: str, who, **kw) -> bytes:
+    def page(self, template: str, who, *, lang: str = i18n.DEFAULT, **kw) -> bytes:
+        """TEMPLATE rendered in LANG (render() picks the request's).  The
+        templates see `lang` (for <html lang>) and `here` (the page's own
+        local URL, where the language switch comes back to)."""
         kw.setdefault("csrf", None)
-        return self.env.get_template(template).render(who=who, **kw).encode("utf-8")
+        kw.setdefault("here", "/")
+        return self.env.get_template(template).render(
+            who=who, lang=lang, mt_translations=self.translations[lang], **kw).encode("utf-8")
 
     @staticmethod
     def form(request) -> dict[str, str]:
         ctype = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
         if ctype != b"application/x-www-form-urlencoded":
-            raise HttpError(415, "send the form as application/x-www-form-urlencoded")
+            raise HttpError(415, N_("send the form as application/x-www-form-urlencoded"))
         request.content.seek(0)
         got = urllib.parse.parse_qs(request.content.read().decode("utf-8", "replace"), keep_blank_values=True)
         return {k: v[0] for k, v in got.items()}
@@ -175,18 +237,22 @@ class Web:
                     return self.login_form(request)
                 if method == "POST":
                     return await self.login_post(request)
-                raise HttpError(405, "method not allowed here")
+                raise HttpError(405, N_("method not allowed here"))
             if path == "/logout":
                 if method == "POST":
                     return await self.logout(request)
-                raise HttpError(405, "method not allowed here")
+                raise HttpError(405, N_("method not allowed here"))
             if path == "/":
                 return self.redirect(request, "/search" if self.session(request) else "/login")
+            if path == "/language":
+                if get:
+                    return self.set_language(request)
+                raise HttpError(405, N_("method not allowed here"))
             handler, groups = self.route(method, path)
             s = self.session(request)
             if s is None:
                 if not get:
-                    raise HttpError(401, "the session has expired; log in again")
+                    raise HttpError(401, N_("the session has expired; log in again"))
                 # Back to this page after the login.
                 return self.redirect(request, "/login?" + urllib.parse.urlencode(
                     {"next": request.uri.decode("utf-8", "replace")}))
@@ -196,11 +262,10 @@ class Web:
             status, reason = getattr(e, "status", None), getattr(e, "reason", None)
             if not (isinstance(status, int) and 400 <= status < 500 and isinstance(reason, str)):
                 log.error("web: %s %s failed", method, path, exc_info=True)
-                status, reason = 500, "internal error"
+                status, reason = 500, N_("internal error")
             s = self.session(request)
-            self._send(request, status, self.page("error.html", s[0] if s else None,
-                                                  csrf=s[2] if s else None, status=status, reason=reason),
-                       headers=getattr(e, "headers", None))
+            self.render(request, "error.html", s[0] if s else None, s[2] if s else None, status=status,
+                        headers=getattr(e, "headers", None), reason=reason)
 
     def route(self, method: str, path: str):
         """(handler, groups) of the page module route for METHOD PATH;
@@ -214,17 +279,36 @@ class Web:
                 return handler, m.groupdict()
             allowed = True
         if allowed:
-            raise HttpError(405, "method not allowed here")
-        raise HttpError(404, "no such page")
+            raise HttpError(405, N_("method not allowed here"))
+        raise HttpError(404, N_("no such page"))
 
     def check_csrf(self, form: dict, csrf: str) -> None:
         """A state-changing form must carry the session's CSRF token."""
         if not secrets.compare_digest(form.get("csrf", "").encode(), (csrf or "").encode()):
-            raise HttpError(403, "missing or wrong CSRF token")
+            raise HttpError(403, N_("missing or wrong CSRF token"))
 
-    def render(self, request, template: str, who, csrf, status: int = 200, **kw) -> None:
-        """Send a page rendered from TEMPLATE."""
-        self._send(request, status, self.page(template, who, csrf=csrf, **kw))
+    def render(self, request, template: str, who, csrf, status: int = 200, headers: dict | None = None,
+               **kw) -> None:
+        """Send a page rendered from TEMPLATE in the request's language."""
+        lang = i18n.request_language(request)
+        kw.setdefault("here", request.uri.decode("utf-8", "replace"))
+        # The page depends on the language cookie and the header: caches
+        # must keep the variants apart.
+        headers = {**(headers or {}), b"content-language": lang.encode(),
+                   b"vary": b"Accept-Language, Cookie"}
+        self._send(request, status, self.page(template, who, lang=lang, csrf=csrf, **kw), headers=headers)
+
+    def set_language(self, request):
+        """GET /language?set=de&next=/path: the language switch.  Remembers
+        the choice in a cookie (a year) and goes back to `next` -- a local
+        path only (safe_next), never another site."""
+        q = self.query(request)
+        lang = q.get("set", "")
+        if lang not in i18n.LANGUAGES:
+            raise HttpError(400, N_("unknown language"))
+        request.addCookie(i18n.COOKIE, lang.encode(), path=b"/", max_age=str(i18n.COOKIE_MAX_AGE).encode(),
+                          secure=True, httpOnly=True, sameSite="lax")
+        self.redirect(request, safe_next(q.get("next")))
 
     @property
     def core(self):
@@ -232,7 +316,7 @@ class Web:
 
     def static(self, request, name: str):
         if not _STATIC_NAME.fullmatch(name) or not (STATIC / name).is_file():
-            raise HttpError(404, "no such file")
+            raise HttpError(404, N_("no such file"))
         body = (STATIC / name).read_bytes()
         # Static assets are the package's own: cacheable for a while.
         self._send(request, 200, body, STATIC_TYPES[Path(name).suffix], {b"cache-control": b"max-age=3600"})
@@ -244,10 +328,13 @@ class Web:
         request.addCookie(LOGIN_COOKIE, token.encode(), path=b"/login", secure=True, httpOnly=True,
                           sameSite="strict")
         q = self.query(request)
-        self._send(request, status, self.page(
-            "login.html", None, login_csrf=token, error=error, next=safe_next(next_ or q.get("next")),
-            totp=totp, tenant=tenant or q.get("tenant", ""), username=username,
-            expired=bool(q.get("next")) and error is None and totp is None))
+        nxt = safe_next(next_ or q.get("next"))
+        # The language switch comes back to this login, with its next.
+        here = "/login" + ("?" + urllib.parse.urlencode({"next": nxt}) if nxt != "/search" else "")
+        self.render(request, "login.html", None, None, status=status, here=here,
+                    login_csrf=token, error=error, next=nxt,
+                    totp=totp, tenant=tenant or q.get("tenant", ""), username=username,
+                    expired=bool(q.get("next")) and error is None and totp is None)
 
     def _expire_pending(self):
         now = self.clock()
@@ -258,7 +345,7 @@ class Web:
         f = self.form(request)
         cookie = (request.getCookie(LOGIN_COOKIE) or b"").decode("ascii", "replace")
         if not cookie or not secrets.compare_digest(cookie, f.get("login_csrf", "")):
-            raise HttpError(403, "the login form expired or came from elsewhere; load it again")
+            raise HttpError(403, N_("the login form expired or came from elsewhere; load it again"))
         nxt = safe_next(f.get("next"))
         self._expire_pending()
         pending = f.get("pending")
@@ -266,7 +353,7 @@ class Web:
             # The TOTP step: the name and password checked a moment ago.
             got = self.pending.pop(pending, None)
             if got is None:
-                return self.login_form(request, error="The login took too long; start again.", status=401,
+                return self.login_form(request, error=N_("The login took too long; start again."), status=401,
                                        next_=nxt)
             _, tenant, username, password = got
             totp = f.get("totp", "").strip()
@@ -284,7 +371,7 @@ class Web:
                     del self.pending[next(iter(self.pending))]
                 self.pending[token] = (self.clock() + PENDING_TTL, tenant, username, password)
                 return self.login_form(request, totp=token, next_=nxt, status=200,
-                                       error="That code was not right." if totp else None)
+                                       error=N_("That code was not right.") if totp else None)
             # The API's words: the same for an unknown user and a wrong password.
             return self.login_form(request, error=e.reason, status=e.status, next_=nxt, tenant=tenant or "",
                                    username=username, )
@@ -297,6 +384,6 @@ class Web:
             return self.redirect(request, "/login")
         who, sid, csrf = s
         if not secrets.compare_digest(f.get("csrf", ""), csrf):
-            raise HttpError(403, "missing or wrong CSRF token")
+            raise HttpError(403, N_("missing or wrong CSRF token"))
         await self.api.end_session(request, who, sid)
         self.redirect(request, "/login")
