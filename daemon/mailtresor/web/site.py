@@ -289,14 +289,16 @@ class Web:
 
     def render(self, request, template: str, who, csrf, status: int = 200, headers: dict | None = None,
                **kw) -> None:
-        """Send a page rendered from TEMPLATE in the request's language."""
+        """Send a page rendered from TEMPLATE in the request's language (the
+        template also sees `status`, the page's HTTP status)."""
         lang = i18n.request_language(request)
         kw.setdefault("here", request.uri.decode("utf-8", "replace"))
         # The page depends on the language cookie and the header: caches
         # must keep the variants apart.
         headers = {**(headers or {}), b"content-language": lang.encode(),
                    b"vary": b"Accept-Language, Cookie"}
-        self._send(request, status, self.page(template, who, lang=lang, csrf=csrf, **kw), headers=headers)
+        self._send(request, status, self.page(template, who, lang=lang, csrf=csrf, status=status, **kw),
+                   headers=headers)
 
     def set_language(self, request):
         """GET /language?set=de&next=/path: the language switch.  Remembers
