@@ -26,7 +26,10 @@ AXE = Path(__file__).resolve().parents[2] / ".cache/npm/node_modules/axe-core/ax
 
 
 class Browser:
-    def __init__(self, base_url: str, directory: Path, *, width: int = 1280, height: int = 900):
+    def __init__(self, base_url: str, directory: Path, *, width: int = 1280, height: int = 900,
+                 lang: str | None = None):
+        """LANG: the browser's language (e.g. "de-DE"): its UI language and
+        the Accept-Language it sends (its primary tag after it, q=0.9)."""
         self.base = base_url.rstrip("/")
         self.dir = Path(directory)
         self.downloads = self.dir / "downloads"
@@ -41,10 +44,14 @@ class Browser:
                   "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>;127.0.0.1",
                   "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
             o.add_argument(a)
+        prefs = {"download.default_directory": str(self.downloads), "download.prompt_for_download": False}
+        if lang:
+            o.add_argument(f"--lang={lang}")
+            primary = lang.split("-")[0]
+            prefs["intl.accept_languages"] = lang if primary == lang else f"{lang},{primary}"
         o.accept_insecure_certs = True      # the test stack's own CA, on 127.0.0.1 only
         o.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-        o.add_experimental_option("prefs", {"download.default_directory": str(self.downloads),
-                                            "download.prompt_for_download": False})
+        o.add_experimental_option("prefs", prefs)
         self.driver = webdriver.Chrome(options=o, service=Service(CHROMEDRIVER, log_output=str(self.dir / "chromedriver.log")))
         self.driver.set_page_load_timeout(TIMEOUT)
         self.driver.set_script_timeout(TIMEOUT)
