@@ -175,6 +175,11 @@ def test_reasons_are_translated_when_known_and_always_escaped():
     # _() escapes too: a msgid is text, and _(variable) cannot inject markup.
     tpl = web.env.from_string('{{ _(v) }}|{{ _("%(x)s", x=v) }}')
     assert tpl.render(v="<b>x</b>", mt_translations=de) == "&lt;b&gt;x&lt;/b&gt;|&lt;b&gt;x&lt;/b&gt;"
+    # A '%' in a string without values does not break the page; '%%' is '%' as in jinja2's newstyle.
+    tpl = web.env.from_string('{{ _(v) }}|{{ _("100%% %(x)s", x=1) }}|{{ _("50%%") }}|{{ gettext("Log in") }}|'
+                              '{{ ngettext("%(num)d hit", "%(num)d hits", 2) }}|{{ pgettext("c", "x %(a)s", a="<") }}')
+    assert tpl.render(v="100% <i>", mt_translations=de) == "100% &lt;i&gt;|100% 1|50%|Anmelden|2 hits|x &lt;"
+    assert web.env.from_string('{% trans %}Log in{% endtrans %}').render(mt_translations=de) == "Anmelden"
 
 
 def test_concurrent_renders_do_not_share_a_language():
@@ -323,6 +328,7 @@ def test_a_german_browser_gets_german_pages(world, browser_de):
     b.find("#q").send_keys("alice\n")
     b.find("#results")
     assert b.find("#hit-count").text == "1"
+    assert {"Jahr", "Monat", "Absenderdomain"} <= {e.text for e in b.all(".facets h2")}   # site.py's labels
     found += b.axe("search (de)")
     b.screenshot("search-de")
     b.find("#results td.subject a").click()

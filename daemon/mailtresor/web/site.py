@@ -82,8 +82,12 @@ def _translations(ctx):
 # meet.  What they return is escaped: a msgid is text, not HTML, and a
 # `_(variable)` that is not one of our constants cannot inject markup.
 @jinja2.pass_context
-def _gettext(ctx, message):
-    return escape(_translations(ctx).gettext(message))
+def _gettext(ctx, message, **variables):
+    """`_()` and `gettext()` in a template (jinja2's newstyle, but a string
+    without values is only unescaped, '%%' -> '%', never formatted: a '%'
+    in text that is not ours cannot break the page)."""
+    rv = escape(_translations(ctx).gettext(message))
+    return rv % variables if variables else rv.replace("%%", "%")
 
 
 @jinja2.pass_context
@@ -92,8 +96,9 @@ def _ngettext(ctx, singular, plural, n):
 
 
 @jinja2.pass_context
-def _pgettext(ctx, context, message):
-    return escape(_translations(ctx).pgettext(context, message))
+def _pgettext(ctx, context, message, **variables):
+    rv = escape(_translations(ctx).pgettext(context, message))
+    return rv % variables if variables else rv.replace("%%", "%")
 
 
 @jinja2.pass_context
@@ -130,6 +135,9 @@ class Web:
         self.translations = i18n.load_all()
         self.env.install_gettext_callables(_gettext, _ngettext, newstyle=True, pgettext=_pgettext,
                                            npgettext=_npgettext)
+        # gettext and pgettext format (or not) themselves; ngettext's
+        # always have a value (num), jinja2's newstyle wrapper formats them.
+        self.env.globals.update(gettext=_gettext, pgettext=_pgettext)
         self.env.filters["size"] = human_size
         self.env.filters["facet_name"] = _facet_name
         self.env.filters["reason"] = _reason
