@@ -46,7 +46,7 @@
     text("export-size", size(job.size));
     $("export-download").hidden = job.state !== "done";
     $("export-failed").hidden = job.state !== "failed";
-    $("export-refresh").hidden = active(box);
+    $("export-refresh").hidden = !active(box);
   }
 
   function stop() {
