@@ -295,3 +295,69 @@ def test_an_administrator_is_refused(world, browser):
     assert status == 403 and "administrators do not read mail" in page
     adm.close()
     assert not found, found
+
+
+# --- without a browser ------------------------------------------------------------------
+
+def test_selection_of_the_form():
+    from mailtresor.access.http import HttpError
+    from mailtresor.web.exports import form_values, selection
+    aid = "a" * 40
+    assert selection(form_values(b"format=zip&q=report")) == ("zip", "report", None)
+    assert selection(form_values(b"format=zip&q=")) == ("zip", "", None)
+    assert selection(form_values(f"format=mbox&id={aid}&id={'b' * 40}&csrf=x".encode())) == \
+        ("mbox", None, [aid, "b" * 40])
+    for body, reason in ((b"format=zip", "Select messages"), (b"format=zip&id=", "Select messages"),
+                         (f"format=zip&q=x&id={aid}".encode(), "not both"), (b"q=x", "format must be"),
+                         (b"format=pst&q=x", "format must be"), (b"format=zip&id=../../x", "not a message id")):
+        with pytest.raises(HttpError) as e:
+            selection(form_values(body))
+        assert e.value.status == 400 and reason in e.value.reason, body
+
+
+def test_the_page_refreshes_itself_without_script_only_while_running():
+    from mailtresor.web import exports
+    from mailtresor.web.site import Web
+    web = Web(type("Api", (), {})())
+    who = type("Who", (), {"name": "aud", "tenant": "acme", "can": lambda self, verb: True})()
+    job = {"id": "a" * 32, "done": 3, "total": 9, "format": "zip", "size": 10, "missing": 0, "query": "x",
+           "created": "2026-01-01T00:00:00Z", "expires": "2026-01-02T00:00:00Z"}
+    for state, refresh in (("queued", True), ("running", True), ("done", False), ("failed", False)):
+        html = web.page("export.html", who, csrf="t", job=dict(job, state=state), states=exports.STATES,
+                        formats=exports.FORMATS).decode()
+        assert ('<noscript><meta http-equiv="refresh" content="2"></noscript>' in html) is refresh, state
+        assert ('id="export-refresh" hidden' not in html) is refresh, state
+        assert ('id="export-download" hidden' not in html) is (state == "done"), state
+        assert '<script src="/static/exports.js" defer></script>' in html and "<script>" not in html
+    # An empty job (every id left out) still draws a valid bar.
+    html = web.page("export.html", who, csrf="t", job=dict(job, state="done", done=0, total=0),
+                    states=exports.STATES, formats=exports.FORMATS).decode()
+    assert '<progress id="export-progress" max="1" value="1">' in html
+
+
+def test_every_string_has_its_german_translation():
+    """Every msgid of the export pages (templates and exports.py) is in
+    locale/de/exports.po, translated (plural forms too)."""
+    from pathlib import Path
+
+    from babel.messages.extract import extract_from_file
+    from babel.messages.pofile import read_po
+    web = Path(__file__).resolve().parents[1] / "daemon/mailtresor/web"
+    with open(web / "locale/de/exports.po", "rb") as f:
+        cat = read_po(f, locale="de")
+    assert cat.plural_forms == "nplurals=2; plural=(n != 1);"
+    have = {}
+    for m in cat:
+        if m.id:
+            have[m.id if isinstance(m.id, str) else m.id[0]] = m.string
+    keywords = {"_": None, "gettext": None, "ngettext": (1, 2), "N_": None}
+    wanted = set()
+    for name in ("templates/exports.html", "templates/export.html"):
+        for _, msg, _, _ in extract_from_file("jinja2.ext:babel_extract", web / name, keywords=keywords,
+                                              options={"extensions": "jinja2.ext.i18n", "newstyle_gettext": "true"}):
+            wanted.add(msg if isinstance(msg, str) else msg[0])
+    for _, msg, _, _ in extract_from_file("python", web / "exports.py", keywords=keywords):
+        wanted.add(msg if isinstance(msg, str) else msg[0])
+    assert len(wanted) > 30
+    missing = sorted(m for m in wanted if not have.get(m) or (isinstance(have[m], tuple) and not all(have[m])))
+    assert not missing, missing
