@@ -247,14 +247,22 @@ def _form_post(world, cookie, body):
 def test_the_form_needs_the_sessions_csrf_token(world):
     ann = api_login(world.stack, "ann")
     before = ann.request("GET", "/api/v1/exports").json()["exports"]
+
+    def starts():
+        records = world.aud.request("GET", "/api/v1/audit?limit=1000").json()["records"]
+        return [r for r in records if r["principal"] == "user:ann" and r["action"] == "export"
+                and not (r.get("detail") or {}).get("list") and not (r.get("detail") or {}).get("status")]
+    started = starts()
     form = urllib.parse.urlencode({"q": "", "format": "zip"})
     for body in (form, form + "&csrf=", form + "&csrf=" + "A" * 43):
         status, _, page = _form_post(world, ann.cookie, body)
         assert status == 403 and "CSRF" in page, status
     assert ann.request("GET", "/api/v1/exports").json()["exports"] == before        # no job started
+    assert starts() == started                                                    # nor asked the core
     status, where, _ = _form_post(world, ann.cookie, form + "&csrf=" + urllib.parse.quote(ann.csrf))
     assert status == 303 and where.startswith("/exports/")
     assert len(ann.request("GET", "/api/v1/exports").json()["exports"]) == len(before) + 1
+    assert len(starts()) == len(started) + 1
     ann.close()
 
 
