@@ -175,6 +175,14 @@ def test_auditor_exports_a_search_as_zip_through_the_progress_bar(world, browser
 
 def test_selection_as_mbox_and_the_list_newest_first(world, browser):
     b = browser
+    # An earlier export of the same auditor (through the API: the same owner).
+    r = world.aud.request("POST", "/api/v1/exports", {"query": "lunch", "format": "zip"})
+    assert r.status == 202, r.data
+    earlier = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while world.aud.request("GET", f"/api/v1/exports/{earlier}").json()["state"] != "done":
+        assert time.monotonic() < deadline, "the earlier export did not finish"
+        time.sleep(0.1)
     login(b, "aud")
     chosen = [world.ids[s] for s in ("lunch 0", "minutes 1", "report for ben 2")]
     post_selection(b, chosen + ["f" * 40], "mbox")       # one id that is not stored
@@ -190,9 +198,9 @@ def test_selection_as_mbox_and_the_list_newest_first(world, browser):
     b.find("#back").click()
     b.wait_path("/exports")
     rows = b.all("#export-list tbody tr")
-    assert [r.get_attribute("data-id") for r in rows][0] == jid
+    assert [r.get_attribute("data-id") for r in rows][:2] == [jid, earlier]
     assert [r.find_element("css selector", "td.what").text for r in rows[:2]] == \
-        ["4 selected messages", "Search: report"]
+        ["4 selected messages", "Search: lunch"]
     assert [r.find_element("css selector", "td.format").text for r in rows[:2]] == ["mbox", "zip"]
     assert all(r.find_element("css selector", "td.state").text == "done" for r in rows)
     assert len(b.all("#export-list a.download")) == len(rows)
@@ -201,6 +209,15 @@ def test_selection_as_mbox_and_the_list_newest_first(world, browser):
     # The page's list is the API's listing.
     api = world.aud.request("GET", "/api/v1/exports").json()["exports"]
     assert [r.get_attribute("data-id") for r in rows] == [j["id"] for j in api]
+    # A phone's width: the list and the job page scroll no sideways.
+    b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                             {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    for path in ("/exports", f"/exports/{jid}"):
+        b.get(path)
+        b.find("#export-list" if path == "/exports" else "#export-progress")
+        width = b.driver.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 400, (path, width)
+    b.screenshot("exports-phone")
     assert not found, found
 
 
