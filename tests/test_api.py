@@ -211,6 +211,9 @@ EXPECTED = [
     ("POST", "/api/v1/exports", {"ids": ["{alice}"], "format": "mbox"},
      E(anon=401, alice=202, aud=202, adm=403, gina=202, gaud=202, gadm=403, root=403, **{
          "tok-search": 403, "tok-export": 202, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/exports", None,
+     E(anon=401, alice=200, aud=200, adm=403, gina=200, gaud=200, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 200, "tok-events": 403}, local=200)),
     ("GET", "/api/v1/exports/00000000000000000000000000000000", None,
      E(anon=401, alice=404, aud=404, adm=404, gina=404, gaud=404, gadm=404, root=404, **{
          "tok-search": 404, "tok-export": 404, "tok-events": 404}, local=404)),
@@ -405,6 +408,50 @@ def test_export_download_resumes_with_range(world):
     assert r.status == 416
     # Another principal of the same tenant does not get someone else's export.
     assert world.clients["tok-export"].request("GET", f"/api/v1/exports/{job['id']}/download").status == 404
+
+
+def _finished(c, job_id):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = c.request("GET", f"/api/v1/exports/{job_id}").json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(job)
+
+
+def test_export_list_is_the_callers_own(world):
+    """GET /api/v1/exports: the caller's jobs only, newest first; another
+    user's and an auditor's jobs are neither listed nor reachable by id."""
+    alice = Client(world.stack).login("alice", "acme")
+    aud = Client(world.stack).login("aud", "acme")
+    mine = []
+    for body in ({"ids": [world.ids["for alice"]], "format": "mbox"}, {"query": "alice", "format": "zip"}):
+        r = alice.request("POST", "/api/v1/exports", body)
+        assert r.status == 202, r.data
+        mine.append(_finished(alice, r.json()["id"]))
+    r = aud.request("POST", "/api/v1/exports", {"query": "", "format": "mbox"})
+    theirs = _finished(aud, r.json()["id"])
+    listed = alice.request("GET", "/api/v1/exports").json()["exports"]
+    assert [j["id"] for j in listed][:2] == [mine[1]["id"], mine[0]["id"]]
+    assert listed[0]["query"] == "alice" and listed[1]["query"] is None and listed[1]["total"] == 1
+    assert theirs["id"] not in {j["id"] for j in listed}
+    assert all(j["state"] == "done" for j in listed)
+    aud_listed = {j["id"] for j in aud.request("GET", "/api/v1/exports").json()["exports"]}
+    assert theirs["id"] in aud_listed and not aud_listed & {j["id"] for j in mine}
+    for path in (f"/api/v1/exports/{theirs['id']}", f"/api/v1/exports/{theirs['id']}/download"):
+        assert alice.request("GET", path).status == 404
+    for path in (f"/api/v1/exports/{mine[0]['id']}", f"/api/v1/exports/{mine[0]['id']}/download"):
+        assert aud.request("GET", path).status == 404
+    r = Client(world.stack).login("adm", "acme").request("GET", "/api/v1/exports")
+    assert r.status == 403 and r.json()["error"] == "administrators do not read mail"
+    records = aud.request("GET", "/api/v1/audit?limit=1000").json()["records"]
+    lists = [r for r in records if r["action"] == "export" and (r.get("detail") or {}).get("list")]
+    assert any(r["principal"] == "user:alice" and r["result"] == "ok" for r in lists), lists[-3:]
+    assert any(r["principal"] == "user:adm" and r["result"] == "denied" for r in lists), lists[-3:]
+    # A non-string id is a clear 400, not a crash.
+    r = alice.request("POST", "/api/v1/exports", {"ids": [7], "format": "mbox"})
+    assert r.status == 400 and "ids" in r.json()["error"]
 
 
 def test_unix_socket_is_0660_and_local_principal(world):

@@ -513,6 +513,38 @@ def test_exports_expire(world, tmp_path):
     assert not path.exists()
 
 
+def test_export_list_is_the_callers_own_newest_first(world, tmp_path):
+    core, ids, audit, _ = world
+    now = [2000.0]
+    c = Core(store=core.store, keys=core.keys, audit=audit, exports_dir=tmp_path / "ex",
+             tenants=["acme", "globex"], clock=lambda: now[0])
+    first = c.export_start(FRANK, ids=[ids["report"]], format="mbox")
+    now[0] += 1
+    second = c.export_start(FRANK, query="report", format="zip")
+    now[0] += 1
+    theirs = c.export_start(AUDITOR, query="", format="mbox")
+    c.wait_exports()
+    before = _records(audit)
+    got = c.export_list(FRANK)["exports"]
+    new = _records(audit)[len(before):]
+    assert [(r["action"], r["result"], r["detail"]) for r in new] == [("export", "ok", {"list": True})]
+    assert [j["id"] for j in got] == [second["id"], first["id"]]
+    assert got[0]["query"] == "report" and got[1]["query"] is None and got[1]["total"] == 1
+    assert all(j["state"] == "done" for j in got)
+    assert [j["id"] for j in c.export_list(AUDITOR)["exports"]] == [theirs["id"]]
+    # The same name elsewhere, another kind, another auditor: none of these jobs.
+    for other in (P(name="frank", tenant="globex", roles=["user"], addresses=["frank@acme.example"]),
+                  P(name="aud2", roles=["auditor"]), EXPORT_TOKEN, LOCAL):
+        assert c.export_list(other) == {"exports": []}
+    for refused in (ADMIN, APPADMIN, TOKEN, EVENTS_TOKEN):
+        before = _records(audit)
+        with pytest.raises(Forbidden):
+            c.export_list(refused)
+        assert [r["result"] for r in _records(audit)[len(before):]] == ["denied"]
+    now[0] += coremod.EXPORT_TTL + 10
+    assert c.export_list(FRANK) == {"exports": []}
+
+
 # --- the audit trail -----------------------------------------------------------------
 
 def _records(audit):

@@ -83,6 +83,7 @@ ROUTES = (
     Route("GET", f"{V1}/messages/{{id}}/text", "text", args=("tenant",)),
     Route("GET", f"{V1}/messages/{{id}}/html", "html", args=("tenant",)),
     Route("GET", f"{V1}/messages/{{id}}/attachments/{{n}}", "attachment", args=("tenant",)),
+    Route("GET", f"{V1}/exports", "export_list"),
     Route("POST", f"{V1}/exports", "export_start"),
     Route("GET", f"{V1}/exports/{{id}}", "export_status"),
     Route("GET", f"{V1}/exports/{{id}}/download", "export_download"),
@@ -118,6 +119,22 @@ def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
     allow = sorted({r.method for r, _ in found} | ({"HEAD"} if any(r.method == "GET" for r, _ in found) else set()))
     raise HttpError(405, f"method {method} not allowed here (allowed: {', '.join(allow)})",
                     headers={b"Allow": ", ".join(allow).encode()})
+
+
+def check_export(fmt, query, ids) -> None:
+    """An export request's shape, before the core sees it (the API's JSON
+    and the web UI's form): a format of EXPORT_FORMATS and either a query or
+    1 to MAX_EXPORT_IDS message ids.  HttpError 400 naming the problem.  Pure."""
+    if fmt not in EXPORT_FORMATS:
+        raise HttpError(400, f"format must be one of {', '.join(EXPORT_FORMATS)}")
+    if (query is None) == (ids is None):
+        raise HttpError(400, "give either \"query\" or \"ids\"")
+    if ids is not None:
+        if not ids or len(ids) > MAX_EXPORT_IDS:
+            raise HttpError(400, f"\"ids\" must hold 1 to {MAX_EXPORT_IDS} message ids")
+        for i in ids:
+            if not isinstance(i, str) or not _MESSAGE_ID.fullmatch(i):
+                raise HttpError(400, f"{str(i)[:80]!r} is not a message id")
 
 
 def principal_doc(p: Principal) -> dict:
@@ -498,20 +515,14 @@ class Api:
     async def h_export_start(self, c: Call) -> Answer:
         doc = c.body(required=("format",), optional=("query", "ids", "tenant"))
         fmt = member(doc, "format", str)
-        if fmt not in EXPORT_FORMATS:
-            raise HttpError(400, f"format must be one of {', '.join(EXPORT_FORMATS)}")
         query, ids = member(doc, "query", str), member(doc, "ids", list)
-        if (query is None) == (ids is None):
-            raise HttpError(400, "give either \"query\" or \"ids\"")
-        if ids is not None:
-            if not ids or len(ids) > MAX_EXPORT_IDS:
-                raise HttpError(400, f"\"ids\" must hold 1 to {MAX_EXPORT_IDS} message ids")
-            for i in ids:
-                if not _MESSAGE_ID.fullmatch(i):
-                    raise HttpError(400, f"{i[:80]!r} is not a message id")
+        check_export(fmt, query, ids)
         job = await self.run(self._need_core().export_start, c.who, tenant=member(doc, "tenant", str),
                              query=query, ids=ids, format=fmt)
         return Answer(202, job, headers={b"Location": f"{V1}/exports/{job['id']}".encode()})
+
+    async def h_export_list(self, c: Call) -> Answer:
+        return Answer(200, await self.run(self._need_core().export_list, c.who))
 
     async def h_export_status(self, c: Call) -> Answer:
         job_id = _segment(c.params["id"], _JOB_ID, "export")

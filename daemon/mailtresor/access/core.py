@@ -191,9 +191,10 @@ class _Job:
         return len(self.items)
 
     def public(self) -> dict:
+        # "query": what was exported, for its owner's list (None: a list of ids).
         d = {"id": self.id, "state": self.state, "done": self.done, "total": self.total,
              "format": self.format, "size": self.size, "missing": self.missing,
-             "created": iso(self.created), "expires": iso(self.created + EXPORT_TTL)}
+             "created": iso(self.created), "expires": iso(self.created + EXPORT_TTL), "query": self.query}
         if self.error:
             d["error"] = self.error
         return d
@@ -667,6 +668,24 @@ class Core:
             return job.public(), job.id, job.tenant
         return self._audited(who, "export", run, resolve=False, detail={"status": True},
                              obj=job_id if isinstance(job_id, str) and len(job_id) <= 64 else None)
+
+    def export_list(self, who: Principal) -> dict:
+        """The caller's own exports, newest first: {"exports": [job, ...]},
+        each as export_status gives it.  Only jobs of owner(who): another
+        principal's, even an auditor's of the same tenant, are never listed
+        (there are at most EXPORTS_KEPT + EXPORTS_RUNNING of them).  Needs
+        the export right like export_start (an administrator is refused);
+        one audit record, action "export", detail {"list": true}."""
+        def run(_):
+            self._expire()
+            me = owner(who)
+            with self._jobs_lock:
+                # Newest first; jobs of the same instant in reverse start order.
+                mine = [j for j in reversed(list(self._jobs.values())) if j.owner == me]
+            mine.sort(key=lambda j: j.created, reverse=True)
+            return {"exports": [j.public() for j in mine]}, None, who.tenant
+        return self._audited(who, "export", run, resolve=False, detail={"list": True},
+                             gate=lambda: self._read_scope(who, export=True))
 
     def export_path(self, who: Principal, job_id: str) -> Path:
         """The finished export's file (the API serves it with Range)."""
