@@ -5,7 +5,11 @@
 // the page refreshes itself (<noscript> meta refresh) and has a link.
 "use strict";
 (function () {
-  var INTERVAL = 700;           // ms between polls
+  // Each poll is an audited call (one `export` record, as an API
+  // client's): start quick, then back off, so a long export does not fill
+  // the auditors' trail with polls.
+  var FIRST = 500, FACTOR = 1.5, LONGEST = 5000;   // ms
+  var interval = FIRST;
   var MAX_ERRORS = 10;          // network errors in a row before giving up
   var timer = null, inflight = false, errors = 0;
 
@@ -72,20 +76,21 @@
         inflight = false;
         errors = 0;
         show(box, job);
-        schedule(box, INTERVAL);
+        interval = Math.min(LONGEST, interval * FACTOR);
+        schedule(box, interval);
       })
       .catch(function (e) {
         inflight = false;
         // Gone, not ours, or the session ended: stop; the Refresh link
         // (a page load) says what happened.  A network hiccup: try again.
         if (e && e.status && e.status < 500) { $("export-refresh").hidden = false; return; }
-        if (++errors < MAX_ERRORS) { schedule(box, INTERVAL * 3); }
+        if (++errors < MAX_ERRORS) { schedule(box, LONGEST); }
       });
   }
 
   function start() {
     var box = $("export-job");
-    if (box) { errors = 0; schedule(box, 0); }
+    if (box) { errors = 0; interval = FIRST; schedule(box, 0); }
   }
 
   // pageshow: the first load and a return from the back/forward cache.
