@@ -176,6 +176,7 @@ def test_row_fields(world):
     assert rows[ids["figures"]]["has_attachments"] is False
     assert r["message_id"] == f"att-{hashlib.sha1(b'Annual report').hexdigest()[:8]}@test"
     assert isinstance(r["flags"], list) and isinstance(r["tags"], list)
+    assert r["to"] == ["frank@acme.example"] and r["to_count"] == 1
 
 
 def test_bare_address_finds_envelope_only_mail(world):
