@@ -161,7 +161,7 @@ async def search(web, request, who, csrf):
 
 def _aid(aid: str) -> str:
     if not _MESSAGE_ID.fullmatch(aid):
-        raise HttpError(404, "no such message")
+        raise HttpError(404, N_("no such message"))
     return aid
 
 
