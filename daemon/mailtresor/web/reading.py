@@ -152,7 +152,8 @@ async def search(web, request, who, csrf):
     status = 400 if error or reason else 200
     kw = dict(query=query, order=order, orders=ORDERS, doc=doc, error=error, reason=reason, took=took,
               facets=facets, page=page, start=start, end=end, searched=searched, next_link=next_link,
-              prev_link=prev_link, first_link=link() if cursor else None, can_export=who.can("export"))
+              prev_link=prev_link, first_link=link() if cursor else None, can_export=who.can("export"),
+              limit=limit if limit != PAGE_SIZE else None)
     if part:
         web._send(request, status, web.page("search_results.html", who, csrf=csrf, **kw))
     else:
