@@ -668,6 +668,23 @@ def test_reindex_rebuilds_an_older_index_with_the_facet_slots(world, arch):
     assert sorted(after["results"], key=lambda r: r["id"]) == sorted(before["results"], key=lambda r: r["id"])
 
 
+def test_reindex_gives_an_older_summary_the_to_addresses_in_its_listing():
+    """A record archived before the summary held To: gets `to` and
+    `to_count` in the listing `reindex` writes (from its parse); a newer
+    summary is used as it is."""
+    from mailtresor.archive import parse
+    from mailtresor.cli.archive import _listed
+    raw = (b"From: a@x.example\r\nTo: " + b", ".join(b"r%d@y.example" % i for i in range(12))
+           + b"\r\nSubject: s\r\n\r\nbody\r\n")
+    p = parse.parse_message(raw)
+    old = {"date": None, "from": "a@x.example", "subject": "s", "message_id": "", "size": len(raw)}
+    got = _listed(old, p)
+    assert got["to"] == [f"r{i}@y.example" for i in range(10)] and got["to_count"] == 12
+    assert got["subject"] == "s" and "to" not in old
+    new = {**old, "to": ["kept@y.example"], "to_count": 1}
+    assert _listed(new, p) is new
+
+
 # --- MIME parts for reading, and threads ------------------------------------------------
 
 def test_mime_parts_numbering_and_limits():
