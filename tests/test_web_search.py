@@ -410,6 +410,24 @@ def test_paging_with_the_script_replaces_only_the_results(world, browser):
 
 
 @chromium
+def test_paging_with_the_script_after_the_session_expired_goes_to_login_and_back(world, browser):
+    """The fetch of the result section does not follow the redirect to the
+    login: the script loads the page itself, which goes to the login with
+    the page (not its part=results) as where to come back to."""
+    b = browser
+    login(b, "/search?q=&limit=10")
+    nxt = b.find("#next-page").get_attribute("href")
+    b.driver.delete_cookie("mt_session")
+    b.find("#next-page").click()
+    b.wait_path("/login")
+    back_to = urllib.parse.parse_qs(urllib.parse.urlsplit(b.driver.current_url).query)["next"][0]
+    assert back_to == nxt[len(world.base):] and "part=" not in back_to
+    b.login("alice", PW["alice"], "acme")
+    b.wait_path("/search?")
+    assert "page=2" in b.path() and len(rows(b)) == 10
+
+
+@chromium
 def test_selection_and_export_form_post_the_expected_fields(world, browser):
     b = browser
     login(b, "/search?q=report&limit=10&from=2023-01-01&to=2023-12-31")
