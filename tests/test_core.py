@@ -176,6 +176,7 @@ def test_row_fields(world):
     assert rows[ids["figures"]]["has_attachments"] is False
     assert r["message_id"] == f"att-{hashlib.sha1(b'Annual report').hexdigest()[:8]}@test"
     assert isinstance(r["flags"], list) and isinstance(r["tags"], list)
+    assert r["to"] == ["frank@acme.example"] and r["to_count"] == 1
 
 
 def test_bare_address_finds_envelope_only_mail(world):
@@ -697,6 +698,23 @@ def test_reindex_rebuilds_an_older_index_with_the_facet_slots(world, arch):
     after = core.search(AUDITOR, query="", limit=200, facets=True)
     assert after["facets"] == before["facets"]
     assert sorted(after["results"], key=lambda r: r["id"]) == sorted(before["results"], key=lambda r: r["id"])
+
+
+def test_reindex_gives_an_older_summary_the_to_addresses_in_its_listing():
+    """A record archived before the summary held To: gets `to` and
+    `to_count` in the listing `reindex` writes (from its parse); a newer
+    summary is used as it is."""
+    from mailtresor.archive import parse
+    from mailtresor.cli.archive import _listed
+    raw = (b"From: a@x.example\r\nTo: " + b", ".join(b"r%d@y.example" % i for i in range(12))
+           + b"\r\nSubject: s\r\n\r\nbody\r\n")
+    p = parse.parse_message(raw)
+    old = {"date": None, "from": "a@x.example", "subject": "s", "message_id": "", "size": len(raw)}
+    got = _listed(old, p)
+    assert got["to"] == [f"r{i}@y.example" for i in range(10)] and got["to_count"] == 12
+    assert got["subject"] == "s" and "to" not in old
+    new = {**old, "to": ["kept@y.example"], "to_count": 1}
+    assert _listed(new, p) is new
 
 
 # --- MIME parts for reading, and threads ------------------------------------------------

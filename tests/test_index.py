@@ -231,6 +231,55 @@ def test_boolean_operators(two, q, expected):
     assert sorted(found(two, q)) == expected
 
 
+@pytest.mark.parametrize("q,expected", [
+    # has:attachment is the format-2 value slot: a1 has an attachment, o1 none
+    ("has:attachment", ["a1"]),
+    ("has:attachments", ["a1"]),
+    ("has:Attachment", ["a1"]),
+    ("-has:attachment", ["o1"]),
+    ("NOT has:attachment", ["o1"]),
+    ("invoice has:attachment", ["a1"]),       # with other terms
+    ("invoice -has:attachment", ["o1"]),
+    ("lunch has:attachment", []),
+    ("tag:hold -has:attachment", ["o1"]),
+    ("from:zed OR has:attachment", ["a1", "o1"]),
+    ("(invoice OR lunch) has:attachment", ["a1"]),
+    ("has:attachment date:2002-07-01..2002-07-15", ["a1"]),
+    ("has:attachment date:2002-07-15..", []),
+    ("-has:attachment date:..2002-07-31", ["o1"]),
+    ("-has:attachment -tag:Legal", ["o1"]),
+    ("-has:attachment -tag:hold", []),
+])
+def test_has_attachment(two, q, expected):
+    assert sorted(found(two, q)) == expected
+    assert sorted(found(two, q, order="relevance")) == expected
+
+
+@pytest.mark.parametrize("q,expected", [
+    # Xapian takes a query of excluded items only for a syntax error and
+    # re-parses it without operators: -draft would find the drafts.
+    ("-tag:Legal", ["o1"]),
+    ("-lunch", ["a1"]),
+    ('-"quarterly invoice"', ["o1"]),
+    ("-lunch -tag:Legal", []),
+    ("-(lunch OR tag:Legal)", []),
+    ("-from:zed", ["a1"]),
+    ("  -lunch  ", ["a1"]),
+    ("lunch -tag:Legal", ["o1"]),             # unchanged when something is included
+])
+def test_only_excluded_items(two, q, expected):
+    assert sorted(found(two, q)) == expected
+
+
+def test_has_attachment_agrees_with_the_facet_and_needs_no_reindex(two):
+    """The term reads the facet's own value slot: its count is the facet's."""
+    counts = index.facets([two], "")["has_attachment"]
+    assert search([two], "has:attachment", limit=0)[0] == counts["true"] == 1
+    assert search([two], "-has:attachment", limit=0)[0] == counts["false"] == 1
+    # has: is not a term prefix: nothing on disk changed for it
+    assert "has" not in PREFIXES
+
+
 def test_wildcard_expansion_is_bounded(tmp_path):
     ix = ShardIndex(tmp_path / "x")
     words = " ".join(f"zzw{i:05d}" for i in range(index.WILDCARD_LIMIT + 10))
@@ -384,6 +433,7 @@ def test_prepared_query_is_the_same_search(dated):
     ("OR lunch", "bad query: Syntax"),
     ("from:*", "wildcard needs at least one character"),
     ("tag:a*b*", "wildcard needs"),
+    ("has:pictures", "has:pictures: has: takes attachment"),
 ])
 def test_query_errors(q, message):
     with pytest.raises(QueryError, match=message):

@@ -146,7 +146,8 @@ def test_a_tenant_cannot_read_another_tenants_record(tmp_path, keys):
 
 def test_listing_opens_only_for_its_tenant_shard_and_id(tmp_path, keys):
     summary = {"date": 1030010400.0, "from": "Alice <a@globex.example>", "subject": "Secret merger 42",
-               "message_id": "<x@globex.example>", "size": 81, "flags": ["f"], "attachments": ["a.pdf"]}
+               "message_id": "<x@globex.example>", "size": 81, "flags": ["f"], "attachments": ["a.pdf"],
+               "to": ["b@acme.example"], "to_count": 1}
     aid = bytes.fromhex(keys.archive_id("acme", RAW))
     blob = seal_listing(summary, "acme", "2002-08", aid, keys)
     assert b"merger" not in blob and b"globex" not in blob

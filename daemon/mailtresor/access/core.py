@@ -369,7 +369,8 @@ class Core:
         """One page of the matches of `query` (the CLI's query language,
         index.parse_query) in the tenant, within the caller's scope:
         {"total", "results": [Row], "next_cursor", "facets" (if asked)}.
-        Row: id, date (ISO 8601 UTC), from, subject, size, message_id,
+        Row: id, date (ISO 8601 UTC), from, to (the first To: addresses),
+        to_count (how many To: addresses), subject, size, message_id,
         has_attachments, flags, tags."""
         def run(t: str):
             if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
@@ -406,7 +407,12 @@ class Core:
             sm = sm if sm is not None else (meta.get("summary") or {})
         summary = (meta or {}).get("summary") or {}
         date = sm.get("date") if sm.get("date") is not None else h.date
+        # Records archived before summaries held To: have none (until `reindex`): [] and 0.
+        to = sm.get("to") if sm.get("to") is not None else summary.get("to")
+        to = [a for a in to if isinstance(a, str)] if isinstance(to, list) else []
+        to_count = sm.get("to_count") if sm.get("to_count") is not None else summary.get("to_count")
         return {"id": h.archive_id, "date": iso(date), "from": sm.get("from") or "",
+                "to": to, "to_count": to_count if isinstance(to_count, int) and to_count >= len(to) else len(to),
                 "subject": sm.get("subject") or "", "size": sm.get("size") or h.size,
                 "message_id": sm.get("message_id") or "",
                 # An index older than format 2 lacks these: from the stored summary.

@@ -161,10 +161,16 @@ def prepare(entry, router: Router, digested: dict | None = None) -> Prepared:
                     month_of(parsed.date, entry.envelope.received_at or time.time()))
 
 
+# To: addresses a summary keeps (a result line shows the first and how
+# many more; a list of thousands would bloat every index document).
+SUMMARY_TO = 10
+
+
 def summary_of(p: parse.Parsed) -> dict:
     return {"date": p.date, "from": p.from_header, "subject": p.subject, "message_id": p.message_id,
             "size": p.size, "flags": list(p.flags),
-            "attachments": [a.filename for a in p.attachments if a.filename]}
+            "attachments": [a.filename for a in p.attachments if a.filename],
+            "to": list(p.to[:SUMMARY_TO]), "to_count": len(p.to)}
 
 
 def index_terms(meta: dict, parsed: parse.Parsed) -> tuple[list[str], list[str], list[str]]:

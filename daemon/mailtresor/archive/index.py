@@ -82,7 +82,8 @@ log = logging.getLogger("mailtresor.archive.index")
 #                                         an expanded list) is found too
 #
 # Free text (no field) searches subject, body, attachment names, attachment
-# text and XNAME.  date: and size: are ranges over the value slots below.
+# text and XNAME.  date: and size: are ranges over the value slots below;
+# has:attachment is the has-attachment value slot (format 2), no term.
 #
 # kind "text": TermGenerator, english stemmer, STEM_SOME (the unstemmed word
 #   with positions, for phrases; Z+prefix+stem for plain words), words over
@@ -697,6 +698,22 @@ def _size(text: str, whole: str) -> float:
     return float(math.floor(float(m[1]) * _SIZE_UNIT[m[2].lower()]))
 
 
+class _HasField(_Field):
+    """has:attachment (also has:attachments): mail with attachments, from
+    the format-2 value slot SLOT_HAS_ATTACHMENT, so no reindex is needed
+    for it.  Negated (-has:attachment, NOT has:attachment) it is mail
+    without; a document of a format-1 index has no value there and counts
+    as without."""
+
+    WHAT = {"attachment": SLOT_HAS_ATTACHMENT, "attachments": SLOT_HAS_ATTACHMENT}
+
+    def make(self, value: str) -> xapian.Query:
+        slot = self.WHAT.get(value.lower())
+        if slot is None:
+            raise QueryError(f"has:{value}: has: takes attachment (has:attachment, -has:attachment)")
+        return xapian.Query(xapian.Query.OP_VALUE_RANGE, slot, "1", "1")
+
+
 class _SizeField(_Field):
     def make(self, value: str) -> xapian.Query:
         a, b = _split_range(value, "size")
@@ -742,10 +759,44 @@ def _precheck(text: str) -> str:
     stars = sum(outside.count("*") for outside in parts[::2])
     if stars > MAX_WILDCARDS:
         raise QueryError(f"{stars} wildcards: at most {MAX_WILDCARDS} in one query")
+    parts = _only_excluded(text).split('"')
     for i in range(0, len(parts), 2):
         parts[i] = _ATTACHMENT_TEXT_RE.sub(rf"\1{_ATTACHMENT_TEXT_ALIAS}:", parts[i])
         parts[i] = _BARE_ADDRESS_WORD.sub(r"\1address:\2", parts[i])
     return '"'.join(parts)
+
+
+def _top_level_items(text: str) -> list[str]:
+    """The whitespace-separated items of `text` outside quotes and
+    parentheses ("-a (b c)" -> ["-a", "(b c)"]); quotes are balanced."""
+    items, cur, depth, quoted = [], [], 0, False
+    for c in text:
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == "(":
+            depth += 1
+        elif not quoted and c == ")":
+            depth -= 1
+        if c.isspace() and not quoted and depth == 0:
+            if cur:
+                items.append("".join(cur))
+                cur = []
+        else:
+            cur.append(c)
+    if cur:
+        items.append("".join(cur))
+    return items
+
+
+def _only_excluded(text: str) -> str:
+    """A query made of excluded items only ("-draft", "-has:attachment
+    -tag:hold") as "NOT (draft OR ...)": Xapian takes a lone -item for a
+    syntax error and silently re-parses it without its operators, which
+    would find exactly the mail that was to be left out."""
+    items = _top_level_items(text)
+    if not items or not all(len(i) > 1 and i[0] == "-" for i in items):
+        return text
+    return "NOT (" + " OR ".join(f"({i[1:]})" for i in items) + ")"
 
 
 def _parse(text: str) -> tuple[xapian.Query, _DateField]:
@@ -771,6 +822,7 @@ def _parse(text: str) -> tuple[xapian.Query, _DateField]:
     fields: list[tuple[str, xapian.FieldProcessor, bool | str]] = [
         ("date", dates, False),
         ("size", _SizeField(errors), False),
+        ("has", _HasField(errors), False),
         *((f, _AddressField(errors, f), False) for f in _ADDRESS_FIELDS),
         ("address", _AnyAddressField(errors), False),
         ("id", _BooleanField(errors, "id", strip_id), "id"),
@@ -817,9 +869,9 @@ def parse_query(text: str) -> xapian.Query:
     """The Xapian query for a search string; raises QueryError.
 
     AND, OR, NOT, XOR (capitals), parentheses, "phrases", +must -mustnot,
-    trailing-* wildcards, field:value (see PREFIXES), date:FROM..TO and
-    size:FROM..TO.  Words without an operator between them must all match.
-    An empty string matches every message."""
+    trailing-* wildcards, field:value (see PREFIXES), date:FROM..TO,
+    size:FROM..TO and has:attachment.  Words without an operator between
+    them must all match.  An empty string matches every message."""
     return _parse(text)[0]
 
 

@@ -195,7 +195,7 @@ def run_reindex(cfg, args) -> int:
                                 w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
                                       date=effective_date(p.date, _arrival(meta)),
                                       size=len(raw),
-                                      listing=seal_listing(meta.get("summary") or {}, t, m,
+                                      listing=seal_listing(_listed(meta.get("summary") or {}, p), t, m,
                                                            bytes.fromhex(aid), keys))
                             if start + 500 >= len(todo):
                                 w.set_indexed_seq(shard.head()[0])
@@ -206,6 +206,16 @@ def run_reindex(cfg, args) -> int:
             store.close()
     print(f"reindex: {total} message(s) indexed", file=sys.stderr)
     return 0
+
+
+def _listed(summary: dict, p) -> dict:
+    """The summary a listing is sealed from: a record archived before the
+    summary held the To: addresses gets them from its parse here (the
+    stored summary itself never changes)."""
+    if "to" in summary:
+        return summary
+    from mailtresor.archive.archiver import SUMMARY_TO
+    return {**summary, "to": list(p.to[:SUMMARY_TO]), "to_count": len(p.to)}
 
 
 class _writer:

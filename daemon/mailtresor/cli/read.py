@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     s.add_argument("--limit", type=_positive, default=50, help="at most this many messages (default 50)")
     s.add_argument("--offset", type=_count, default=0, help="leave out the first N matches (default 0)")
     s.add_argument("--order", choices=("date-desc", "date-asc", "relevance"), default="date-desc")
-    s.add_argument("query", nargs="+", help="e.g. from:alice subject:invoice date:2002-07-01..2002-08-01")
+    s.add_argument("query", nargs="+", help="e.g. from:alice subject:invoice date:2002-07-01..2002-08-01 has:attachment "
+                        "(-has:attachment: without)")
     s.set_defaults(func=run_search)
 
     s = subparsers.add_parser("show", help="a message's original bytes, as received")

@@ -47,8 +47,6 @@ PAGE_MODULES = ("reading", "exports")
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".svg": b"image/svg+xml"}
 _STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(css|js|svg)\Z")
-FACET_NAMES = {"year": N_("Year"), "month": N_("Month"), "sender_domain": N_("Sender domain"),
-               "has_attachment": N_("Attachment"), "tag": N_("Tag"), "flag": N_("Flag")}
 
 
 def safe_next(value: str | None) -> str:
@@ -113,14 +111,6 @@ def _reason(ctx, text):
     return i18n.translate_reason(_translations(ctx), text)
 
 
-@jinja2.pass_context
-def _facet_name(ctx, key):
-    label = FACET_NAMES.get(key)
-    if label is None:
-        return key.replace("_", " ").capitalize()
-    return _translations(ctx).gettext(label)
-
-
 class Web:
     """The web UI over `api` (mailtresor.access.api.Api): its sessions,
     logins and core."""
@@ -139,7 +129,6 @@ class Web:
         # always have a value (num), jinja2's newstyle wrapper formats them.
         self.env.globals.update(gettext=_gettext, pgettext=_pgettext)
         self.env.filters["size"] = human_size
-        self.env.filters["facet_name"] = _facet_name
         self.env.filters["reason"] = _reason
         self.pending: dict[str, tuple[float, str | None, str, str]] = {}
         # (regex, methods, handler) of every page module's ROUTES.

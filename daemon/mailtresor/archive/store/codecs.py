@@ -37,7 +37,9 @@ _PREFIX = struct.Struct(">4sB")                # magic, format: common to every 
 
 # What a search result line shows.  It is derived from the message bytes
 # only, so it never goes stale.
-LISTING_FIELDS = ("date", "from", "subject", "message_id", "size")
+# "to", "to_count": the first To: addresses and how many there are (records
+# archived before they were added have neither; `reindex` fills them in).
+LISTING_FIELDS = ("date", "from", "subject", "message_id", "size", "to", "to_count")
 
 
 def _aad(kind: bytes, tenant: str, month: str, aid: bytes, head: bytes) -> bytes:
