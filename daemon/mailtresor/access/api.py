@@ -851,7 +851,7 @@ class ApiServer:
                                        store_lock=archiver.store_lock)
         self.api = Api(reactor=reactor, pool=self.pool, core=core, audit=audit,
                        sessions=Sessions(idle=cfg.access.session_idle, absolute=cfg.access.session_absolute),
-                       tenants=[t.name for t in cfg.tenant], status=daemon.status_doc, health=daemon.health,
+                       tenants=[t.name for t in cfg.tenant], status=self.status_doc, health=daemon.health,
                        facts=daemon.metrics_facts, metrics_networks=a.metrics_networks, web=True,
                        directories={t.name: t.ldap for t in cfg.tenant})
 
@@ -938,6 +938,21 @@ class ApiServer:
             # shutdown_timeout) but never the reactor.
             return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)
         return d.addBoth(done)
+
+    def status_doc(self) -> dict:
+        """GET /api/v1/status (and the web's status page): the daemon's
+        status document plus its shards' figures, read from the archiver's
+        Store under its lock (as `mailtresor status` reads them from disk)."""
+        doc = self.daemon.status_doc()
+        archiver = self.daemon.archiver
+        if archiver is not None:
+            from mailtresor.cli.status import shard_figures
+            try:
+                with archiver.store_lock:
+                    doc["shards"] = shard_figures(archiver.store)
+            except Exception as e:  # noqa: BLE001 - the rest of the status still answers
+                log.warning("status: cannot read the shards: %s", e)
+        return doc
 
     def status(self) -> dict:
         return {"listen": self.cfg.api.listen, "socket": str(self.path), "listening": len(self.ports),

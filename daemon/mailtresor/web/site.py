@@ -37,7 +37,7 @@ FRAME_CSP = HTML_CSP + b"; frame-ancestors 'self'"
 # route needs a live session (else: GET to the login and back, others 401);
 # the handler checks roles through the core or the API and CSRF on POST
 # (web.check_csrf).  /static/, /login and /logout are this module's own.
-PAGE_MODULES = ("reading",)
+PAGE_MODULES = ("reading", "admin")
 
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".svg": b"image/svg+xml"}
@@ -46,12 +46,25 @@ FACET_NAMES = {"year": "Year", "month": "Month", "sender_domain": "Sender domain
                "has_attachment": "Attachment", "tag": "Tag", "flag": "Flag"}
 
 
-def safe_next(value: str | None) -> str:
+def safe_next(value: str | None, default: str = "/search") -> str:
     """Where to go after login: a path of this site only (no //host, no scheme)."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value \
             or value.startswith("/api/") or any(ord(ch) < 0x20 for ch in value):
-        return "/search"
+        return default
     return value
+
+
+def landing(who) -> str:
+    """The first section WHO can use: the search for anyone who reads mail
+    (users, auditors), the administration for an admin who reads none, else
+    the account page."""
+    if who.can("read-own") or who.can("read-tenant"):
+        return "/search"
+    if who.can("manage-users") or who.can("manage-tokens"):
+        return "/admin"
+    if who.can("audit-read"):
+        return "/audit"
+    return "/account"
 
 
 def human_size(n) -> str:
@@ -169,8 +182,9 @@ class Web:
             if path.startswith("/static/") and get:
                 return self.static(request, path[len("/static/"):])
             if path == "/login":
-                if self.session(request) is not None and get:
-                    return self.redirect(request, "/search")
+                s = self.session(request)
+                if s is not None and get:
+                    return self.redirect(request, landing(s[0]))
                 if get:
                     return self.login_form(request)
                 if method == "POST":
@@ -181,7 +195,8 @@ class Web:
                     return await self.logout(request)
                 raise HttpError(405, "method not allowed here")
             if path == "/":
-                return self.redirect(request, "/search" if self.session(request) else "/login")
+                s = self.session(request)
+                return self.redirect(request, landing(s[0]) if s else "/login")
             handler, groups = self.route(method, path)
             s = self.session(request)
             if s is None:
@@ -245,7 +260,7 @@ class Web:
                           sameSite="strict")
         q = self.query(request)
         self._send(request, status, self.page(
-            "login.html", None, login_csrf=token, error=error, next=safe_next(next_ or q.get("next")),
+            "login.html", None, login_csrf=token, error=error, next=safe_next(next_ or q.get("next"), ""),
             totp=totp, tenant=tenant or q.get("tenant", ""), username=username,
             expired=bool(q.get("next")) and error is None and totp is None))
 
@@ -259,7 +274,7 @@ class Web:
         cookie = (request.getCookie(LOGIN_COOKIE) or b"").decode("ascii", "replace")
         if not cookie or not secrets.compare_digest(cookie, f.get("login_csrf", "")):
             raise HttpError(403, "the login form expired or came from elsewhere; load it again")
-        nxt = safe_next(f.get("next"))
+        nxt = safe_next(f.get("next"), "")      # "": the user's landing page (by role)
         self._expire_pending()
         pending = f.get("pending")
         if pending:
@@ -288,7 +303,7 @@ class Web:
             # The API's words: the same for an unknown user and a wrong password.
             return self.login_form(request, error=e.reason, status=e.status, next_=nxt, tenant=tenant or "",
                                    username=username, )
-        self.redirect(request, nxt)
+        self.redirect(request, nxt or landing(who))
 
     async def logout(self, request):
         s = self.session(request)
