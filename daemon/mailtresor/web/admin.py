@@ -118,7 +118,7 @@ def _http_400(e: Exception) -> str | None:
 
 async def overview(web, request, who, csrf):
     if not (who.can("manage-users") or who.can("manage-tokens")):
-        raise HttpError(403, "this page is for administrators")
+        raise HttpError(403, N_("this page is for administrators"))
     web.render(request, "admin.html", who, csrf, appliance=who.tenant is None and who.can("manage-tenants"))
 
 
@@ -296,7 +296,7 @@ def when(t) -> str:
 
 async def status(web, request, who, csrf):
     if not (who.can("manage-users") or who.can("manage-tenants")):
-        raise HttpError(403, "this page is for administrators")
+        raise HttpError(403, N_("this page is for administrators"))
     try:
         doc = await web.api.run(web.api.status_for, who)
     except HttpError as e:
