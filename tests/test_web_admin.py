@@ -281,6 +281,10 @@ def test_issued_token_page_is_not_cacheable_and_needs_csrf(world):
         assert r.getheader("Cache-Control") == "no-store"
         tok = next(t for t in world.tokens.list("acme") if t.name == "cache-check")
         assert tok.expires is not None and 29 * 86400 < tok.expires - time.time() <= 30 * 86400
+        # Revoking needs the token too.
+        for csrf in (False, "A" * 43):
+            assert p.post(f"/admin/tokens/{tok.id}/revoke", {"tenant": "acme"}, csrf=csrf).status == 403
+        assert not next(t for t in world.tokens.list("acme") if t.id == tok.id).revoked
         # No scope: a 400 beside the form, the label kept.
         r = p.post("/admin/tokens", {"name": "no-scope"})
         assert r.status == 400 and 'value="no-scope"' in r.body
@@ -297,9 +301,12 @@ def test_user_forms_need_csrf_and_keep_input_on_400(world):
             assert r.status == 403
             assert p.post("/admin/users/victim/disable", {}, csrf=csrf).status == 403
             assert p.post("/admin/users/victim/roles", {"role-admin": "1"}, csrf=csrf).status == 403
+            assert p.post("/admin/users/victim/password", {"password": "taken-over-1",
+                                                           "password2": "taken-over-1"}, csrf=csrf).status == 403
         assert world.users.get("acme", "sneaky") is None
         v = world.users.get("acme", "victim")
         assert not v.disabled and v.roles == {"user"}
+        assert login_status(world.stack, "victim", "acme", PW["victim"]) == 200
         # 400s: the page again with what was typed, never the password.
         r = p.post("/admin/users", {"name": "bad name!", "password": "typed-password-9",
                                     "password2": "typed-password-9", "role-user": "1"})
