@@ -238,6 +238,9 @@ EXPECTED = [
     ("POST", "/api/v1/users", {"name": "new-{who}", "password": "new-password-1", "roles": ["user"]},
      E(anon=401, alice=403, aud=403, adm=201, gina=403, gaud=403, gadm=201, root=400, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("PATCH", "/api/v1/users/victim", {"roles": ["user"], "addresses": ["victim@acme.example"]},
+     E(anon=401, alice=403, aud=403, adm=200, gina=403, gaud=403, gadm=404, root=404, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=404)),
     ("POST", "/api/v1/users/victim/disable", None,
      E(anon=401, alice=403, aud=403, adm=200, gina=403, gaud=403, gadm=404, root=404, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=404)),

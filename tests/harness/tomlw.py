@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 
 def _value(v) -> str:
@@ -17,6 +18,11 @@ def _value(v) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
 
 
+def _key(k: str) -> str:
+    """A bare key, or a quoted one (a group DN as a [tenant.ldap.roles] key)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def _is_table_array(v) -> bool:
     return isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v)
 
@@ -25,7 +31,7 @@ def dumps(doc: dict, prefix: str = "") -> str:
     out = []
     for k, v in doc.items():
         if not isinstance(v, dict) and not _is_table_array(v):
-            out.append(f"{k} = {_value(v)}")
+            out.append(f"{_key(k)} = {_value(v)}")
     for k, v in doc.items():
         name = f"{prefix}.{k}" if prefix else k
         if isinstance(v, dict):

@@ -91,6 +91,7 @@ ROUTES = (
     Route("GET", f"{V1}/events", "events", args=("since", "limit", "tenant")),
     Route("GET", f"{V1}/users", "users", args=("tenant",)),
     Route("POST", f"{V1}/users", "user_add"),
+    Route("PATCH", f"{V1}/users/{{name}}", "user_update", args=("tenant",)),
     Route("POST", f"{V1}/users/{{name}}/disable", "user_disable", args=("tenant",)),
     Route("POST", f"{V1}/users/{{name}}/enable", "user_enable", args=("tenant",)),
     Route("POST", f"{V1}/users/{{name}}/password", "user_password", args=("tenant",)),
@@ -202,6 +203,7 @@ class Api:
     sessions  access.sessions.Sessions
     audit     access.audit.AuditLog (logins, logouts, administration)
     tenants   the configured tenant names
+    directories  tenant -> config.Ldap or None (the directory settings page)
     status    () -> the daemon's status document (/api/v1/status)
     health    () -> (ready, reason) for /healthz
     facts     () -> the numbers /metrics shows (see access.metrics)
@@ -210,7 +212,7 @@ class Api:
     def __init__(self, *, reactor, pool, core=None, auth=None, sessions=None, audit=None, users=None,
                  tokens=None, tenants=(), status=lambda: {}, health=lambda: (True, "ok"),
                  facts=lambda: {}, metrics_networks=("127.0.0.0/8", "::1/128"), clock=time.time,
-                 openapi: bytes | None = None, web: bool = False):
+                 openapi: bytes | None = None, web: bool = False, directories=None):
         import ipaddress
 
         from .metrics import Metrics
@@ -219,6 +221,8 @@ class Api:
         self.core, self.auth, self.sessions, self.audit = core, auth, sessions, audit
         self.users, self.tokens = users, tokens
         self.tenant_names = tuple(tenants)
+        # tenant -> its [tenant.ldap] (config.Ldap) or None: shown read-only.
+        self.directories = dict(directories or {})
         self.status_doc, self.health = status, health
         self.metrics = Metrics(facts)
         self.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in metrics_networks]
@@ -572,110 +576,191 @@ class Api:
             self.audit.append(principal=who, tenant=tenant, action="admin", object=obj, result=result,
                               client=who.client, detail={"op": op})
 
+    # Each user/token operation is one method that checks (the tenant and the
+    # role via _manage_tenant), validates, changes and writes the audit
+    # record; the API's handlers and the web UI's pages (mailtresor.web.admin)
+    # both call it, so the two cannot drift apart.  They block (UserDB,
+    # argon2): call them in the pool (Api.run).  Errors are HttpError.
+
+    def users_list(self, who: Principal, tenant: str | None) -> list[dict]:
+        """The local users of `tenant` (public fields only)."""
+        tenant = self._manage_tenant(who, tenant, "manage-users", "users")
+        return [u.public() for u in self.users.list(tenant)]
+
+    def user_add(self, who: Principal, tenant: str | None, name, password, roles, addresses=()) -> dict:
+        """Add a local user; HttpError 400 (bad name, weak password, unknown
+        role...), 409 (exists), 403/404 (not yours)."""
+        from .users import UserError
+        tenant = self._manage_tenant(who, tenant, "manage-users", f"user:{name}")
+        if "appliance-admin" in roles and who.tenant is not None:
+            self._deny(who, tenant, "admin", f"user:{name}",
+                       "only the appliance administrator creates appliance administrators")
+        try:
+            if self.users.get(tenant, name) is not None:
+                raise HttpError(409, f"user {name!r} exists already")
+            user = self.users.add(tenant, name, password, roles, addresses)
+        except UserError as e:
+            raise HttpError(400, str(e)) from None
+        self._admin_audit(who, tenant, f"user:{name}", "add")
+        return user.public()
+
+    def _known_user(self, who: Principal, tenant, name: str):
+        _segment(name, _USER_NAME, "user")
+        tenant = self._manage_tenant(who, tenant, "manage-users", f"user:{name}")
+        if self.users.get(tenant, name) is None:
+            raise HttpError(404, "no such user")
+        return tenant
+
+    @staticmethod
+    def _is_self(who: Principal, tenant, name: str) -> bool:
+        return who.kind == "user" and who.tenant == tenant and who.name == name
+
+    def user_change(self, who: Principal, tenant: str | None, name: str, op: str,
+                    password: str | None = None) -> dict:
+        """op "disable", "enable" or "password" (with `password`); a disabled
+        user or one with a new password loses their sessions."""
+        from .users import UserError
+        if op not in ("disable", "enable", "password"):
+            raise ValueError(op)
+        tenant = self._known_user(who, tenant, name)
+        if op == "disable" and self._is_self(who, tenant, name):
+            # Nobody locks themselves out (a tenant's last admin would be gone).
+            raise HttpError(400, "you cannot disable your own account")
+        try:
+            if op == "disable":
+                self.users.disable(tenant, name)
+            elif op == "enable":
+                self.users.enable(tenant, name)
+            else:
+                self.users.passwd(tenant, name, password)
+        except UserError as e:
+            raise HttpError(400, str(e)) from None
+        if op != "enable" and self.sessions is not None:
+            self.sessions.drop_user(tenant, name)      # a disabled user or an old password: out
+        self._admin_audit(who, tenant, f"user:{name}", op)
+        return self.users.get(tenant, name).public()
+
+    def user_update(self, who: Principal, tenant: str | None, name: str, *, roles=None, addresses=None) -> dict:
+        """New roles and/or addresses for a local user (their sessions end:
+        still_valid compares them)."""
+        from .users import UserError
+        tenant = self._known_user(who, tenant, name)
+        if roles is None and addresses is None:
+            raise HttpError(400, "give \"roles\" or \"addresses\"")
+        if roles is not None:
+            if "appliance-admin" in roles and who.tenant is not None:
+                self._deny(who, tenant, "admin", f"user:{name}",
+                           "only the appliance administrator creates appliance administrators")
+            if self._is_self(who, tenant, name) and not set(roles) & {"admin", "appliance-admin"}:
+                raise HttpError(400, "you cannot take the admin role from your own account")
+        try:
+            user = self.users.update(tenant, name, roles=roles, addresses=addresses)
+        except UserError as e:
+            raise HttpError(400, str(e)) from None
+        self._admin_audit(who, tenant, f"user:{name}", "update")
+        return user.public()
+
+    def tokens_list(self, who: Principal, tenant: str | None) -> list[dict]:
+        """The tokens of `tenant` (every tenant's for the appliance
+        administrator without one); never a secret or its hash."""
+        tenant = self._manage_tenant(who, tenant, "manage-tokens", "tokens")
+        return [t.public() for t in (self.tokens.list(tenant) if tenant is not None else self.tokens.list())]
+
+    def token_issue(self, who: Principal, tenant: str | None, name, scopes, expires_in: int | None = None) -> dict:
+        """A new token: its public fields and, under "token", the secret -
+        returned here once, never stored, logged or audited."""
+        from .tokens import TokenError
+        tenant = self._manage_tenant(who, tenant, "manage-tokens", f"token:{name}")
+        if tenant is None:
+            raise HttpError(400, "a token belongs to a tenant: give \"tenant\"")
+        expires = self.clock() + expires_in if expires_in else None
+        try:
+            tid, secret = self.tokens.issue(tenant, name, scopes, expires)
+        except TokenError as e:
+            raise HttpError(400, str(e)) from None
+        self._admin_audit(who, tenant, f"token:{tid}", "issue")
+        pub = next(t.public() for t in self.tokens.list(tenant) if t.id == tid)
+        return {**pub, "token": secret}
+
+    def token_revoke(self, who: Principal, tenant: str | None, tid: str) -> dict:
+        from .tokens import TokenError
+        _segment(tid, _TOKEN_ID, "token")
+        tenant = self._manage_tenant(who, tenant, "manage-tokens", f"token:{tid}")
+        try:
+            if tenant is None:
+                self.tokens.revoke(tid)
+            else:
+                self.tokens.revoke(tid, tenant)
+        except TokenError:
+            raise HttpError(404, "no such token") from None
+        self._admin_audit(who, tenant, f"token:{tid}", "revoke")
+        return {"revoked": tid}
+
+    def directory_settings(self, who: Principal, tenant: str | None) -> dict | None:
+        """The tenant's [tenant.ldap] as the configuration has it, for
+        reading (None: the tenant has no directory).  The bind password is
+        never read: only whether a file for it is configured."""
+        tenant = self._manage_tenant(who, tenant, "manage-users", "directory")
+        ld = self.directories.get(tenant) if tenant is not None else None
+        if ld is None:
+            return None
+        return {"url": ld.url, "base": ld.base, "filter": ld.filter, "start_tls": ld.start_tls,
+                "ca_file": str(ld.ca_file) if ld.ca_file else None, "bind_dn": ld.bind_dn or None,
+                "bind_password_set": ld.bind_password_file is not None,
+                "address_attributes": list(ld.address_attributes), "group_base": ld.group_base or ld.base,
+                "roles": dict(ld.roles), "default_roles": list(ld.default_roles), "timeout": ld.timeout}
+
+    def status_for(self, who: Principal) -> dict:
+        """The daemon's status document, for the appliance administrator
+        (and the unix socket); 403, audited, for anyone else."""
+        self._appliance_only(who, "status")
+        return self.status_doc()
+
     async def h_users(self, c: Call) -> Answer:
-        def do():
-            tenant = self._manage_tenant(c.who, c.args.get("tenant"), "manage-users", "users")
-            return {"users": [u.public() for u in self.users.list(tenant)]}
-        return Answer(200, await self.run(do))
+        return Answer(200, {"users": await self.run(self.users_list, c.who, c.args.get("tenant"))})
 
     async def h_user_add(self, c: Call) -> Answer:
-        from .users import UserError
         doc = c.body(required=("name", "password", "roles"), optional=("addresses", "tenant"))
         name, password = member(doc, "name", str), member(doc, "password", str)
         roles, addresses = member(doc, "roles", list), member(doc, "addresses", list, default=[]) or []
+        return Answer(201, await self.run(self.user_add, c.who, member(doc, "tenant", str), name, password,
+                                          roles, addresses))
 
-        def do():
-            tenant = self._manage_tenant(c.who, member(doc, "tenant", str), "manage-users", f"user:{name}")
-            if "appliance-admin" in roles and c.who.tenant is not None:
-                self._deny(c.who, tenant, "admin", f"user:{name}",
-                           "only the appliance administrator creates appliance administrators")
-            try:
-                if self.users.get(tenant, name) is not None:
-                    raise HttpError(409, f"user {name!r} exists already")
-                user = self.users.add(tenant, name, password, roles, addresses)
-            except UserError as e:
-                raise HttpError(400, str(e)) from None
-            self._admin_audit(c.who, tenant, f"user:{name}", "add")
-            return user.public()
-        return Answer(201, await self.run(do))
-
-    async def _user_change(self, c: Call, op: str, password: str | None = None) -> Answer:
-        from .users import UserError
-        name = urllib.parse.unquote(c.params["name"])
-        _segment(name, _USER_NAME, "user")
-
-        def do():
-            tenant = self._manage_tenant(c.who, c.args.get("tenant"), "manage-users", f"user:{name}")
-            if self.users.get(tenant, name) is None:
-                raise HttpError(404, "no such user")
-            try:
-                if op == "disable":
-                    self.users.disable(tenant, name)
-                elif op == "enable":
-                    self.users.enable(tenant, name)
-                else:
-                    self.users.passwd(tenant, name, password)
-            except UserError as e:
-                raise HttpError(400, str(e)) from None
-            if op != "enable":
-                self.sessions.drop_user(tenant, name)      # a disabled user or an old password: out
-            self._admin_audit(c.who, tenant, f"user:{name}", op)
-            return self.users.get(tenant, name).public()
-        return Answer(200, await self.run(do))
+    def _user_name(self, c: Call) -> str:
+        return _segment(urllib.parse.unquote(c.params["name"]), _USER_NAME, "user")
 
     async def h_user_disable(self, c: Call) -> Answer:
-        return await self._user_change(c, "disable")
+        return Answer(200, await self.run(self.user_change, c.who, c.args.get("tenant"), self._user_name(c),
+                                          "disable"))
 
     async def h_user_enable(self, c: Call) -> Answer:
-        return await self._user_change(c, "enable")
+        return Answer(200, await self.run(self.user_change, c.who, c.args.get("tenant"), self._user_name(c),
+                                          "enable"))
 
     async def h_user_password(self, c: Call) -> Answer:
+        name = self._user_name(c)
         doc = c.body(required=("password",))
-        return await self._user_change(c, "password", member(doc, "password", str))
+        return Answer(200, await self.run(self.user_change, c.who, c.args.get("tenant"), name, "password",
+                                          member(doc, "password", str)))
+
+    async def h_user_update(self, c: Call) -> Answer:
+        name = self._user_name(c)
+        doc = c.body(optional=("roles", "addresses"))
+        return Answer(200, await self.run(self.user_update, c.who, c.args.get("tenant"), name,
+                                          roles=member(doc, "roles", list), addresses=member(doc, "addresses", list)))
 
     async def h_tokens(self, c: Call) -> Answer:
-        def do():
-            tenant = self._manage_tenant(c.who, c.args.get("tenant"), "manage-tokens", "tokens")
-            return {"tokens": [t.public() for t in (self.tokens.list(tenant) if tenant is not None
-                                                    else self.tokens.list())]}
-        return Answer(200, await self.run(do))
+        return Answer(200, {"tokens": await self.run(self.tokens_list, c.who, c.args.get("tenant"))})
 
     async def h_token_issue(self, c: Call) -> Answer:
-        from .tokens import TokenError
         doc = c.body(required=("name", "scopes"), optional=("tenant", "expires_in"))
-        name, scopes = member(doc, "name", str), member(doc, "scopes", list)
-        expires_in = member(doc, "expires_in", int)
-
-        def do():
-            tenant = self._manage_tenant(c.who, member(doc, "tenant", str), "manage-tokens", f"token:{name}")
-            if tenant is None:
-                raise HttpError(400, "a token belongs to a tenant: give \"tenant\"")
-            expires = self.clock() + expires_in if expires_in else None
-            try:
-                tid, secret = self.tokens.issue(tenant, name, scopes, expires)
-            except TokenError as e:
-                raise HttpError(400, str(e)) from None
-            self._admin_audit(c.who, tenant, f"token:{tid}", "issue")
-            pub = next(t.public() for t in self.tokens.list(tenant) if t.id == tid)
-            return {**pub, "token": secret}
-        return Answer(201, await self.run(do))
+        return Answer(201, await self.run(self.token_issue, c.who, member(doc, "tenant", str),
+                                          member(doc, "name", str), member(doc, "scopes", list),
+                                          member(doc, "expires_in", int)))
 
     async def h_token_revoke(self, c: Call) -> Answer:
-        from .tokens import TokenError
         tid = _segment(c.params["id"], _TOKEN_ID, "token")
-
-        def do():
-            tenant = self._manage_tenant(c.who, c.args.get("tenant"), "manage-tokens", f"token:{tid}")
-            try:
-                if tenant is None:
-                    self.tokens.revoke(tid)
-                else:
-                    self.tokens.revoke(tid, tenant)
-            except TokenError:
-                raise HttpError(404, "no such token") from None
-            self._admin_audit(c.who, tenant, f"token:{tid}", "revoke")
-            return {"revoked": tid}
-        return Answer(200, await self.run(do))
+        return Answer(200, await self.run(self.token_revoke, c.who, c.args.get("tenant"), tid))
 
     # --- the appliance ---
 
@@ -688,8 +773,7 @@ class Api:
         return Answer(200, {"tenants": list(self.tenant_names)})
 
     async def h_status(self, c: Call) -> Answer:
-        await self.run(self._appliance_only, c.who, "status")
-        return Answer(200, await self.run(self.status_doc))
+        return Answer(200, await self.run(self.status_for, c.who))
 
     async def h_openapi(self, c: Call) -> Answer:
         return Answer(200, body=self.openapi_bytes, content_type=JSON_TYPE)
@@ -778,8 +862,9 @@ class ApiServer:
                                        store_lock=archiver.store_lock)
         self.api = Api(reactor=reactor, pool=self.pool, core=core, audit=audit,
                        sessions=Sessions(idle=cfg.access.session_idle, absolute=cfg.access.session_absolute),
-                       tenants=[t.name for t in cfg.tenant], status=daemon.status_doc, health=daemon.health,
-                       facts=daemon.metrics_facts, metrics_networks=a.metrics_networks, web=True)
+                       tenants=[t.name for t in cfg.tenant], status=self.status_doc, health=daemon.health,
+                       facts=daemon.metrics_facts, metrics_networks=a.metrics_networks, web=True,
+                       directories={t.name: t.ldap for t in cfg.tenant})
 
     def start(self) -> defer.Deferred:
         import os
@@ -864,6 +949,21 @@ class ApiServer:
             # shutdown_timeout) but never the reactor.
             return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)
         return d.addBoth(done)
+
+    def status_doc(self) -> dict:
+        """GET /api/v1/status (and the web's status page): the daemon's
+        status document plus its shards' figures, read from the archiver's
+        Store under its lock (as `mailtresor status` reads them from disk)."""
+        doc = self.daemon.status_doc()
+        archiver = self.daemon.archiver
+        if archiver is not None:
+            from mailtresor.cli.status import shard_figures
+            try:
+                with archiver.store_lock:
+                    doc["shards"] = shard_figures(archiver.store)
+            except Exception as e:  # noqa: BLE001 - the rest of the status still answers
+                log.warning("status: cannot read the shards: %s", e)
+        return doc
 
     def status(self) -> dict:
         return {"listen": self.cfg.api.listen, "socket": str(self.path), "listening": len(self.ports),

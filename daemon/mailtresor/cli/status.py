@@ -136,22 +136,29 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _shards(root: Path) -> list[dict]:
-    from mailtresor.archive import index
     from mailtresor.archive.store import Store
-    out = []
     store = Store(root, readonly=True)
     try:
-        for t in store.tenants():
-            for m in store.months(t):
-                sh = store.shard(t, m)
-                head = sh.head()[0]
-                seal = sh.last_seal()
-                out.append({"shard": f"{t}/{m}", "records": sh.count(), "chain": head,
-                            "index_lag": max(0, head - index.indexed_seq(sh.index_dir)),
-                            "backup_lag": max(0, head - sh.backup_seq()),
-                            "unsealed": head - (seal.seq if seal else 0)})
+        return shard_figures(store)
     finally:
         store.close()
+
+
+def shard_figures(store) -> list[dict]:
+    """Per shard of an open Store: records, chain head, index and backup
+    lag, records not sealed yet (also the daemon's /api/v1/status, over
+    the archiver's own Store)."""
+    from mailtresor.archive import index
+    out = []
+    for t in store.tenants():
+        for m in store.months(t):
+            sh = store.shard(t, m)
+            head = sh.head()[0]
+            seal = sh.last_seal()
+            out.append({"shard": f"{t}/{m}", "records": sh.count(), "chain": head,
+                        "index_lag": max(0, head - index.indexed_seq(sh.index_dir)),
+                        "backup_lag": max(0, head - sh.backup_seq()),
+                        "unsealed": head - (seal.seq if seal else 0)})
     return out
 
 

@@ -42,19 +42,32 @@ FRAME_CSP = HTML_CSP + b"; frame-ancestors 'self'"
 # route needs a live session (else: GET to the login and back, others 401);
 # the handler checks roles through the core or the API and CSRF on POST
 # (web.check_csrf).  /static/, /login and /logout are this module's own.
-PAGE_MODULES = ("reading", "exports")
+PAGE_MODULES = ("reading", "exports", "admin")
 
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".svg": b"image/svg+xml"}
 _STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(css|js|svg)\Z")
 
 
-def safe_next(value: str | None) -> str:
+def safe_next(value: str | None, default: str = "/search") -> str:
     """Where to go after login: a path of this site only (no //host, no scheme)."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value \
             or value.startswith("/api/") or any(ord(ch) < 0x20 for ch in value):
-        return "/search"
+        return default
     return value
+
+
+def landing(who) -> str:
+    """The first section WHO can use: the search for anyone who reads mail
+    (users, auditors), the administration for an admin who reads none, else
+    the account page."""
+    if who.can("read-own") or who.can("read-tenant"):
+        return "/search"
+    if who.can("manage-users") or who.can("manage-tokens"):
+        return "/admin"
+    if who.can("audit-read"):
+        return "/audit"
+    return "/account"
 
 
 def human_size(n) -> str:
@@ -228,8 +241,9 @@ class Web:
             if path.startswith("/static/") and get:
                 return self.static(request, path[len("/static/"):])
             if path == "/login":
-                if self.session(request) is not None and get:
-                    return self.redirect(request, "/search")
+                s = self.session(request)
+                if s is not None and get:
+                    return self.redirect(request, landing(s[0]))
                 if get:
                     return self.login_form(request)
                 if method == "POST":
@@ -240,7 +254,8 @@ class Web:
                     return await self.logout(request)
                 raise HttpError(405, N_("method not allowed here"))
             if path == "/":
-                return self.redirect(request, "/search" if self.session(request) else "/login")
+                s = self.session(request)
+                return self.redirect(request, landing(s[0]) if s else "/login")
             if path == "/language":
                 if get:
                     return self.set_language(request)
@@ -327,9 +342,9 @@ class Web:
         request.addCookie(LOGIN_COOKIE, token.encode(), path=b"/login", secure=True, httpOnly=True,
                           sameSite="strict")
         q = self.query(request)
-        nxt = safe_next(next_ or q.get("next"))
+        nxt = safe_next(next_ or q.get("next"), "")     # "": the user's landing page (by role)
         # The language switch comes back to this login, with its next.
-        here = "/login" + ("?" + urllib.parse.urlencode({"next": nxt}) if nxt != "/search" else "")
+        here = "/login" + ("?" + urllib.parse.urlencode({"next": nxt}) if nxt else "")
         self.render(request, "login.html", None, None, status=status, here=here,
                     login_csrf=token, error=error, next=nxt,
                     totp=totp, tenant=tenant or q.get("tenant", ""), username=username,
@@ -345,7 +360,7 @@ class Web:
         cookie = (request.getCookie(LOGIN_COOKIE) or b"").decode("ascii", "replace")
         if not cookie or not secrets.compare_digest(cookie, f.get("login_csrf", "")):
             raise HttpError(403, N_("the login form expired or came from elsewhere; load it again"))
-        nxt = safe_next(f.get("next"))
+        nxt = safe_next(f.get("next"), "")      # "": the user's landing page (by role)
         self._expire_pending()
         pending = f.get("pending")
         if pending:
@@ -374,7 +389,7 @@ class Web:
             # The API's words: the same for an unknown user and a wrong password.
             return self.login_form(request, error=e.reason, status=e.status, next_=nxt, tenant=tenant or "",
                                    username=username, )
-        self.redirect(request, nxt)
+        self.redirect(request, nxt or landing(who))
 
     async def logout(self, request):
         s = self.session(request)
