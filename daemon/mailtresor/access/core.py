@@ -834,7 +834,8 @@ class Core:
 
     def audit_records(self, who: Principal, *, tenant: str | None = None, since: int = 0, limit: int = 100,
                       principal: str | None = None, action: str | None = None, result: str | None = None,
-                      after: str | None = None, before: str | None = None) -> dict:
+                      after: str | None = None, before: str | None = None,
+                      anomaly_count: bool = False) -> dict:
         """The tenant's audit records after `since`, search terms decrypted
         (auditors and local administrators): {"records": [...], "next":
         seq, "more": bool}.  Filters (see audit_filter): `principal` a
@@ -842,7 +843,8 @@ class Core:
         audit.RESULTS, `after` (inclusive) / `before` (exclusive) ISO dates
         or date-times, UTC.  `next` pages on through the filtered records;
         `more` is False once the end of the trail (or of the window) is
-        reached."""
+        reached.  `anomaly_count`: also "anomalies", how many anomaly
+        records the tenant has (the web UI's navigation; one record for both)."""
         asked = {k: v for k, v in (("principal", principal), ("action", action), ("result", result),
                                    ("after", after), ("before", before)) if v not in (None, "")}
 
@@ -851,7 +853,10 @@ class Core:
             since_, limit_ = self._page(since, limit)
             flt = audit_filter(**asked)
             p = self.audit.page(tenant=t, since=since_, limit=limit_, with_terms=True, filter=flt)
-            return {"records": p.records, "next": p.next, "more": p.more}, "audit"
+            doc = {"records": p.records, "next": p.next, "more": p.more}
+            if anomaly_count:
+                doc["anomalies"] = self._anomalies(t)[0]
+            return doc, "audit"
         # The filters asked are part of the record (bounded: audit_filter
         # refuses long or odd ones before anything is read).
         shown = {k: (v if isinstance(v, str) and len(v) <= 200 else "(invalid)") for k, v in asked.items()}
@@ -874,19 +879,25 @@ class Core:
             self._audit_gate(who)
             if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= ANOMALIES_KEPT:
                 raise BadRequest(f"limit must be a number from 1 to {ANOMALIES_KEPT}")
-            with self._anomaly_lock:
-                since, count, kept = self._anomaly_cache.get(t, (0, 0, ()))
-                kept = list(kept)
-                while True:
-                    p = self.audit.page(tenant=t, since=since, limit=MAX_AUDIT_PAGE, actions={"anomaly"})
-                    count += len(p.records)
-                    kept = (kept + p.records)[-ANOMALIES_KEPT:]
-                    since = p.next
-                    if not p.more:
-                        break
-                self._anomaly_cache[t] = (since, count, tuple(kept))
+            count, kept = self._anomalies(t)
             return {"anomalies": kept[::-1][:limit], "count": count}, "anomalies"
         return self._audited(who, "audit-read", run, asked=tenant, obj="anomalies")
+
+    def _anomalies(self, tenant: str) -> tuple[int, list[dict]]:
+        """(count, the newest ANOMALIES_KEPT oldest first) of the tenant's
+        anomaly records: read on from where the last call stopped."""
+        with self._anomaly_lock:
+            since, count, kept = self._anomaly_cache.get(tenant, (0, 0, ()))
+            kept = list(kept)
+            while True:
+                p = self.audit.page(tenant=tenant, since=since, limit=MAX_AUDIT_PAGE, actions={"anomaly"})
+                count += len(p.records)
+                kept = (kept + p.records)[-ANOMALIES_KEPT:]
+                since = p.next
+                if not p.more:
+                    break
+            self._anomaly_cache[tenant] = (since, count, tuple(kept))
+            return count, kept
 
     def audit_verify(self, who: Principal, *, tenant: str | None = None) -> dict:
         """Check the whole trail as `mailtresor audit verify` does (chain,
