@@ -95,12 +95,24 @@ def world(tmp_path_factory):
     stack.close()
 
 
-@pytest.fixture
-def browser(world, tmp_path):
+@pytest.fixture(scope="module")
+def shared_browser(world, tmp_path_factory):
+    # One Chromium for the module (each start costs seconds); every test
+    # begins logged out, with empty logs.
     from tests.harness.browser import Browser
-    b = Browser(world.base, tmp_path)
+    b = Browser(world.base, tmp_path_factory.mktemp("chromium"))
     yield b
     b.close()
+
+
+@pytest.fixture
+def browser(shared_browser):
+    b = shared_browser
+    b.get("/login")
+    b.driver.delete_all_cookies()
+    b.logs()
+    b.console, b.network = [], []
+    return b
 
 
 def login(b, name, tenant="acme", next_path="/audit"):
@@ -357,3 +369,31 @@ def test_phone_width(world, tmp_path):
         b.screenshot("audit-phone")
     finally:
         b.close()
+
+
+def test_every_string_of_the_audit_pages_has_its_german_translation():
+    """Every msgid of templates/audit*.html and web/audit.py (N_) is in
+    locale/de/audit.po, translated, with the same %(placeholders)s."""
+    import re
+    from pathlib import Path
+
+    from babel.messages.extract import extract_from_file
+    from babel.messages.pofile import read_po
+
+    web = Path(__file__).resolve().parents[1] / "daemon/mailtresor/web"
+    keywords = {"_": None, "gettext": None, "ngettext": (1, 2), "N_": None}
+    wanted = set()
+    for f in sorted((web / "templates").glob("audit*.html")):
+        wanted |= {m for _, m, _, _ in extract_from_file("jinja2", str(f), keywords=keywords,
+                                                        options={"extensions": "jinja2.ext.i18n"})}
+    wanted |= {m for _, m, _, _ in extract_from_file("python", str(web / "audit.py"), keywords=keywords)}
+    assert len(wanted) > 80
+    with open(web / "locale/de/audit.po", "rb") as f:
+        cat = read_po(f, locale="de")
+    for m in wanted:
+        msg = cat.get(m[0] if isinstance(m, tuple) else m)
+        assert msg is not None and msg.string, m
+        strings = msg.string if isinstance(msg.string, tuple) else (msg.string,)
+        ids = m if isinstance(m, tuple) else (m,)
+        for s in strings:
+            assert s and set(re.findall(r"%\(\w+\)", s)) == set(re.findall(r"%\(\w+\)", ids[-1])), (m, s)
