@@ -226,6 +226,7 @@ def test_events_anomalies_and_verify(world, browser):
     login(b, "aud", next_path="/audit/events")
     assert seqs(b, "#audit-events")
     assert not b.all("#audit-events td.terms")         # the SOC's view: terms stay encrypted
+    assert b.find("#audit-nav-anomalies").text == "Anomalies"      # counted on /audit and its own page
     b.screenshot("audit-events")
     b.get("/audit")
     nav = b.find("#audit-nav-anomalies").text

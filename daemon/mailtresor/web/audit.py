@@ -57,9 +57,9 @@ ANOMALY_KINDS = {
            "off and kept in the file named; the trail goes on after the last complete record.")),
 }
 UNKNOWN_KIND = (N_("Anomaly"), N_("An anomaly of a kind this page does not describe; its details are below."))
-DETAIL_LABELS = {"spool_id": N_("spool entry"), "source": N_("source"), "connector": N_("connector"),
-                 "reason": N_("reason"), "offset": N_("offset"), "bytes": N_("bytes"), "sha256": N_("SHA-256"),
-                 "kept_in": N_("kept in"), "after_seq": N_("after record")}
+DETAIL_LABELS = {"spool_id": N_("Spool entry"), "source": N_("Source"), "connector": N_("Connector"),
+                 "reason": N_("Reason"), "offset": N_("Offset"), "bytes": N_("Bytes"), "sha256": N_("SHA-256"),
+                 "kept_in": N_("Kept in"), "after_seq": N_("After record")}
 
 
 # --- showing hostile values: pure functions --------------------------------------------
@@ -188,7 +188,7 @@ def _paging(q: dict) -> tuple[int, int, int]:
 
 def _common(who) -> dict:
     return {"action_labels": ACTION_LABELS, "result_labels": RESULT_LABELS, "kind_labels": KIND_LABELS,
-            "can_read": who.can("read-tenant")}
+            "can_read": who.can("read-tenant"), "anomaly_count": None}
 
 
 # --- pages ---------------------------------------------------------------------------
@@ -210,10 +210,10 @@ async def trail(web, request, who, csrf):
     rows = [row(r, can_read=who.can("read-tenant")) for r in (doc or {}).get("records", [])]
     web.render(request, "audit.html", who, csrf, view="trail", form=form, rows=rows, doc=doc, error=error,
                errors=errors, page=page, actions=RECORD_ACTIONS, results=RESULTS,
-               anomaly_count=(doc or {}).get("anomalies"),
+               **{**_common(who), "anomaly_count": (doc or {}).get("anomalies")},
                next_link=_link("/audit", form, since=str(doc["next"]), page=str(page + 1), **extra)
                if doc and doc.get("more") else None,
-               first_link=_link("/audit", form, **extra) if since else None, **_common(who))
+               first_link=_link("/audit", form, **extra) if since else None)
 
 
 async def events(web, request, who, csrf):
@@ -242,7 +242,7 @@ async def anomalies(web, request, who, csrf):
     doc = await web.api.run(web.core.anomalies, who, limit=100)
     items = [anomaly_row(r, can_read=who.can("read-tenant")) for r in doc["anomalies"]]
     web.render(request, "audit_anomalies.html", who, csrf, view="anomalies", items=items, count=doc["count"],
-               anomaly_count=doc["count"], **_common(who))
+               **{**_common(who), "anomaly_count": doc["count"]})
 
 
 async def verify(web, request, who, csrf):
