@@ -398,3 +398,29 @@ def test_every_string_of_the_audit_pages_has_its_german_translation():
         ids = m if isinstance(m, tuple) else (m,)
         for s in strings:
             assert s and set(re.findall(r"%\(\w+\)", s)) == set(re.findall(r"%\(\w+\)", ids[-1])), (m, s)
+
+
+def test_the_pages_pure_helpers():
+    from mailtresor.access.principal import Principal
+    from mailtresor.web import audit as page
+
+    assert page.visible("a\nb\x1b[1m\u202e\u200bc") == "a\\nb\\x1b[1m\\u202e\\u200bc"
+    assert page.visible(None) == "" and page.visible(5) == "5"
+    assert page.cell("x" * 10, 5) == ("xxxx…", "x" * 10) and page.cell("abc", 5) == ("abc", None)
+    assert page.who_of("user:alice") == ("user", "alice")
+    assert page.who_of("mailtresord") == ("daemon", "mailtresord")
+    assert page.who_of("evil:<b>") == ("daemon", "evil:<b>")
+    assert page.detail_text({"reason": "x\ny", "filter": {"principal": "a"}}) == "reason: x\\ny; filter: principal=a"
+    aud = Principal(kind="user", name="aud", tenant="acme", roles=frozenset({"auditor"}))
+    form, kw, errors = page.filters_of({"who": " alice ", "action": "read", "from": "2026-12-01",
+                                        "to": "2026-12-31", "tenant": "globex"}, aud)
+    # "to" is inclusive: the core's `before` is the next day; a tenant is not asked for by a tenant's auditor.
+    assert kw == {"principal": "alice", "action": "read", "after": "2026-12-01", "before": "2027-01-01"}
+    assert not errors and form["who"] == "alice"
+    _, kw, errors = page.filters_of({"from": "2026-02-30", "to": "12/01/2026"}, aud)
+    assert kw == {} and [label for _, label in errors] == ["From", "To"]
+    r = page.row({"seq": 1, "time": "2026-12-03T09:00:00.000001Z", "principal": "user:a", "object": "a" * 40,
+                  "action": "read", "result": "ok", "client": "c"}, can_read=False)
+    assert r["link"] is None and r["time"] == "2026-12-03 09:00:00"
+    assert page.row({"object": "a" * 40}, can_read=True)["link"] == "/message/" + "a" * 40
+    assert page.row({"object": "../" + "a" * 40}, can_read=True)["link"] is None
