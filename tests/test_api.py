@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import time
 from email.message import EmailMessage
 
@@ -74,7 +75,8 @@ class Client:
                 r = self.conn.getresponse()
                 data = r.read()
                 break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
+                # The server closed the idle keep-alive connection ([api] timeout).
                 self.conn.close()
                 self.conn = None
                 if attempt == 2:

@@ -637,3 +637,181 @@ def test_a_trail_whose_files_were_removed_is_not_begun_again(tmp_path, keys):
     with pytest.raises(audit.AuditError, match="files in .* are gone .*seq 13"):
         AuditLog(tmp_path, keys)
     assert audit.segments(tmp_path) == []
+
+
+# --- filters (the auditor's pages and GET /api/v1/audit) -------------------------------
+
+def _mixed(log: AuditLog, clock: list[float]) -> None:
+    """Records of alice, bob and another tenant, one minute apart."""
+    rows = [("user:alice", "acme", "search", "ok"), ("user:bob", "acme", "read", "ok"),
+            ("user:alice", "acme", "read", "ok"), ("user:alice", "globex", "read", "ok"),
+            ("user:alice@acme", "acme", "login-failed", "failed"), ("user:alice", "acme", "read", "not-found"),
+            ("token:alice", "acme", "search", "denied"), ("user:alicex", "acme", "read", "ok")]
+    for principal, tenant, action, result in rows:
+        log.append(principal=principal, tenant=tenant, action=action, object="x", result=result,
+                   client="192.0.2.1")
+        clock[0] += 60
+
+
+def test_filters_match_while_scanning_and_the_cursor_pages_through_them(tmp_path, keys):
+    """Every page of a filtered read, one record at a time, gives exactly
+    the records a filter over the whole trail gives: none missed, none twice."""
+    clock = [1_800_000_000.0]
+    log = AuditLog(tmp_path, keys, clock=lambda: clock[0], seal_every=3)
+    _mixed(log, clock)
+    every = log.read(tenant="acme", limit=1000)[0]
+    cases = {
+        audit.Filter(principal="alice"): lambda r: r["principal"] in ("user:alice", "token:alice",
+                                                                      "user:alice@acme"),
+        audit.Filter(principal="user:alice"): lambda r: r["principal"] == "user:alice",
+        audit.Filter(actions=frozenset({"read"})): lambda r: r["action"] == "read",
+        audit.Filter(results=frozenset({"ok"}), actions=frozenset({"read"})):
+            lambda r: r["action"] == "read" and r["result"] == "ok",
+        audit.Filter(after=audit.parse_iso(every[2]["time"]), before=audit.parse_iso(every[5]["time"])):
+            lambda r: every[2]["time"] <= r["time"] < every[5]["time"],
+    }
+    for flt, want in cases.items():
+        expected = [r["seq"] for r in every if want(r)]
+        assert expected, flt
+        got, since = [], 0
+        for _ in range(50):
+            p = log.page(tenant="acme", since=since, limit=1, filter=flt)
+            got += [r["seq"] for r in p.records]
+            assert p.next >= since
+            since = p.next
+            if not p.more:
+                break
+        assert got == expected, flt
+        assert log.read(tenant="acme", limit=1000, filter=flt)[0] == [r for r in every if want(r)]
+    # Another tenant's records never come through a filter.
+    assert all(r["tenant"] == "acme" for r in log.read(tenant="acme", limit=1000,
+                                                        filter=audit.Filter(principal="alice"))[0])
+    log.close()
+
+
+def test_a_bounded_scan_stops_short_and_its_cursor_goes_on(tmp_path, keys):
+    log = AuditLog(tmp_path, keys)
+    add(log, 5, action="search")
+    add(log, 1, action="read")
+    flt = audit.Filter(actions=frozenset({"read"}))
+    p = log.page(tenant="acme", limit=10, filter=flt, max_scan=2)
+    assert (p.records, p.next, p.more) == ([], 2, True)
+    seen, since = [], 0
+    for _ in range(10):
+        p = log.page(tenant="acme", since=since, limit=10, filter=flt, max_scan=2)
+        seen += p.records
+        since = p.next
+        if not p.more:
+            break
+    assert [r["seq"] for r in seen] == [6] and not p.more
+    log.close()
+
+
+def test_the_window_ends_the_scan_and_stays_ended(tmp_path, keys):
+    clock = [1_800_000_000.0]
+    log = AuditLog(tmp_path, keys, clock=lambda: clock[0])
+    for _ in range(4):
+        add(log)
+        clock[0] += 3600
+    every = log.read(tenant="acme")[0]
+    flt = audit.Filter(before=audit.parse_iso(every[2]["time"]))
+    p = log.page(tenant="acme", limit=100, filter=flt)
+    assert [r["seq"] for r in p.records] == [1, 2] and p.next == 2 and not p.more
+    assert log.page(tenant="acme", since=p.next, filter=flt).records == []
+    log.close()
+
+
+def test_segments_wholly_before_the_window_are_skipped_unread(tmp_path, keys, monkeypatch):
+    clock = [1_800_000_000.0]
+    log = AuditLog(tmp_path, keys, clock=lambda: clock[0], segment_bytes=400, seal_every=2)
+    for _ in range(12):
+        add(log)
+        clock[0] += 60
+    log.close()
+    segs = audit.segments(tmp_path)
+    assert len(segs) >= 3
+    every = audit.read(tmp_path, keys, tenant="acme", limit=1000)[0]
+    after = audit.parse_iso(every[-2]["time"])
+    opened = []
+    real = audit.lines
+    monkeypatch.setattr(audit, "lines", lambda path, start=0: opened.append(Path(path).name) or real(path, start))
+    got = audit.read(tmp_path, keys, tenant="acme", limit=1000, filter=audit.Filter(after=after))[0]
+    assert got == every[-2:]
+    # The first segment was only looked at for its successor's first record's time.
+    assert opened.count(segs[0][1].name) == 0
+
+
+def test_core_audit_filters_are_checked_and_scoped(tmp_path, keys):
+    """Core.audit_records: a bad filter is a BadRequest naming it (and
+    audited as failed); the filters narrow the caller's tenant only; an
+    auditor's terms are decrypted."""
+    from mailtresor.access.core import BadRequest, Core, Forbidden, NotFound, audit_time
+    from mailtresor.access.principal import Principal
+
+    log = AuditLog(tmp_path / "audit", keys)
+    core = Core(store=None, keys=keys, audit=log, exports_dir=tmp_path / "exports", tenants=["acme", "globex"])
+    log.append(principal="user:alice", tenant="acme", action="search", object=None, result="ok",
+               client="192.0.2.1", terms="merger plans")
+    log.append(principal="user:alice", tenant="globex", action="read", object="x", result="ok", client="c")
+    aud = Principal(kind="user", name="aud", tenant="acme", roles=frozenset({"auditor"}), client="192.0.2.9")
+    got = core.audit_records(aud, principal="alice")
+    assert [(r["action"], r.get("terms")) for r in got["records"]] == [("search", "merger plans")]
+    assert got["more"] is False
+    assert core.audit_records(aud, principal="alice", action="read")["records"] == []
+    assert core.audit_records(aud, after="2999-01-01")["records"] == []
+    assert len(core.audit_records(aud, before="2999-01-01T00:00:00Z")["records"]) >= 1
+    for kw, words in (({"action": "delete"}, "action must be one of"), ({"result": "maybe"}, "result must be one of"),
+                      ({"after": "yesterday"}, "after must be a date"), ({"before": "2026-13-45"}, "before: "),
+                      ({"after": "2026-12-03", "before": "2026-12-01"}, "before must be later"),
+                      ({"principal": "a\nb"}, "principal must be"), ({"principal": "x" * 300}, "principal must be")):
+        with pytest.raises(BadRequest, match=words):
+            core.audit_records(aud, **kw)
+    last = log.read(tenant="acme", limit=1000)[0][-1]
+    assert (last["action"], last["result"], last["principal"]) == ("audit-read", "failed", "user:aud")
+    assert last["detail"]["filter"] == {"principal": "(invalid)"} and "reason" in last["detail"]
+    with pytest.raises(NotFound):
+        core.audit_records(aud, tenant="globex")
+    user = Principal(kind="user", name="alice", tenant="acme", roles=frozenset({"user"}))
+    for call in (core.audit_records, core.anomalies, core.audit_verify):
+        with pytest.raises(Forbidden):
+            call(user)
+    assert audit_time("t", "2026-12-03") == audit.parse_iso("2026-12-03T00:00:00.000000Z")
+    assert audit_time("t", "2026-12-03T01:00:00+01:00") == audit.parse_iso("2026-12-03T00:00:00.000000Z")
+    log.close()
+
+
+def test_core_anomalies_newest_first_counted_and_read_on_from_where_it_was(tmp_path, keys):
+    from mailtresor.access.core import Core
+    from mailtresor.access.principal import Principal
+
+    log = AuditLog(tmp_path / "audit", keys)
+    trail = audit.DaemonTrail(log)
+    core = Core(store=None, keys=keys, audit=log, exports_dir=tmp_path / "exports", tenants=["acme", "globex"])
+    aud = Principal(kind="user", name="aud", tenant="acme", roles=frozenset({"auditor"}))
+    trail.anomaly("journal-untrusted", "acme", "a" * 40, {"spool_id": "s1", "source": "relay"})
+    trail.anomaly("set-aside", None, "s2", {"reason": "cannot prepare"})
+    trail.anomaly("extraction-truncated", "globex", "b" * 40, {"spool_id": "s3"})
+    got = core.anomalies(aud)
+    assert got["count"] == 1 and got["anomalies"][0]["detail"]["kind"] == "journal-untrusted"
+    trail.anomaly("extraction-truncated", "acme", "c" * 40, {"spool_id": "s4"})
+    got = core.anomalies(aud)
+    assert got["count"] == 2 and [a["object"] for a in got["anomalies"]] == ["c" * 40, "a" * 40]
+
+
+def test_core_audit_verify_reports_problems_and_notes(tmp_path, keys):
+    from mailtresor.access.core import Core
+    from mailtresor.access.principal import Principal
+
+    d = tmp_path / "audit"
+    sealed_log(d, keys)
+    log = AuditLog(d, keys, seal_every=1000)
+    core = Core(store=None, keys=keys, audit=log, exports_dir=tmp_path / "exports", tenants=["acme"])
+    aud = Principal(kind="user", name="aud", tenant="acme", roles=frozenset({"auditor"}))
+    rep = core.audit_verify(aud)
+    assert rep["sound"] and rep["problem_count"] == 0 and rep["last_seal"]["seq"] >= 1 and rep["seals"] >= 1
+    lines_ = log_lines(d)
+    lines_[2] = lines_[2].replace(b"obj2", b"obj9")
+    write_lines(d, lines_)
+    rep = core.audit_verify(aud)
+    assert not rep["sound"] and any("seq 3" in p for p in rep["problems"])
+    log.close()

@@ -65,6 +65,8 @@ LOCK = "lock"
 ACTIONS = ("login", "login-failed", "logout", "search", "read", "download", "export", "admin",
            "key-fetch", "anomaly")
 EVENT_ACTIONS = frozenset(ACTIONS)          # what /api/v1/events serves
+# Every action a record can have: ACTIONS and the core's reads of the trail itself.
+RECORD_ACTIONS = ACTIONS + ("audit-read",)
 RESULTS = ("ok", "denied", "failed", "not-found")
 ALL = "*"              # read(tenant=ALL): every record (the CLI's operator view); no tenant is named "*"
 ENCRYPTED = "(encrypted)"
@@ -218,23 +220,89 @@ def read_head(directory: Path) -> dict | None:
     return doc
 
 
-def read(directory: Path, keys=None, *, tenant: str | None, since: int = 0, limit: int = 100,
-         actions: set[str] | None = None, with_terms: bool = False) -> tuple[list[dict], int]:
+@dataclass(frozen=True)
+class Filter:
+    """What a reader narrows the records to (all None: every record of
+    the tenant).  `principal`: a login name ("alice": the record's
+    principal "user:alice", "token:alice", and alice's failed logins
+    "user:alice@<the record's tenant>") or a whole principal as the trail
+    names it ("user:alice", "mailtresord"); `actions`, `results`: sets;
+    `after` (inclusive) and `before` (exclusive): microseconds since the
+    epoch, UTC."""
+    principal: str | None = None
+    actions: frozenset[str] | None = None
+    results: frozenset[str] | None = None
+    after: int | None = None
+    before: int | None = None
+
+    def matches(self, doc: dict) -> bool:
+        if self.actions is not None and doc.get("action") not in self.actions:
+            return False
+        if self.results is not None and doc.get("result") not in self.results:
+            return False
+        if self.principal is not None and not principal_matches(self.principal, doc):
+            return False
+        return True
+
+
+def principal_matches(wanted: str, doc: dict) -> bool:
+    """Whether a record's principal is `wanted` (see Filter).  Pure."""
+    got = doc.get("principal")
+    if not isinstance(got, str):
+        return False
+    if ":" in wanted or got == wanted:
+        return got == wanted
+    _, _, name = got.partition(":")
+    return name == wanted or (bool(doc.get("tenant")) and name == f"{wanted}@{doc['tenant']}")
+
+
+@dataclass
+class Page:
+    """One page of read(): the records, the cursor to pass as `since`
+    next (the last seq looked at), and whether there may be more after it
+    (False: the end of the trail, or of the `before` window, was reached)."""
+    records: list[dict]
+    next: int
+    more: bool
+
+
+# Records looked at (decoded) by one read at most: a filter that matches
+# little makes a page cost a bounded scan, and the cursor goes on from there.
+MAX_SCAN = 200_000
+
+
+def page(directory: Path, keys=None, *, tenant: str | None, since: int = 0, limit: int = 100,
+         actions: set[str] | None = None, with_terms: bool = False, filter: Filter | None = None,  # noqa: A002
+         max_scan: int = MAX_SCAN) -> Page:
     """Records after seq `since` (at most `limit`), of `tenant` only
     (None: the appliance's own records; ALL: every record), of `actions`
-    if given.  Returns them and the cursor to pass as `since` next time
-    (the last seq looked at).  Terms are "(encrypted)" unless `with_terms`
-    and the tenant's key can be had.  Malformed lines are skipped (verify
-    names them)."""
+    if given, that `filter` matches.  Filtering happens while scanning;
+    at most `max_scan` records after `since` are looked at, so the cursor
+    may stop short of the end with fewer than `limit` records (`more`
+    says so).  Records are in seq order, and their times never go back
+    (the writer sees to it): a record at or after `filter.before` ends the
+    scan, and a segment whose successor begins before `filter.after` is
+    skipped unread.  Terms are "(encrypted)" unless `with_terms` and the
+    tenant's key can be had.  Malformed lines are skipped (verify names
+    them)."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
+    f = filter or Filter()
+    if actions is not None:
+        f = Filter(f.principal, frozenset(actions) & f.actions if f.actions is not None else frozenset(actions),
+                   f.results, f.after, f.before)
     out: list[dict] = []
-    cursor = since
+    cursor, looked = since, 0
     with _shared(directory):
         segs = segments(directory)
         for i, (first, path) in enumerate(segs):
-            if i + 1 < len(segs) and segs[i + 1][0] <= since + 1:
-                continue                     # wholly before the cursor
+            if i + 1 < len(segs):
+                if segs[i + 1][0] <= since + 1:
+                    continue                     # wholly before the cursor
+                if f.after is not None and _first_time(segs[i + 1][1]) < f.after:
+                    # Every record here is older than the next segment's first.
+                    cursor = max(cursor, segs[i + 1][0] - 1)
+                    continue
             for ln in lines(path):
                 if not ln.complete:
                     break
@@ -245,17 +313,52 @@ def read(directory: Path, keys=None, *, tenant: str | None, since: int = 0, limi
                 seq = doc["seq"]
                 if seq <= since:
                     continue
+                if f.before is not None and _time_of(doc) >= f.before:
+                    # Nothing after this record is earlier: the window is
+                    # done; the cursor stays before it (so stays done).
+                    return Page(out, cursor, False)
                 cursor = max(cursor, seq)
-                if doc.get("type") != "event":
-                    continue
-                if tenant != ALL and doc.get("tenant") != tenant:
-                    continue
-                if actions is not None and doc.get("action") not in actions:
-                    continue
-                out.append(_public(doc, keys, with_terms))
-                if len(out) >= limit:
-                    return out, seq
-    return out, cursor
+                looked += 1
+                if doc.get("type") == "event" and (tenant == ALL or doc.get("tenant") == tenant) \
+                        and (f.after is None or _time_of(doc) >= f.after) and f.matches(doc):
+                    out.append(_public(doc, keys, with_terms))
+                    if len(out) >= limit:
+                        return Page(out, seq, True)
+                if looked >= max_scan:
+                    return Page(out, cursor, True)
+    return Page(out, cursor, False)
+
+
+def read(directory: Path, keys=None, *, tenant: str | None, since: int = 0, limit: int = 100,
+         actions: set[str] | None = None, with_terms: bool = False,
+         filter: Filter | None = None) -> tuple[list[dict], int]:  # noqa: A002
+    """page() as (records, cursor): records after seq `since` (at most
+    `limit`) of `tenant` (None: the appliance's own; ALL: every record),
+    of `actions` if given, matching `filter`; the cursor to pass as
+    `since` next time (the last seq looked at)."""
+    p = page(directory, keys, tenant=tenant, since=since, limit=limit, actions=actions, with_terms=with_terms,
+             filter=filter)
+    return p.records, p.next
+
+
+def _time_of(doc: dict) -> int:
+    try:
+        return parse_iso(doc.get("time", ""))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _first_time(path: Path) -> int:
+    """The time of a segment's first record (0 if it has none that reads:
+    then nothing is skipped on its account)."""
+    for ln in lines(path):
+        if not ln.complete:
+            return 0
+        try:
+            return _time_of(decode(ln.raw)[0])
+        except Malformed:
+            return 0
+    return 0
 
 
 def _public(doc: dict, keys, with_terms: bool) -> dict:
@@ -518,10 +621,16 @@ class AuditLog:
         return self._seal_if_due(force=True)
 
     def read(self, *, tenant: str | None, since: int = 0, limit: int = 100, actions: set[str] | None = None,
-             with_terms: bool = False) -> tuple[list[dict], int]:
+             with_terms: bool = False, filter: Filter | None = None) -> tuple[list[dict], int]:  # noqa: A002
         """See the module's read()."""
         return read(self.directory, self.keys, tenant=tenant, since=since, limit=limit, actions=actions,
-                    with_terms=with_terms)
+                    with_terms=with_terms, filter=filter)
+
+    def page(self, *, tenant: str | None, since: int = 0, limit: int = 100, actions: set[str] | None = None,
+             with_terms: bool = False, filter: Filter | None = None, max_scan: int = MAX_SCAN) -> Page:  # noqa: A002
+        """See the module's page()."""
+        return page(self.directory, self.keys, tenant=tenant, since=since, limit=limit, actions=actions,
+                    with_terms=with_terms, filter=filter, max_scan=max_scan)
 
     def status(self) -> dict:
         with self._mu:

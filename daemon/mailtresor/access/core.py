@@ -49,6 +49,9 @@ from mailtresor.archive import index, parse
 
 MAX_PAGE = 200                      # results per search page
 MAX_AUDIT_PAGE = 1000               # records per audit/events page
+ANOMALIES_KEPT = 500                # newest anomaly records a Core keeps per tenant (Core.anomalies)
+VERIFY_SHOWN = 100                  # problems of a trail verification handed out (and the count)
+MAX_FILTER_NAME = 200               # characters of the principal an audit filter names
 EXPORT_MAX = 100_000                # messages per export (Core(export_max=...))
 EXPORT_TTL = 24 * 3600.0            # seconds a finished export is kept
 EXPORTS_RUNNING = 2                 # exports one principal may have running at once
@@ -167,6 +170,45 @@ def envelope_addresses(env: dict) -> list[str]:
     return addrs(env)
 
 
+def audit_time(name: str, text) -> int:
+    """An ISO 8601 date ("2026-12-03": its midnight) or date-time
+    ("2026-12-03T10:00", "...:00Z", "...+01:00"; without a zone: UTC) as
+    microseconds since the epoch; BadRequest naming `name` otherwise.  Pure."""
+    import datetime as dt
+    if not isinstance(text, str) or len(text) > 40 or not re.fullmatch(r"\d{4}-\d\d-\d\d([T ][0-9:.+\-Z]+)?", text):
+        raise BadRequest(f"{name} must be a date (YYYY-MM-DD) or a date and time (YYYY-MM-DDTHH:MM:SSZ), UTC; "
+                         f"not {str(text)[:40]!r}")
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name}: {text!r} is not a valid date") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return int(when.timestamp()) * 1_000_000 + when.microsecond
+
+
+def audit_filter(*, principal: str | None = None, action: str | None = None, result: str | None = None,
+                 after: str | None = None, before: str | None = None):
+    """The audit.Filter for a reader's filters, each checked: BadRequest
+    naming the problem (an unknown action or result, a malformed date, a
+    window that ends before it begins).  Pure."""
+    from mailtresor.access import audit as trail
+    if principal is not None:
+        if not isinstance(principal, str) or not principal or len(principal) > MAX_FILTER_NAME \
+                or not principal.isprintable():
+            raise BadRequest(f"principal must be a login name (1 to {MAX_FILTER_NAME} printable characters)")
+    if action is not None and action not in trail.RECORD_ACTIONS:
+        raise BadRequest(f"action must be one of {', '.join(trail.RECORD_ACTIONS)}")
+    if result is not None and result not in trail.RESULTS:
+        raise BadRequest(f"result must be one of {', '.join(trail.RESULTS)}")
+    lo = audit_time("after", after) if after is not None else None
+    hi = audit_time("before", before) if before is not None else None
+    if lo is not None and hi is not None and hi <= lo:
+        raise BadRequest("before must be later than after")
+    return trail.Filter(principal=principal, actions=frozenset({action}) if action else None,
+                        results=frozenset({result}) if result else None, after=lo, before=hi)
+
+
 @dataclass
 class _Job:
     id: str
@@ -229,6 +271,10 @@ class Core:
         self._store_lock = store_lock if store_lock is not None else threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._jobs_lock = threading.Lock()
+        # tenant -> (seq read up to, anomalies counted, the newest kept): Core.anomalies
+        self._anomaly_cache: dict[str, tuple[int, int, tuple]] = {}
+        self._anomaly_lock = threading.Lock()
+        self._verify_lock = threading.Lock()
         from mailtresor.archive.store import private_dir
         private_dir(self.exports_dir)
         self._sweep_files()
@@ -811,17 +857,109 @@ class Core:
 
     # --- the audit trail ---------------------------------------------------------
 
-    def audit_records(self, who: Principal, *, tenant: str | None = None, since: int = 0,
-                      limit: int = 100) -> dict:
+    def audit_records(self, who: Principal, *, tenant: str | None = None, since: int = 0, limit: int = 100,
+                      principal: str | None = None, action: str | None = None, result: str | None = None,
+                      after: str | None = None, before: str | None = None,
+                      anomaly_count: bool = False) -> dict:
         """The tenant's audit records after `since`, search terms decrypted
-        (auditors and local administrators): {"records": [...], "next": seq}."""
+        (auditors and local administrators): {"records": [...], "next":
+        seq, "more": bool}.  Filters (see audit_filter): `principal` a
+        login name, `action` one of audit.RECORD_ACTIONS, `result` one of
+        audit.RESULTS, `after` (inclusive) / `before` (exclusive) ISO dates
+        or date-times, UTC.  `next` pages on through the filtered records;
+        `more` is False once the end of the trail (or of the window) is
+        reached.  `anomaly_count`: also "anomalies", how many anomaly
+        records the tenant has (the web UI's navigation; one record for both)."""
+        asked = {k: v for k, v in (("principal", principal), ("action", action), ("result", result),
+                                   ("after", after), ("before", before)) if v not in (None, "")}
+
         def run(t):
-            if not who.can("audit-read") or (who.tenant is None and who.kind != "local"):
-                raise Forbidden("only auditors read the audit trail")
+            self._audit_gate(who)
             since_, limit_ = self._page(since, limit)
-            records, nxt = self.audit.read(tenant=t, since=since_, limit=limit_, with_terms=True)
-            return {"records": records, "next": nxt}, "audit"
-        return self._audited(who, "audit-read", run, asked=tenant, obj="audit")
+            flt = audit_filter(**asked)
+            p = self.audit.page(tenant=t, since=since_, limit=limit_, with_terms=True, filter=flt)
+            doc = {"records": p.records, "next": p.next, "more": p.more}
+            if anomaly_count:
+                doc["anomalies"] = self._anomalies(t)[0]
+            return doc, "audit"
+        # The filters asked are part of the record (bounded: audit_filter
+        # refuses long or odd ones before anything is read).
+        shown = {k: (v if isinstance(v, str) and len(v) <= 200 else "(invalid)") for k, v in asked.items()}
+        return self._audited(who, "audit-read", run, asked=tenant, obj="audit",
+                             detail={"filter": shown} if shown else None)
+
+    @staticmethod
+    def _audit_gate(who: Principal) -> None:
+        if not who.can("audit-read") or (who.tenant is None and who.kind != "local"):
+            raise Forbidden("only auditors read the audit trail")
+
+    def anomalies(self, who: Principal, *, tenant: str | None = None, limit: int = 100) -> dict:
+        """What the archive reports as anomalies in the tenant (the trail's
+        `anomaly` records: journal reports from an untrusted path,
+        extraction cut short, ...): {"anomalies": the newest `limit`,
+        newest first, "count": how many there are}.  The trail is read
+        forward once per tenant and process, then only what was added
+        since (the anomalies kept: ANOMALIES_KEPT per tenant)."""
+        def run(t):
+            self._audit_gate(who)
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= ANOMALIES_KEPT:
+                raise BadRequest(f"limit must be a number from 1 to {ANOMALIES_KEPT}")
+            count, kept = self._anomalies(t)
+            return {"anomalies": kept[::-1][:limit], "count": count}, "anomalies"
+        return self._audited(who, "audit-read", run, asked=tenant, obj="anomalies")
+
+    def _anomalies(self, tenant: str) -> tuple[int, list[dict]]:
+        """(count, the newest ANOMALIES_KEPT oldest first) of the tenant's
+        anomaly records: read on from where the last call stopped."""
+        with self._anomaly_lock:
+            since, count, kept = self._anomaly_cache.get(tenant, (0, 0, ()))
+            kept = list(kept)
+            while True:
+                p = self.audit.page(tenant=tenant, since=since, limit=MAX_AUDIT_PAGE, actions={"anomaly"})
+                count += len(p.records)
+                kept = (kept + p.records)[-ANOMALIES_KEPT:]
+                since = p.next
+                if not p.more:
+                    break
+            self._anomaly_cache[tenant] = (since, count, tuple(kept))
+            return count, kept
+
+    def audit_verify(self, who: Principal, *, tenant: str | None = None) -> dict:
+        """Check the whole trail as `mailtresor audit verify` does (chain,
+        seals against every version of the seal key, head file) for an
+        auditor: {"sound", "problems" (the first VERIFY_SHOWN), "problem_count",
+        "notes", "records", "seals", "last_seq", "last_seal" ({seq, time}
+        or None)}.  It reads every record and holds the trail's shared
+        lock meanwhile (appends wait): one at a time per process, on
+        request only (BadRequest while one runs)."""
+        from mailtresor.access import audit as trail
+        from mailtresor.archive.store import KeyMissing
+        from mailtresor.keys.ring import KeyUnavailable
+
+        def run(t):
+            self._audit_gate(who)
+            if not self._verify_lock.acquire(blocking=False):
+                raise BadRequest("a verification of the trail is running; try again when it is done")
+            try:
+                directory = Path(self.audit.directory)
+                try:
+                    rep = trail.check(directory, self.audit.keys)
+                except (KeyMissing, KeyUnavailable) as e:
+                    rep = trail.check(directory, None)
+                    rep.problems.insert(0, f"the seal key cannot be had ({type(e).__name__}): seals were "
+                                           "checked against the keys they carry only")
+                try:
+                    head = trail.read_head(directory)
+                except trail.Malformed:
+                    head = None
+            finally:
+                self._verify_lock.release()
+            return {"sound": not rep.problems, "problems": rep.problems[:VERIFY_SHOWN],
+                    "problem_count": len(rep.problems), "notes": rep.notes, "records": rep.records,
+                    "seals": rep.seals, "last_seq": rep.last_seq,
+                    "last_seal": {"seq": head["seal_seq"], "time": head.get("time")} if head else None}, \
+                "audit-verify"
+        return self._audited(who, "audit-read", run, asked=tenant, obj="audit-verify")
 
     def events(self, who: Principal, *, since: int = 0, limit: int = 100, tenant: str | None = None) -> dict:
         """The tenant's events for a SOC (logins, searches, reads,
