@@ -151,7 +151,7 @@ def filters_of(q: dict, who) -> tuple[dict, dict, list[str]]:
         kw["action"] = form["action"]
     if form["result"]:
         kw["result"] = form["result"]
-    for field, arg, label in (("from", "after", N_("From")), ("to", "before", N_("To"))):
+    for field, arg, label in (("from", "after", N_("From (UTC)")), ("to", "before", N_("To (UTC, inclusive)"))):
         text = form[field]
         if not text:
             continue
