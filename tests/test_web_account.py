@@ -39,7 +39,7 @@ FAILURES = 8            # the throttle's free failures (per name and per address
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("web-account")
-    stack = Stack(d, {"archive": {"enabled": True}, "api": {"timeout": 20},
+    stack = Stack(d, {"api": {"timeout": 20},
                       "access": {"session_idle": 3600, "throttle_failures": FAILURES, "throttle_base": 60.0}},
                   milter=False)
     stack.start_control()
