@@ -21,6 +21,7 @@ for; password fields are never filled back in.
 from __future__ import annotations
 
 import base64
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ class _Refused(Exception):
 
     def __init__(self, status: int, message: str, args: dict | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.args_, self.headers = status, message, args or {}, headers
+        self.status, self.message, self.values, self.headers = status, message, args or {}, headers
 
 
 def _sid(web, request) -> str:
@@ -167,8 +168,6 @@ def _audit(web, who, op: str, result: str = "ok") -> None:
 def _reauthenticate(web, who, op: str, password: str, code: str | None = None) -> None:
     """The password (and code) again, throttled like a login; a refusal is
     audited (failed, or denied when throttled) and raised as _Refused."""
-    import math
-
     from mailtresor.access.auth import LoginFailed
     from mailtresor.access.sessions import Throttled
     auth = web.api._need_auth()
@@ -190,7 +189,7 @@ async def _account_page(web, request, who, csrf, *, done=None, refused: _Refused
     user = await web.api.run(_local_user, web, who)
     body = web.page("account.html", who, csrf=csrf, user=user, done=done, error_section=section,
                     min_password=usersmod.MIN_PASSWORD,
-                    error=refused.message if refused else None, error_args=refused.args_ if refused else {})
+                    error=refused.message if refused else None, error_args=refused.values if refused else {})
     web._send(request, refused.status if refused else 200, body, headers=refused.headers if refused else None)
 
 
@@ -232,7 +231,7 @@ async def password(web, request, who, csrf):
 
 def _totp_page(web, request, who, csrf, c, *, status=200, error=None):
     uri = usersmod.totp_uri(c.tenant, c.name, c.secret)
-    left = max(0, int((c.expires - web.clock()) // 60))
+    left = max(1, math.ceil((c.expires - web.clock()) / 60))
     web.render(request, "account_totp.html", who, csrf, status=status, qr=qr_data_uri(uri),
                secret=group_secret(c.secret), label=c.name if c.tenant is None else f"{c.name}@{c.tenant}",
                issuer=usersmod.TOTP_ISSUER, minutes=left, error=error)
