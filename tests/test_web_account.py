@@ -31,7 +31,7 @@ from tests.test_api import Client
 pytestmark = pytest.mark.skipif(not shutil.which("chromedriver"),
                                 reason="chromium-driver is not installed (make deps)")
 
-NAMES = ("carol", "dave", "hank", "gina")
+NAMES = ("carol", "dave", "hank", "gina", "ivy")
 PW = {n: f"{n}-password-1" for n in NAMES}
 FAILURES = 8            # the throttle's free failures (per name and per address)
 
@@ -324,8 +324,8 @@ def test_a_directory_account_gets_no_password_or_totp_forms(world):
 
 
 def test_the_german_catalogue_covers_every_account_string():
-    """Every msgid of the account templates and of web/account.py has a
-    German translation in locale/de/account.po."""
+    """Every msgid of the account templates, web/account.py and
+    access/account.py has a German translation in locale/de/account.po."""
     from pathlib import Path
 
     from babel.messages.extract import extract_from_file
@@ -338,8 +338,9 @@ def test_the_german_catalogue_covers_every_account_string():
                 "jinja2", str(t), keywords={"_": None, "ngettext": (1, 2)},
                 options={"extensions": "jinja2.ext.i18n", "newstyle_gettext": "true"}):
             wanted.add(msg)
-    for _lineno, msg, _comments, _ctx in extract_from_file("python", str(web / "account.py"), keywords={"N_": None}):
-        wanted.add(msg)
+    for py in (web / "account.py", web.parent / "access" / "account.py"):
+        for _lineno, msg, _comments, _ctx in extract_from_file("python", str(py), keywords={"N_": None}):
+            wanted.add(msg)
     assert len(wanted) > 40
     with open(web / "locale" / "de" / "account.po", "rb") as f:
         cat = read_po(f, locale="de")
@@ -350,6 +351,41 @@ def test_the_german_catalogue_covers_every_account_string():
         if not got or (isinstance(got, tuple) and not all(got)):
             missing.append(m)
     assert not missing, missing
+
+
+def test_the_same_through_the_api(world):
+    """/api/v1/me/...: the code behind the pages, as JSON (validated
+    against openapi.json), with the session's X-CSRF-Token."""
+    from tests.harness import openapi
+    c = Client(world.stack)
+    r = c.request("POST", "/api/v1/login", {"tenant": "acme", "username": "ivy", "password": PW["ivy"]})
+    c.cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0].split(";", 1)[0].split("=", 1)[1]
+    c.csrf = r.json()["csrf"]
+
+    def call(path, body, status, csrf=True):
+        r = c.request("POST", path, body, csrf=csrf)
+        openapi.check("POST", path, r.status, r.getheader("Content-Type"), r.data)
+        assert r.status == status, (path, r.status, r.data[:300])
+        return r.json()
+    call("/api/v1/me/totp/begin", {"password": PW["ivy"]}, 403, csrf=False)
+    got = call("/api/v1/me/totp/begin", {"password": PW["ivy"]}, 200)
+    assert got["uri"] == usersmod.totp_uri("acme", "ivy", got["secret"]) and 0 < got["expires_in"] <= 600
+    assert not world.users.get("acme", "ivy").totp
+    totp = pyotp.TOTP(got["secret"])
+    assert "not right" in call("/api/v1/me/totp/confirm", {"code": wrong_code(got["secret"])}, 400)["error"]
+    codes = call("/api/v1/me/totp/confirm", {"code": totp.now()}, 200)["recovery_codes"]
+    assert len(codes) == usersmod.RECOVERY_CODES and world.users.get("acme", "ivy").totp
+    call("/api/v1/me/totp/confirm", {"code": totp.now()}, 400)          # the candidate is gone
+    fresh = call("/api/v1/me/totp/recovery-codes", {"password": PW["ivy"], "code": codes[0]}, 200)["recovery_codes"]
+    assert not set(fresh) & set(codes)
+    call("/api/v1/me/password", {"current": PW["ivy"], "new": "ivy-new-password-2"}, 200)
+    assert c.request("GET", "/api/v1/me").status == 200                 # this session goes on
+    call("/api/v1/me/totp/off", {"password": "ivy-new-password-2", "code": fresh[0]}, 200)
+    assert not world.users.get("acme", "ivy").totp
+    assert [op for op, result in account_ops(world, "ivy")] == ["totp-enable", "recovery-codes", "password",
+                                                                 "totp-disable"]
+    assert_never_written(world, [got["secret"], *codes, *fresh])
+    c.close()
 
 
 def test_password_change_and_its_throttle(world, browser, tmp_path):
