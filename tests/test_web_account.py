@@ -323,6 +323,26 @@ def test_a_directory_account_gets_no_password_or_totp_forms(world):
     assert "managed by your directory" in page and "Directory account" in page
 
 
+def test_a_candidate_secret_lives_ten_minutes_for_its_session_only():
+    from mailtresor.access.account import ENROL_TTL, Enrolments
+    now = [1_700_000_000.0]
+    e = Enrolments(lambda: now[0], limit=3)
+    c = e.begin("sid-1", "acme", "carol")
+    assert ENROL_TTL == 600 and e.get("sid-1", "acme", "carol") is c
+    assert e.get("sid-2", "acme", "carol") is None          # another session
+    assert e.get("sid-1", "acme", "dave") is None           # another user (same sid)
+    assert e.get("sid-1", "globex", "carol") is None
+    now[0] += ENROL_TTL - 1
+    assert e.get("sid-1", "acme", "carol") is c
+    now[0] += 1
+    assert e.get("sid-1", "acme", "carol") is None and len(e) == 0
+    first = e.begin("a", "acme", "x")
+    assert e.begin("a", "acme", "x").secret != first.secret  # a new begin replaces the candidate
+    for sid in ("b", "c", "d"):
+        e.begin(sid, "acme", sid)
+    assert len(e) == 3 and e.get("a", "acme", "x") is None  # bounded: the oldest went first
+
+
 def test_the_german_catalogue_covers_every_account_string():
     """Every msgid of the account templates, web/account.py and
     access/account.py has a German translation in locale/de/account.po."""
