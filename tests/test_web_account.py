@@ -156,6 +156,7 @@ def test_enrol_totp_then_log_in_with_a_code_and_a_recovery_code(world, browser):
         from mailtresor.web.account import qr_data_uri
         assert qr_data_uri(uri) == src
     found += b.axe("TOTP enrolment")
+    b.driver.execute_script("window.scrollTo(0, 0)")        # the code field's autofocus scrolled down
     b.screenshot("enrol")
     assert not world.users.get("acme", "carol").totp          # nothing stored yet
     # A wrong code: the page again, the candidate kept, TOTP still off.
