@@ -18,7 +18,7 @@ DEV_DEBS := python3-venv python3-pip python3-setuptools python3-pytest \
 	postfix swaks openssl notmuch python3-notmuch2 poppler-utils cryptsetup-bin e2fsprogs \
 	libsasl2-modules procps iproute2 util-linux \
 	systemd build-essential dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
-	lintian slapd ldap-utils chromium chromium-driver python3-selenium
+	lintian slapd ldap-utils chromium chromium-driver python3-selenium zbar-tools
 
 .PHONY: all deps run test test-fast bench bench-archive clean distclean deb
 

@@ -272,6 +272,23 @@ EXPECTED = [
     ("GET", "/metrics", None,
      E(anon=401, alice=403, aud=403, adm=403, gina=403, gaud=403, gadm=403, root=200, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
+    # One's own account: bodies refused before any password check (no
+    # throttle counted, nothing changed); tests/test_web_account.py drives them.
+    ("POST", "/api/v1/me/password", {"current": "x", "new": "short"},
+     E(anon=401, alice=400, aud=400, adm=400, gina=400, gaud=400, gadm=400, root=400, **{
+         "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),
+    ("POST", "/api/v1/me/totp/begin", {},
+     E(anon=401, alice=400, aud=400, adm=400, gina=400, gaud=400, gadm=400, root=400, **{
+         "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),
+    ("POST", "/api/v1/me/totp/confirm", {"code": "123456"},
+     E(anon=401, alice=400, aud=400, adm=400, gina=400, gaud=400, gadm=400, root=400, **{
+         "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),
+    ("POST", "/api/v1/me/totp/recovery-codes", {},
+     E(anon=401, alice=400, aud=400, adm=400, gina=400, gaud=400, gadm=400, root=400, **{
+         "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),
+    ("POST", "/api/v1/me/totp/off", {},
+     E(anon=401, alice=400, aud=400, adm=400, gina=400, gaud=400, gadm=400, root=400, **{
+         "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),
     ("POST", "/api/v1/logout", None,
      E(anon=401, alice=200, aud=200, adm=200, gina=200, gaud=200, gadm=200, root=200, **{
          "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),

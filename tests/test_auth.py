@@ -267,6 +267,86 @@ def test_recovery_codes_once_each(authn, db):
     authn.login(tenant="acme", username="frank", password=PW, totp=None, client="c")
 
 
+
+def test_two_step_enrolment_stores_only_a_proven_secret(authn, db, clock):
+    """The web's enrolment: a candidate secret is stored (totp_set) with the
+    step of the code that proved it, so that code cannot log in again; new
+    recovery codes replace the old ones."""
+    db.add("acme", "gus", PW, {"user"})
+    secret = usersmod.new_totp_secret()
+    uri = usersmod.totp_uri("acme", "gus", secret)
+    assert pyotp.parse_uri(uri).secret == secret and "gus%40acme" in uri and "issuer=mailtresor" in uri
+    totp = pyotp.TOTP(secret)
+    assert usersmod.totp_step(secret, "12345", clock.t) is None
+    assert usersmod.totp_step(secret, totp.at(clock.t + 90), clock.t) is None       # two steps away
+    step = usersmod.totp_step(secret, totp.at(clock.t), clock.t)
+    assert step == int(clock.t // 30)
+    assert not db.get("acme", "gus").totp                  # nothing stored by the check
+    codes = db.totp_set("acme", "gus", secret, last_step=step)
+    assert db.get("acme", "gus").totp and len(codes) == usersmod.RECOVERY_CODES
+    assert secret.encode() not in db.path.read_bytes()
+    with pytest.raises(LoginFailed):                       # the enrolment's code is used up
+        authn.login(tenant="acme", username="gus", password=PW, totp=totp.at(clock.t), client="c")
+    authn.login(tenant="acme", username="gus", password=PW, totp=totp.at(clock.t + 30), client="c")
+    fresh = db.new_recovery_codes("acme", "gus")
+    assert not set(fresh) & set(codes)
+    with pytest.raises(LoginFailed):
+        authn.login(tenant="acme", username="gus", password=PW, totp=codes[0], client="c")
+    authn.login(tenant="acme", username="gus", password=PW, totp=fresh[0], client="c")
+    db.totp_disable("acme", "gus")
+    with pytest.raises(UserError):
+        db.new_recovery_codes("acme", "gus")
+    with pytest.raises(Exception):
+        db.totp_set("acme", "gus", "not base32 !")
+    assert not db.get("acme", "gus").totp
+
+
+def test_reauthenticate_uses_the_logins_counters(tmp_path, db, tokens, clock):
+    """The account page's password (and code) check: a wrong one counts
+    like a failed login, a throttled name must wait there too, and the
+    code is checked like at login (once)."""
+    authn = Authenticator(make_cfg(tmp_path, {"throttle_failures": 3, "throttle_window": 60}), db, tokens,
+                          clock=clock)
+    db.add("acme", "hal", PW, {"user"})
+    who = Principal(kind="user", name="hal", tenant="acme", roles={"user"}, client="10.1.1.1")
+    authn.reauthenticate(who, PW)
+    for i in range(3):
+        with pytest.raises(LoginFailed):
+            authn.reauthenticate(who, f"guess {i}xx")
+    with pytest.raises(Throttled):                         # the page is throttled ...
+        authn.reauthenticate(who, PW)
+    with pytest.raises(Throttled):                         # ... and so is the login, same counter
+        authn.login(tenant="acme", username="hal", password=PW, totp=None, client="10.2.2.2")
+    clock.t += 3600
+    uri, codes = db.totp_enable("acme", "hal")
+    totp = pyotp.parse_uri(uri)
+    with pytest.raises(LoginFailed):
+        authn.reauthenticate(who, PW, "000000" if totp.at(clock.t) != "000000" else "111111")
+    authn.reauthenticate(who, PW, totp.at(clock.t))
+    with pytest.raises(LoginFailed):                       # replay
+        authn.reauthenticate(who, PW, totp.at(clock.t))
+    authn.reauthenticate(who, PW, codes[0])
+    assert db.get("acme", "hal").recovery_left == usersmod.RECOVERY_CODES - 1
+    with pytest.raises(LoginFailed):                       # a right code does not stand in for the password
+        authn.reauthenticate(who, "wrong password", codes[1])
+    nobody = Principal(kind="user", name="dirk", tenant="acme", roles={"user"}, client="10.3.3.3")
+    with pytest.raises(LoginFailed):                       # no local user: nothing to check against
+        authn.reauthenticate(nobody, PW)
+
+
+def test_drop_user_keeps_the_session_that_made_the_change(clock):
+    s = Sessions(clock=clock)
+    alice = Principal(kind="user", name="alice", tenant="acme", roles={"user"})
+    mine, _ = s.create(alice)
+    other, _ = s.create(alice)
+    bob, _ = s.create(Principal(kind="user", name="bob", tenant="acme", roles={"user"}))
+    with s.sparing(mine):
+        assert s.drop_user("acme", "alice") == 1           # the listener's drop, in this thread
+    assert s.get(mine) is not None and s.get(other) is None and s.get(bob) is not None
+    other, _ = s.create(alice)
+    assert s.drop_user("acme", "alice", keep=mine) == 1 and s.get(mine) is not None
+    assert s.drop_user("acme", "alice") == 1 and s.get(mine) is None     # sparing() is over
+
 # --- tokens ------------------------------------------------------------------------------
 
 def test_tokens(authn, tokens, clock):

@@ -77,6 +77,11 @@ ROUTES = (
     Route("POST", f"{V1}/login", "login", login=False),
     Route("POST", f"{V1}/logout", "logout"),
     Route("GET", f"{V1}/me", "me"),
+    Route("POST", f"{V1}/me/password", "me_password"),
+    Route("POST", f"{V1}/me/totp/begin", "me_totp_begin"),
+    Route("POST", f"{V1}/me/totp/confirm", "me_totp_confirm"),
+    Route("POST", f"{V1}/me/totp/recovery-codes", "me_recovery_codes"),
+    Route("POST", f"{V1}/me/totp/off", "me_totp_off"),
     Route("GET", f"{V1}/search", "search", args=("q", "cursor", "limit", "order", "facets", "tenant")),
     Route("GET", f"{V1}/messages/{{id}}", "message", args=("tenant",)),
     Route("GET", f"{V1}/messages/{{id}}/raw", "raw", args=("tenant",)),
@@ -231,6 +236,9 @@ class Api:
         self.logins_unavailable = "logins are not available yet (the access key is being fetched)"
         self.openapi_bytes = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
         self.root = ApiResource(self)
+        # A user's own password and second factor (/me/..., the web's /account).
+        from .account import Account
+        self.account = Account(self, clock)
         # The web UI: every path outside the API's (see ApiResource).
         self.web = None
         if web:
@@ -471,6 +479,44 @@ class Api:
 
     async def h_me(self, c: Call) -> Answer:
         return Answer(200, {"principal": principal_doc(c.who)})
+
+    # --- one's own account (access/account.py; the web's /account too) ---
+
+    async def _me(self, fn, *args):
+        from .account import Refused
+        try:
+            return await self.run(fn, *args)
+        except Refused as e:
+            raise HttpError(e.status, e.reason, headers=e.headers) from None
+
+    async def h_me_password(self, c: Call) -> Answer:
+        doc = c.body(required=("current", "new"))
+        await self._me(self.account.change_password, c.who, c.sid, member(doc, "current", str),
+                       member(doc, "new", str))
+        return Answer(200, {"changed": True})
+
+    async def h_me_totp_begin(self, c: Call) -> Answer:
+        doc = c.body(required=("password",), optional=("code",))
+        cand = await self._me(self.account.totp_begin, c.who, c.sid, member(doc, "password", str),
+                              member(doc, "code", str))
+        return Answer(200, {"secret": cand.secret, "uri": cand.uri,
+                            "expires_in": max(0, math.floor(cand.expires - self.clock()))})
+
+    async def h_me_totp_confirm(self, c: Call) -> Answer:
+        doc = c.body(required=("code",))
+        codes = await self._me(self.account.totp_confirm, c.who, c.sid, member(doc, "code", str))
+        return Answer(200, {"recovery_codes": codes})
+
+    async def h_me_recovery_codes(self, c: Call) -> Answer:
+        doc = c.body(required=("password", "code"))
+        codes = await self._me(self.account.new_recovery_codes, c.who, c.sid, member(doc, "password", str),
+                               member(doc, "code", str))
+        return Answer(200, {"recovery_codes": codes})
+
+    async def h_me_totp_off(self, c: Call) -> Answer:
+        doc = c.body(required=("password", "code"))
+        await self._me(self.account.totp_off, c.who, c.sid, member(doc, "password", str), member(doc, "code", str))
+        return Answer(200, {"totp": False})
 
     # --- the archive (the core checks and audits) ---
 

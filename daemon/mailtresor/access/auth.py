@@ -108,10 +108,7 @@ class Authenticator:
         if len(name) > MAX_NAME:
             name = name[:MAX_NAME] + "\x00"      # no user has it; bounds the throttle key
         password = password if isinstance(password, str) else ""
-        # Throttle keys: the name case-folded (so "Alice" and "alice" count
-        # together), and the client address.
-        user_key = f"user:{tenant or ''}/{throttle_name(name)}"
-        keys = (user_key, f"addr:{throttle_client(client if isinstance(client, str) else '')}")
+        user_key, keys = self._throttle_keys(tenant, name, client)
         self.throttle.check(keys)
         try:
             p = self._login(tenant, name, password, totp, client)
@@ -121,6 +118,38 @@ class Authenticator:
             raise
         self.throttle.success((user_key,))
         return p
+
+    @staticmethod
+    def _throttle_keys(tenant, name, client) -> tuple[str, tuple[str, str]]:
+        # Throttle keys: the name case-folded (so "Alice" and "alice" count
+        # together), and the client address.
+        user_key = f"user:{tenant or ''}/{throttle_name(name)}"
+        return user_key, (user_key, f"addr:{throttle_client(client if isinstance(client, str) else '')}")
+
+    def reauthenticate(self, principal: Principal, password: str, totp: str | None = None) -> None:
+        """Check again, for a change to the account (a new password, the
+        second factor), that the logged-in local user knows the password
+        (and, when `totp` is given, a current TOTP code or a recovery code,
+        as at login).  The same counters as login(): a wrong password here
+        counts against the name and the client address, and a throttled
+        name or address must wait here too, so the account page guesses no
+        faster than the login form.  LoginFailed (generic) or Throttled;
+        None when right.  A recovery code given as `totp` is struck off."""
+        name, tenant = principal.name, principal.tenant
+        password = password if isinstance(password, str) else ""
+        user_key, keys = self._throttle_keys(tenant, name, principal.client)
+        self.throttle.check(keys)
+        stored = self.users.password_hash(tenant, name) if principal.kind == "user" else None
+        checkable = stored is not None and bool(password) and len(password) <= usersmod.MAX_PASSWORD
+        ok = checkable and usersmod.verify_password(stored, password)
+        if not checkable:
+            usersmod.dummy_verify(password[:usersmod.MAX_PASSWORD])     # the same cost either way
+        if ok and totp is not None:
+            ok = self.users.check_totp(tenant, name, totp) or self.users.use_recovery(tenant, name, totp)
+        if not ok:
+            self.throttle.failure(keys)
+            raise LoginFailed()
+        self.throttle.success((user_key,))
 
     def _login(self, tenant, name, password, totp, client) -> Principal:
         if len(password) > usersmod.MAX_PASSWORD or (tenant is not None and tenant not in self._tenants):

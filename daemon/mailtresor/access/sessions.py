@@ -9,6 +9,7 @@ and absolute timeouts without sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -38,6 +39,7 @@ class Sessions:
         self._per = per_principal
         self._lock = threading.Lock()
         self._s: dict[str, _Session] = {}
+        self._spared = threading.local()
 
     def __len__(self) -> int:
         return len(self._s)
@@ -94,14 +96,35 @@ class Sessions:
         with self._lock:
             self._s.pop(sid, None)
 
-    def drop_user(self, tenant: str | None, name: str) -> int:
-        """End every session of a user (disabled, password changed); how many."""
+    def drop_user(self, tenant: str | None, name: str, *, keep: str | None = None) -> int:
+        """End every session of a user (disabled, password changed) but
+        `keep` (the session that made the change) and any session spared by
+        sparing() in this thread; how many ended."""
+        spared = getattr(self._spared, "sid", None)
         with self._lock:
             gone = [k for k, s in self._s.items()
-                    if s.principal.kind == "user" and s.principal.tenant == tenant and s.principal.name == name]
+                    if s.principal.kind == "user" and s.principal.tenant == tenant and s.principal.name == name
+                    and k != keep and k != spared]
             for k in gone:
                 del self._s[k]
         return len(gone)
+
+    @contextlib.contextmanager
+    def sparing(self, sid: str):
+        """Within this block, in this thread, drop_user() keeps session SID.
+
+        A user changing their own password or second factor on the account
+        page: UserDB.on_change() ends the user's sessions (the API wires it
+        to drop_user), and the session that made the change, which has just
+        proved the password again, is the one to keep.  Thread-local: the
+        change and its listener run in the same pool thread; nobody else's
+        drop is affected."""
+        before = getattr(self._spared, "sid", None)
+        self._spared.sid = sid
+        try:
+            yield
+        finally:
+            self._spared.sid = before
 
     def _prune(self, now: float) -> None:
         for k in [k for k, s in self._s.items() if not self._alive(s, now)]:

@@ -4,7 +4,9 @@ factor and single-use recovery codes, in one encrypted file (sealed.py).
 Users belong to a tenant; tenant None is the appliance administrator's
 namespace (role "appliance-admin" only).  Nothing secret leaves this module
 in clear except what the operator must see once: the otpauth URI and the
-recovery codes at `totp_enable`.
+recovery codes at `totp_enable` (the command), the recovery codes at
+`totp_set` and `new_recovery_codes` (the web UI's account page, which holds
+a candidate secret in memory until a code proves the app has it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mailtresor.access.principal import ROLES
 from mailtresor.access.sealed import SealedFile, StoreError  # noqa: F401  (StoreError is part of this module's API)
 
 _AAD = b"mailtresor access users v1"
+_CODE = re.compile(r"[0-9]{6}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024                   # argon2 takes any length; a megabyte "password" is an attack
@@ -97,6 +100,33 @@ def _norm_code(code: str) -> str:
 def new_recovery_code() -> str:
     raw = "".join(secrets.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(16))
     return "-".join(raw[i:i + 4] for i in range(0, 16, 4))
+
+
+def new_totp_secret() -> str:
+    """A new TOTP secret (160 bits, base32), not stored anywhere yet."""
+    return pyotp.random_base32(32)
+
+
+def totp_uri(tenant: str | None, name: str, secret: str) -> str:
+    """The otpauth:// URI an authenticator app takes (issuer "mailtresor",
+    account "name@tenant").  Pure."""
+    label = name if tenant is None else f"{name}@{tenant}"
+    return pyotp.TOTP(secret).provisioning_uri(name=label, issuer_name=TOTP_ISSUER)
+
+
+def totp_step(secret: str, code: str, now: float, *, after: int = 0) -> int | None:
+    """The time step (±1 step of 30 s around `now`) whose code is CODE and
+    that is later than `after` (the last step used), or None.  The one
+    check of a TOTP code: logins (check_totp) and enrolment use it.  Pure."""
+    code = (code or "").strip().replace(" ", "")
+    if not _CODE.fullmatch(code):
+        return None
+    totp = pyotp.TOTP(secret)
+    step = int(now // totp.interval)
+    for s in (step - 1, step, step + 1):
+        if s > after and secrets.compare_digest(totp.at(s * totp.interval), code):
+            return s
+    return None
 
 
 def _now() -> str:
@@ -280,19 +310,43 @@ class UserDB:
 
     def totp_enable(self, tenant: str | None, name: str) -> tuple[str, list[str]]:
         """A new TOTP secret and RECOVERY_CODES new recovery codes (any old
-        ones are replaced); returns (otpauth URI, recovery codes): shown once."""
-        secret = pyotp.random_base32(32)
+        ones are replaced); returns (otpauth URI, recovery codes): shown once.
+        The command's way (it shows the URI at once); the web UI enrols in
+        two steps (new_totp_secret, then totp_set once a code proves the
+        app has it)."""
+        secret = new_totp_secret()
+        codes = self.totp_set(tenant, name, secret)
+        return totp_uri(tenant, name, secret), codes
+
+    def totp_set(self, tenant: str | None, name: str, secret: str, *, last_step: int = 0) -> list[str]:
+        """Store SECRET as the user's TOTP secret with RECOVERY_CODES new
+        recovery codes (old secret and codes replaced); the codes, to be
+        shown once.  `last_step`: the step of a code already used to prove
+        the secret (from totp_step), so that code cannot log in again."""
+        pyotp.TOTP(secret).now()             # a malformed secret fails here, before anything is written
         codes = [new_recovery_code() for _ in range(RECOVERY_CODES)]
 
         def do(data):
             rec = self._need(data, tenant, name)
-            rec["totp"] = {"secret": secret, "last_step": 0}
+            rec["totp"] = {"secret": secret, "last_step": int(last_step)}
             rec["recovery"] = [hash_recovery(c) for c in codes]
         self._file.modify(do)
         self._changed(tenant, name, "totp")
-        label = name if tenant is None else f"{name}@{tenant}"
-        uri = pyotp.TOTP(secret).provisioning_uri(name=label, issuer_name=TOTP_ISSUER)
-        return uri, codes
+        return codes
+
+    def new_recovery_codes(self, tenant: str | None, name: str) -> list[str]:
+        """RECOVERY_CODES new recovery codes for a user with TOTP on; the old
+        ones stop working.  UserError if the user has no second factor."""
+        codes = [new_recovery_code() for _ in range(RECOVERY_CODES)]
+
+        def do(data):
+            rec = self._need(data, tenant, name)
+            if rec.get("totp") is None:
+                raise UserError(f"user {name!r} has no second factor")
+            rec["recovery"] = [hash_recovery(c) for c in codes]
+        self._file.modify(do)
+        self._changed(tenant, name, "totp")
+        return codes
 
     def totp_disable(self, tenant: str | None, name: str) -> None:
         def do(data):
@@ -305,9 +359,8 @@ class UserDB:
     def check_totp(self, tenant: str | None, name: str, code: str) -> bool:
         """True once for a current code (±1 step of 30 s); the step is then
         recorded so the same code (or an older one) is refused afterwards."""
-        code = (code or "").strip().replace(" ", "")
-        if not (code.isdigit() and len(code) == 6):
-            return False
+        if not _CODE.fullmatch((code or "").strip().replace(" ", "")):
+            return False                # no lock, no file read for what cannot be a code
         now = self._clock()
 
         def do(data):
@@ -315,13 +368,11 @@ class UserDB:
             if rec is None or rec.get("totp") is None:
                 raise _NoChange(False)
             t = rec["totp"]
-            totp = pyotp.TOTP(t["secret"])
-            step = int(now // totp.interval)
-            for s in (step - 1, step, step + 1):
-                if s > t["last_step"] and secrets.compare_digest(totp.at(s * totp.interval), code):
-                    t["last_step"] = s
-                    return True
-            raise _NoChange(False)
+            s = totp_step(t["secret"], code, now, after=t["last_step"])
+            if s is None:
+                raise _NoChange(False)
+            t["last_step"] = s
+            return True
         return self._modify_maybe(do)
 
     def use_recovery(self, tenant: str | None, name: str, code: str) -> bool:
