@@ -71,7 +71,7 @@ class Core:
             raise self.Err(403, "this role reads no mail")
         return {"total": 1, "next_cursor": None,
                 "results": [{"id": AID, "date": "2024-03-01T10:00:00Z", "from": "a@acme.example", "subject": "hi",
-                             "size": 10, "message_id": "<1@x>", "has_attachments": False, "flags": [], "tags": []}]}
+                             "size": 10, "message_id": "<1@x>", "has_attachments": False, "to": ["b@acme.example"], "to_count": 1, "flags": [], "tags": []}]}
 
     def message(self, who, aid, *, tenant=None):
         if aid != AID:

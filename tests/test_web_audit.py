@@ -418,7 +418,7 @@ def test_the_pages_pure_helpers():
     assert kw == {"principal": "alice", "action": "read", "after": "2026-12-01", "before": "2027-01-01"}
     assert not errors and form["who"] == "alice"
     _, kw, errors = page.filters_of({"from": "2026-02-30", "to": "12/01/2026"}, aud)
-    assert kw == {} and [label for _, label in errors] == ["From", "To"]
+    assert kw == {} and [label for _, label in errors] == ["From (UTC)", "To (UTC, inclusive)"]
     r = page.row({"seq": 1, "time": "2026-12-03T09:00:00.000001Z", "principal": "user:a", "object": "a" * 40,
                   "action": "read", "result": "ok", "client": "c"}, can_read=False)
     assert r["link"] is None and r["time"] == "2026-12-03 09:00:00"
