@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+
+_BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def _key(k: str) -> str:
+    """A bare key as it is, any other (an LDAP DN in [tenant.ldap.roles]) quoted."""
+    return k if _BARE.match(k) else json.dumps(k)
 
 
 def _value(v) -> str:
@@ -25,9 +33,9 @@ def dumps(doc: dict, prefix: str = "") -> str:
     out = []
     for k, v in doc.items():
         if not isinstance(v, dict) and not _is_table_array(v):
-            out.append(f"{k} = {_value(v)}")
+            out.append(f"{_key(k)} = {_value(v)}")
     for k, v in doc.items():
-        name = f"{prefix}.{k}" if prefix else k
+        name = f"{prefix}.{_key(k)}" if prefix else _key(k)
         if isinstance(v, dict):
             out.append(f"\n[{name}]")
             out.append(dumps(v, name))
