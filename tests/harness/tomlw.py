@@ -33,7 +33,7 @@ def dumps(doc: dict, prefix: str = "") -> str:
         if not isinstance(v, dict) and not _is_table_array(v):
             out.append(f"{_key(k)} = {_value(v)}")
     for k, v in doc.items():
-        name = f"{prefix}.{k}" if prefix else k
+        name = f"{prefix}.{_key(k)}" if prefix else _key(k)
         if isinstance(v, dict):
             out.append(f"\n[{name}]")
             out.append(dumps(v, name))
