@@ -403,10 +403,69 @@ def test_paging_with_the_script_replaces_only_the_results(world, browser):
     b.driver.forward()
     assert wait_rows(p1) == p2
     assert b.driver.execute_script("return window.__noReload") == 42          # never a full page load
+    # Three pages by their result part, four steps of the history by the whole answer.
     parts = [u for u in b.requested_urls() if "part=results" in u]
-    assert len(parts) >= 6, parts
+    answers = [u for u in b.requested_urls() if "part=answer" in u]
+    assert len(parts) >= 3 and len(answers) >= 4, (parts, answers)
     b.logs()
     assert not [e for e in b.console if e["level"] == "SEVERE"], b.console
+
+
+@chromium
+def test_a_new_search_with_the_script_swaps_the_answer_in_place(world, browser):
+    """Enter in the box: the answer (hits, rows, facets) is fetched and
+    swapped in without a page load, the URL is the search's own, the focus
+    stays in the box; back returns to the earlier search with its query in
+    the box; a refused query shows its reason in place; an expired session
+    loads the page itself (login, then back to that search)."""
+    from selenium.webdriver.common.keys import Keys
+    b = browser
+    login(b, "/search?q=&limit=10")
+    b.driver.execute_script("window.__noReload = 42;"
+                            "window.__swaps = 0; document.addEventListener('mt:results', () => window.__swaps++);")
+
+    def enter(text, swaps):
+        box = b.find("#q")
+        box.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+        box.send_keys(text + Keys.ENTER)
+        for _ in range(200):
+            if b.driver.execute_script("return window.__swaps") >= swaps:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no answer for {text!r}")
+    enter('subject:"report 07"', 1)
+    assert rows(b) == ["report 07"] and b.find("#hit-count").text == "1"
+    assert "q=subject%3A%22report+07%22" in b.path() and "part=" not in b.path()
+    assert b.driver.switch_to.active_element.get_attribute("id") == "q"
+    assert b.find("#announce").get_attribute("textContent").startswith("1 message")
+    facets = b.driver.execute_script("return [...document.querySelectorAll('.facets a.facet')].map(a => a.href)")
+    assert facets and all("report+07" in f for f in facets), facets       # the new search's facets
+    enter("subject:(", 2)
+    assert b.find("#search-error").text.startswith("bad query"), b.find("#search-error").text
+    assert not rows(b)
+    b.driver.back()                                    # the search before the refused one
+    for _ in range(100):
+        if rows(b) == ["report 07"]:
+            break
+        time.sleep(0.05)
+    assert rows(b) == ["report 07"] and b.find("#q").get_attribute("value") == 'subject:"report 07"'
+    assert not b.all("#search-error")
+    assert b.driver.execute_script("return window.__noReload") == 42          # never a full page load
+    b.driver.delete_cookie("mt_session")
+    box = b.find("#q")
+    box.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+    box.send_keys('subject:"report 08"' + Keys.ENTER)
+    b.wait_path("/login")
+    back_to = urllib.parse.parse_qs(urllib.parse.urlsplit(b.driver.current_url).query)["next"][0]
+    assert "report+08" in back_to and "part=" not in back_to
+    b.login("alice", PW["alice"], "acme")
+    b.wait_path("/search?")
+    assert rows(b) == ["report 08"]
+    b.logs()
+    # The browser logs the refused query's 400 and the refused redirect; no script error.
+    assert not [e for e in b.console if e["level"] == "SEVERE"
+                and not (e["source"] == "network"
+                         and ("part=answer" in e["message"] or "part%3Danswer" in e["message"]))], b.console
 
 
 @chromium

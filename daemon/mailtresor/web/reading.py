@@ -21,6 +21,8 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 # follows them): a query holding one is put in parentheses before a term
 # is added to it.
 _OPERATOR = re.compile(r"(?:^|[\s(])(?:OR|XOR|AND|NOT)(?=[\s(]|$)")
+# The parts of the search page app.js fetches alone, and their templates.
+PARTS = {"results": "search_results.html", "answer": "search_answer.html"}
 ORDERS = {"date-desc": N_("newest first"), "date-asc": N_("oldest first"), "relevance": N_("relevance")}
 FACET_LABELS = {"year": N_("Year"), "month": N_("Month"), "sender_domain": N_("Sender domain"),
                 "has_attachment": N_("Attachment"), "tag": N_("Tag"), "flag": N_("Flag")}
@@ -98,8 +100,10 @@ def back_stack(values: list[str]) -> list[str]:
 
 
 async def search(web, request, who, csrf):
-    """The search page, or with part=results only its result section (what
-    app.js swaps in when paging)."""
+    """The search page; with part=results only its result section (what
+    app.js swaps in when paging), with part=answer everything under the
+    search form: errors, results, export form and facets (what app.js
+    swaps in for a new search, without a page load)."""
     args = query_args(request)
     q = {k: v[0] for k, v in args.items()}
     query = q.get("q", "")
@@ -107,7 +111,7 @@ async def search(web, request, who, csrf):
     if order not in ORDERS:
         order = "date-desc"
     cursor = q.get("cursor") or None
-    part = q.get("part") == "results"
+    part = q.get("part") if q.get("part") in PARTS else None
     start, end = q.get("from", "")[:40], q.get("to", "")[:40]
     back = back_stack(args.get("back", [])) if cursor else []
     # The page number is only shown; the cursor is what the core pages by.
@@ -121,7 +125,7 @@ async def search(web, request, who, csrf):
         t0 = time.monotonic()
         try:
             doc = await web.api.run(web.core.search, who, query=searched, cursor=cursor,
-                                    limit=limit, order=order, facets=not cursor and not part)
+                                    limit=limit, order=order, facets=not cursor and part != "results")
         except Exception as e:  # noqa: BLE001
             if getattr(e, "status", None) == 400:
                 reason = e.reason
@@ -157,7 +161,7 @@ async def search(web, request, who, csrf):
               limit=limit if limit != PAGE_SIZE else None)
     if part:
         lang = i18n.request_language(request)
-        web._send(request, status, web.page("search_results.html", who, csrf=csrf, lang=lang, **kw),
+        web._send(request, status, web.page(PARTS[part], who, csrf=csrf, lang=lang, **kw),
                   headers={b"content-language": lang.encode(), b"vary": b"Accept-Language, Cookie"})
     else:
         web.render(request, "search.html", who, csrf, status=status, **kw)
