@@ -28,7 +28,7 @@ def test_sample_users_log_in_with_the_printed_passwords(control):
     made = devstack.sample_users(cfg)
     assert [(t, n, r) for t, n, r, _, _ in made] == [
         ("acme", "alice", ("user",)), ("acme", "audrey", ("auditor",)), ("acme", "adam", ("admin",)),
-        ("globex", "gina", ("user",))]
+        ("globex", "gina", ("user",)), (None, "olga", ("appliance-admin",))]
     users, tokens = open_databases(cfg, control_fetcher(cfg))
     auth = Authenticator(cfg, users, tokens)
     for tenant, name, roles, addresses, password in made:

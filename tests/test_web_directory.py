@@ -216,7 +216,7 @@ def test_a_user_removed_from_the_directory_is_refused_at_the_next_login(world, t
         assert b.path().startswith("/login")
         b.screenshot("directory-leaver-refused")
         assert not b.axe("leaver refused")
-        # Known gap (docs/web/directory.md): the session he opened before
+        # Known gap (docs/WEB.md, "Directory accounts"): the session he opened before
         # keeps working until its idle or absolute timeout; recorded here,
         # checked by the xfail test below.
         world.leaver_live_status = web_get(world, "/search?q=body", live)[0]

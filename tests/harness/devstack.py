@@ -68,6 +68,9 @@ SAMPLE_USERS = (
     ("acme", "audrey", ("auditor",), ()),
     ("acme", "adam", ("admin",), ()),
     ("globex", "gina", ("user",), ("gina@globex.example",)),
+    # The appliance's administrator (no tenant: leave the login's
+    # organisation empty): every tenant's users and the status page.
+    (None, "olga", ("appliance-admin",), ()),
 )
 
 
@@ -81,7 +84,7 @@ def sample_users(cfg: configmod.Config) -> list[tuple[str, str, tuple, tuple, st
     tenants = {t.name for t in cfg.tenant}
     made = []
     for tenant, name, roles, addresses in SAMPLE_USERS:
-        if tenant not in tenants:
+        if tenant is not None and tenant not in tenants:
             continue
         password = secrets.token_urlsafe(12)
         if users.get(tenant, name) is None:
@@ -242,13 +245,13 @@ def main(argv=None) -> int:
         api = api_url(cfg)
         if api:
             lines.append(f"  api     {api + '/api/v1/':<22} HTTPS, JSON; CA {pki}/ca.pem (docs/ACCESS.md)")
-            lines.append(f"  web     {api + '/':<22} the web UI: log in with a user below (docs/ACCESS.md)")
+            lines.append(f"  web     {api + '/':<22} the web UI: log in with a user below (docs/WEB.md)")
             sock = cfg.appliance.runtime_directory / "api.sock"
             lines.append(f"  api     {str(sock):<22} the same for root and this user, no login "
                          "(the mailtresor command asks here)")
         lines += ["", "Sample users (new passwords at every start):"]
         for tenant, name, roles, addresses, password in users:
-            lines.append(f"  {tenant:<7} {name:<7} {password:<17} {', '.join(roles)}"
+            lines.append(f"  {tenant or '(none)':<7} {name:<7} {password:<17} {', '.join(roles)}"
                          + (f" of {', '.join(addresses)}" if addresses else ""))
         lines += ["", "Try:",
                   "  swaks --server 127.0.0.1:10025 -tls --tls-ca-path "

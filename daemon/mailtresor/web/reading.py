@@ -13,7 +13,7 @@ from mailtresor.web import i18n
 from mailtresor.web.i18n import N_
 
 PAGE_SIZE = 25
-MAX_BACK = 20           # earlier pages' cursors a search page's URL keeps (see docs/web/search.md)
+MAX_BACK = 20           # earlier pages' cursors a search page's URL keeps (see docs/WEB.md, "The search page")
 _MESSAGE_ID = re.compile(r"[0-9A-Za-z]{8,64}\Z")
 _CURSOR = re.compile(r"[A-Za-z0-9_-]{1,100}\Z")     # the core's cursors: base64url, 54 characters
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
