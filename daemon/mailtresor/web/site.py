@@ -269,6 +269,11 @@ class Web:
                 return self.redirect(request, "/login?" + urllib.parse.urlencode(
                     {"next": request.uri.decode("utf-8", "replace")}))
             who, sid, csrf = s
+            if not get:
+                # Every state-changing request of every section carries the
+                # session's token; checked here, before any handler, so a
+                # page added later cannot forget it (handlers check again).
+                self.check_csrf(self.form(request), csrf)
             return await handler(self, request, who, csrf, **groups)
         except Exception as e:  # noqa: BLE001 - pages, never tracebacks
             status, reason = getattr(e, "status", None), getattr(e, "reason", None)
