@@ -48,3 +48,13 @@ def running(stack):
 def pytest_report_header(config):
     return [f"corpus: {CORPUS} ({'present' if CORPUS.is_dir() else 'missing'})",
             f"postfix: {shutil.which('postfix') or shutil.which('/usr/sbin/postfix') or 'missing'}"]
+
+
+@pytest.fixture
+def browser(world, tmp_path):
+    """Headless Chromium on the module's `world` (a fixture of the web UI's
+    test files: a daemon whose web UI is at world.base)."""
+    from tests.harness.browser import Browser
+    b = Browser(world.base, tmp_path)
+    yield b
+    b.close()

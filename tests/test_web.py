@@ -19,6 +19,7 @@ from mailtresor.keys.client import control_fetcher
 
 from tests.harness import hostile
 from tests.harness.stack import Stack
+from tests.harness.web import api_login as web_api_login, wait_archived
 from tests.test_api import Client, mail
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("chromedriver"),
@@ -57,31 +58,13 @@ def world(tmp_path_factory):
         s.sendmail("bob@acme.example", ["victim@acme.example"],
                    mail("bob@acme.example", "victim@acme.example", "for victim"))
         s.sendmail("mallory@evil.example", ["alice@acme.example"], hostile_mail())
-    aud = Client(stack)
-    r = aud.request("POST", "/api/v1/login", {"tenant": "acme", "username": "aud", "password": PW["aud"]})
-    cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0]
-    aud.cookie, aud.csrf = cookie.split(";", 1)[0].split("=", 1)[1], r.json()["csrf"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        a = aud.request("GET", "/api/v1/search?q=")
-        if a.status == 200 and a.json()["total"] == 3:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
-    ids = {r["subject"]: r["id"] for r in a.json()["results"]}
+    aud = web_api_login(stack, "acme", "aud", PW["aud"])
+    got = wait_archived(aud, 3, stack)
+    ids = {r["subject"]: r["id"] for r in got["results"]}
     yield type("World", (), {"stack": stack, "ids": ids, "aud": aud, "users": users, "totp_uri": totp_uri,
                              "base": f"https://127.0.0.1:{stack.api_port}"})
     aud.close()
     stack.close()
-
-
-@pytest.fixture
-def browser(world, tmp_path):
-    from tests.harness.browser import Browser
-    b = Browser(world.base, tmp_path)
-    yield b
-    b.close()
 
 
 def login(b, name, tenant="acme", next_path="/search"):

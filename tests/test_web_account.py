@@ -53,14 +53,6 @@ def world(tmp_path_factory):
     stack.close()
 
 
-@pytest.fixture
-def browser(world, tmp_path):
-    from tests.harness.browser import Browser
-    b = Browser(world.base, tmp_path)
-    yield b
-    b.close()
-
-
 def login(b, name, password=None, code=None, next_path="/account"):
     b.get(next_path)
     b.wait_path("/login")
@@ -169,7 +161,8 @@ def test_enrol_totp_then_log_in_with_a_code_and_a_recovery_code(world, browser):
     found += b.axe("TOTP enrolment, wrong code")
     assert not world.users.get("acme", "carol").totp
     # The right code: stored, and the recovery codes shown once.
-    b.find("#confirm-code").send_keys(pyotp.TOTP(secret).now() + "\n")
+    confirm_step = int(time.time()) // 30
+    b.find("#confirm-code").send_keys(pyotp.TOTP(secret).at(confirm_step * 30) + "\n")
     b.wait_path("/account/totp/confirm")
     codes = [e.text for e in b.all("#recovery-codes code")]
     assert len(codes) == usersmod.RECOVERY_CODES and len(set(codes)) == len(codes)
@@ -187,7 +180,11 @@ def test_enrol_totp_then_log_in_with_a_code_and_a_recovery_code(world, browser):
     logout(b)
     b.get("/account")
     b.login("carol", PW["carol"], "acme")
-    b.find("#totp").send_keys(pyotp.TOTP(secret).at(time.time() + 30) + "\n")
+    # The step after the enrolment's, or the current one once the clock has
+    # passed it: always newer than the code used and within the login's window
+    # (time + 30 alone fails when a 30 s boundary falls between the two).
+    step = max(int(time.time()) // 30, confirm_step + 1)
+    b.find("#totp").send_keys(pyotp.TOTP(secret).at(step * 30) + "\n")
     b.wait_path("/account")
     logout(b)
     # A recovery code logs in once.

@@ -19,6 +19,7 @@ from mailtresor.access.auth import open_databases
 from mailtresor.keys.client import control_fetcher
 
 from tests.harness.stack import Stack
+from tests.harness.web import api_login as web_api_login, wait_archived
 from tests.test_api import Client, mail
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("chromedriver"),
@@ -59,14 +60,7 @@ def world(tmp_path_factory):
         s.sendmail("bob@acme.example", ["alice@acme.example"],
                    mail("bob@acme.example", "alice@acme.example", "for alice"))
     aud = api_login(stack, "aud", "acme")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        a = aud.request("GET", "/api/v1/search?q=")
-        if a.status == 200 and a.json()["total"] == 1:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
+    got = wait_archived(aud, 1, stack)
     yield type("World", (), {"stack": stack, "users": users, "tokens": tokens, "aud": aud,
                              "globex_token": globex_token, "base": f"https://127.0.0.1:{stack.api_port}"})
     aud.close()
@@ -74,14 +68,7 @@ def world(tmp_path_factory):
 
 
 def api_login(stack, name, tenant, password=None) -> Client:
-    c = Client(stack)
-    r = c.request("POST", "/api/v1/login", {"tenant": tenant, "username": name,
-                                            "password": password or PW[name]})
-    assert r.status == 200, r.data
-    c.cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0].split(";", 1)[0].split("=", 1)[1]
-    c.csrf = r.json()["csrf"]
-    c.principal = r.json()["principal"]
-    return c
+    return web_api_login(stack, tenant, name, password or PW[name])
 
 
 def login_status(stack, name, tenant, password) -> int:
@@ -125,14 +112,6 @@ class Page:
     def close(self):
         self.conn.close()
         self.api.close()
-
-
-@pytest.fixture
-def browser(world, tmp_path):
-    from tests.harness.browser import Browser
-    b = Browser(world.base, tmp_path)
-    yield b
-    b.close()
 
 
 def web_login(b, name, tenant, landing):

@@ -23,6 +23,7 @@ from mailtresor.keys.client import control_fetcher
 
 from tests.harness.journalgen import make_forgery
 from tests.harness.stack import Stack
+from tests.harness.web import api_login as web_api_login, wait_archived
 from tests.test_api import Client, mail
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("chromedriver"),
@@ -37,12 +38,7 @@ HOSTILE_USER = "<svg onload=alert(3)>"
 
 
 def api_login(stack, name, tenant):
-    c = Client(stack)
-    r = c.request("POST", "/api/v1/login", {"tenant": tenant, "username": name, "password": PW[name]})
-    assert r.status == 200, r.data
-    c.cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0].split(";", 1)[0].split("=", 1)[1]
-    c.csrf = r.json()["csrf"]
-    return c
+    return web_api_login(stack, tenant, name, PW[name])
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +66,8 @@ def world(tmp_path_factory):
         s.sendmail("gus@globex.example", ["gina@globex.example"],
                    mail("gus@globex.example", "gina@globex.example", "for gina"))
     aud = api_login(stack, "aud", "acme")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        a = aud.request("GET", "/api/v1/search?q=")
-        if a.status == 200 and a.json()["total"] == 2:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
-    ids = {r["subject"]: r["id"] for r in a.json()["results"]}
+    got = wait_archived(aud, 2, stack)
+    ids = {r["subject"]: r["id"] for r in got["results"]}
     # The attacker's entries in acme's trail.
     nobody = Client(stack)
     r = nobody.request("POST", "/api/v1/login", {"tenant": "acme", "username": HOSTILE_LOGIN, "password": "x"})

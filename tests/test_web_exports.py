@@ -22,6 +22,7 @@ from mailtresor.access.core import mbox_messages
 from mailtresor.keys.client import control_fetcher
 
 from tests.harness.stack import Stack
+from tests.harness.web import api_login as web_api_login, wait_archived
 from tests.test_api import Client, mail
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("chromedriver"),
@@ -51,15 +52,8 @@ def world(tmp_path_factory):
         for frm, to, subject in MAILS:
             s.sendmail(frm, [to], mail(frm, to, subject, attachment=b"\x00att" if "report" in subject else None))
     aud = api_login(stack, "aud")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        a = aud.request("GET", "/api/v1/search?q=&limit=100")
-        if a.status == 200 and a.json()["total"] == len(MAILS):
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
-    ids = {r["subject"]: r["id"] for r in a.json()["results"]}
+    got = wait_archived(aud, len(MAILS), stack, limit=100)
+    ids = {r["subject"]: r["id"] for r in got["results"]}
     yield type("World", (), {"stack": stack, "ids": ids, "aud": aud,
                              "base": f"https://127.0.0.1:{stack.api_port}"})
     aud.close()
@@ -67,20 +61,7 @@ def world(tmp_path_factory):
 
 
 def api_login(stack, name) -> Client:
-    c = Client(stack)
-    r = c.request("POST", "/api/v1/login", {"tenant": "acme", "username": name, "password": PW[name]})
-    assert r.status == 200, r.data
-    cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie" and v.startswith("mt_session=")][0]
-    c.cookie, c.csrf = cookie.split(";", 1)[0].split("=", 1)[1], r.json()["csrf"]
-    return c
-
-
-@pytest.fixture
-def browser(world, tmp_path):
-    from tests.harness.browser import Browser
-    b = Browser(world.base, tmp_path)
-    yield b
-    b.close()
+    return web_api_login(stack, "acme", name, PW[name])
 
 
 def login(b, name, next_path="/exports"):

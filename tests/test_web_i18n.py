@@ -210,7 +210,8 @@ def world(tmp_path_factory):
     from mailtresor.access.auth import open_databases
     from mailtresor.keys.client import control_fetcher
     from tests.harness.stack import Stack
-    from tests.test_api import Client, mail
+    from tests.harness.web import api_login, wait_archived
+    from tests.test_api import mail
 
     d = tmp_path_factory.mktemp("web-i18n")
     stack = Stack(d, {"archive": {"enabled": True}, "api": {"timeout": 20},
@@ -222,18 +223,9 @@ def world(tmp_path_factory):
     with stack.smtp() as s:
         s.sendmail("bob@acme.example", ["alice@acme.example"],
                    mail("bob@acme.example", "alice@acme.example", "for alice", attachment=b"\x00\x01payload"))
-    c = Client(stack)
-    r = c.request("POST", "/api/v1/login", {"tenant": "acme", "username": "alice", "password": PW})
-    c.cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0].split(";", 1)[0].split("=", 1)[1]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        a = c.request("GET", "/api/v1/search?q=")
-        if a.status == 200 and a.json()["total"] == 1:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
-    aid = a.json()["results"][0]["id"]
+    c = api_login(stack, "acme", "alice", PW)
+    got = wait_archived(c, 1, stack)
+    aid = got["results"][0]["id"]
     c.close()
     yield SimpleNamespace(stack=stack, aid=aid, base=f"https://127.0.0.1:{stack.api_port}")
     stack.close()

@@ -26,6 +26,7 @@ from mailtresor.keys.client import control_fetcher
 from mailtresor.web import reading
 
 from tests.harness.stack import Stack
+from tests.harness.web import api_login as web_api_login, wait_archived
 from tests.test_api import Client
 
 chromium = pytest.mark.skipif(not __import__("shutil").which("chromedriver"),
@@ -77,26 +78,14 @@ def world(tmp_path_factory):
         other.set_content("x\n")
         s.sendmail("bob@acme.example", ["victim@acme.example"], other.as_bytes())
     alice = _api_login(stack, "alice")
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        a = alice.request("GET", "/api/v1/search?q=&limit=1")
-        if a.status == 200 and a.json()["total"] == N:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"mail not archived: {a.data[:300]}\n{stack.log()[-3000:]}")
+    got = wait_archived(alice, N, stack, limit=1)
     yield type("World", (), {"stack": stack, "alice": alice, "base": f"https://127.0.0.1:{stack.api_port}"})
     alice.close()
     stack.close()
 
 
 def _api_login(stack, name) -> Client:
-    c = Client(stack)
-    r = c.request("POST", "/api/v1/login", {"tenant": "acme", "username": name, "password": PW[name]})
-    assert r.status == 200, r.data
-    c.cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie"][0].split(";", 1)[0].split("=", 1)[1]
-    c.csrf = r.json()["csrf"]
-    return c
+    return web_api_login(stack, "acme", name, PW[name])
 
 
 def api_total(world, query: str) -> int:
@@ -132,14 +121,6 @@ class Page:
 
     def close(self):
         self.conn.close()
-
-
-@pytest.fixture
-def browser(world, tmp_path):
-    from tests.harness.browser import Browser
-    b = Browser(world.base, tmp_path)
-    yield b
-    b.close()
 
 
 def login(b, next_path="/search"):
