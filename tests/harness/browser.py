@@ -90,6 +90,15 @@ class Browser:
             raise AssertionError(f"not at {prefix}: at {self.driver.current_url}\n"
                                  f"{self.driver.page_source[:2000]}") from None
 
+    def wait_at(self, path: str) -> None:
+        """Wait until the page's path (without its query) is exactly `path`:
+        wait_path("/account") is already true on /account/totp/begin."""
+        try:
+            WebDriverWait(self.driver, TIMEOUT).until(lambda d: self.path().split("?", 1)[0] == path)
+        except Exception:
+            raise AssertionError(f"not at {path}: at {self.driver.current_url}\n"
+                                 f"{self.driver.page_source[:2000]}") from None
+
     def login(self, username: str, password: str, tenant: str | None) -> None:
         self.find("#username")
         if tenant:
