@@ -24,7 +24,9 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "daemon" / "mailtresor" / "acce
 
 @functools.cache
 def document() -> dict:
-    return json.loads(DOC_PATH.read_text())
+    """openapi.json with the API sections' openapi-<name>.json merged (what the daemon serves)."""
+    from mailtresor.access.api import openapi_doc
+    return json.loads(json.dumps(openapi_doc()))
 
 
 @functools.cache

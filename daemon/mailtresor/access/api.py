@@ -20,6 +20,9 @@ passes its reactor and thread pool in.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import json
 import logging
 import math
 import re
@@ -110,13 +113,68 @@ ROUTES = (
     Route("GET", "/healthz", "healthz", login=False),
     Route("GET", "/metrics", "metrics", login=False),
 )
-_COMPILED = [(r, r.regex()) for r in ROUTES]
+
+# Sections of the API that live in modules of their own (the lifecycle:
+# retention, holds, deletion requests, tags, GDPR, evidence).  Each
+# mailtresor.access.<name> module has
+#     ROUTES      a tuple of Route, as above
+#     h_<handler> async functions (api: Api, c: Call) -> Answer
+# and openapi-<name>.json beside this module holds its paths and schemas
+# (merged into the one document /api/v1/openapi.json serves).  A section is
+# one line here.
+API_EXTENSIONS: tuple[str, ...] = ()
+
+
+@functools.cache
+def extensions() -> tuple:
+    return tuple(importlib.import_module(f"mailtresor.access.{name}") for name in API_EXTENSIONS)
+
+
+@functools.cache
+def all_routes() -> tuple[Route, ...]:
+    return ROUTES + tuple(r for mod in extensions() for r in mod.ROUTES)
+
+
+@functools.cache
+def _compiled() -> list:
+    return [(r, r.regex()) for r in all_routes()]
+
+
+@functools.cache
+def openapi_doc() -> dict:
+    """openapi.json with every extension's openapi-<name>.json merged in
+    (its "paths", and its "components" "schemas" / "parameters")."""
+    doc = json.loads(OPENAPI_PATH.read_text())
+    for name in API_EXTENSIONS:
+        part = json.loads(OPENAPI_PATH.with_name(f"openapi-{name}.json").read_text())
+        for path, item in part.get("paths", {}).items():
+            if path in doc["paths"]:
+                raise ValueError(f"openapi-{name}.json: path {path} is already described")
+            doc["paths"][path] = item
+        for kind, items in part.get("components", {}).items():
+            have = doc.setdefault("components", {}).setdefault(kind, {})
+            clash = set(have) & set(items)
+            if clash:
+                raise ValueError(f"openapi-{name}.json: components {kind} {sorted(clash)} already defined")
+            have.update(items)
+    return doc
+
+
+def _handler(api: "Api", name: str):
+    fn = getattr(api, "h_" + name, None)
+    if fn is not None:
+        return fn
+    for mod in extensions():
+        f = getattr(mod, "h_" + name, None)
+        if f is not None:
+            return functools.partial(f, api)
+    raise LookupError(f"no handler h_{name}")
 
 
 def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
     """The route for a request; HttpError 404 (no such path) or 405 (with
     Allow) otherwise.  HEAD is answered as GET.  Pure."""
-    found = [(r, m) for r, rx in _COMPILED if (m := rx.match(path))]
+    found = [(r, m) for r, rx in _compiled() if (m := rx.match(path))]
     if not found:
         raise HttpError(404, "no such resource")
     want = "GET" if method == "HEAD" else method
@@ -213,6 +271,11 @@ class Api:
     status    () -> the daemon's status document (/api/v1/status)
     health    () -> (ready, reason) for /healthz
     facts     () -> the numbers /metrics shows (see access.metrics)
+    lifecycle lifecycle.state.LifecycleDB (opened with users.db; None until then)
+    archiver  archive.archiver.Archiver of the daemon (None in tests without
+              one): writes to the store (deletions, tags) go through its
+              exclusive(), on its thread, under its lock
+    cfg       the daemon's configuration (None in tests without one)
     """
 
     def __init__(self, *, reactor, pool, core=None, auth=None, sessions=None, audit=None, users=None,
@@ -226,6 +289,9 @@ class Api:
         self.reactor, self.pool = reactor, pool
         self.core, self.auth, self.sessions, self.audit = core, auth, sessions, audit
         self.users, self.tokens = users, tokens
+        self.lifecycle = None
+        self.archiver = None
+        self.cfg = None
         self.tenant_names = tuple(tenants)
         # tenant -> its [tenant.ldap] (config.Ldap) or None: shown read-only.
         self.directories = dict(directories or {})
@@ -234,7 +300,7 @@ class Api:
         self.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in metrics_networks]
         self.clock = clock
         self.logins_unavailable = "logins are not available yet (the access key is being fetched)"
-        self.openapi_bytes = openapi if openapi is not None else OPENAPI_PATH.read_bytes()
+        self.openapi_bytes = openapi if openapi is not None else json.dumps(openapi_doc(), indent=1).encode()
         self.root = ApiResource(self)
         # A user's own password and second factor (/me/..., the web's /account).
         from .account import Account
@@ -308,7 +374,7 @@ class Api:
             args = query_args(urllib.parse.parse_qs(qs, keep_blank_values=True), route.args)
             who, sid = await self._who(request, route, client)
             call = Call(request, route, params, args, who, client, sid)
-            answer = await getattr(self, "h_" + route.handler)(call)
+            answer = await _handler(self, route.handler)(call)
         except HttpError as e:
             answer = Answer(e.status, {"error": e.reason, **e.extra}, headers=e.headers)
         except Exception as e:  # noqa: BLE001 - no traceback in any answer
@@ -914,6 +980,7 @@ class ApiServer:
                        tenants=[t.name for t in cfg.tenant], status=self.status_doc, health=daemon.health,
                        facts=daemon.metrics_facts, metrics_networks=a.metrics_networks, web=True,
                        directories={t.name: t.ldap for t in cfg.tenant})
+        self.api.archiver, self.api.cfg = archiver, cfg
 
     def start(self) -> defer.Deferred:
         import os
@@ -960,8 +1027,9 @@ class ApiServer:
         self._retry = None
 
         def opened(dbs):
-            users, tokens = dbs
+            users, tokens, lifecycle = dbs
             self.api.users, self.api.tokens = users, tokens
+            self.api.lifecycle = lifecycle
             self.api.auth = Authenticator(self.cfg, users, tokens)
             # A user disabled, removed or given a new password in this
             # process loses its sessions at once; a change made by the
@@ -982,7 +1050,10 @@ class ApiServer:
                 self._retry = self.reactor.callLater(delay, self.run_logins, min(delay * 2, 60.0))
 
         # The daemon's one client to the control endpoint, its blocking face (in the pool).
-        self.api.run(open_databases, self.cfg, self.daemon.control.fetch_blocking).addCallbacks(opened, failed)
+        def open_all(cfg, fetch):
+            from mailtresor.lifecycle.state import open_for
+            return (*open_databases(cfg, fetch), open_for(cfg, fetch))
+        self.api.run(open_all, self.cfg, self.daemon.control.fetch_blocking).addCallbacks(opened, failed)
 
     def stop(self) -> defer.Deferred:
         """Stop listening (first, at shutdown); requests under way finish

@@ -27,6 +27,19 @@ KINDS = ("user", "token", "local")
 #   events        /events (the SOC's pull).
 #   manage-users, manage-tokens   admins of the tenant; the appliance
 #                 administrator for any tenant (incl. creating tenant admins).
+#   lifecycle-read   see the tenant's retention rules, holds, deletion
+#                 requests and evidence (auditors and admins: an admin must
+#                 see why mail goes, though not the mail).
+#   retention-manage add, change, remove retention rules and run the job by
+#                 hand: auditors (the compliance officer's decision; every
+#                 change is previewed and audited).
+#   hold-manage   place and lift legal holds: auditors only.
+#   deletion-request, deletion-decide   four-eyes deletion: one auditor asks,
+#                 another decides (the core refuses the same principal).
+#   tag-case      auditors' case tags on messages (the stored message is
+#                 unchanged; the tag is metadata).
+#   gdpr          subject access / portability exports and Art. 30 records
+#                 for the tenant: auditors.
 # admin and appliance-admin read no mail unless they are also auditors: they
 # are in no read row.
 _TABLE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -38,6 +51,13 @@ _TABLE: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "manage-users": (frozenset({"admin", "appliance-admin"}), frozenset()),
     "manage-tokens": (frozenset({"admin", "appliance-admin"}), frozenset()),
     "manage-tenants": (frozenset({"appliance-admin"}), frozenset()),
+    "lifecycle-read": (frozenset({"auditor", "admin", "appliance-admin"}), frozenset()),
+    "retention-manage": (frozenset({"auditor"}), frozenset()),
+    "hold-manage": (frozenset({"auditor"}), frozenset()),
+    "deletion-request": (frozenset({"auditor"}), frozenset()),
+    "deletion-decide": (frozenset({"auditor"}), frozenset()),
+    "tag-case": (frozenset({"auditor"}), frozenset()),
+    "gdpr": (frozenset({"auditor"}), frozenset()),
 }
 VERBS = tuple(_TABLE)
 

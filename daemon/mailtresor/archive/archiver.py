@@ -757,6 +757,28 @@ class Archiver:
         self.status_text = f"error: {f.getErrorMessage()}"
         self._schedule(max(self.interval, 5.0))
 
+    def exclusive(self, fn, *args, **kw):
+        """Run fn(pipeline, *args, **kw) on the archiver's thread, between
+        batches, holding the store lock and the store's writer lock: the
+        one way for other parts of the daemon (retention deletions, case
+        tags) to write to the store.  Returns a Deferred of fn's result;
+        StoreLocked if another process (a CLI import) holds the writer lock."""
+        from twisted.internet import threads
+
+        def run():
+            with self.store_lock:
+                p = self.pipeline
+                took = p.lock.fd is None
+                if took:
+                    p.lock.acquire()
+                try:
+                    return fn(p, *args, **kw)
+                finally:
+                    p.store.close()
+                    if took and not p.hold_lock:
+                        p.lock.release()
+        return threads.deferToThreadPool(self.reactor, self.pool, run)
+
     def expire_keys(self, max_age: float) -> None:
         if self.keys.ring.expire("tenant.", max_age):
             self.pool.callInThread(self.keys.forget)
