@@ -599,8 +599,8 @@ def test_no_plaintext_stored(tmp_path):
     values = {v.num: v.value for v in doc.values()}
     # Format 2: the facet slots hold the month, the sender's domain, whether
     # there are attachments, tags and flags -- what the terms hold already;
-    # no subject, body, name or local part.
-    assert set(values) == {SLOT_DATE, SLOT_SIZE, 2, 3, 4, 5, 6}
+    # no subject, body, name or local part.  Format 3: the arrival time.
+    assert set(values) == {SLOT_DATE, SLOT_SIZE, 2, 3, 4, 5, 6, 7}
     assert values[2] == b"2002-07" and values[4] in (b"0", b"1") and values[5] == b"Legal"
     assert xapian.sortable_unserialise(values[SLOT_DATE]) == utc(2002, 7, 10)
     assert xapian.sortable_unserialise(values[SLOT_SIZE]) == 60_000

@@ -63,7 +63,11 @@ HEAD = "head"
 LOCK = "lock"
 
 ACTIONS = ("login", "login-failed", "logout", "search", "read", "download", "export", "admin",
-           "key-fetch", "anomaly")
+           "key-fetch", "anomaly",
+           # The lifecycle (issue 15): rule changes and runs, holds placed and
+           # lifted, four-eyes requests and decisions, each deletion batch,
+           # case tags, GDPR exports and records, evidence reports.
+           "retention-rule", "retention", "hold", "deletion-request", "deletion", "tag", "gdpr", "evidence")
 EVENT_ACTIONS = frozenset(ACTIONS)          # what /api/v1/events serves
 # Every action a record can have: ACTIONS and the core's reads of the trail itself.
 RECORD_ACTIONS = ACTIONS + ("audit-read",)

@@ -173,6 +173,13 @@ def summary_of(p: parse.Parsed) -> dict:
             "to": list(p.to[:SUMMARY_TO]), "to_count": len(p.to)}
 
 
+def arrival_of(meta: dict) -> float:
+    """When a record's message first arrived: its earliest envelope's
+    received_at, else when it was first stored."""
+    times = [e.get("received_at") for e in meta.get("envelopes", {}).values() if e.get("received_at")]
+    return min(times) if times else float(meta.get("first_seen") or 0.0)
+
+
 def index_terms(meta: dict, parsed: parse.Parsed) -> tuple[list[str], list[str], list[str]]:
     """(every envelope address, those not in the headers, tags) over all
     envelopes a record has (a duplicate adds its recipients)."""
@@ -507,7 +514,7 @@ class Pipeline:
                         addrs, env_only, tags = index_terms(o.meta, p.parsed)
                         w.add(o.aid, p.parsed, envelope=addrs, envelope_only=env_only, tags=tags,
                               date=effective_date(p.parsed.date, p.envelope.get("received_at") or o.meta["first_seen"]),
-                              size=len(p.raw),
+                              size=len(p.raw), arrival=arrival_of(o.meta),
                               listing=seal_listing(o.meta.get("summary") or {}, tenant, o.month,
                                                    bytes.fromhex(o.aid), self.keys))
                     w.set_indexed_seq(shard.head()[0])

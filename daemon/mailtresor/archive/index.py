@@ -137,6 +137,11 @@ SLOT_SENDER_DOMAIN = 3  # lower-cased domain of the first From: address, "" if n
 SLOT_HAS_ATTACHMENT = 4  # "1" if the message has attachments, else "0"
 SLOT_TAGS = 5           # sorted tags, "\n"-joined
 SLOT_FLAGS = 6          # sorted flags (message and attachments, lower-case), "\n"-joined
+# Format 3: when the message first arrived (xapian.sortable_serialise(unix
+# time)): retention periods counted from arrival rather than from the date.
+# A document of an older index has none: such a rule falls back to the date
+# slot for it (lifecycle/protect.py) until `mailtresor reindex`.
+SLOT_ARRIVAL = 7
 
 META_INDEXED_SEQ = "mt:indexed_seq"
 # The index format a database was created with.  An index without the mark
@@ -144,7 +149,7 @@ META_INDEXED_SEQ = "mt:indexed_seq"
 # the current one.  Documents added later to an older index do get the new
 # slots, but the older ones lack them: format() says which indexes to rebuild.
 META_FORMAT = "mt:format"
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 
 MAX_TERM = 245              # bytes, Xapian's limit (glass backend)
 MAX_WORD = 64               # bytes, longer words are not indexed (base64 debris)
@@ -295,10 +300,11 @@ class IndexWriter:
 
     def add(self, archive_id: str, parsed: "Parsed", *, envelope: list[str],
             envelope_only: list[str], tags: list[str], date: float, size: int,
-            listing: bytes = b"") -> None:
+            listing: bytes = b"", arrival: float | None = None) -> None:
         """Index (or re-index) one message under its archive id.  `listing`
         is the store's encrypted listing blob (what a result line shows),
-        kept in the document data after the id."""
+        kept in the document data after the id.  `arrival`: when it first
+        arrived (archiver.arrival_of; default: `date`)."""
         unique = _term(PREFIXES["aid"], archive_id)
         if unique is None:
             raise ValueError("empty archive id")
@@ -307,6 +313,7 @@ class IndexWriter:
         doc.add_boolean_term(unique)
         doc.add_value(SLOT_DATE, xapian.sortable_serialise(float(date)))
         doc.add_value(SLOT_SIZE, xapian.sortable_serialise(float(size)))
+        doc.add_value(SLOT_ARRIVAL, xapian.sortable_serialise(float(date if arrival is None else arrival)))
         doc.add_value(SLOT_MONTH, time.strftime("%Y-%m", time.gmtime(float(date))))
         doc.add_value(SLOT_SENDER_DOMAIN, sender_domain(parsed.from_))
         doc.add_value(SLOT_HAS_ATTACHMENT, "1" if parsed.attachments else "0")

@@ -149,18 +149,11 @@ def _check_timestamps(shard, ca_file) -> list[str]:
     return out
 
 
-def _arrival(meta: dict) -> float:
-    """When a record's message first arrived: its earliest envelope's
-    received_at, else when it was first stored."""
-    times = [e.get("received_at") for e in meta.get("envelopes", {}).values() if e.get("received_at")]
-    return min(times) if times else float(meta.get("first_seen") or 0.0)
-
-
 def run_reindex(cfg, args) -> int:
     import shutil
 
     from mailtresor.archive import index, parse
-    from mailtresor.archive.archiver import index_terms
+    from mailtresor.archive.archiver import arrival_of, index_terms
     from mailtresor.archive.index import ShardIndex
     from mailtresor.archive.store import Store, effective_date, seal_listing
     a = archive_section(cfg)
@@ -193,8 +186,8 @@ def run_reindex(cfg, args) -> int:
                                         p.flags.append(f)
                                 addrs, env_only, tags = index_terms(meta, p)
                                 w.add(aid, p, envelope=addrs, envelope_only=env_only, tags=tags,
-                                      date=effective_date(p.date, _arrival(meta)),
-                                      size=len(raw),
+                                      date=effective_date(p.date, arrival_of(meta)),
+                                      size=len(raw), arrival=arrival_of(meta),
                                       listing=seal_listing(_listed(meta.get("summary") or {}, p), t, m,
                                                            bytes.fromhex(aid), keys))
                             if start + 500 >= len(todo):

@@ -31,6 +31,9 @@ ACTION_LABELS = {
     "login": N_("login"), "login-failed": N_("failed login"), "logout": N_("logout"), "search": N_("search"),
     "read": N_("read"), "download": N_("download"), "export": N_("export"), "admin": N_("administration"),
     "key-fetch": N_("key fetch"), "anomaly": N_("anomaly"), "audit-read": N_("audit trail read"),
+    "retention-rule": N_("retention rule"), "retention": N_("retention run"), "hold": N_("legal hold"),
+    "deletion-request": N_("deletion request"), "deletion": N_("deletion"), "tag": N_("case tag"),
+    "gdpr": N_("GDPR"), "evidence": N_("evidence report"),
 }
 RESULT_LABELS = {"ok": N_("ok"), "denied": N_("denied"), "failed": N_("failed"), "not-found": N_("not found")}
 KIND_LABELS = {"user": N_("user"), "token": N_("API token"), "local": N_("appliance shell"),

@@ -167,17 +167,36 @@ class Shard:
         """Remove a record and its metadata, leaving a tombstone in the chain.
         `reason` is stored in the clear (digest of it in the chain): no
         message content."""
-        aid = bytes.fromhex(aid_hex)
+        return bool(self.delete_many([(aid_hex, {"reason": reason})], now))
+
+    def delete_many(self, victims: list[tuple[str, dict]], now: float | None = None) -> list[str]:
+        """Remove records and their metadata in one transaction, each leaving
+        a tombstone: the caller's dict (why, by whom: no message content)
+        plus the SHA-256 of the record blob it replaces, stored in the clear
+        under state "tomb:<id>", its digest in the chain entry.  Returns the
+        ids deleted (an id not stored is skipped)."""
+        now = time.time() if now is None else now
+        done = []
         with self.env.begin(write=True) as txn:
-            if txn.get(aid, db=self.records) is None:
-                return False
-            txn.delete(aid, db=self.records)
-            txn.delete(aid, db=self.meta)
-            tomb = json.dumps({"reason": reason}, sort_keys=True).encode()
-            txn.put(b"tomb:" + aid, tomb, db=self.state)
-            self._append(txn, OP_DELETE, aid, hashlib.sha256(tomb).digest(),
-                         time.time() if now is None else now)
-        return True
+            for aid_hex, why in victims:
+                aid = bytes.fromhex(aid_hex)
+                rec = txn.get(aid, db=self.records)
+                if rec is None:
+                    continue
+                txn.delete(aid, db=self.records)
+                txn.delete(aid, db=self.meta)
+                tomb = json.dumps({**why, "record_sha256": hashlib.sha256(rec).hexdigest()},
+                                  sort_keys=True).encode()
+                txn.put(b"tomb:" + aid, tomb, db=self.state)
+                self._append(txn, OP_DELETE, aid, hashlib.sha256(tomb).digest(), now)
+                done.append(aid_hex)
+        return done
+
+    def tombstone(self, aid_hex: str) -> dict | None:
+        """The tombstone of a deleted record (None if it was never deleted)."""
+        with self.env.begin() as txn:
+            raw = txn.get(b"tomb:" + bytes.fromhex(aid_hex), db=self.state)
+        return None if raw is None else json.loads(bytes(raw))
 
     def seal(self, seed: bytes, *, timestamper=None, now: float | None = None) -> Seal | None:
         """Sign the chain head (nothing to do if the last seal covers it).
@@ -393,6 +412,16 @@ class Store:
         with env.begin(write=True) as txn:
             for aid, month in pairs:
                 txn.put(bytes.fromhex(aid), month.encode(), db=db)
+
+    def catalog_delete(self, tenant: str, aids: list[str]) -> None:
+        """Forget where these ids were (after their records were deleted):
+        a message archived again later is a new record in its own month."""
+        if not self.has_archive(tenant):
+            return
+        env, db = self._catalog(tenant)
+        with env.begin(write=True) as txn:
+            for aid in aids:
+                txn.delete(bytes.fromhex(aid), db=db)
 
     def store(self, tenant: str, items: list[Item], keys: Keys) -> list[Outcome]:
         """Store a batch for one tenant.  An id already in the catalog goes
