@@ -90,6 +90,14 @@ class Browser:
             raise AssertionError(f"not at {prefix}: at {self.driver.current_url}\n"
                                  f"{self.driver.page_source[:2000]}") from None
 
+    def wait_url_has(self, text: str) -> None:
+        """Wait until the page's URL contains `text` (a search answered in
+        place changes only its query string)."""
+        try:
+            WebDriverWait(self.driver, TIMEOUT).until(lambda d: text in self.path())
+        except Exception:
+            raise AssertionError(f"no {text!r} in {self.driver.current_url}") from None
+
     def wait_at(self, path: str) -> None:
         """Wait until the page's path (without its query) is exactly `path`:
         wait_path("/account") is already true on /account/totp/begin."""
