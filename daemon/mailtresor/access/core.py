@@ -664,7 +664,7 @@ class Core:
             if ids is not None:
                 if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                     raise BadRequest("ids must be a list of archive ids")
-                if not ids:
+                if not ids and not extra:       # a subject access that finds nothing still has its report
                     raise BadRequest("ids is empty")
                 if len(ids) > self.export_max:
                     raise BadRequest(f"{len(ids)} messages are over the export limit of {self.export_max}")
