@@ -351,3 +351,24 @@ def test_cli_subject_access_records_and_evidence(world, tmp_path):
     assert p.returncode == 0 and {d["tenant"] for d in json.loads(p.stdout)} == {"acme", "globex"}
     p = _cli(world.stack, "evidence", "--tenant", "nope")
     assert p.returncode != 0 and b"Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("extra, fmt", [
+    ({"manifest.json": b"{}"}, "zip"),                         # would replace the manifest
+    ({"../evil.txt": b"x"}, "zip"), ({"dir/report.txt": b"x"}, "zip"), ({".hidden": b"x"}, "zip"),
+    ({"7607ccfaa5d5e88b7ee42c82c95247a8254ed4b6.eml": b"x"}, "zip"),   # would shadow a message
+    ({"report.txt": "not bytes"}, "zip"),
+    ({"report.txt": b"x"}, "mbox"),                            # an mbox carries messages only
+])
+def test_extra_files_of_an_export_are_plain_names_in_a_zip_only(tmp_path, extra, fmt):
+    from mailtresor.access.audit import AuditLog
+    from mailtresor.access.core import BadRequest, Core
+    from mailtresor.access.principal import Principal
+    audit = AuditLog(tmp_path / "audit", None)
+    core = Core(store=None, keys=None, audit=audit, exports_dir=tmp_path / "exports", tenants=["acme"])
+    who = Principal(kind="user", name="aud", tenant="acme", roles=frozenset({"auditor"}))
+    try:
+        with pytest.raises(BadRequest, match="extra files"):
+            core.export_start(who, ids=["7607ccfaa5d5e88b7ee42c82c95247a8254ed4b6"], format=fmt, extra=extra)
+    finally:
+        audit.close(seal=False)
