@@ -158,3 +158,18 @@ def test_german(world, browser_de):
     assert "einwandfrei" in b.find("#verify-verdict").text
     found += b.axe("evidence (de)")
     assert not found, found
+
+
+def test_the_appliance_administrator_chooses_the_tenant_of_the_evidence(world, browser):
+    users, _ = open_databases(world.stack.cfg, control_fetcher(world.stack.cfg))
+    if users.get(None, "root") is None:
+        users.add(None, "root", "root-password-1", {"appliance-admin"}, [])
+    b = browser
+    b.get("/evidence")
+    b.wait_path("/login")
+    b.login("root", "root-password-1", None)
+    b.wait_path("/evidence")
+    b.find("#evidence-tenants a[href='/evidence?tenant=acme']").click()
+    b.find("#evidence-shards")
+    assert b.path() == "/evidence?tenant=acme"
+    assert not b.axe("evidence tenants"), b.axe("evidence tenants")

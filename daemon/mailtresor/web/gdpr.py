@@ -79,6 +79,10 @@ async def evidence(web, request, who, csrf):
         web.check_csrf(f, csrf)
         verify = True
         tenant = f.get("tenant") or tenant
+    if who.tenant is None and not tenant and who.can("lifecycle-read"):
+        # An appliance administrator (or the local principal) names the tenant.
+        return web.render(request, "evidence.html", who, csrf, doc=None, tenant="",
+                          tenants=list(web.api.tenant_names))
     doc = await web.api.run(api_gdpr.evidence_doc, web.api, who, tenant, verify)
     web.render(request, "evidence.html", who, csrf, doc=doc, tenant=tenant or "")
 
