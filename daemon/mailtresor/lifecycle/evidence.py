@@ -25,6 +25,7 @@ checks every record's SHA-256 and returns only problems).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -58,12 +59,20 @@ def seal_doc(seal, *, head_seq: int) -> dict | None:
     doc = {"number": seal.number, "seq": seal.seq, "head": seal.head.hex(), "time": _iso(seal.time),
            "key": fingerprint(seal.public_key), "unsealed": max(0, head_seq - seal.seq), "tsa": None}
     if seal.tsa_token:
-        from mailtresor.archive import tsa
-        try:
-            doc["tsa"] = {"time": tsa.reply_time(seal.tsa_token), "bytes": len(seal.tsa_token)}
-        except tsa.TimestampError as e:
-            doc["tsa"] = {"time": "", "bytes": len(seal.tsa_token), "error": str(e)[:200]}
+        t, error = _token_time(bytes(seal.tsa_token))
+        doc["tsa"] = {"time": t, "bytes": len(seal.tsa_token), **({"error": error} if error else {})}
     return doc
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_time(token: bytes) -> tuple[str, str]:
+    """(the RFC 3161 time of a seal's token, "" or why it cannot be read).
+    A seal never changes: each token is read by openssl once per process."""
+    from mailtresor.archive import tsa
+    try:
+        return tsa.reply_time(token), ""
+    except tsa.TimestampError as e:
+        return "", str(e)[:200]
 
 
 def _tombs(shard) -> list[tuple[str, bytes]]:
@@ -121,8 +130,10 @@ def shard_proof(shard, *, month: str) -> tuple[dict, list[dict]]:
                        "request": t.get("request"), "by": t.get("by") or "", "reason": str(t.get("reason") or "")[:300],
                        "at": _iso(t.get("at")), "_at": t.get("at") or 0, "record_sha256": t.get("record_sha256"),
                        "chain": chain})
+    # "seal" is the Seal here; evidence() makes it a document outside the
+    # store lock (reading a time stamp runs openssl).
     row = {"shard": month, "records": shard.count(), "head": {"seq": seq, "hash": head.hex()},
-           "seal": seal_doc(shard.last_seal(), head_seq=seq), "tombstones": len(tombs),
+           "seal": shard.last_seal(), "tombstones": len(tombs),
            "chain_read_whole": whole}
     return row, listed
 
@@ -185,6 +196,7 @@ def evidence(*, store, store_lock, audit, tenant: str, section: dict | None, now
     for m in months:
         with store_lock:
             row, listed = shard_proof(store.shard(tenant, m), month=m)
+        row["seal"] = seal_doc(row["seal"], head_seq=row["head"]["seq"])
         shards.append(row)
         tombs += listed
     tombs.sort(key=lambda t: (t["_at"], t["id"]), reverse=True)
