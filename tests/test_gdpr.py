@@ -299,6 +299,7 @@ def test_evidence_lists_seals_tombstones_holds_key_releases_and_verify(world):
     assert "from:bob" not in r.data.decode()            # a hold's query stays out of the evidence
     assert any(k["object"] == "tenant.acme" for k in ev["key_releases"])
     assert ev["verify"]["sound"] is True, ev["verify"]
+    assert ev["verify"]["timestamps_checked"] >= 1          # against [archive] tsa_ca_file
     assert {s["shard"] for s in ev["verify"]["shards"]} == {s["shard"] for s in ev["shards"]}
     recs = world.aud.request("GET", "/api/v1/audit?action=evidence&limit=100").json()["records"]
     assert any((x.get("detail") or {}).get("verify") is True and x["detail"]["sound"] is True for x in recs)
@@ -372,3 +373,26 @@ def test_extra_files_of_an_export_are_plain_names_in_a_zip_only(tmp_path, extra,
             core.export_start(who, ids=["7607ccfaa5d5e88b7ee42c82c95247a8254ed4b6"], format=fmt, extra=extra)
     finally:
         audit.close(seal=False)
+
+
+def test_verify_checks_time_stamps_against_the_configured_ca(world, tmp_path):
+    """A seal's RFC 3161 token that does not verify against the CA named is
+    a problem (here: the stack's own CA, which did not issue the TSA's)."""
+    import shutil
+    import threading
+    from mailtresor.archive.store import Store
+    from mailtresor.lifecycle import evidence
+    src = Path(world.stack.cfg.archive.directory) / "acme"
+    for m in (p.name for p in src.iterdir() if p.name[:4].isdigit()):
+        shutil.copytree(src / m, tmp_path / "acme" / m)
+    store = Store(tmp_path)
+    try:
+        good = evidence.run_verify(store=store, store_lock=threading.Lock(), keys=None, tenant="acme",
+                                   tsa_ca_file=world.stack.cfg.archive.tsa_ca_file)
+        bad = evidence.run_verify(store=store, store_lock=threading.Lock(), keys=None, tenant="acme",
+                                  tsa_ca_file=world.stack.pki / "ca.pem")
+    finally:
+        store.close()
+    assert good["timestamps_checked"] >= 1
+    assert not [p for p in good["problems"] if "time stamp" in p], good
+    assert any("time stamp does not verify" in p for p in bad["problems"]), bad

@@ -132,8 +132,9 @@ def evidence_doc(api, who, asked, verify: bool = False) -> dict:
             if not _verify_lock.acquire(blocking=False):
                 raise HttpError(409, "a verification is running; try again when it is done")
             try:
+                a = getattr(api.cfg, "archive", None)
                 checked = evidence.run_verify(store=core.store, store_lock=core._store_lock, keys=core.keys,
-                                              tenant=tenant)
+                                              tenant=tenant, tsa_ca_file=a.tsa_ca_file if a else None)
             finally:
                 _verify_lock.release()
         doc = evidence.evidence(store=core.store, store_lock=core._store_lock, audit=core.audit, tenant=tenant,

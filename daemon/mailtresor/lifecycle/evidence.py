@@ -228,15 +228,39 @@ def evidence(*, store, store_lock, audit, tenant: str, section: dict | None, now
     }
 
 
+def _timestamps(tenant: str, month: str, seals: list[tuple[int, bytes]], ca_file) -> tuple[int, list[str]]:
+    """Check every seal's RFC 3161 token against the TSA's CA (what
+    `mailtresor verify` does with [archive] tsa_ca_file): (tokens checked,
+    problems)."""
+    from mailtresor.archive import tsa
+    from mailtresor.archive.store import Seal, StoreError, seal_message
+    checked, out = 0, []
+    for number, raw in seals:
+        try:
+            s = Seal.decode(number, raw)
+        except (struct.error, StoreError):
+            continue                                   # reported by verify_shard
+        if not s.tsa_token:
+            continue
+        checked += 1
+        try:
+            tsa.verify(s.tsa_token, seal_message(tenant, month, s.seq, s.head, s.time), ca_file)
+        except tsa.TimestampError as e:
+            out.append(f"{tenant}/{month}: seal {number}: time stamp does not verify: {e}")
+    return checked, out
+
+
 def run_verify(*, store, store_lock, keys, tenant: str, budget: float = VERIFY_SECONDS,
-               clock=time.monotonic) -> dict:
+               clock=time.monotonic, tsa_ca_file=None) -> dict:
     """`mailtresor verify` for one tenant's shards: verify_shard (chain,
     records, metadata, seals against every version of the seal key) and
     the index check (every live record indexed, nothing else), one shard
-    at a time under the store lock; no new shard is started after
+    at a time under the store lock, and with `tsa_ca_file` every seal's
+    time stamp against that CA (outside the lock); no new shard is started after
     `budget` seconds.  {"sound", "problems" (the first PROBLEMS_SHOWN),
     "problem_count", "shards": [{"shard", "records", "problems"}],
-    "skipped": [months not checked], "seal_keys": bool}."""
+    "skipped": [months not checked], "seal_keys": bool, "timestamps_checked":
+    int or None (no CA configured)}."""
     from mailtresor.archive import index
     from mailtresor.archive.store import verify_shard
     from mailtresor.keys import crypto
@@ -250,7 +274,7 @@ def run_verify(*, store, store_lock, keys, tenant: str, budget: float = VERIFY_S
         months = store.months(tenant)
     problems: list[str] = [] if seal_keys else ["the seal key cannot be had: seals were checked against the keys "
                                                  "they carry only"]
-    rows, skipped = [], []
+    rows, skipped, timestamps = [], [], 0
     for m in months:
         if clock() - start > budget:
             skipped.append(m)
@@ -259,13 +283,18 @@ def run_verify(*, store, store_lock, keys, tenant: str, budget: float = VERIFY_S
             shard = store.shard(tenant, m)
             found, live = verify_shard(shard, keys, publics)
             indexed = index.ids(shard.index_dir)
+            seals = shard.seals_from(1) if tsa_ca_file is not None else []
         lines = [str(p) for p in found]
+        stamped, bad = _timestamps(tenant, m, seals, tsa_ca_file) if seals else (0, [])
+        lines += bad
+        timestamps += stamped
         lines += [f"{tenant}/{m}: {x}: not in the index" for x in sorted(live - indexed)]
         lines += [f"{tenant}/{m}: {x}: in the index but not in the store" for x in sorted(indexed - live)]
         rows.append({"shard": m, "records": len(live), "problems": len(lines)})
         problems += lines
     return {"sound": not problems and not skipped, "problems": problems[:PROBLEMS_SHOWN],
             "problem_count": len(problems), "shards": rows, "skipped": skipped, "seal_keys": seal_keys,
+            "timestamps_checked": timestamps if tsa_ca_file is not None else None,
             "time": _iso(time.time())}
 
 
@@ -324,6 +353,8 @@ def evidence_text(doc: dict) -> str:
     else:
         lines.append(f"Verify ({v['time']}): " + ("PASS" if v["sound"] else
                                                    f"FAIL: {v['problem_count']} problem(s)")
+                     + (f"; {v['timestamps_checked']} time stamp(s) checked against the TSA's CA"
+                        if v.get("timestamps_checked") is not None else "")
                      + (f"; not checked (time budget): {', '.join(v['skipped'])}" if v["skipped"] else ""))
         lines += [f"  {s['shard']}: {s['records']} record(s), {s['problems']} problem(s)" for s in v["shards"]]
         lines += [f"  ! {p}" for p in v["problems"]]
