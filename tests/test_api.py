@@ -289,6 +289,27 @@ EXPECTED = [
     ("POST", "/api/v1/me/totp/off", {},
      E(anon=401, alice=400, aud=400, adm=400, gina=400, gaud=400, gadm=400, root=400, **{
          "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),
+    # GDPR and evidence (access/gdpr.py): subject access and Art. 30 records
+    # for auditors ("gdpr"), evidence for auditors and administrators
+    # ("lifecycle-read"); another tenant's is 404.
+    ("POST", "/api/v1/gdpr/subject-access", {"address": "alice@acme.example", "format": "zip"},
+     E(anon=401, alice=403, aud=202, adm=403, gina=403, gaud=202, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/gdpr/subject-access", {"address": "alice@acme.example", "format": "mbox", "tenant": "acme"},
+     E(anon=401, alice=403, aud=202, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=202)),
+    ("GET", "/api/v1/gdpr/records", None,
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=200, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/gdpr/records?tenant=acme", None,
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
+    ("GET", "/api/v1/evidence", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=200, gadm=200, root=400, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/evidence?tenant=acme&verify=1", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=404, gadm=404, root=200, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
     ("POST", "/api/v1/logout", None,
      E(anon=401, alice=200, aud=200, adm=200, gina=200, gaud=200, gadm=200, root=200, **{
          "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),

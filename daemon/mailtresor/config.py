@@ -351,6 +351,15 @@ class Tenant:
     name: str
     domains: tuple[str, ...]
     ldap: Ldap | None = None
+    # The records of processing (GDPR Art. 30) and the subject access
+    # report (lifecycle/gdpr.py) name these; empty: the defaults there
+    # (the tenant's name; no contact given; archiving for legal retention
+    # duties under Art. 6(1)(c) and (f); no transfers to third countries).
+    controller: str = ""
+    contact: str = ""
+    purposes: tuple[str, ...] = ()
+    legal_basis: str = ""
+    transfers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ FORMATS = ("mbox", "zip")
 _AID = re.compile(r"[0-9a-f]{40}")
 _MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _JOB = re.compile(r"[0-9a-f]{32}")
+_EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")    # an extra file of a zip: no directory, no dot file
 
 
 class AccessError(Exception):
@@ -227,6 +228,9 @@ class _Job:
     error: str = ""
     finished: float | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
+    # Files a zip carries beside the messages (name -> bytes), e.g. the
+    # processing report of a GDPR subject access (lifecycle/gdpr.py).
+    extra: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def total(self) -> int:
@@ -629,15 +633,24 @@ class Core:
     # --- exports -----------------------------------------------------------------
 
     def export_start(self, who: Principal, *, tenant: str | None = None, query: str | None = None,
-                     ids: list[str] | None = None, format: str = "mbox") -> dict:   # noqa: A002 - the API's name
+                     ids: list[str] | None = None, format: str = "mbox",   # noqa: A002 - the API's name
+                     extra: dict[str, bytes] | None = None) -> dict:
         """Start a background export of the matches of `query`, or of the
         messages `ids` (in that order), as an mbox (mboxrd) or a zip of
         .eml files with manifest.json.  Messages outside the caller's scope
         or not stored are left out and counted as `missing` (the same for
-        both: no existence leak)."""
+        both: no existence leak).  `extra` (zip only): more files for the
+        zip, name -> bytes, listed in the manifest's "files" (a GDPR subject
+        access adds its processing report: lifecycle/gdpr.py)."""
+        extra = dict(extra or {})
+
         def run(t):
             if format not in FORMATS:
                 raise BadRequest(f"format must be one of {', '.join(FORMATS)}")
+            if extra and (format != "zip" or any(not isinstance(n, str) or not _EXTRA_NAME.fullmatch(n)
+                                                 or n == "manifest.json" or _AID.fullmatch(n[:40])
+                                                 or not isinstance(b, bytes) for n, b in extra.items())):
+                raise BadRequest("extra files go into a zip, under plain names of their own")
             if (query is None) == (ids is None):
                 raise BadRequest("give either a query or a list of ids")
             scope = self._read_scope(who, export=True)
@@ -651,7 +664,7 @@ class Core:
             if ids is not None:
                 if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                     raise BadRequest("ids must be a list of archive ids")
-                if not ids:
+                if not ids and not extra:       # a subject access that finds nothing still has its report
                     raise BadRequest("ids is empty")
                 if len(ids) > self.export_max:
                     raise BadRequest(f"{len(ids)} messages are over the export limit of {self.export_max}")
@@ -670,7 +683,7 @@ class Core:
                 items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
             jid = secrets.token_hex(16)
             job = _Job(id=jid, owner=owner(who), tenant=t, format=format, query=query, items=items,
-                       scope=scope, created=self.clock(),
+                       scope=scope, created=self.clock(), extra=extra,
                        path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
             return job, jid
         # The job runs only once its audit record is written: an export the
@@ -828,6 +841,12 @@ class Core:
                                   for e in (meta.get("envelopes") or {}).values()]})
                 job.size = f.tell()
             manifest["missing"] = job.missing
+            if job.extra:
+                manifest["files"] = []
+                for name, data in job.extra.items():
+                    z.writestr(name, data)
+                    manifest["files"].append({"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                                              "size": len(data)})
             z.writestr("manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
 
     def _expire(self) -> None:

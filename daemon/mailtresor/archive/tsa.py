@@ -65,3 +65,21 @@ def verify(reply: bytes, message: bytes, ca_file: Path) -> str:
         if line.startswith("Time stamp:"):
             return line.split(":", 1)[1].strip()
     return ""
+
+
+def reply_time(reply: bytes) -> str:
+    """The time an RFC 3161 reply states (its TSTInfo genTime, as `openssl
+    ts -reply -text` prints it, e.g. "Dec  3 12:00:00 2026 GMT"), without
+    checking it against a CA (verify() does that); "" if it states none.
+    Raises TimestampError for a reply openssl cannot read."""
+    fd, path = tempfile.mkstemp(prefix="mailtresor-tsr-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(reply)
+        text = _openssl(["-reply", "-in", path, "-text"]).decode(errors="replace")
+    finally:
+        os.unlink(path)
+    for line in text.splitlines():
+        if line.startswith("Time stamp:"):
+            return line.split(":", 1)[1].strip()
+    return ""
