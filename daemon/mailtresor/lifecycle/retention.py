@@ -332,12 +332,14 @@ class Context:
     blocking   (fn, *a) -> Deferred: fn in a worker thread (the API's pool)
     exclusive  (fn, *a) -> Deferred: fn(pipeline, *a) on the archiver's thread
     audit      access.audit.AuditLog or None
+    stopping   () -> True when the daemon stops: the run ends after its batch
     """
     lifecycle: object
     paths: object
     blocking: object
     exclusive: object
     audit: object = None
+    stopping: object = staticmethod(lambda: False)
 
     @classmethod
     def of(cls, api) -> "Context":
@@ -409,6 +411,9 @@ async def _run(ctx: Context, tenant: str, who, *, dry_run: bool, now, batch: int
         todo, p.go = p.go, []
         try:
             for start in range(0, len(todo), batch):
+                if ctx.stopping():
+                    log.info("retention %s: the daemon stops; the rest waits for the next run", tenant)
+                    break
                 chunk = todo[start:start + batch]
                 go, kept = await ctx.blocking(_recheck, ctx, tenant, paths, chunk, now)
                 p.kept += kept
