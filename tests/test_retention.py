@@ -288,3 +288,55 @@ def test_a_changed_rule_applies_to_old_mail(world):
     assert p.returncode == 0, (p.stdout, p.stderr)
     # The daily job is scheduled (once, with a callLater).
     assert re.search(r"lifecycle job: next run at \d{4}-\d\d-\d\d \d\d:\d\d UTC", world.stack.log())
+
+
+def test_daily_job_schedules_skips_while_paused_and_runs_every_tenant(world, caplog):
+    """The job in this process on a task.Clock, over the daemon's indexes
+    and lifecycle.db (its deleter only records: nothing is left to delete)."""
+    import logging
+    from types import SimpleNamespace
+
+    from twisted.internet import task
+
+    from mailtresor.config import Lifecycle
+    from mailtresor.lifecycle import job as jobmod
+
+    day = 86400 * int(NOW // 86400)
+    assert jobmod.next_run("03:00", day + 3 * 3600 - 1) == day + 3 * 3600
+    assert jobmod.next_run("03:00", day + 3 * 3600) == day + 86400 + 3 * 3600
+    assert jobmod.next_run("23:59", day) == day + 86400 - 60
+    with pytest.raises(ValueError):
+        jobmod.next_run("3 am", day)
+
+    root = world.stack.cfg.archive.directory
+    store = SimpleNamespace(
+        months=lambda t, check=False: sorted(p.name for p in (root / t).iterdir()
+                                             if re.fullmatch(r"\d{4}-\d\d", p.name)) if (root / t).is_dir() else [],
+        index_paths=lambda t, months: [str(root / t / m / "xapian") for m in months])
+    deleted = []
+    archiver = SimpleNamespace(paused="disk full", store=store,
+                               exclusive=lambda fn, *a, **kw: deleted.append(a) or defer.succeed(None))
+    api = SimpleNamespace(lifecycle=world.db, archiver=archiver, audit=None, core=None,
+                          tenant_names=("acme", "globex"), run=lambda fn, *a, **kw: defer.succeed(fn(*a, **kw)))
+    clock = task.Clock()
+    clock.advance(day + 3 * 3600 - 10)
+    job = jobmod.DailyJob(api, Lifecycle(run_at="03:00"), clock, clock=clock.seconds)
+    job.start()
+    [call] = clock.getDelayedCalls()
+    assert call.getTime() == day + 3 * 3600
+    caplog.set_level(logging.INFO, logger="mailtresor.lifecycle.job")
+    clock.advance(10)                                   # 03:00, archiving paused: skipped, again in an hour
+    assert "lifecycle job skipped: archiving is paused (disk full)" in caplog.text
+    [call] = clock.getDelayedCalls()
+    assert call.getTime() == day + 4 * 3600 and job.last is None
+    archiver.paused = ""
+    clock.advance(3600)
+    when, results = job.last
+    assert set(results) == {"acme", "globex"} and deleted == []
+    assert results["acme"]["kept"] == 1 and results["acme"]["kept_by"]["holds"] == [{"hold": "case-1", "kept": 1}]
+    assert "retention acme: 0 deleted by 1 rule(s), 1 kept (legal hold 1, minimum 0)" in caplog.text
+    assert "retention globex: 0 deleted by 0 rule(s), 0 kept" in caplog.text
+    [call] = clock.getDelayedCalls()                    # tomorrow, 03:00
+    assert call.getTime() == day + 86400 + 3 * 3600
+    job.stop()
+    assert clock.getDelayedCalls() == []
