@@ -230,3 +230,18 @@ def test_admin_reads_user_refused_other_tenant_not_found(world, browser):
     status, _ = page("aud", "acme", "/retention/save", {"csrf": "x", "name": "all", "maximum": "1d"})
     assert status == 403
     assert [r["name"] for r in world.aud.request("GET", "/api/v1/retention/rules").json()["rules"]] == ["Invoices"]
+
+
+def test_phone_width(world, tmp_path):
+    from tests.harness.browser import Browser
+    b = Browser(world.base, tmp_path, width=390, height=844)
+    try:
+        web_login(b, "aud", "acme", "/search")
+        for path in ("/retention", f"/retention/rules/{world.invoices}", "/retention/dry-run"):
+            b.get(path)
+            b.find("main h1")
+            width = b.driver.execute_script("return document.documentElement.scrollWidth")
+            assert width <= 400, (path, width)
+        b.screenshot("retention-dry-run-phone")
+    finally:
+        b.close()
