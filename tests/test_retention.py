@@ -217,6 +217,18 @@ def test_rules_preview_and_hold_mid_run(world):
     assert len(kept_mid) == len(FIRST_RUN | {"news-held"}) - 1
     world.db.change("acme", lambda sec: sec["holds"].pop("mid-run"))
 
+    # One run of a tenant at a time: a second, while the first waits for
+    # the archiver, is refused (RunBusy: the API's 409) and deletes nothing.
+    waiting = defer.Deferred()
+    slow = retention.Context(lifecycle=world.db, paths=paths, blocking=ctx.blocking,
+                             exclusive=lambda fn, tenant, victims: waiting, audit=None)
+    first = defer.ensureDeferred(retention.run(slow, "acme", "test", dry_run=False))
+    second = defer.ensureDeferred(retention.run(slow, "acme", "test", dry_run=True))
+    assert isinstance(second.result.value, retention.RunBusy)
+    second.addErrback(lambda f: None)
+    waiting.callback(type("D", (), {"deleted": [], "missing": []})())
+    assert first.called and first.result["deleted"] == 0
+
 
 def test_dry_run_then_run_delete_exactly_the_expected(world):
     stack, ids = world.stack, world.ids

@@ -115,6 +115,7 @@ def test_auditor_adds_a_rule_through_its_preview(world, browser):
     no_axe(b, "rules with an error")
     # The preview: exactly what the dry run would delete and keep, and why.
     b.find("#rule-minimum").clear()
+    b.find("#rule-senders").send_keys("\nNews.Example")      # two lines: both carried to the save
     b.find("#preview-submit").click()
     b.find("#preview-title")
     assert ids_in(b, "plan-go") == {ids["old-news"]}
@@ -124,7 +125,8 @@ def test_auditor_adds_a_rule_through_its_preview(world, browser):
     no_axe(b, "preview")
     b.screenshot("retention-preview")
     api_dry = world.aud.request("POST", "/api/v1/retention/preview",
-                                {"name": "Newsletters", "maximum": "2y", "match": {"senders": ["lists.example"]}})
+                                {"name": "Newsletters", "maximum": "2y",
+                                 "match": {"senders": ["lists.example", "news.example"]}})
     assert {i["id"] for i in api_dry.json()["preview"]["items"]["go"]} == ids_in(b, "plan-go")
     # Nothing saved yet.
     assert len(world.aud.request("GET", "/api/v1/retention/rules").json()["rules"]) == 1
@@ -135,7 +137,8 @@ def test_auditor_adds_a_rule_through_its_preview(world, browser):
     assert "lists.example" in row.text and "2y" in row.text
     rules = world.aud.request("GET", "/api/v1/retention/rules").json()["rules"]
     new = next(r for r in rules if r["name"] == "Newsletters")
-    assert new["match"] == {"senders": ["lists.example"]} and new["maximum"] == "2y" and new["basis"] == "date"
+    assert new["match"] == {"senders": ["lists.example", "news.example"]}, new
+    assert new["maximum"] == "2y" and new["basis"] == "date"
 
     # The dry run page: the same set; nothing deleted.
     b.find("#dry-run-link").click()
