@@ -217,6 +217,14 @@ def test_rules_preview_and_hold_mid_run(world):
     assert len(kept_mid) == len(FIRST_RUN | {"news-held"}) - 1
     world.db.change("acme", lambda sec: sec["holds"].pop("mid-run"))
 
+    # A daemon that stops ends the run after the batch in hand.
+    batches.clear()
+    stop = retention.Context(lifecycle=world.db, paths=paths, blocking=ctx.blocking, audit=None,
+                             exclusive=lambda fn, tenant, victims: batches.append(victims) or defer.succeed(
+                                 type("D", (), {"deleted": [], "missing": []})()),
+                             stopping=lambda: bool(batches))
+    rep = defer.ensureDeferred(retention.run(stop, "acme", "test", dry_run=False, batch=2)).result
+    assert len(batches) == 1 and len(batches[0]) == 2 and rep["deleted"] == 0
     # One run of a tenant at a time: a second, while the first waits for
     # the archiver, is refused (RunBusy: the API's 409) and deletes nothing.
     waiting = defer.Deferred()
