@@ -310,6 +310,30 @@ EXPECTED = [
     ("GET", "/api/v1/evidence?tenant=acme&verify=1", None,
      E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=404, gadm=404, root=200, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
+    # Retention (access/retention.py): lifecycle-read to list, retention-manage
+    # (auditors; local) to change, preview and run; rules of 100 years delete
+    # nothing here, runs are dry.  Another tenant's is 404 (after the role check).
+    ("GET", "/api/v1/retention/rules", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=200, gadm=200, root=400, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/retention/rules?tenant=acme", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=404, gadm=404, root=200, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
+    ("POST", "/api/v1/retention/rules", {"name": "keep-{who}", "maximum": "100y"},
+     E(anon=401, alice=403, aud=201, adm=403, gina=403, gaud=201, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("PUT", "/api/v1/retention/rules/0123456789ab", {"name": "x", "maximum": "100y"},
+     E(anon=401, alice=403, aud=404, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("DELETE", "/api/v1/retention/rules/0123456789ab?tenant=acme", None,
+     E(anon=401, alice=403, aud=404, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=404)),
+    ("POST", "/api/v1/retention/preview", {"name": "p", "maximum": "100y"},
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=200, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/retention/run", {"tenant": "acme", "dry_run": True},
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
     ("POST", "/api/v1/logout", None,
      E(anon=401, alice=200, aud=200, adm=200, gina=200, gaud=200, gadm=200, root=200, **{
          "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),

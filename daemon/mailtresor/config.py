@@ -345,6 +345,17 @@ class Audit:
 
 
 @dataclass(frozen=True)
+class Lifecycle:
+    """[lifecycle]: the daily retention job (mailtresor/lifecycle/job.py)."""
+
+    enabled: bool = True
+    # When the job runs each day, "HH:MM" in UTC.
+    run_at: str = "03:00"
+    # After the deletions, months unchanged for this many days are compacted.
+    compact_quiet_days: int = 7
+
+
+@dataclass(frozen=True)
 class Tenant:
     """[[tenant]]: an archive of its own for mail to its domains."""
 
@@ -414,7 +425,14 @@ class Config:
     access: Access = field(default_factory=Access)
     api: Api = field(default_factory=Api)
     audit: Audit = field(default_factory=Audit)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     source: Path = Path("")
+
+
+def run_at_minutes(text: str) -> int | None:
+    """"HH:MM" (24 h) as minutes after midnight; None if it is not one.  Pure."""
+    m = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])", text.strip()) if isinstance(text, str) else None
+    return int(m.group(1)) * 60 + int(m.group(2)) if m else None
 
 
 def locate(explicit: str | os.PathLike | None) -> Path:
@@ -595,6 +613,10 @@ def _check(cfg: Config, source: Path) -> None:
                 # keeps the others out of this connector.
                 fail(f"relay.connector[{i}].recipients", "an Exchange Online journaling connector "
                      "(exchange_tenant_id) needs its journal address(es) here")
+    if run_at_minutes(cfg.lifecycle.run_at) is None:
+        fail("lifecycle.run_at", f"{cfg.lifecycle.run_at!r} is not a time of day: write \"HH:MM\" (UTC, e.g. \"03:00\")")
+    if not 0 <= cfg.lifecycle.compact_quiet_days <= 3660:
+        fail("lifecycle.compact_quiet_days", "must be between 0 and 3660 days")
     r = cfg.relay
     if r.max_connections < 1:
         fail("relay.max_connections", "must be at least 1")

@@ -122,7 +122,7 @@ ROUTES = (
 # and openapi-<name>.json beside this module holds its paths and schemas
 # (merged into the one document /api/v1/openapi.json serves).  A section is
 # one line here.
-API_EXTENSIONS: tuple[str, ...] = ("gdpr",)
+API_EXTENSIONS: tuple[str, ...] = ("gdpr", "retention")
 
 
 @functools.cache
@@ -981,6 +981,12 @@ class ApiServer:
                        facts=daemon.metrics_facts, metrics_networks=a.metrics_networks, web=True,
                        directories={t.name: t.ldap for t in cfg.tenant})
         self.api.archiver, self.api.cfg = archiver, cfg
+        # The daily lifecycle job (retention, then compaction): here, where
+        # lifecycle.db, the archiver and the audit trail meet.
+        self.job = None
+        if archiver is not None and cfg.lifecycle.enabled:
+            from mailtresor.lifecycle.job import DailyJob
+            self.job = DailyJob(self.api, cfg.lifecycle, reactor)
 
     def start(self) -> defer.Deferred:
         import os
@@ -992,6 +998,8 @@ class ApiServer:
         a = self.cfg.api
         self.pool.start()
         self.run_logins()
+        if self.job is not None:
+            self.job.start()
 
         def listening(port_, what):
             self.ports.append(port_)
@@ -1061,7 +1069,10 @@ class ApiServer:
         ports, self.ports = self.ports, []
         if getattr(self, "_retry", None) is not None and self._retry.active():
             self._retry.cancel()
-        d = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        waits = [defer.maybeDeferred(p.stopListening) for p in ports]
+        if self.job is not None:
+            waits.append(self.job.stop())       # a run under way ends with its batch
+        d = defer.gatherResults(waits, consumeErrors=True)
 
         def done(_):
             # ThreadPool.stop() joins its threads: off the reactor's thread,
