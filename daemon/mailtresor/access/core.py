@@ -540,7 +540,7 @@ class Core:
         connector, journal recipients), journal_recipients, flags, tags,
         attachments [{n, filename, content_type, size}]."""
         def run(t, month, raw, meta, head):
-            from mailtresor.archive.archiver import index_terms
+            from mailtresor.archive.archiver import case_tags, classification_tags, index_terms
             summary = meta.get("summary") or {}
             parts = parse.mime_parts(raw, self.limits)
             envelopes, journal_rcpts = [], []
@@ -570,6 +570,8 @@ class Core:
                     "sha256": hashlib.sha256(raw).hexdigest(), "first_seen": iso(meta.get("first_seen")),
                     "envelopes": envelopes, "journal_recipients": list(dict.fromkeys(journal_rcpts)),
                     "flags": sorted(set(summary.get("flags") or [])), "tags": tags,
+                    # Which of the tags are whose (docs/lifecycle/tags.md).
+                    "classification_tags": classification_tags(meta), "case_tags": case_tags(meta),
                     "attachments": [{"n": p.n, "filename": safe_filename(p.filename, p.n),
                                      "content_type": safe_content_type(p.content_type),
                                      "size": len(p.data)} for p in parts if p.n]}
