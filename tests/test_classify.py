@@ -184,3 +184,149 @@ def test_configuration_checks_rules_at_load(tmp_path):
     doc["tenant"][0]["classify"][0] = {"tag": "x", "header": "X", "equls": "typo"}
     with pytest.raises(configmod.ConfigError, match=r"tenant\[0\].classify\[0\].equls: unknown key"):
         configmod.parse(doc, tmp_path / "m.toml")
+
+
+# --- a real daemon -------------------------------------------------------------
+
+RULES = [
+    # The customer's Exchange mail-flow rule "set the message header".
+    EXCHANGE,
+    {"tag": "class", "header": "X-Acme-Classification", "value_tag": True},
+    # Purview sensitivity label, believed only from acme's own paths.
+    {"tag": "purview-confidential", "header": "msip_labels", "label": "Confidential", "trusted_only": True},
+    {"tag": "hr", "sender_domain": ["hr.acme.example"]},
+    {"tag": "legal", "recipient_group": "legal"},
+]
+PW = {n: f"{n}-password-1" for n in ("amy", "aud", "gaud")}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mailtresor.access.auth import open_databases
+    from mailtresor.keys.client import control_fetcher
+    from tests.harness.stack import Stack
+    from tests.harness.web import api_login
+    stack = Stack(tmp_path_factory.mktemp("classify"), {
+        "archive": {"enabled": True},
+        "tenant": [{"name": "acme", "domains": ["acme.example"], "classify": RULES,
+                    "groups": {"legal": ["counsel@acme.example"]}},
+                   {"name": "globex", "domains": ["globex.example"]}]}, milter=False)
+    stack.start_control()
+    users, _ = open_databases(stack.cfg, control_fetcher(stack.cfg))
+    users.add("acme", "amy", PW["amy"], {"user"}, ["amy@acme.example"])
+    users.add("acme", "aud", PW["aud"], {"auditor"}, [])
+    users.add("globex", "gaud", PW["gaud"], {"auditor"}, [])
+    stack.start_daemon()
+    yield type("World", (), {"stack": stack, "login": lambda t, n: api_login(stack, t, n, PW[n])})
+    stack.close()
+
+
+def _search(stack, query, tenant="acme"):
+    from tests.test_archive import search
+    return sorted(h["subject"] for h in search(stack, tenant, query))
+
+
+def _journal(original: bytes, recipients) -> bytes:
+    from tests.harness.journalgen import make_report
+    return make_report(original, sender="bob@globex.example", recipients=recipients)
+
+
+def test_archived_mail_is_classified_and_found_by_tag(world):
+    from tests.test_archive import wait_archived
+    stack = world.stack
+    labelled = message("msip_labels: " + MSIP, subject="Purview labelled")
+    with stack.smtp() as s:                              # the "local" connector: any sender could use it
+        s.sendmail("bob@globex.example", ["amy@acme.example"],
+                   message("X-Acme-Classification:\r\n =?utf-8?q?Confidential?=", subject="Exchange header"))
+        s.sendmail("bob@globex.example", ["amy@acme.example"], message(subject="Unclassified"))
+        s.sendmail("pat@hr.acme.example", ["amy@acme.example"], message(frm="pat@hr.acme.example",
+                                                                         subject="Salary review"))
+        s.sendmail("bob@globex.example", ["amy@acme.example"], labelled.replace(b"Purview", b"Outside"))
+    # acme's journaling connector: the label is on the journaled original;
+    # the legal group's member is a Bcc recipient only the report names.
+    report = _journal(labelled, [("to", "amy@acme.example", None), ("bcc", "counsel@acme.example", None)])
+    with stack.smtp(implicit=True, cert="client-exchange-acme") as s:
+        s.sendmail("", ["journal@archive.test"], report)
+    wait_archived(stack)
+    assert _search(stack, "tag:confidential") == ["Exchange header"]
+    assert _search(stack, "tag:class:confidential") == ["Exchange header"]
+    assert _search(stack, "tag:hr") == ["Salary review"]
+    # The label of the journaled original, believed (trusted path); the
+    # same header from the open relay connector is not.
+    assert _search(stack, "tag:purview-confidential") == ["Purview labelled"]
+    assert _search(stack, "tag:legal") == ["Purview labelled"]
+    assert _search(stack, "tag:journal") == ["Purview labelled"]
+    # The tag facet counts them; the message view says which tags are whose.
+    aud = world.login("acme", "aud")
+    doc = aud.request("GET", "/api/v1/search?q=&facets=1").json()
+    assert doc["facets"]["tag"]["confidential"] == 1 and doc["facets"]["tag"]["legal"] == 1
+    (hit,) = aud.request("GET", "/api/v1/search?q=tag:legal").json()["results"]
+    m = aud.request("GET", f"/api/v1/messages/{hit['id']}").json()
+    assert m["classification_tags"] == ["legal", "purview-confidential"] and m["case_tags"] == []
+    assert {"journal", "relay", "legal", "purview-confidential"} <= set(m["tags"])
+
+
+def _raw(stack, aid):
+    from tests.test_archive import cli
+    return cli(stack, "show", "--tenant", "acme", aid, check=0).stdout
+
+
+def test_case_tags_change_metadata_only_and_only_for_auditors(world):
+    from tests.test_archive import cli, search
+    stack = world.stack
+    aud = world.login("acme", "aud")
+    (hit,) = aud.request("GET", "/api/v1/search?q=subject:unclassified").json()["results"]
+    aid = hit["id"]
+    before = _raw(stack, aid)
+    path = f"/api/v1/messages/{aid}/tags"
+    # A user of the tenant: 403 (audited); another tenant's auditor: 404.
+    amy, gaud = world.login("acme", "amy"), world.login("globex", "gaud")
+    r = amy.request("POST", path, {"add": ["case:acme-v-smith"]})
+    assert r.status == 403 and "auditor" in r.json()["error"]
+    assert gaud.request("POST", path, {"add": ["case:acme-v-smith"]}).status == 404
+    assert aud.request("POST", "/api/v1/messages/" + "0" * 40 + "/tags", {"add": ["case:x"]}).status == 404
+    for bad, why in (({"add": ["no spaces"]}, "not a tag name"), ({}, "nothing to change"),
+                     ({"add": "case:x"}, "list of strings"), ({"add": ["x" * 65]}, "not a tag name")):
+        r = aud.request("POST", path, bad)
+        assert r.status == 400 and why in r.json()["error"], r.data
+    r = aud.request("POST", path, {"add": ["case:acme-v-smith", "review"]})
+    assert r.status == 200, r.data
+    assert r.json()["case_tags"] == ["case:acme-v-smith", "review"] and r.json()["changed"]
+    assert aud.request("POST", path, {"add": ["review"]}).json()["changed"] is False
+    # From the shell, through the daemon.
+    p = cli(stack, "tag", "remove", "--tenant", "acme", aid, "review", check=0)
+    assert b"case tags: case:acme-v-smith" in p.stdout
+    p = cli(stack, "tag", "add", "--tenant", "acme", aid, "bad tag", check=2)
+    assert b"not a tag name" in p.stderr and b"Traceback" not in p.stderr
+    p = cli(stack, "tag", "add", "--tenant", "globex", aid, "case:x", check=1)
+    assert b"no message" in p.stderr
+    # A classification tag is not the auditor's to remove.
+    (conf,) = search(stack, "acme", "tag:confidential")
+    r = aud.request("POST", f"/api/v1/messages/{conf['id']}/tags", {"remove": ["confidential"]})
+    assert r.status == 200 and r.json()["classification_tags"] == ["class:confidential", "confidential"]
+    assert [h["id"] for h in search(stack, "acme", "tag:confidential")] == [conf["id"]]
+    # Found at once, the stored message unchanged, the view tells them apart.
+    assert [h["id"] for h in search(stack, "acme", "tag:case:acme-v-smith")] == [aid]
+    assert search(stack, "acme", "tag:review") == []
+    assert _raw(stack, aid) == before
+    m = aud.request("GET", f"/api/v1/messages/{aid}").json()
+    assert m["case_tags"] == ["case:acme-v-smith"] and m["classification_tags"] == []
+    assert "case:acme-v-smith" in m["tags"]
+    # Audited: who, what, the tag names only encrypted.
+    recs = aud.request("GET", "/api/v1/audit?action=tag").json()["records"]
+    assert {(x["result"], x["object"]) for x in recs} >= {("ok", aid), ("denied", aid)}
+    assert "acme-v-smith" not in json.dumps([x.get("detail") for x in recs])
+
+
+def test_verify_and_reindex_keep_both_kinds_of_tags(world):
+    from tests.test_archive import cli, search
+    stack = world.stack
+    p = cli(stack, "verify", "--tenant", "acme")
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    stack.stop_daemon()
+    cli(stack, "reindex", "--tenant", "acme", check=0)
+    assert len(search(stack, "acme", "tag:case:acme-v-smith")) == 1
+    assert len(search(stack, "acme", "tag:confidential")) == 1
+    assert len(search(stack, "acme", "tag:purview-confidential")) == 1
+    p = cli(stack, "verify", "--tenant", "acme")
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
