@@ -160,6 +160,8 @@ def test_trusted_only_rules_ignore_headers_from_untrusted_paths():
     ({"tag": "t", "recipient": ["a.example"], "value_tag": True}, "classify[0].value_tag", "only with a header"),
     ({"tag": "t", "recipient_group": "nope"}, "classify[0].recipient_group", "no group 'nope'"),
     ({"tag": "t", "recipient_group": "g"}, "groups.g[0]", "not an address"),
+    ({"tag": "case:x", "header": "X"}, "classify[0].tag", "auditors' case tags"),
+    ({"tag": "case", "header": "X", "value_tag": True}, "classify[0].tag", "auditors' case tags"),
 ])
 def test_bad_rules_are_named(rule, where, why):
     with pytest.raises(RuleError) as e:
@@ -286,32 +288,45 @@ def test_case_tags_change_metadata_only_and_only_for_auditors(world):
     assert gaud.request("POST", path, {"add": ["case:acme-v-smith"]}).status == 404
     assert aud.request("POST", "/api/v1/messages/" + "0" * 40 + "/tags", {"add": ["case:x"]}).status == 404
     for bad, why in (({"add": ["no spaces"]}, "not a tag name"), ({}, "nothing to change"),
+                     ({"add": ["review"]}, "a case tag begins with 'case:'"),
+                     ({"remove": ["confidential"]}, "a case tag begins with 'case:'"),
                      ({"add": "case:x"}, "list of strings"), ({"add": ["x" * 65]}, "not a tag name")):
         r = aud.request("POST", path, bad)
         assert r.status == 400 and why in r.json()["error"], r.data
-    r = aud.request("POST", path, {"add": ["case:acme-v-smith", "review"]})
+    r = aud.request("POST", path, {"add": ["case:acme-v-smith", "case:review"]})
     assert r.status == 200, r.data
-    assert r.json()["case_tags"] == ["case:acme-v-smith", "review"] and r.json()["changed"]
-    assert aud.request("POST", path, {"add": ["review"]}).json()["changed"] is False
+    assert r.json()["case_tags"] == ["case:acme-v-smith", "case:review"] and r.json()["changed"]
+    assert aud.request("POST", path, {"add": ["case:review"]}).json()["changed"] is False
     # From the shell, through the daemon.
-    p = cli(stack, "tag", "remove", "--tenant", "acme", aid, "review", check=0)
+    p = cli(stack, "tag", "remove", "--tenant", "acme", aid, "case:review", check=0)
     assert b"case tags: case:acme-v-smith" in p.stdout
     p = cli(stack, "tag", "add", "--tenant", "acme", aid, "bad tag", check=2)
     assert b"not a tag name" in p.stderr and b"Traceback" not in p.stderr
     p = cli(stack, "tag", "add", "--tenant", "globex", aid, "case:x", check=1)
     assert b"no message" in p.stderr
-    # A classification tag is not the auditor's to remove.
+    # A classification tag is not the auditor's to remove (see above).
     (conf,) = search(stack, "acme", "tag:confidential")
-    r = aud.request("POST", f"/api/v1/messages/{conf['id']}/tags", {"remove": ["confidential"]})
+    r = aud.request("POST", f"/api/v1/messages/{conf['id']}/tags", {"add": ["case:other"]})
     assert r.status == 200 and r.json()["classification_tags"] == ["class:confidential", "confidential"]
-    assert [h["id"] for h in search(stack, "acme", "tag:confidential")] == [conf["id"]]
     # Found at once, the stored message unchanged, the view tells them apart.
     assert [h["id"] for h in search(stack, "acme", "tag:case:acme-v-smith")] == [aid]
-    assert search(stack, "acme", "tag:review") == []
+    assert search(stack, "acme", "tag:case:review") == []
     assert _raw(stack, aid) == before
     m = aud.request("GET", f"/api/v1/messages/{aid}").json()
     assert m["case_tags"] == ["case:acme-v-smith"] and m["classification_tags"] == []
     assert "case:acme-v-smith" in m["tags"]
+    # amy's own mail: she sees neither the case tag nor, by searching,
+    # that her mail is under a case.
+    mine = amy.request("GET", f"/api/v1/messages/{aid}").json()
+    assert mine["case_tags"] == [] and "case:acme-v-smith" not in mine["tags"]
+    doc = amy.request("GET", "/api/v1/search?q=&facets=1").json()
+    assert aid in [h["id"] for h in doc["results"]]
+    assert not [t for h in doc["results"] for t in h["tags"] if t.startswith("case:")]
+    assert not [t for t in doc["facets"]["tag"] if t.startswith("case:")]
+    for q in ("tag:case:acme-v-smith", "tag:c*", "tag:case*", "subject:x OR tag:ca*"):
+        r = amy.request("GET", "/api/v1/search?q=" + q.replace(" ", "+"))
+        assert r.status == 400 and "case tags" in r.json()["error"], (q, r.data)
+    assert amy.request("GET", "/api/v1/search?q=tag:relay").status == 200
     # Audited: who, what, the tag names only encrypted.
     recs = aud.request("GET", "/api/v1/audit?action=tag").json()["records"]
     assert {(x["result"], x["object"]) for x in recs} >= {("ok", aid), ("denied", aid)}

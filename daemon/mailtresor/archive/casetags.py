@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from mailtresor.archive.archiver import case_tags, classification_tags, record_tags
-from mailtresor.archive.classify import valid_tag
+from mailtresor.archive.classify import CASE_PREFIX, is_case_tag, valid_tag
 from mailtresor.archive.index import ShardIndex
 
 log = logging.getLogger("mailtresor.archive.casetags")
@@ -56,6 +56,9 @@ def check_change(add, remove) -> tuple[list[str], list[str]]:
         for t in items:
             if not valid_tag(t):
                 raise CaseTagError(f"{name}: {str(t)[:80]!r} is not a tag name (1-64 of A-Z a-z 0-9 . _ : -)")
+            if not is_case_tag(t) or len(t) == len(CASE_PREFIX):
+                raise CaseTagError(f"{name}: {t!r}: a case tag begins with {CASE_PREFIX!r} and names the case "
+                                   f"(e.g. {CASE_PREFIX}acme-v-smith)")
         out.append(list(dict.fromkeys(items)))
     if not out[0] and not out[1]:
         raise CaseTagError("nothing to change: give tags to add or remove")

@@ -46,6 +46,36 @@ _NORMAL = re.compile(r"[^a-z0-9._-]+")
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")      # RFC 5322 ftext
 
 
+# Auditors' case tags (archive/casetags.py) are the tags in this namespace:
+# no rule may give one (so a sender cannot make one with a header), and
+# principals who read only their own mail never see them.
+CASE_PREFIX = "case:"
+_TAG_PREFIX = "K"                  # index.PREFIXES["tag"]
+_WILDCARD_TAG = re.compile(r"WILDCARD \w+ K(\S+?)[\s)]")
+
+
+def is_case_tag(tag: str) -> bool:
+    return tag.startswith(CASE_PREFIX)
+
+
+def without_case_tags(tags) -> list[str]:
+    return [t for t in tags if not is_case_tag(t)]
+
+
+def touches_case_tags(query) -> bool:
+    """Whether a parsed Xapian query asks for a case tag: a `tag:case:...`
+    term, or a `tag:` wildcard that could match one (`tag:c*`).  A user
+    who reads only their own mail must not learn that it is under a case."""
+    for term in query:
+        t = term.decode("utf-8", "replace") if isinstance(term, bytes) else str(term)
+        if t.startswith(_TAG_PREFIX + CASE_PREFIX):
+            return True
+    for stem in _WILDCARD_TAG.findall(str(query) + " "):
+        if CASE_PREFIX.startswith(stem) or stem.startswith(CASE_PREFIX):
+            return True
+    return False
+
+
 class RuleError(ValueError):
     """A rule cannot be used: `key` is the rule's field, `msg` says why."""
 
@@ -143,6 +173,8 @@ def compile_rule(raw, groups: dict[str, tuple[str, ...]], name: str) -> Rule:
     tag = get("tag")
     if not valid_tag(tag):
         raise RuleError(f"{name}.tag", f"{tag!r} is not a tag name (1-64 of A-Z a-z 0-9 . _ : -)")
+    if is_case_tag(tag) or (get("value_tag") and tag + ":" == CASE_PREFIX):
+        raise RuleError(f"{name}.tag", f"tags that begin with {CASE_PREFIX!r} are auditors' case tags")
     kinds = [k for k in ("header", "sender_domain", "recipient", "recipient_group") if get(k)]
     if len(kinds) != 1:
         raise RuleError(name, "give exactly one condition: header, sender_domain, recipient or recipient_group"
