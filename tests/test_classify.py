@@ -343,6 +343,20 @@ def test_verify_and_reindex_keep_both_kinds_of_tags(world):
     p = cli(stack, "verify", "--tenant", "acme")
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     stack.stop_daemon()
+    # The backup log has the case tags' chain entries: a restore has them.
+    from mailtresor.archive.store import Store
+    from tests.test_archive import keys_of
+    restored = stack.dir / "restored"
+    cli(stack, "restore", "--tenant", "acme", "--to", str(restored), check=0)
+    live, back, keys = Store(stack.cfg.archive.directory, readonly=True), Store(restored, readonly=True), keys_of(stack)
+    (aid,) = [h["id"] for h in search(stack, "acme", "tag:case:acme-v-smith")]
+    month = live.locate("acme", aid)
+    assert back.shard("acme", month).get_meta(aid, keys)["case_tags"] == ["case:acme-v-smith"]
+    for m in live.months("acme"):
+        a, b = live.shard("acme", m).dump(), back.shard("acme", m).dump()
+        assert a["records"] == b["records"] and a["meta"] == b["meta"] and a["chain"] == b["chain"]
+    live.close()
+    back.close()
     cli(stack, "reindex", "--tenant", "acme", check=0)
     assert len(search(stack, "acme", "tag:case:acme-v-smith")) == 1
     assert len(search(stack, "acme", "tag:confidential")) == 1
