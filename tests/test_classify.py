@@ -363,3 +363,22 @@ def test_verify_and_reindex_keep_both_kinds_of_tags(world):
     assert len(search(stack, "acme", "tag:purview-confidential")) == 1
     p = cli(stack, "verify", "--tenant", "acme")
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+
+
+def test_classify_dry_run_previews_a_changed_rule_and_changes_nothing(world):
+    from tests.test_archive import cli, search
+    stack = world.stack
+    before = {h["id"]: h["tags"] for h in search(stack, "acme", "")}
+    p = cli(stack, "classify", "--tenant", "acme", "--dry-run", check=0)
+    assert p.stdout == b"" and b"0 would be tagged differently" in p.stderr, p.stderr
+    assert cli(stack, "classify", "--tenant", "acme", check=2).returncode == 2      # only a dry run
+    # A rule added later: the preview lists what it would tag; nothing is re-tagged.
+    rules = [*RULES, {"tag": "salary", "header": "Subject", "contains": "salary"}]
+    stack.reconfigure({"tenant": [{"name": "acme", "domains": ["acme.example"], "classify": rules,
+                                   "groups": {"legal": ["counsel@acme.example"]}},
+                                  {"name": "globex", "domains": ["globex.example"]}]})
+    p = cli(stack, "classify", "--tenant", "acme", "--dry-run", "--json", check=0)
+    (line,) = [json.loads(x) for x in p.stdout.splitlines()]
+    assert line["now"] == ["hr", "salary"] and line["stored"] == ["hr"]
+    assert {h["id"]: h["tags"] for h in search(stack, "acme", "")} == before
+    assert search(stack, "acme", "tag:salary") == []
