@@ -14,9 +14,12 @@ is audited as action "tag"; the tag names go into the record's encrypted
 from __future__ import annotations
 
 import json
+import re
 
 from mailtresor.access.api import V1, Answer, Call, Route, _segment, _MESSAGE_ID
 from mailtresor.access.http import HttpError, member
+
+_AID = re.compile(r"[0-9a-f]{40}")           # an archive id (core._AID)
 
 ROUTES = (
     Route("POST", f"{V1}/messages/{{id}}/tags", "tag_message", args=("tenant",)),
@@ -49,10 +52,14 @@ async def change_tags(api, who, aid: str, tenant_asked, add, remove) -> dict:
         add, remove = check_change(add, remove)
     except CaseTagError as e:
         raise HttpError(400, str(e)) from None
+    aid = aid.lower()
+    if not _AID.fullmatch(aid):              # not an archive id: nothing to look up
+        _audit(api, who, tenant, None, "not-found", add, remove)
+        raise HttpError(404, "no such message")
     if api.archiver is None:
         raise HttpError(503, "the archiver is not running on this appliance")
     try:
-        res = await api.archiver.exclusive(change_case_tags, tenant, aid.lower(), add, remove)
+        res = await api.archiver.exclusive(change_case_tags, tenant, aid, add, remove)
     except StoreLocked as e:
         raise HttpError(503, f"the store is busy ({e}); try again") from None
     except CaseTagError as e:
@@ -61,8 +68,8 @@ async def change_tags(api, who, aid: str, tenant_asked, add, remove) -> dict:
     if res is None:
         _audit(api, who, tenant, aid, "not-found", add, remove)
         raise HttpError(404, "no such message")
-    _audit(api, who, tenant, aid.lower(), "ok", add, remove)
-    return {"id": aid.lower(), "tenant": tenant, "changed": res.changed, "case_tags": res.case_tags,
+    _audit(api, who, tenant, aid, "ok", add, remove)
+    return {"id": aid, "tenant": tenant, "changed": res.changed, "case_tags": res.case_tags,
             "classification_tags": res.classification_tags, "tags": res.tags}
 
 
