@@ -555,7 +555,9 @@ class Core:
         """The metadata of one message: id, tenant, date, from, to, cc,
         bcc, subject, message_id, size, sha256 (of the raw message),
         envelopes (each: mail_from, recipients, received_at, source,
-        connector, journal recipients), journal_recipients, flags, tags,
+        connector, journal recipients), journal_recipients, flags, tags
+        (for a user: without the auditors' case tags), classification_tags,
+        case_tags (only for those who read the whole tenant),
         attachments [{n, filename, content_type, size}]."""
         def run(t, month, raw, meta, head):
             from mailtresor.archive.archiver import case_tags, classification_tags, index_terms
