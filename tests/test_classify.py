@@ -383,3 +383,25 @@ def test_classify_dry_run_previews_a_changed_rule_and_changes_nothing(world):
     assert line["now"] == ["hr", "salary"] and line["stored"] == ["hr"]
     assert {h["id"]: h["tags"] for h in search(stack, "acme", "")} == before
     assert search(stack, "acme", "tag:salary") == []
+
+
+def test_index_set_tags_replaces_only_the_tags(tmp_path):
+    """IndexWriter.set_tags: the document's tag terms and slot are the new
+    ones; its text, addresses and values stay (no re-parsing)."""
+    from mailtresor.archive import index
+    raw = message("X-Acme-Classification: Confidential", subject="Quarterly figures")
+    ix = index.ShardIndex(tmp_path / "x")
+    with ix.writer() as w:
+        w.add("a" * 40, parse_message(raw), envelope=["amy@acme.example"], envelope_only=[],
+              tags=["relay", "confidential"], date=1709287200.0, size=len(raw))
+    with ix.writer() as w:
+        assert w.set_tags("a" * 40, ["relay", "confidential", "case:acme-v-smith"])
+        assert not w.set_tags("b" * 40, ["x"])
+    for q in ("tag:case:acme-v-smith", "tag:confidential", "subject:quarterly", "from:bob@globex.example",
+              "envelope:amy@acme.example", "date:2024-03-01"):
+        total, hits = index.search([tmp_path / "x"], q)
+        assert total == 1 and hits[0].tags == ("case:acme-v-smith", "confidential", "relay"), q
+    with ix.writer() as w:
+        w.set_tags("a" * 40, ["relay", "confidential"])
+    assert index.search([tmp_path / "x"], "tag:case:acme-v-smith")[0] == 0
+    assert index.facets([tmp_path / "x"], "")["tag"] == {"confidential": 1, "relay": 1}
