@@ -332,6 +332,11 @@ EXPECTED = [
      E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=200, gadm=403, root=403, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
     ("POST", "/api/v1/retention/run", {"tenant": "acme", "dry_run": True},
+    # Case tags (access/tags.py): auditors of the message's tenant only.
+    ("POST", "/api/v1/messages/{other}/tags", {"add": ["case:matrix"]},
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/messages/{other}/tags?tenant=acme", {"remove": ["case:matrix"]},
      E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
     ("POST", "/api/v1/logout", None,

@@ -356,6 +356,27 @@ class Lifecycle:
 
 
 @dataclass(frozen=True)
+class Classify:
+    """[[tenant.classify]]: a tag put on mail as it is archived, by ONE
+    condition (archive/classify.py, docs/lifecycle/tags.md)."""
+
+    tag: str
+    header: str = ""
+    equals: str | None = None
+    contains: str | None = None
+    matches: str | None = None           # a regular expression (bounded)
+    label: str | None = None             # with header = "msip_labels": a Purview label's name or GUID
+    value_tag: bool = False              # tag "TAG:<normalised value>"
+    sender_domain: tuple[str, ...] = ()
+    recipient: tuple[str, ...] = ()
+    recipient_group: str = ""            # a list in [tenant.groups]
+    # Only for mail from a path bound to the tenant (its relay connector,
+    # e.g. the journaling connector) or the milter: not for a header that
+    # any sender on the Internet could set.
+    trusted_only: bool = False
+
+
+@dataclass(frozen=True)
 class Tenant:
     """[[tenant]]: an archive of its own for mail to its domains."""
 
@@ -371,6 +392,9 @@ class Tenant:
     purposes: tuple[str, ...] = ()
     legal_basis: str = ""
     transfers: tuple[str, ...] = ()
+    classify: tuple[Classify, ...] = ()
+    # [tenant.groups]: name -> addresses (recipient_group rules).
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -548,6 +572,17 @@ def _tname(value) -> str:
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def _check_classify(t: Tenant, i: int, fail) -> None:
+    """Compile a tenant's classification rules once at load: a bad rule
+    stops the program with its place and field named."""
+    from .archive.classify import RuleError, compile_rules
+    try:
+        compile_rules(t.classify, t.groups, where=f"tenant[{i}].classify")
+    except RuleError as e:
+        key = e.key if e.key.startswith("tenant[") else f"tenant[{i}].{e.key}"
+        fail(key, f"(tenant {t.name!r}) {e.msg}")
+
+
 def _check(cfg: Config, source: Path) -> None:
     """Cross-field rules that types alone cannot express."""
     def fail(key, msg):
@@ -574,6 +609,7 @@ def _check(cfg: Config, source: Path) -> None:
         for j, d in enumerate(t.domains):
             if "@" in d or not d or d != d.strip().lower():
                 fail(f"tenant[{i}].domains[{j}]", f"{d!r} is not a lower-case domain name")
+        _check_classify(t, i, fail)
     names = set()
     for i, c in enumerate(cfg.relay.connector):
         if c.name in names:

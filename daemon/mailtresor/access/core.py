@@ -82,6 +82,17 @@ class BadRequest(AccessError):
     status = 400
 
 
+def _hide_case_tags(doc: dict) -> None:
+    """A search answer for a principal who reads only their own mail:
+    without the auditors' case tags (rows and the tag facet)."""
+    from mailtresor.archive.classify import is_case_tag
+    for row in doc.get("results", []):
+        row["tags"] = [t for t in row.get("tags", []) if not is_case_tag(t)]
+    tag = (doc.get("facets") or {}).get("tag")
+    if isinstance(tag, dict):
+        doc["facets"]["tag"] = {k: v for k, v in tag.items() if not is_case_tag(k)}
+
+
 class BadQuery(BadRequest):
     """400 for a query that does not parse.  The reason quotes the query
     (what the user must fix); the audit record says only "bad query": the
@@ -406,6 +417,11 @@ class Core:
         except index.QueryError as e:
             raise BadQuery(f"bad query: {e}") from None
         if scope is not None:
+            # Case tags are the auditors': a user must not learn by
+            # searching that their mail is under a case (docs/lifecycle/tags.md).
+            from mailtresor.archive.classify import touches_case_tags
+            if touches_case_tags(prepared.query):
+                raise BadQuery("bad query: case tags (tag:case:...) are for auditors")
             prepared = index.restrict(prepared, index.address_filter(scope))
         return prepared
 
@@ -439,6 +455,8 @@ class Core:
                                       if hits and offset + limit < total else None)
                 if facets:
                     doc["facets"] = index.facets(paths, prepared, readers=self.readers)
+                if scope is not None:
+                    _hide_case_tags(doc)
             except index.QueryError as e:
                 raise BadQuery(f"bad query: {e}") from None
             return doc, None
@@ -541,10 +559,12 @@ class Core:
         """The metadata of one message: id, tenant, date, from, to, cc,
         bcc, subject, message_id, size, sha256 (of the raw message),
         envelopes (each: mail_from, recipients, received_at, source,
-        connector, journal recipients), journal_recipients, flags, tags,
+        connector, journal recipients), journal_recipients, flags, tags
+        (for a user: without the auditors' case tags), classification_tags,
+        case_tags (only for those who read the whole tenant),
         attachments [{n, filename, content_type, size}]."""
         def run(t, month, raw, meta, head):
-            from mailtresor.archive.archiver import index_terms
+            from mailtresor.archive.archiver import case_tags, classification_tags, index_terms
             summary = meta.get("summary") or {}
             parts = parse.mime_parts(raw, self.limits)
             envelopes, journal_rcpts = [], []
@@ -565,6 +585,9 @@ class Core:
                                 cc=head["cc"], bcc=head["bcc"], subject="", body_text="", attachments=[],
                                 flags=[], size=len(raw))
             tags = index_terms(meta, fake)[2]
+            if not who.can("read-tenant"):        # a user's own mail: not the auditors' case tags
+                from mailtresor.archive.classify import without_case_tags
+                tags = without_case_tags(tags)
             date = summary.get("date") if summary.get("date") is not None else head.get("date")
             return {"id": aid.lower(), "tenant": t, "date": iso(date),
                     "from": head.get("from_header") or summary.get("from") or "",
@@ -574,6 +597,9 @@ class Core:
                     "sha256": hashlib.sha256(raw).hexdigest(), "first_seen": iso(meta.get("first_seen")),
                     "envelopes": envelopes, "journal_recipients": list(dict.fromkeys(journal_rcpts)),
                     "flags": sorted(set(summary.get("flags") or [])), "tags": tags,
+                    # Which of the tags are whose (docs/lifecycle/tags.md).
+                    "classification_tags": classification_tags(meta),
+                    "case_tags": case_tags(meta) if who.can("read-tenant") else [],
                     "attachments": [{"n": p.n, "filename": safe_filename(p.filename, p.n),
                                      "content_type": safe_content_type(p.content_type),
                                      "size": len(p.data)} for p in parts if p.n]}

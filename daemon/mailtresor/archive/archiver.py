@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailtresor.archive import parse, parseworker
+from mailtresor.archive import classify, parse, parseworker
 from mailtresor.archive.index import ShardIndex
 from mailtresor.keys.ring import KeyUnavailable
 from mailtresor.ingest.spool import KeyNotHeld, SpoolCorrupt
@@ -53,6 +53,15 @@ class Router:
     def __init__(self, tenants):
         self.by_domain = {d: t.name for t in tenants for d in t.domains}
         self.names = {t.name for t in tenants}
+        # Each tenant's classification rules (config.py checked them at load).
+        self.rules = {t.name: classify.compile_rules(getattr(t, "classify", ()), getattr(t, "groups", {}))
+                      for t in tenants}
+
+    def classify(self, tenant: str, p: "Prepared") -> list[str]:
+        """The classification tags of a prepared message for one tenant:
+        from the stored message's headers (a journal report's original)
+        and the envelope (with a trusted report's sender and recipients)."""
+        return classify.classify(self.rules.get(tenant, ()), p.raw, p.parsed, p.envelope, tenant)
 
     def tenants(self, envelope) -> list[str]:
         """The tenants for a spool envelope (spool.Envelope or its dict)."""
@@ -180,18 +189,42 @@ def arrival_of(meta: dict) -> float:
     return min(times) if times else float(meta.get("first_seen") or 0.0)
 
 
+def classification_tags(meta: dict) -> list[str]:
+    """The tags classification rules gave a record as it was archived,
+    sorted: each envelope keeps the tags its arrival got ("tags"), so a
+    duplicate that arrives by another path adds its own."""
+    return sorted({t for env in meta.get("envelopes", {}).values() for t in env.get("tags") or ()})
+
+
+def case_tags(meta: dict) -> list[str]:
+    """The case tags auditors put on a record later (meta["case_tags"]), sorted."""
+    return sorted(meta.get("case_tags") or ())
+
+
 def index_terms(meta: dict, parsed: parse.Parsed) -> tuple[list[str], list[str], list[str]]:
     """(every envelope address, those not in the headers, tags) over all
-    envelopes a record has (a duplicate adds its recipients)."""
-    addrs, tags = [], set()
+    envelopes a record has (a duplicate adds its recipients).  The tags:
+    each envelope's source ("relay", "milter", "import"), "journal",
+    the classification tags and the case tags."""
+    addrs = []
     for env in meta.get("envelopes", {}).values():
         addrs += envelope_addresses(env)
+    addrs = list(dict.fromkeys(addrs))
+    in_headers = set(parsed.from_) | set(parsed.to) | set(parsed.cc) | set(parsed.bcc)
+    return addrs, [a for a in addrs if a not in in_headers], record_tags(meta)
+
+
+def record_tags(meta: dict) -> list[str]:
+    """Every tag of a record, sorted: what `tag:` finds and the tag facet
+    counts (index_terms' third part)."""
+    tags = set()
+    for env in meta.get("envelopes", {}).values():
         tags.add(env.get("source") or "unknown")
         if env.get("journal"):
             tags.add("journal")
-    addrs = list(dict.fromkeys(addrs))
-    in_headers = set(parsed.from_) | set(parsed.to) | set(parsed.cc) | set(parsed.bcc)
-    return addrs, [a for a in addrs if a not in in_headers], sorted(tags)
+    tags.update(classification_tags(meta))
+    tags.update(case_tags(meta))
+    return sorted(tags)
 
 
 class Pipeline:
@@ -436,6 +469,17 @@ class Pipeline:
                         aid = ""
                     self.on_anomaly(kind, tenant, aid or p.entry_id, {"spool_id": p.entry_id, **detail})
 
+    def _classify(self, tenant: str, p: Prepared) -> list[str]:
+        """Classification never stops archiving: a rule that fails on some
+        message (a bug: rules are checked at load) archives it untagged,
+        said in the log (the class of the error only: no message content)."""
+        try:
+            return self.router.classify(tenant, p)
+        except Exception as e:  # noqa: BLE001
+            log.error("%s: classification for %s failed (%s); archived without its tags",
+                      p.entry_id, tenant, type(e).__name__)
+            return []
+
     def _store(self, prepared: list[Prepared], res: BatchResult) -> list[str]:
         """Store, index, back up.  Returns the spool ids that are finished.
         A tenant whose key cannot be had holds back only the entries that
@@ -454,7 +498,11 @@ class Pipeline:
                     blocked[t] = str(e)
                     rows.pop(t, None)
                     continue
-                rows[t].append((p, Item(aid, p.month, p.raw, p.entry_id, p.envelope, summary_of(p.parsed))))
+                env = p.envelope
+                tags = self._classify(t, p)
+                if tags:
+                    env = {**env, "tags": tags}       # this tenant's rules' tags, kept with this arrival
+                rows[t].append((p, Item(aid, p.month, p.raw, p.entry_id, env, summary_of(p.parsed))))
         failed: set[str] = set()
         held: set[str] = set()                # left in the spool: the store cannot write now
         indexed: dict[tuple[str, str], list] = defaultdict(list)

@@ -382,6 +382,32 @@ class IndexWriter:
             self._db.delete_document(unique)
             self.deleted += 1
 
+    def set_tags(self, archive_id: str, tags: list[str]) -> bool:
+        """Give an indexed message exactly these tags (its `tag:` terms and
+        SLOT_TAGS, what the tag facet counts), leaving the rest of its
+        document as it is: no re-parsing (case tags, archive/casetags.py).
+        False if the message has no document."""
+        unique = _term(PREFIXES["aid"], archive_id)
+        if unique is None:
+            return False
+        post = self._db.postlist(unique)
+        try:
+            docid = next(post).docid
+        except StopIteration:
+            return False
+        doc = self._db.get_document(docid)
+        prefix = PREFIXES["tag"]
+        old = [t.term for t in doc.termlist() if t.term.startswith(prefix.encode())]
+        for term in old:
+            doc.remove_term(term)
+        for tag in tags:
+            term = _term(prefix, tag)
+            if term is not None:
+                doc.add_boolean_term(term)
+        doc.add_value(SLOT_TAGS, _join_set(tags))
+        self._db.replace_document(docid, doc)
+        return True
+
     def set_indexed_seq(self, seq: int) -> None:
         """The store sequence number this index is complete up to; committed
         with the batch's documents."""

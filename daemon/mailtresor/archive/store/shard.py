@@ -291,6 +291,29 @@ class Shard:
                 out[name] = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)}
         return out
 
+    def update_meta(self, aid_hex: str, fn, keys: Keys, now: float | None = None) -> dict | None:
+        """Change a record's metadata (never the record): `fn(meta) -> bool`
+        changes the opened metadata in place and says whether it did; the
+        new blob is written, sealed with the tenant's current key, and an
+        OP_META entry with its digest is appended to the chain, in one
+        transaction (so `verify` checks it like any other metadata).
+        Returns the metadata (changed or not), None if the record is not
+        stored.  Used for case tags (archive/casetags.py)."""
+        now = time.time() if now is None else now
+        aid = bytes.fromhex(aid_hex)
+        with self.env.begin(write=True) as txn:
+            if txn.get(aid, db=self.records) is None:
+                return None
+            old = txn.get(aid, db=self.meta)
+            meta = open_meta(old, self.tenant, self.month, aid, keys) if old is not None else {
+                "id": aid_hex, "tenant": self.tenant, "envelopes": {}}
+            if fn(meta):
+                version, key = keys.current(self.tenant)
+                blob = seal_meta(meta, self.tenant, self.month, aid, version, key)
+                txn.put(aid, blob, db=self.meta)
+                self._append(txn, OP_META, aid, hashlib.sha256(blob).digest(), now)
+        return meta
+
 
 class Store:
     """The tenants' shards and catalogs under one root.
