@@ -78,8 +78,10 @@ def check_query(query) -> str:
     if len(query) > MAX_QUERY:
         raise LifecycleError(400, f"the query is over {MAX_QUERY} characters")
     if query:
+        def nested(_name):
+            raise index.QueryError("a hold's query cannot name a hold (hold:...): name the mail itself")
         try:
-            index.parse_query(query)
+            index.parse_query(query, resolvers={"hold": nested})
         except index.QueryError as e:
             raise LifecycleError(400, f"bad query: {e}") from None
     return query
