@@ -13,7 +13,6 @@ CLI over the daemon's socket.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -341,3 +340,32 @@ def test_cli(world):
     assert r.status == 200
     p = cli(s, "deletion", "reject", rid, "--tenant", "acme", "--reason", "x", check=1)
     assert "rejected, not pending" in p.stderr
+
+
+# --- the pure parts ------------------------------------------------------------------------
+
+def test_the_hold_field_exists_only_where_the_caller_resolves_it():
+    from mailtresor.archive import index
+    from mailtresor.lifecycle import holds, requests
+
+    # Without a resolver "hold:" is words, as any unknown field is.
+    assert str(index.parse_query("hold:case-1")) == \
+        str(index.parse_query("nosuchfield:case-1")).replace("nosuchfield@", "hold@")
+
+    def resolve(name):
+        if name != "case-1":
+            raise index.QueryError(f"no hold named {name}")
+        return holds.hold_query({"name": name, "query": "from:a@b.example", "ids": ["ab" * 20], "lifted": None})
+    q = str(index.parse_query("hold:case-1 date:2024", resolvers={"hold": resolve}))
+    assert "XFROMa@b.example" in q and "Q" + "ab" * 20 in q
+    with pytest.raises(index.QueryError, match="no hold named case-2"):
+        index.parse_query("hold:case-2", resolvers={"hold": resolve})
+    with pytest.raises(ValueError):
+        index.parse_query("x", resolvers={"from": resolve})         # no shadowing of the index's fields
+    import xapian
+    assert str(holds.hold_query({"name": "x", "query": "a", "ids": [], "lifted": {"by": "b"}})) == \
+        str(xapian.Query.MatchNothing)                              # a lifted hold covers nothing
+    assert requests.same_person("Aud", "aud") and not requests.same_person("aud", "aud2")
+    for bad in ("", "a" * 65, "a b", "x/y", "ä", None):
+        with pytest.raises(holds.LifecycleError):
+            holds.check_name(bad)
