@@ -207,6 +207,14 @@ async def request_decide(web, request, who, csrf, rid, op):
     web.redirect(request, _link(f"/deletion-requests/{rid}", asked if who.tenant is None else None, done=done))
 
 
+async def request_approve(web, request, who, csrf, rid):
+    return await request_decide(web, request, who, csrf, rid, "approve")
+
+
+async def request_reject(web, request, who, csrf, rid):
+    return await request_decide(web, request, who, csrf, rid, "reject")
+
+
 ROUTES = (
     ("GET POST", r"/holds", holds),
     ("GET", r"/holds/(?P<name>[A-Za-z0-9._-]{1,64})", hold),
@@ -214,5 +222,6 @@ ROUTES = (
     ("GET", r"/deletion-requests", requests),
     ("GET POST", r"/deletion-requests/new", request_new),
     ("GET", r"/deletion-requests/(?P<rid>[0-9a-f]{1,64})", deletion_request),
-    ("POST", r"/deletion-requests/(?P<rid>[0-9a-f]{1,64})/(?P<op>approve|reject)", request_decide),
+    ("POST", r"/deletion-requests/(?P<rid>[0-9a-f]{1,64})/approve", request_approve),
+    ("POST", r"/deletion-requests/(?P<rid>[0-9a-f]{1,64})/reject", request_reject),
 )
