@@ -157,6 +157,13 @@ def test_hold_by_ids_and_what_is_refused(world):
         assert r.status == status, (body, r.data)
         if words:
             assert words in r.json()["error"], r.json()
+    # A bad query is audited as that, its text only encrypted (the reason
+    # the caller gets quotes it).
+    r = post(aud, "/api/v1/holds", {"name": "x", "reason": "r", "query": "date:2031-77"})
+    assert r.status == 400 and "2031-77" in r.json()["error"]
+    assert audit(world, "hold", object="x", op="place", result="failed", reason="bad query")
+    trail = b"".join(f.read_bytes() for f in Path(world.stack.cfg.audit.directory).rglob("*") if f.is_file())
+    assert b"2031-77" not in trail
     # A bounded list of the unknown ids.
     r = post(aud, "/api/v1/holds", {"name": "x", "reason": "r", "ids": [f"{i:040x}" for i in range(1, 30)]})
     assert r.status == 400 and "and 19 more" in r.json()["error"]

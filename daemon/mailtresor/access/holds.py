@@ -79,7 +79,7 @@ def _audited(api, who, tenant, action, obj, op, fn, *, terms=None):
         value = fn()
     except LifecycleError as e:
         _audit(api, who, tenant, action, obj if isinstance(obj, str) and len(obj) <= 64 else None,
-               _RESULT.get(e.status, "failed"), terms=terms, op=op, reason=e.reason[:200])
+               _RESULT.get(e.status, "failed"), terms=terms, op=op, reason=e.audit_reason[:200])
         raise
     except Exception:
         _audit(api, who, tenant, action, obj if isinstance(obj, str) and len(obj) <= 64 else None, "failed",

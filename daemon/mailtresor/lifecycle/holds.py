@@ -41,9 +41,12 @@ class LifecycleError(Exception):
     403, 404, 409) and `reason` naming the problem (the API's and the
     web's error handling show it as it is)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, audit_reason: str | None = None):
         super().__init__(reason)
         self.status, self.reason = status, reason
+        # What the audit record says: a bad query's reason quotes the query,
+        # which the trail keeps only encrypted (as the core's BadQuery).
+        self.audit_reason = audit_reason or reason
 
 
 def check_name(name) -> str:
@@ -83,7 +86,7 @@ def check_query(query) -> str:
         try:
             index.parse_query(query, resolvers={"hold": nested})
         except index.QueryError as e:
-            raise LifecycleError(400, f"bad query: {e}") from None
+            raise LifecycleError(400, f"bad query: {e}", "bad query") from None
     return query
 
 
