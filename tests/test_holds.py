@@ -13,6 +13,7 @@ CLI over the daemon's socket.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -325,6 +326,9 @@ def test_cli(world):
     p = cli(s, "hold", "place", "case-cli", "--tenant", "acme", "--reason", "cli case", "--id", ids["delta notes"],
             check=0)
     assert "case-cli" in p.stdout
+    # `mailtresor search` through the daemon: the local principal sees holds.
+    p = cli(s, "search", "--tenant", "acme", "--json", "hold:case-alpha", check=0)
+    assert {x["subject"] for x in json.loads(p.stdout)["results"]} == {"alpha project kickoff", "alpha followup"}
     p = cli(s, "hold", "list", "--tenant", "acme", check=0)
     assert "case-cli" in p.stdout and "case-alpha" in p.stdout
     p = cli(s, "hold", "show", "case-cli", "--tenant", "acme", check=0)
