@@ -380,3 +380,31 @@ def test_the_hold_field_exists_only_where_the_caller_resolves_it():
     for bad in ("", "a" * 65, "a b", "x/y", "ä", None):
         with pytest.raises(holds.LifecycleError):
             holds.check_name(bad)
+
+
+def test_a_request_left_deleting_can_be_approved_again_later(tmp_path):
+    """A daemon stopped between the decision and the deletion's end leaves
+    the request "deleting": after STALE_DELETING it may be approved again
+    (still not by its requester); before, it is decided."""
+    import secrets
+    import threading
+
+    from mailtresor.lifecycle import requests
+    from mailtresor.lifecycle.holds import LifecycleError
+    from mailtresor.lifecycle.state import LifecycleDB
+
+    db = LifecycleDB(tmp_path / "lifecycle.db", secrets.token_bytes(32))
+    core = type("Core", (), {"_store_lock": threading.Lock(),
+                             "store": type("Store", (), {"has_archive": lambda self, t: False})()})()
+    req = {"id": "abc123", "ids": ["ab" * 20], "query": "", "reason": "r", "by": "aud", "at": 0.0,
+           "state": "pending", "decision": None}
+    db.change("acme", lambda s: s["requests"].__setitem__("abc123", req))
+    assert requests.decide(db, core, "acme", "abc123", by="aud2", now=100.0)["state"] == "deleting"
+    with pytest.raises(LifecycleError, match="deleting, not pending"):
+        requests.decide(db, core, "acme", "abc123", by="aud2", now=200.0)
+    later = 100.0 + requests.STALE_DELETING + 1
+    with pytest.raises(LifecycleError, match="four eyes"):
+        requests.decide(db, core, "acme", "abc123", by="AUD", now=later)
+    assert requests.decide(db, core, "acme", "abc123", by="aud3", now=later)["decision"]["by"] == "aud3"
+    with pytest.raises(LifecycleError, match="deleting, not pending"):
+        requests.reject(db, "acme", "abc123", by="aud3", reason="x", now=later)

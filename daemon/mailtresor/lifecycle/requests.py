@@ -23,7 +23,10 @@ A request (lifecycle.db "requests", keyed by id):
 
 "deleting" is the short time between the decision and the deletion's end;
 a deletion that fails goes back to "pending" (nothing is lost: the
-deleter's steps are each safe to repeat).  Roles and audit records are the
+deleter's steps are each safe to repeat).  A request left "deleting" by a
+daemon that stopped mid-way may be approved again after STALE_DELETING
+seconds (protections are asked again; what is already gone counts as
+missing).  Roles and audit records are the
 caller's (access/holds.py).
 """
 
@@ -35,6 +38,7 @@ from mailtresor.lifecycle.holds import (MAX_IDS, LifecycleError, check_ids, chec
 from mailtresor.lifecycle.state import new_id
 
 STATES = ("pending", "deleting", "approved", "rejected", "refused")
+STALE_DELETING = 3600.0     # seconds after which a "deleting" request counts as interrupted
 _ID_CHARS = set("0123456789abcdef")
 
 
@@ -121,11 +125,15 @@ def listing(db, tenant: str, state: str | None = None) -> list[dict]:
     return out
 
 
-def _pending(section: dict, rid: str) -> dict:
+def _pending(section: dict, rid: str, now: float | None = None) -> dict:
+    """The request, if it may be decided: pending, or (`now` given: an
+    approval) left "deleting" for longer than STALE_DELETING."""
     req = section["requests"].get(rid)
     if req is None:
         raise LifecycleError(404, "no such deletion request")
-    if req["state"] != "pending":
+    stale = (now is not None and req["state"] == "deleting"
+             and now - ((req.get("decision") or {}).get("at") or 0) > STALE_DELETING)
+    if req["state"] != "pending" and not stale:
         raise LifecycleError(409, f"the request is {req['state']}, not pending")
     return req
 
@@ -160,7 +168,7 @@ def decide(db, core, tenant: str, rid, *, by: str, now: float) -> dict:
     paths = paths_of(core, tenant)
 
     def mark(section):
-        req = _pending(section, rid)
+        req = _pending(section, rid, now)
         check_decider(req, by, "approve")
         refusals = protect.protections(paths, section, now, req["ids"])
         if refusals:
