@@ -332,6 +332,8 @@ EXPECTED = [
      E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=200, gadm=403, root=403, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
     ("POST", "/api/v1/retention/run", {"tenant": "acme", "dry_run": True},
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
     # Case tags (access/tags.py): auditors of the message's tenant only.
     ("POST", "/api/v1/messages/{other}/tags", {"add": ["case:matrix"]},
      E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
@@ -339,6 +341,39 @@ EXPECTED = [
     ("POST", "/api/v1/messages/{other}/tags?tenant=acme", {"remove": ["case:matrix"]},
      E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
+    # Legal holds and four-eyes deletion requests (access/holds.py;
+    # tests/test_holds.py drives them).  lifecycle-read: auditors and
+    # admins; hold-manage, deletion-request, deletion-decide: auditors.
+    ("GET", "/api/v1/holds", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=200, gadm=200, root=400, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/holds?tenant=acme", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=404, gadm=404, root=200, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
+    ("POST", "/api/v1/holds", {"name": "m-{who}", "reason": "matrix", "query": "subject:alice"},
+     E(anon=401, alice=403, aud=201, adm=403, gina=403, gaud=201, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/holds/m-aud", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=404, gadm=404, root=400, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/holds/m-aud/lift", {"reason": "matrix"},
+     E(anon=401, alice=403, aud=200, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/deletion-requests", None,
+     E(anon=401, alice=403, aud=200, adm=200, gina=403, gaud=200, gadm=200, root=400, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/deletion-requests", {"reason": "matrix", "ids": ["{alice}"]},
+     E(anon=401, alice=403, aud=201, adm=403, gina=403, gaud=400, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("GET", "/api/v1/deletion-requests/ffffffffffff", None,
+     E(anon=401, alice=403, aud=404, adm=404, gina=403, gaud=404, gadm=404, root=400, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/deletion-requests/ffffffffffff/approve", None,
+     E(anon=401, alice=403, aud=404, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    ("POST", "/api/v1/deletion-requests/ffffffffffff/reject", {"reason": "matrix"},
+     E(anon=401, alice=403, aud=404, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
     ("POST", "/api/v1/logout", None,
      E(anon=401, alice=200, aud=200, adm=200, gina=200, gaud=200, gadm=200, root=200, **{
          "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),

@@ -122,7 +122,7 @@ ROUTES = (
 # and openapi-<name>.json beside this module holds its paths and schemas
 # (merged into the one document /api/v1/openapi.json serves).  A section is
 # one line here.
-API_EXTENSIONS: tuple[str, ...] = ("gdpr", "retention", "tags")
+API_EXTENSIONS: tuple[str, ...] = ("gdpr", "retention", "tags", "holds")
 
 
 @functools.cache
@@ -1038,6 +1038,8 @@ class ApiServer:
             users, tokens, lifecycle = dbs
             self.api.users, self.api.tokens = users, tokens
             self.api.lifecycle = lifecycle
+            if self.api.core is not None:
+                self.api.core.lifecycle = lifecycle     # hold:NAME, a message's holds
             self.api.auth = Authenticator(self.cfg, users, tokens)
             # A user disabled, removed or given a new password in this
             # process loses its sessions at once; a change made by the

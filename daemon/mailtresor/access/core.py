@@ -290,6 +290,10 @@ class Core:
         self._anomaly_cache: dict[str, tuple[int, int, tuple]] = {}
         self._anomaly_lock = threading.Lock()
         self._verify_lock = threading.Lock()
+        # lifecycle.db (lifecycle.state.LifecycleDB), set by the API once
+        # the access key is there: hold:NAME in searches and the holds in
+        # the message view, for principals who may see holds.  None: none.
+        self.lifecycle = None
         from mailtresor.archive.store import private_dir
         private_dir(self.exports_dir)
         self._sweep_files()
@@ -407,13 +411,35 @@ class Core:
             raise BadRequest("bad cursor")
         return int.from_bytes(body[:8], "big")
 
-    def _prepared(self, query: str, scope: frozenset[str] | None) -> index.Prepared:
+    def _hold_resolver(self, who: Principal, tenant: str):
+        """{"hold": resolve} for a principal who may see holds (hold:NAME
+        is what the tenant's hold covers: its ids OR its query), else None:
+        for anyone else hold: is no field, answered as any unknown field
+        is, so that a search cannot tell whether a hold exists."""
+        if not who.can("lifecycle-read"):
+            return None
+        from mailtresor.lifecycle.holds import hold_query
+        db = self.lifecycle
+        cache: dict = {}
+
+        def resolve(name: str):
+            if db is None:
+                raise index.QueryError("hold: the lifecycle database is not available yet")
+            if "holds" not in cache:
+                cache["holds"] = db.section(tenant)["holds"]
+            hold = cache["holds"].get(name)
+            if hold is None:
+                raise index.QueryError(f"no hold named {name}")
+            return hold_query(hold)
+        return {"hold": resolve}
+
+    def _prepared(self, query: str, scope: frozenset[str] | None, resolvers=None) -> index.Prepared:
         if not isinstance(query, str):
             raise BadRequest("bad query: the query must be a string")
         if len(query) > MAX_QUERY:
             raise BadRequest(f"the query is over {MAX_QUERY} characters")
         try:
-            prepared = index.prepare(query)
+            prepared = index.prepare(query, resolvers=resolvers)
         except index.QueryError as e:
             raise BadQuery(f"bad query: {e}") from None
         if scope is not None:
@@ -437,14 +463,15 @@ class Core:
         {"total", "results": [Row], "next_cursor", "facets" (if asked)}.
         Row: id, date (ISO 8601 UTC), from, to (the first To: addresses),
         to_count (how many To: addresses), subject, size, message_id,
-        has_attachments, flags, tags."""
+        has_attachments, flags, tags.  `hold:NAME` finds what a hold
+        covers, for principals who may see holds (lifecycle-read)."""
         def run(t: str):
             if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
                 raise BadRequest(f"limit must be a number from 1 to {MAX_PAGE}")
             if order not in ORDERS:
                 raise BadRequest(f"order must be one of {', '.join(ORDERS)}")
             scope = self._read_scope(who)
-            prepared = self._prepared(query, scope)
+            prepared = self._prepared(query, scope, self._hold_resolver(who, t))
             offset = self._offset(cursor, who, t, query, order) if cursor else 0
             paths = self._paths(t, prepared)
             try:
@@ -562,7 +589,9 @@ class Core:
         connector, journal recipients), journal_recipients, flags, tags
         (for a user: without the auditors' case tags), classification_tags,
         case_tags (only for those who read the whole tenant),
-        attachments [{n, filename, content_type, size}]."""
+        attachments [{n, filename, content_type, size}]; holds (the names
+        of the active legal holds that cover it: only for principals who
+        may see holds)."""
         def run(t, month, raw, meta, head):
             from mailtresor.archive.archiver import case_tags, classification_tags, index_terms
             summary = meta.get("summary") or {}
@@ -589,7 +618,11 @@ class Core:
                 from mailtresor.archive.classify import without_case_tags
                 tags = without_case_tags(tags)
             date = summary.get("date") if summary.get("date") is not None else head.get("date")
-            return {"id": aid.lower(), "tenant": t, "date": iso(date),
+            extra = {}
+            if who.can("lifecycle-read") and self.lifecycle is not None:
+                from mailtresor.lifecycle.holds import names_on
+                extra["holds"] = names_on(self.lifecycle, self, t, aid.lower())
+            return {**extra, "id": aid.lower(), "tenant": t, "date": iso(date),
                     "from": head.get("from_header") or summary.get("from") or "",
                     "to": head["to"], "cc": head["cc"], "bcc": head["bcc"],
                     "subject": head.get("subject") or summary.get("subject") or "",

@@ -747,6 +747,23 @@ class _HasField(_Field):
         return xapian.Query(xapian.Query.OP_VALUE_RANGE, slot, "1", "1")
 
 
+class _ResolvedField(_Field):
+    """A field whose value the caller resolves (Prepared by prepare(...,
+    resolvers=)): e.g. hold:NAME, which the access core resolves to what
+    the tenant's hold covers, for principals who may see holds.  The
+    callable returns a xapian.Query or raises QueryError naming the
+    problem ("no hold named X")."""
+
+    def __init__(self, errors: list[Exception], field: str, resolve):
+        super().__init__(errors)
+        self.field, self.resolve = field, resolve
+
+    def make(self, value: str) -> xapian.Query:
+        if not value:
+            raise QueryError(f"{self.field}: needs a value")
+        return self.resolve(value)
+
+
 class _SizeField(_Field):
     def make(self, value: str) -> xapian.Query:
         a, b = _split_range(value, "size")
@@ -832,7 +849,7 @@ def _only_excluded(text: str) -> str:
     return "NOT (" + " OR ".join(f"({i[1:]})" for i in items) + ")"
 
 
-def _parse(text: str) -> tuple[xapian.Query, _DateField]:
+def _parse(text: str, resolvers=None) -> tuple[xapian.Query, _DateField]:
     errors: list[Exception] = []
     dates = _DateField(errors)
     if not text or not text.strip():
@@ -864,6 +881,12 @@ def _parse(text: str) -> tuple[xapian.Query, _DateField]:
         ("tag", _BooleanField(errors, "tag"), False),
         ("flag", _BooleanField(errors, "flag", str.lower), False),
     ]
+    # Fields the caller resolves (hold:NAME): without them the name is
+    # no field at all, and "hold:x" is searched as any unknown field is.
+    for name, resolve in sorted((resolvers or {}).items()):
+        if name in PREFIXES or name in ("date", "size", "has", "address"):
+            raise ValueError(f"{name}: is a field of the index already")
+        fields.append((name, _ResolvedField(errors, name, resolve), False))
     for name, proc, grouping in fields:
         qp.add_boolean_prefix(name, proc, grouping)
     try:
@@ -898,14 +921,16 @@ def restrict(prepared: Prepared, scope: xapian.Query) -> Prepared:
                     prepared.bounds)
 
 
-def parse_query(text: str) -> xapian.Query:
+def parse_query(text: str, *, resolvers=None) -> xapian.Query:
     """The Xapian query for a search string; raises QueryError.
+    `resolvers`: {field name: callable(value) -> xapian.Query} for fields
+    the caller resolves (see _ResolvedField).
 
     AND, OR, NOT, XOR (capitals), parentheses, "phrases", +must -mustnot,
     trailing-* wildcards, field:value (see PREFIXES), date:FROM..TO,
     size:FROM..TO and has:attachment.  Words without an operator between
     them must all match.  An empty string matches every message."""
-    return _parse(text)[0]
+    return _parse(text, resolvers)[0]
 
 
 _CONJUNCTIVE = (xapian.Query.OP_AND, xapian.Query.OP_FILTER)
@@ -952,10 +977,11 @@ class Prepared:
     bounds: tuple[float | None, float | None] | None
 
 
-def prepare(text: str) -> Prepared:
+def prepare(text: str, *, resolvers=None) -> Prepared:
     """parse_query() and query_date_bounds() in one parse; search() takes
-    the result in place of the string.  Raises QueryError."""
-    query, dates = _parse(text)
+    the result in place of the string.  Raises QueryError.  `resolvers`:
+    as parse_query's (a resolved field's own dates do not bound the search)."""
+    query, dates = _parse(text, resolvers)
     return Prepared(text, query, _bounds(query, dates.seen) if dates.seen else None)
 
 

@@ -42,7 +42,7 @@ FRAME_CSP = HTML_CSP + b"; frame-ancestors 'self'"
 # route needs a live session (else: GET to the login and back, others 401);
 # the handler checks roles through the core or the API and CSRF on POST
 # (web.check_csrf).  /static/, /login and /logout are this module's own.
-PAGE_MODULES = ("reading", "exports", "audit", "admin", "account", "gdpr", "retention", "tags")
+PAGE_MODULES = ("reading", "exports", "audit", "admin", "account", "gdpr", "retention", "tags", "holds")
 
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".svg": b"image/svg+xml"}
