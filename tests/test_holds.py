@@ -317,6 +317,13 @@ def test_approval_deletes_with_tombstones_and_verify_passes(world):
     assert audit(world, "deletion-request", object=rid, op="request", result="ok", principal="user:aud")
     p = cli(world.stack, "verify", "--tenant", "acme")
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    # The tombstone, read back from the store (the evidence report): what,
+    # by which request, by whom, why -- and its digest is the chain's.
+    ev = aud.request("GET", "/api/v1/evidence").json()["deletions"]["recent"]
+    (tomb,) = [t for t in ev if t["id"] == ids["gamma minutes"]]
+    assert (tomb["kind"], tomb["request"], tomb["by"], tomb["reason"]) == \
+        ("request", rid, "user:aud2", "Art. 17 erasure of carol")
+    assert tomb["chain"]["matches"] and len(tomb["record_sha256"]) == 64
 
 
 # --- the command line (the daemon's socket: a local principal, four eyes too) ----------------

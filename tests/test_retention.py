@@ -354,7 +354,7 @@ def test_daily_job_schedules_skips_while_paused_and_runs_every_tenant(world, cap
     when, results = job.last
     assert set(results) == {"acme", "globex"} and deleted == []
     assert results["acme"]["kept"] == 1 and results["acme"]["kept_by"]["holds"] == [{"hold": "case-1", "kept": 1}]
-    assert "retention acme: 0 deleted by 1 rule(s), 1 kept (legal hold 1, minimum 0)" in caplog.text
+    assert "retention acme: 0 deleted by 0 rule(s), 1 kept (legal hold 1, minimum 0)" in caplog.text
     assert "retention globex: 0 deleted by 0 rule(s), 0 kept" in caplog.text
     [call] = clock.getDelayedCalls()                    # tomorrow, 03:00
     assert call.getTime() == day + 86400 + 3 * 3600

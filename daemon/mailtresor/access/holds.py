@@ -24,6 +24,7 @@ two cannot drift apart.  A hold's query goes into the trail encrypted
 from __future__ import annotations
 
 from mailtresor.access.api import V1, Answer, HttpError, Route
+from mailtresor.access.audit import principal_name
 from mailtresor.access.http import member
 from mailtresor.lifecycle import holds as holdsmod
 from mailtresor.lifecycle import requests as reqmod
@@ -174,7 +175,8 @@ async def request_approve(api, who, asked, rid) -> dict:
     if req["state"] == "refused":
         return req
     now = req["decision"]["at"]
-    tomb = {"kind": "request", "request": rid, "by": who.name, "reason": req["reason"], "at": now}
+    # "by" as the trail names principals (as retention's tombstones do).
+    tomb = {"kind": "request", "request": rid, "by": principal_name(who), "reason": req["reason"], "at": now}
     try:
         if api.archiver is None:
             raise HttpError(503, "the archiver is not running: nothing was deleted; approve again later")

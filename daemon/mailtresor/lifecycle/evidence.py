@@ -172,7 +172,7 @@ def _hold_doc(h: dict) -> dict:
                                                "reason": str(lifted.get("reason") or "")[:300]}}
 
 
-_REQUEST_FIELDS = ("id", "state", "status", "by", "reason", "decided_by", "decision", "decision_reason")
+_REQUEST_FIELDS = ("id", "state", "by", "reason", "decision")        # lifecycle/requests.py's shape
 
 
 def _request_doc(r: dict) -> dict:

@@ -44,7 +44,8 @@ def summary_line(tenant: str, report: dict) -> str:
     """The job's log line for one tenant (counts only: no ids, no names of mail)."""
     holds = sum(h["kept"] for h in report["kept_by"]["holds"])
     minimums = sum(m["kept"] for m in report["kept_by"]["minimums"])
-    return (f"retention {tenant}: {report.get('deleted', 0)} deleted by {len(report['rules'])} rule(s), "
+    deleting = sum(1 for r in report["rules"] if r.get("go"))      # rules whose expired mail was not all kept
+    return (f"retention {tenant}: {report.get('deleted', 0)} deleted by {deleting} rule(s), "
             f"{report['kept']} kept (legal hold {holds}, minimum {minimums})"
             + (f", {report['missing']} already gone" if report.get("missing") else ""))
 
