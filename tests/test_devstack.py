@@ -27,7 +27,8 @@ def test_sample_users_log_in_with_the_printed_passwords(control):
     cfg = control.cfg
     made = devstack.sample_users(cfg)
     assert [(t, n, r) for t, n, r, _, _ in made] == [
-        ("acme", "alice", ("user",)), ("acme", "audrey", ("auditor",)), ("acme", "adam", ("admin",)),
+        ("acme", "alice", ("user",)), ("acme", "audrey", ("auditor",)), ("acme", "arthur", ("auditor",)),
+        ("acme", "adam", ("admin",)),
         ("globex", "gina", ("user",)), (None, "olga", ("appliance-admin",))]
     users, tokens = open_databases(cfg, control_fetcher(cfg))
     auth = Authenticator(cfg, users, tokens)
@@ -40,8 +41,9 @@ def test_sample_users_log_in_with_the_printed_passwords(control):
     users, tokens = open_databases(cfg, control_fetcher(cfg))
     auth = Authenticator(cfg, users, tokens)
     old = {n: p for _, n, _, _, p in made}
-    for tenant, name, _, _, password in again:
+    for i, (tenant, name, _, _, password) in enumerate(again):
         assert password != old[name]
         with pytest.raises(LoginFailed):
-            auth.login(tenant=tenant, username=name, password=old[name], totp=None, client="127.0.0.2")
+            # One client per user: the throttle counts a client's failures.
+            auth.login(tenant=tenant, username=name, password=old[name], totp=None, client=f"127.0.1.{i + 1}")
         assert auth.login(tenant=tenant, username=name, password=password, totp=None, client="127.0.0.3").name == name

@@ -66,6 +66,8 @@ def prepare(cfg: configmod.Config) -> None:
 SAMPLE_USERS = (
     ("acme", "alice", ("user",), ("alice@acme.example",)),
     ("acme", "audrey", ("auditor",), ()),
+    # A second auditor: a deletion request needs another auditor's approval.
+    ("acme", "arthur", ("auditor",), ()),
     ("acme", "adam", ("admin",), ()),
     ("globex", "gina", ("user",), ("gina@globex.example",)),
     # The appliance's administrator (no tenant: leave the login's
