@@ -11,9 +11,11 @@ month AND no chain entry for `quiet_days` -- is rewritten once:
 2. Xapian: `xapian.Database.compact(DIR/xapian.compact)` (full blocks, one
    revision; the docids kept);
 3. both copies are checked against the originals -- LMDB: the entries of
-   every database, the chain head, the backup marks; Xapian: the document
-   count, the last docid, the indexed_seq mark -- and refused if anything
-   differs (nothing is swapped, the original stays);
+   every database, the chain head, the backup marks, and the copy's every
+   record, metadata blob, tombstone and seal against its own chain
+   (verify_shard without keys); Xapian: the document count, the last
+   docid, the indexed_seq mark -- and refused if anything differs (nothing
+   is swapped, the original stays);
 4. each copy is swapped with its original by one atomic renameat2(2)
    RENAME_EXCHANGE (on a file system without it: two renames, see
    recover()), the month's directory fsynced, and only then the original
@@ -49,7 +51,9 @@ from pathlib import Path
 
 import lmdb
 
-from mailtresor.archive.store.fs import fsync_parent, private_tree
+from mailtresor.archive.store.fs import private_tree
+from mailtresor.archive.store.shard import Shard
+from mailtresor.archive.store.verify import verify_shard
 from mailtresor.durable import fsync_dir
 
 log = logging.getLogger("mailtresor.archive.compact")
@@ -178,17 +182,53 @@ def copy_lmdb(shard, target: Path) -> dict:
     against the original.  Returns the facts compared."""
     shutil.rmtree(target, ignore_errors=True)
     os.mkdir(target, 0o700)
-    shard.env.copy(str(target), compact=True)
-    os.chmod(target / "data.mdb", 0o600)
     want = _lmdb_facts(shard.env)
-    env = lmdb.open(str(target), readonly=True, lock=False, max_dbs=8, subdir=True)
+    _make_lmdb_copy(shard.env, target)
+    copy = _Copy(target, shard.tenant, shard.month)
     try:
-        got = _lmdb_facts(env)
+        got = _lmdb_facts(copy.env)
+        if got != want:
+            raise CompactionRefused(f"{target}: the compacted copy differs from the shard: {got} != {want}")
+        # Every record, metadata blob, tombstone and seal of the copy against
+        # its chain (no key needed): a copy with a record swapped, or one
+        # whose chain no longer holds together, never replaces the shard.
+        problems, _ = verify_shard(copy, None, None)
+        if problems:
+            raise CompactionRefused(f"{target}: the compacted copy does not verify: {problems[0]}"
+                                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     finally:
-        env.close()
-    if got != want:
-        raise CompactionRefused(f"{target}: the compacted copy differs from the shard: {got} != {want}")
+        copy.close()
     return want
+
+
+class _Copy(Shard):
+    """A compacting copy opened read-only for checking (no lock file: no
+    one else knows of it)."""
+
+    def __init__(self, lmdb_dir: Path, tenant: str, month: str):
+        self.dir, self.tenant, self.month = lmdb_dir.parent, tenant, month
+        self.lmdb_dir, self.index_dir = lmdb_dir, None
+        self.env = lmdb.open(str(lmdb_dir), readonly=True, lock=False, max_dbs=8, subdir=True)
+        try:
+            for name in DBS:
+                setattr(self, name.decode(), self.env.open_db(name, create=False))
+        except BaseException:
+            self.env.close()
+            raise
+
+
+def _make_lmdb_copy(env: lmdb.Environment, target: Path) -> None:
+    env.copy(str(target), compact=True)
+    os.chmod(target / "data.mdb", 0o600)
+
+
+def _make_xapian_copy(source: Path, target: Path) -> None:
+    import xapian
+    src = xapian.Database(str(source))
+    try:
+        src.compact(str(target), xapian.DBCOMPACT_NO_RENUMBER | xapian.Compactor.FULLER)
+    finally:
+        src.close()
 
 
 def copy_xapian(source: Path, target: Path) -> dict:
@@ -203,9 +243,9 @@ def copy_xapian(source: Path, target: Path) -> dict:
     try:
         want = {"doccount": src.get_doccount(), "lastdocid": src.get_lastdocid(),
                 "indexed_seq": src.get_metadata(META_INDEXED_SEQ)}
-        src.compact(str(target), xapian.DBCOMPACT_NO_RENUMBER | xapian.Compactor.FULLER)
     finally:
         src.close()
+    _make_xapian_copy(source, target)
     private_tree(target)
     return _check_xapian(target, want)
 
