@@ -270,3 +270,38 @@ def test_a_tampered_backup_log_is_detected(world, tmp_path):
     write(frames[:i] + frames[i + 1:])
     problems, _ = verify_log(bad, "acme", MONTH)
     assert any("does not link" in x or "are missing" in x for x in problems), problems
+
+
+def test_a_month_deleted_whole_gets_an_empty_index_and_takes_mail_again(world):
+    """Retention by date empties old months whole: the index is swapped for
+    an empty one instead of deleting document by document (the readers see
+    a new directory), verify passes, and the month takes mail again."""
+    import os
+    xdir = world.cfg.archive.directory / "globex" / MONTH / "xapian"
+    inode = os.stat(xdir).st_ino
+    st = Store(world.cfg.archive.directory, readonly=True)
+    try:
+        every = st.shard("globex", MONTH).ids()
+    finally:
+        st.close()
+    assert len(every) >= 8
+    with Piped(world) as p:
+        out = delete_messages(p, "globex", [Victim(a, None, TOMB) for a in every])
+        assert len(out.deleted) == len(every)
+        shard = p.store.shard("globex", MONTH)
+        assert shard.count() == 0 and index.ids(shard.index_dir) == set()
+        assert index.indexed_seq(shard.index_dir) == shard.head()[0]
+    assert os.stat(xdir).st_ino != inode
+    assert sorted(os.listdir(xdir.parent)) == ["lmdb", "xapian"]
+    r = cli(world, "verify", "--tenant", "globex", check=0)
+    assert f"0 record(s) and {len(every)} tombstone(s)".encode() in r.stderr, r.stderr
+    assert search(world, "globex", "subject:doomed") == []
+    world.start_daemon()
+    try:
+        with world.smtp() as c:
+            c.sendmail("alice@globex.example", ["bob@acme.example"], msg("Doomed 5"))
+        wait_archived(world)
+        assert [h["subject"] for h in search(world, "globex", "subject:doomed")] == ["Doomed 5"]
+    finally:
+        world.stop_daemon()
+    cli(world, "verify", "--tenant", "globex", check=0)
