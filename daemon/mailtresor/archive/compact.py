@@ -54,7 +54,7 @@ from pathlib import Path
 
 import lmdb
 
-from mailtresor.archive.store.fs import private_tree
+from mailtresor.archive.store.fs import describe_fault, private_tree
 from mailtresor.archive.store.shard import Shard
 from mailtresor.archive.store.verify import verify_shard
 from mailtresor.durable import fsync_dir
@@ -245,6 +245,7 @@ def _make_lmdb_copy(env: lmdb.Environment, target: Path) -> None:
     if lock.exists():
         lock.unlink()       # made for this process only; the shard's next opener makes its own
     os.chmod(target / "data.mdb", 0o600)
+    fsync_dir(target)
 
 
 def _make_xapian_copy(source: Path, target: Path) -> None:
@@ -272,7 +273,20 @@ def copy_xapian(source: Path, target: Path) -> dict:
         src.close()
     _make_xapian_copy(source, target)
     private_tree(target)
+    _fsync_tree(target)
     return _check_xapian(target, want)
+
+
+def _fsync_tree(d: Path) -> None:
+    """fsync every file of a directory and the directory: the copy is on
+    disk before its name replaces the original's."""
+    for name in os.listdir(d):
+        fd = os.open(d / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(d)
 
 
 def _check_xapian(target: Path, want: dict) -> dict:
@@ -376,4 +390,8 @@ def compact_closed(pipeline, now: float | None = None, *, quiet_days: float = 7,
             except CompactionRefused as e:
                 log.error("%s/%s: compaction refused: %s", t, m, e)
                 out.append({"tenant": t, "month": m, "status": "failed", "reason": str(e)})
+            except Exception as e:  # noqa: BLE001 - one month's failure (a full disk) is that month's
+                why = describe_fault("store", store.root, e) or f"{type(e).__name__}: {e}"
+                log.error("%s/%s: compaction failed: %s", t, m, why)
+                out.append({"tenant": t, "month": m, "status": "failed", "reason": why})
     return out
