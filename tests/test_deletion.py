@@ -270,6 +270,8 @@ def test_a_tampered_backup_log_is_detected(world, tmp_path):
     write(frames[:i] + frames[i + 1:])
     problems, _ = verify_log(bad, "acme", MONTH)
     assert any("does not link" in x or "are missing" in x for x in problems), problems
+    r = cli(world, "verify-backup", "--from", str(tmp_path), check=1)
+    assert f"acme/{MONTH}: ".encode() in r.stdout and b"problem(s)" in r.stderr and b"Traceback" not in r.stderr
 
 
 def test_a_month_deleted_whole_gets_an_empty_index_and_takes_mail_again(world):
