@@ -242,3 +242,25 @@ def test_what_is_due_is_decided_by_month_quiet_days_and_mark():
     assert compact.why_not("2026-11", now, 5, now - 86400, 0, 7) == "changed less than 7 day(s) ago"
     assert compact.why_not("2026-11", now, 5, now - 8 * 86400, 5, 7) == "unchanged since its last compaction"
     assert compact.why_not("2026-11", now, 6, now - 8 * 86400, 5, 7) is None
+
+
+def test_ships_after_a_backup_compaction_append_and_restore_still_gives_the_same_shard(world):
+    """The earlier tests compacted the log, then shipped more deletions to
+    it and compacted it again: it still verifies on its own, a new ship
+    appends to it, and a restore from it gives the live shard."""
+    _due_again(world)                                  # one more ship after the last compaction
+    backup = BackupDirectory(world.cfg.archive.backup_directory)
+    problems, facts = verify_log(backup.path("acme", MONTH), "acme", MONTH)
+    assert problems == [] and facts["tombstones"] == _tombstone_count(world) == 24
+    before = dump(world)
+    kept = found(world)
+    root = world.cfg.archive.directory
+    shutil.move(root, root.with_name("store.live"))
+    try:
+        cli(world, "restore", "--tenant", "acme", check=0)
+        cli(world, "reindex", "--tenant", "acme", check=0)
+        assert dump(world) == before and found(world) == kept
+        cli(world, "verify", "--tenant", "acme", check=0)
+    finally:
+        shutil.rmtree(root)
+        shutil.move(root.with_name("store.live"), root)
