@@ -374,6 +374,11 @@ EXPECTED = [
     ("POST", "/api/v1/deletion-requests/ffffffffffff/reject", {"reason": "matrix"},
      E(anon=401, alice=403, aud=404, adm=403, gina=403, gaud=404, gadm=403, root=403, **{
          "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=400)),
+    # Maintenance (the appliance's housekeeping): the appliance administrator
+    # and local principals only; a month with no shard changes nothing.
+    ("POST", "/api/v1/maintenance/compact", {"month": "1999-01"},
+     E(anon=401, alice=403, aud=403, adm=403, gina=403, gaud=403, gadm=403, root=200, **{
+         "tok-search": 403, "tok-export": 403, "tok-events": 403}, local=200)),
     ("POST", "/api/v1/logout", None,
      E(anon=401, alice=200, aud=200, adm=200, gina=200, gaud=200, gadm=200, root=200, **{
          "tok-search": 400, "tok-export": 400, "tok-events": 400}, local=400)),

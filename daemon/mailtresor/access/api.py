@@ -122,7 +122,7 @@ ROUTES = (
 # and openapi-<name>.json beside this module holds its paths and schemas
 # (merged into the one document /api/v1/openapi.json serves).  A section is
 # one line here.
-API_EXTENSIONS: tuple[str, ...] = ("gdpr", "retention", "tags", "holds")
+API_EXTENSIONS: tuple[str, ...] = ("gdpr", "retention", "tags", "holds", "maintenance")
 
 
 @functools.cache

@@ -18,6 +18,8 @@ already gone is not an error: it is reported as missing.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,6 +46,27 @@ class Deleted:
     shards: list[tuple[str, str]] = field(default_factory=list)      # (tenant, month) changed
 
 
+def _empty_index(shard) -> None:
+    """Replace a shard's index by an empty one (marked as indexed up to the
+    chain head): built beside it, swapped in by one atomic exchange (the
+    core's index readers see a new directory and open it), the old one
+    removed.  A crash leaves `xapian.empty` beside it, which nothing reads
+    and the next call removes."""
+    from mailtresor.archive.compact import exchange
+    from mailtresor.durable import fsync_dir
+    fresh = shard.index_dir.with_name("xapian.empty")
+    shutil.rmtree(fresh, ignore_errors=True)
+    with ShardIndex(fresh).writer() as w:
+        w.set_indexed_seq(shard.head()[0])
+    if shard.index_dir.exists():
+        exchange(fresh, shard.index_dir)
+        fsync_dir(shard.dir)
+        shutil.rmtree(fresh)
+    else:
+        os.rename(fresh, shard.index_dir)
+    fsync_dir(shard.dir)
+
+
 def delete_messages(pipeline, tenant: str, victims: list[Victim], *, now: float | None = None) -> Deleted:
     """Delete `victims` of `tenant` through the archiver's pipeline (its
     store, backup and sealing).  Call it on the archiver's thread
@@ -64,10 +87,18 @@ def delete_messages(pipeline, tenant: str, victims: list[Victim], *, now: float 
         out.missing += [v.aid for v in group if v.aid not in done]
         if not done:
             continue
-        with ShardIndex(shard.index_dir).writer() as w:
-            for aid in sorted(done):
-                w.delete(aid)
-            w.set_indexed_seq(shard.head()[0])
+        if shard.count() == 0:
+            # The whole month went (retention by date empties old months
+            # whole): a new empty index swapped in costs milliseconds, where
+            # Xapian's delete_document costs about a millisecond a document
+            # (it reads each document's term list and updates every posting
+            # list it names).
+            _empty_index(shard)
+        else:
+            with ShardIndex(shard.index_dir).writer() as w:
+                for aid in sorted(done):
+                    w.delete(aid)
+                w.set_indexed_seq(shard.head()[0])
         store.catalog_delete(tenant, sorted(done))
         if pipeline.backup is not None:
             pipeline.backup.ship(shard)

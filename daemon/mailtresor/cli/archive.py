@@ -78,14 +78,15 @@ def run_verify(cfg, args) -> int:
     except KeyUnavailable as e:
         raise UserError(f"cannot get the seal key to check seals against: {e}")
     store = Store(a.directory, readonly=True)
-    bad = checked = shards = 0
+    bad = checked = shards = tombs = 0
     try:
         for t in tenants:
             if t not in store.tenants():
                 continue
             for m in store.months(t):
                 shard = store.shard(t, m)
-                problems, live = verify_shard(shard, keys, seal_public)
+                stats: dict = {}
+                problems, live = verify_shard(shard, keys, seal_public, stats)
                 lines = [str(p) for p in problems]
                 if a.tsa_ca_file is not None:
                     lines += _check_timestamps(shard, a.tsa_ca_file)
@@ -105,10 +106,12 @@ def run_verify(cfg, args) -> int:
                     print(line)
                 bad += len(lines)
                 checked += len(live)
+                tombs += stats["tombstones"]
                 shards += 1
     finally:
         store.close()
-    print(f"verify: {checked} record(s) in {shards} shard(s): "
+    gone = f" and {tombs} tombstone(s) of deleted ones" if tombs else ""
+    print(f"verify: {checked} record(s){gone} in {shards} shard(s): "
           + ("all good" if not bad else f"{bad} problem(s)"), file=sys.stderr)
     return 1 if bad else 0
 

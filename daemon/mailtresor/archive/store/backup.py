@@ -7,6 +7,7 @@ the logs into an empty store.  The frame layout is in docs/FORMAT.md.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -87,6 +88,60 @@ class BackupDirectory:
             raw = txn.get(b"backup_seal", db=shard.state)
             return struct.unpack(">Q", raw)[0] if raw else 0
 
+    def compact(self, tenant: str, month: str) -> dict:
+        """Rewrite a shard's log without the encrypted blobs of deleted
+        messages: an `add` or `meta` frame of an id that a later `delete`
+        frame removes keeps its chain entry (so the chain still verifies
+        from the log, `verify_log`) and loses its blob.  Seals, tombstones
+        and everything live stay byte for byte.  Atomic: a new file beside
+        the log, fsync, rename over it, fsync of the directory; a crash
+        leaves the old log or the new one, and a leftover temporary file
+        is removed by the next call.  Call it where ship() cannot run at
+        the same time (the archiver's thread: Archiver.exclusive, or the
+        store's writer lock).  Returns {"frames", "dropped", "bytes_before",
+        "bytes_after"}."""
+        path = self.path(tenant, month)
+        tmp = path.with_name(f".{month}.compacting")
+        if tmp.exists():
+            tmp.unlink()
+        if not path.exists():
+            return {"frames": 0, "dropped": 0, "bytes_before": 0, "bytes_after": 0}
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _truncate_torn_tail(fd, path)    # refuses a damaged log: the log is the backup
+        finally:
+            os.close(fd)
+        before = path.stat().st_size
+        last_delete: dict[bytes, int] = {}
+        for kind, seq, payload in read_frames(path):
+            if kind == K_CHAIN and payload[0] == OP_DELETE:
+                last_delete[payload[1:21]] = seq
+        frames = dropped = after = 0
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            with os.fdopen(out, "wb", closefd=False) as f:
+                for kind, seq, payload in read_frames(path):
+                    if (kind == K_CHAIN and payload[0] in (OP_ADD, OP_META) and len(payload) > CHAIN_ENTRY.size
+                            and last_delete.get(payload[1:21], 0) > seq):
+                        payload = payload[:CHAIN_ENTRY.size]
+                        dropped += 1
+                    data = _frame(kind, seq, payload)
+                    f.write(data)
+                    frames += 1
+                    after += len(data)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(out)
+        os.replace(tmp, path)
+        fsync_parent(path)
+        _checked_size[path] = after
+        log.info("%s: compacted, %d blob(s) of deleted messages dropped, %d -> %d bytes",
+                 path, dropped, before, after)
+        return {"frames": frames, "dropped": dropped, "bytes_before": before, "bytes_after": after}
+
     def logs(self) -> list[tuple[str, str, Path]]:
         out = []
         if self.dir.is_dir():
@@ -145,6 +200,91 @@ def _truncate_torn_tail(fd: int, path: Path) -> None:
     _checked_size[path] = good
 
 
+def verify_log(path: Path, tenant: str, month: str, seal_public=None) -> tuple[list[str], dict]:
+    """Check one backup log on its own, without keys and without the store:
+    every chain frame's hash and link, every blob against its entry's
+    digest (a record, metadata or tombstone altered in the log), a blob
+    that is absent only where a later `delete` frame removes its id (a
+    compacted log), every seal against the chain and its signature (made
+    by one of `seal_public`, when given), and a damaged frame.  Returns
+    (problems, {"entries", "records", "tombstones", "seals"})."""
+    from mailtresor.archive.store.chain import GENESIS, Seal, chain_hash, seal_message
+    from mailtresor.keys import crypto
+    publics = None if seal_public is None else (
+        {seal_public} if isinstance(seal_public, bytes) else set(seal_public))
+    problems: list[str] = []
+    hashes: dict[int, bytes] = {}
+    entries: dict[int, bytes] = {}
+    blobless: list[tuple[int, bytes]] = []     # (seq, id) of add/meta frames without their blob
+    deleted_at: dict[bytes, int] = {}
+    live: set[bytes] = set()
+    seals: list[tuple[int, bytes]] = []
+    prev, last = GENESIS, 0
+    good = 0
+    for kind, seq, payload in read_frames(path):
+        good += _FRAME.size + len(payload) + 4
+        if kind == K_SEAL:
+            seals.append((seq, payload))
+            continue
+        if kind != K_CHAIN:
+            problems.append(f"frame of unknown kind {kind} (seq {seq})")
+            continue
+        raw, blob = payload[:CHAIN_ENTRY.size], payload[CHAIN_ENTRY.size:]
+        if seq <= last:
+            if entries.get(seq) != raw:
+                problems.append(f"two different chain entries {seq}")
+            continue
+        if seq != last + 1:
+            problems.append(f"chain entries {last + 1}..{seq - 1} are missing")
+        try:
+            e = ChainEntry.decode(seq, raw)
+        except struct.error:
+            problems.append(f"chain entry {seq} is malformed")
+            last = seq
+            continue
+        aid = bytes.fromhex(e.aid)
+        if e.prev != prev:
+            problems.append(f"chain entry {seq} does not link to entry {seq - 1}")
+        if chain_hash(seq, e.op, aid, e.digest, e.time, e.prev) != e.hash:
+            problems.append(f"chain entry {seq} was altered")
+        if blob and hashlib.sha256(blob).digest() != e.digest:
+            what = {OP_ADD: "record", OP_META: "metadata", OP_DELETE: "tombstone"}.get(e.op, "blob")
+            problems.append(f"{e.aid}: the {what} of chain entry {seq} differs from what the chain recorded")
+        if e.op == OP_ADD:
+            live.add(aid)
+        elif e.op == OP_DELETE:
+            live.discard(aid)
+            deleted_at[aid] = seq
+            if not blob:
+                problems.append(f"{e.aid}: chain entry {seq} (delete) has no tombstone")
+        if not blob and e.op in (OP_ADD, OP_META):
+            blobless.append((seq, aid))
+        entries[seq], hashes[seq] = raw, e.hash
+        prev, last = e.hash, seq
+    for seq, aid in blobless:
+        if deleted_at.get(aid, 0) <= seq:
+            problems.append(f"{aid.hex()}: chain entry {seq} has no blob and no later delete")
+    size = path.stat().st_size
+    if good != size:
+        problems.append(f"damaged or torn at byte {good} ({size - good} bytes not read)")
+    for number, raw in seals:
+        try:
+            s = Seal.decode(number, raw)
+        except (StoreError, struct.error):
+            problems.append(f"seal {number} is malformed")
+            continue
+        if hashes.get(s.seq) != s.head:
+            problems.append(f"seal {number} does not match chain entry {s.seq}")
+        if publics is not None and s.public_key not in publics:
+            problems.append(f"seal {number} was made with another key")
+        try:
+            crypto.ed25519_verify(s.public_key, s.signature, seal_message(tenant, month, s.seq, s.head, s.time))
+        except crypto.SignatureError:
+            problems.append(f"seal {number}: signature does not verify")
+    return problems, {"entries": last, "records": len(live), "tombstones": len(set(deleted_at) - live),
+                      "seals": len(seals)}
+
+
 def restore(backup: BackupDirectory, root: Path, tenant: str | None = None) -> dict[str, int]:
     """Rebuild shards from backup logs into an empty store root.  Returns
     records restored per shard.  Duplicate frames (a re-ship after a crash)
@@ -172,9 +312,13 @@ def restore(backup: BackupDirectory, root: Path, tenant: str | None = None) -> d
                         e = ChainEntry.decode(seq, raw)
                         aid = bytes.fromhex(e.aid)
                         txn.put(struct.pack(">Q", seq), raw, db=shard.chain)
-                        if e.op == OP_ADD:
+                        # An empty blob: the record was deleted before it was
+                        # shipped, or the log was compacted (BackupDirectory.
+                        # compact); its delete frame follows.  Nothing is put:
+                        # without one, verify reports the record missing.
+                        if e.op == OP_ADD and blob:
                             txn.put(aid, blob, db=shard.records)
-                        elif e.op == OP_META:
+                        elif e.op == OP_META and blob:
                             txn.put(aid, blob, db=shard.meta)
                         elif e.op == OP_DELETE:
                             txn.delete(aid, db=shard.records)

@@ -82,6 +82,11 @@ class Shard:
         self.tenant, self.month = tenant, month
         self.lmdb_dir = self.dir / "lmdb"
         self.index_dir = self.dir / "xapian"
+        if not readonly and not (self.lmdb_dir / "data.mdb").exists() and (self.dir / "lmdb.old").is_dir():
+            # A compaction (archive/compact.py) cut short between its two
+            # renames: the original goes back before anything can create
+            # an empty environment in its place.
+            os.rename(self.dir / "lmdb.old", self.lmdb_dir)
         if readonly and not (self.lmdb_dir / "data.mdb").exists():
             raise StoreError(f"no shard {tenant}/{month}")
         self.env = open_env(self.lmdb_dir, readonly=readonly, map_size=MAP_SIZE, max_dbs=8, subdir=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,18 +33,26 @@ class Problem:
 
 
 def verify_shard(shard: Shard, keys: Keys | None,
-                 seal_public: bytes | Iterable[bytes] | None) -> tuple[list[Problem], set[str]]:
+                 seal_public: bytes | Iterable[bytes] | None,
+                 stats: dict | None = None) -> tuple[list[Problem], set[str]]:
     """Check the chain's links, every record and metadata blob against the
-    chain, every record's SHA-256 (when `keys` is given), and every seal
-    (made by one of the public keys `seal_public`, when given: every
-    version of the appliance's seal key).  Returns the problems and the set
-    of live ids (for the caller's index check)."""
+    chain, every record's SHA-256 (when `keys` is given), every tombstone
+    against its `delete` entry (and the record digest it names against the
+    `add` entry it replaced), and every seal (made by one of the public
+    keys `seal_public`, when given: every version of the appliance's seal
+    key).  Returns the problems and the set of live ids (for the caller's
+    index check).  `stats`, when given, receives "records" (live ids) and
+    "tombstones" (ids whose last chain entry is a delete)."""
     publics = None if seal_public is None else (
         {seal_public} if isinstance(seal_public, bytes) else set(seal_public))
     name = f"{shard.tenant}/{shard.month}"
     problems: list[Problem] = []
     live_add: dict[bytes, bytes] = {}          # id -> digest of its record, per the chain
     last_meta: dict[bytes, bytes] = {}
+    # id -> (digest of its tombstone, digest of the record it replaced), per
+    # the chain's last delete entry of that id (a message archived again
+    # after a deletion and deleted again has the newer tombstone)
+    tombs: dict[bytes, tuple[bytes, bytes | None]] = {}
     hashes: dict[int, bytes] = {}
     with shard.env.begin() as txn:
         prev, expect = GENESIS, 1
@@ -70,7 +79,7 @@ def verify_shard(shard: Shard, keys: Keys | None,
             elif e.op == OP_META:
                 last_meta[aid] = e.digest
             elif e.op == OP_DELETE:
-                live_add.pop(aid, None)
+                tombs[aid] = (e.digest, live_add.pop(aid, None))
                 last_meta.pop(aid, None)
         head_seq, head = shard._state(txn)
         if head_seq != expect - 1 or (head_seq and head != prev):
@@ -103,6 +112,7 @@ def verify_shard(shard: Shard, keys: Keys | None,
                 problems.append(Problem(name, aid.hex(), "metadata differs from what the chain recorded"))
         for aid in last_meta.keys() - {bytes(k) for k in txn.cursor(db=shard.meta).iternext(values=False)}:
             problems.append(Problem(name, aid.hex(), "metadata is missing"))
+        problems += _check_tombstones(txn, shard, name, tombs)
         seals = [(struct.unpack(">Q", k)[0], bytes(v)) for k, v in txn.cursor(db=shard.seals)]
     for number, raw in seals:
         try:
@@ -124,4 +134,42 @@ def verify_shard(shard: Shard, keys: Keys | None,
                                   seal_message(shard.tenant, shard.month, s.seq, s.head, s.time))
         except crypto.SignatureError:
             problems.append(Problem(name, "", f"seal {number}: signature does not verify"))
+    if stats is not None:
+        stats["records"] = len(live_add)
+        stats["tombstones"] = sum(1 for a in tombs if a not in live_add)
     return problems, {a.hex() for a in live_add}
+
+
+def _check_tombstones(txn, shard: Shard, name: str, tombs: dict) -> list[Problem]:
+    """Each stored tombstone (state "tomb:" + id) against the chain: its
+    SHA-256 is the last delete entry's digest for that id, and the record
+    digest it names is the one the chain's add entry recorded.  A tombstone
+    without a delete entry was put there by hand; a delete entry without
+    its tombstone lost its proof of why."""
+    problems = []
+    stored = {}
+    cur = txn.cursor(db=shard.state)
+    if cur.set_range(b"tomb:"):
+        for k, v in cur:
+            k = bytes(k)
+            if not k.startswith(b"tomb:"):
+                break
+            stored[k[5:]] = bytes(v)
+    for aid, blob in stored.items():
+        if aid not in tombs:
+            problems.append(Problem(name, aid.hex(), "tombstone is not in the chain (inserted)"))
+            continue
+        digest, record = tombs[aid]
+        if hashlib.sha256(blob).digest() != digest:
+            problems.append(Problem(name, aid.hex(), "tombstone differs from what the chain recorded (altered)"))
+            continue
+        try:
+            named = json.loads(blob).get("record_sha256")
+        except (ValueError, AttributeError):
+            named = None
+        if record is not None and named is not None and named != record.hex():
+            problems.append(Problem(name, aid.hex(), "tombstone names another record than the one the chain "
+                                                     "deleted"))
+    for aid in tombs.keys() - stored.keys():
+        problems.append(Problem(name, aid.hex(), "tombstone is missing (the delete entry's proof is gone)"))
+    return problems
