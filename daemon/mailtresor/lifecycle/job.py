@@ -136,19 +136,10 @@ class DailyJob:
         return results
 
     async def compact(self, now: float):
-        """COMPACTION HOOK: after the deletions, the months that no longer
-        change are compacted (LMDB's compacting copy, xapian-compact) by
-        the store part's archive.compact.compact_closed(pipeline, now,
-        quiet_days=...), on the archiver's thread.
-
-        TEMPORARY BRIDGE: that module is not merged yet; until it is, the
-        ImportError is the signal to skip.  Remove the try/except when
-        archive/compact.py is on main."""
-        try:
-            from mailtresor.archive import compact
-        except ImportError:
-            log.debug("lifecycle job: archive.compact is not available; no compaction")
-            return None
+        """After the deletions, the months that no longer change are
+        compacted (a packed LMDB copy, Xapian compaction, the backup log;
+        archive/compact.py compact_closed), on the archiver's thread."""
+        from mailtresor.archive import compact
         if self.api.archiver is None or self.api.archiver.paused:
             return None
         try:
@@ -157,5 +148,8 @@ class DailyJob:
         except Exception as e:  # noqa: BLE001 - compaction is an optimisation: retried tomorrow
             log.error("lifecycle job: compaction failed: %s: %s", type(e).__name__, e)
             return None
-        log.info("lifecycle job: %d month(s) compacted", len(done or []))
+        done = done or []
+        failed = [d for d in done if d.get("status") == "failed"]
+        log.info("lifecycle job: %d month(s) compacted%s", sum(1 for d in done if d.get("status") == "compacted"),
+                 f", {len(failed)} failed" if failed else "")
         return done
