@@ -405,3 +405,33 @@ def test_index_set_tags_replaces_only_the_tags(tmp_path):
         w.set_tags("a" * 40, ["relay", "confidential"])
     assert index.search([tmp_path / "x"], "tag:case:acme-v-smith")[0] == 0
     assert index.facets([tmp_path / "x"], "")["tag"] == {"confidential": 1, "relay": 1}
+
+
+def test_tags_drive_retention_end_to_end(world):
+    """A classification tag (set at archive time from the Exchange header)
+    and an auditor's case tag each drive a retention rule: the run deletes
+    exactly the tagged mail, the rest stays, verify passes.  (Runs last in
+    this module: it deletes messages the tests above read.)"""
+    from tests.test_archive import cli
+    stack = world.stack
+    stack.start_daemon()                      # stopped by the reindex test above
+    aud = world.login("acme", "aud")
+    before = set(_search(stack, ""))
+    assert {"Exchange header", "Unclassified"} <= before
+    (hit,) = aud.request("GET", "/api/v1/search?q=subject:unclassified").json()["results"]
+    assert aud.request("POST", f"/api/v1/messages/{hit['id']}/tags", {"add": ["case:purge-me"]}).status == 200
+    gone = set()
+    for match, subject in (({"tags": ["confidential"]}, "Exchange header"),
+                           ({"tags": ["case:purge-me"]}, "Unclassified")):
+        # All this module's mail is dated 2024-03-01: a year's maximum has ended.
+        r = aud.request("POST", "/api/v1/retention/rules", {"name": f"by {match['tags'][0]}", "match": match,
+                                                            "maximum": "1y"})
+        assert r.status == 201, r.data
+        dry = aud.request("POST", "/api/v1/retention/run", {"dry_run": True}).json()
+        r = aud.request("POST", "/api/v1/retention/run", {"dry_run": False})
+        assert r.status == 200, r.data
+        assert r.json()["deleted"] == 1 == dry["go"], (r.json(), dry)
+        gone.add(subject)
+        assert set(_search(stack, "")) == before - gone
+        p = cli(stack, "verify", "--tenant", "acme", check=0)
+        assert p.returncode == 0 and b"tombstone" in p.stdout + p.stderr, (p.stdout[-2000:], p.stderr[-2000:])

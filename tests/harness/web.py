@@ -12,7 +12,13 @@ def api_login(stack, tenant: str | None, username: str, password: str):
     (cookie, csrf, principal)."""
     from tests.test_api import Client
     c = Client(stack)
-    r = c.request("POST", "/api/v1/login", {"tenant": tenant, "username": username, "password": password})
+    deadline = time.monotonic() + 30
+    while True:
+        r = c.request("POST", "/api/v1/login", {"tenant": tenant, "username": username, "password": password})
+        # A daemon just started answers 503 until it has the access key.
+        if r.status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert r.status == 200, r.data
     cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie" and v.startswith("mt_session=")][0]
     c.cookie, c.csrf = cookie.split(";", 1)[0].split("=", 1)[1], r.json()["csrf"]
