@@ -76,3 +76,29 @@ def test_key_derivation_has_one_home():
                     and node.value.id == "crypto":
                 callers.append(rel)
     assert set(callers) == {"keys/derive.py"}, callers
+
+
+def _referrers(name: str) -> set[str]:
+    out = set()
+    for path in SOURCES:
+        rel = path.relative_to(PACKAGE).as_posix() if PACKAGE in path.parents else path.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr == name) or \
+                    (isinstance(node, ast.Name) and node.id == name) or \
+                    (isinstance(node, ast.FunctionDef) and node.name == name) or \
+                    (isinstance(node, ast.alias) and node.name == name):
+                out.add(rel)
+    return out
+
+
+def test_mail_leaves_the_archive_only_through_the_deleter():
+    """docs/ARCHITECTURE.md: one module decides what may go
+    (lifecycle/protect.py), one deletes (archive/deleter.py), and only a
+    retention run and an approved four-eyes request call it.  A new caller
+    of the deleter or of the shard's delete fails here until it is
+    reviewed and listed."""
+    assert _referrers("delete_messages") == {"archive/deleter.py", "lifecycle/retention.py", "access/holds.py"}
+    assert _referrers("delete_many") == {"archive/store/shard.py", "archive/deleter.py"}
+    assert _referrers("catalog_delete") == {"archive/store/shard.py", "archive/deleter.py"}
+    # Both callers ask the precedence first.
+    assert {"lifecycle/retention.py", "lifecycle/requests.py"} <= _referrers("protections")
