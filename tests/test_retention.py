@@ -278,6 +278,15 @@ def test_dry_run_then_run_delete_exactly_the_expected(world):
     assert len(adds) == 3
     assert "lists.example" not in json.dumps([r["detail"] for r in rr["records"]])
     assert any("lists.example" in (r.get("terms") or "") for r in adds)
+    # The tombstones, read back from the store (the evidence report): each
+    # names the shortest maximum that deleted it and who ran it; its digest
+    # is the chain's.
+    tombs = world.c["aud"].request("GET", "/api/v1/evidence?tenant=acme").json()["deletions"]["recent"]
+    assert {t["id"] for t in tombs} >= {ids[n] for n in FIRST_RUN}
+    for t in (t for t in tombs if t["id"] in {ids[n] for n in FIRST_RUN}):
+        assert t["kind"] == "retention" and t["rule"] in world.rules.values() and t["by"].startswith("local:")
+        assert t["chain"]["matches"] and len(t["record_sha256"]) == 64
+    assert any(t["rule"] == world.rules["newsletters"] for t in tombs)
 
 
 def test_a_changed_rule_applies_to_old_mail(world):
