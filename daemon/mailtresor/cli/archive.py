@@ -66,7 +66,7 @@ def register(subparsers) -> None:
 # --- verify / reindex -------------------------------------------------------------------
 
 def run_verify(cfg, args) -> int:
-    from mailtresor.archive import index
+    from mailtresor.archive import index, tsa
     from mailtresor.archive.store import Store, verify_shard
     from mailtresor.keys import crypto
     from mailtresor.keys.ring import KeyUnavailable
@@ -89,7 +89,7 @@ def run_verify(cfg, args) -> int:
                 problems, live = verify_shard(shard, keys, seal_public, stats)
                 lines = [str(p) for p in problems]
                 if a.tsa_ca_file is not None:
-                    lines += _check_timestamps(shard, a.tsa_ca_file)
+                    lines += tsa.check_seals(shard.tenant, shard.month, shard.seals_from(1), a.tsa_ca_file)[1]
                 docs = index.listings(shard.index_dir)
                 indexed = set(docs)
                 lines += [f"{t}/{m}: {x}: not in the index (mailtresor reindex --missing mends it)"
@@ -130,25 +130,6 @@ def _check_listings(tenant: str, month: str, docs: dict, live: set, keys) -> lis
         except (RecordCorrupt, ValueError) as e:
             out.append(f"{tenant}/{month}: {aid}: the index's listing is damaged ({e}); "
                        "mailtresor reindex mends it")
-    return out
-
-
-def _check_timestamps(shard, ca_file) -> list[str]:
-    import struct
-    from mailtresor.archive import tsa
-    from mailtresor.archive.store import Seal, StoreError, seal_message
-    out = []
-    for number, raw in shard.seals_from(1):
-        try:
-            s = Seal.decode(number, raw)
-        except (struct.error, StoreError):
-            continue                                   # reported by verify_shard
-        if not s.tsa_token:
-            continue
-        try:
-            tsa.verify(s.tsa_token, seal_message(shard.tenant, shard.month, s.seq, s.head, s.time), ca_file)
-        except tsa.TimestampError as e:
-            out.append(f"{shard.tenant}/{shard.month}: seal {number}: time stamp does not verify: {e}")
     return out
 
 

@@ -77,16 +77,7 @@ def _token_time(token: bytes) -> tuple[str, str]:
 
 def _tombs(shard) -> list[tuple[str, bytes]]:
     """(id, the tomb JSON as stored) of every tombstone of the shard."""
-    out = []
-    with shard.env.begin() as txn:
-        cur = txn.cursor(db=shard.state)
-        if cur.set_range(b"tomb:"):
-            for k, v in cur:
-                k = bytes(k)
-                if not k.startswith(b"tomb:"):
-                    break
-                out.append((k[5:].hex(), bytes(v)))
-    return out
+    return [(aid.hex(), raw) for aid, raw in shard.tombstones().items()]
 
 
 def _deletes(shard, limit: int = CHAIN_SCAN) -> tuple[dict[str, tuple[int, bytes, float]], bool]:
@@ -228,28 +219,6 @@ def evidence(*, store, store_lock, audit, tenant: str, section: dict | None, now
     }
 
 
-def _timestamps(tenant: str, month: str, seals: list[tuple[int, bytes]], ca_file) -> tuple[int, list[str]]:
-    """Check every seal's RFC 3161 token against the TSA's CA (what
-    `mailtresor verify` does with [archive] tsa_ca_file): (tokens checked,
-    problems)."""
-    from mailtresor.archive import tsa
-    from mailtresor.archive.store import Seal, StoreError, seal_message
-    checked, out = 0, []
-    for number, raw in seals:
-        try:
-            s = Seal.decode(number, raw)
-        except (struct.error, StoreError):
-            continue                                   # reported by verify_shard
-        if not s.tsa_token:
-            continue
-        checked += 1
-        try:
-            tsa.verify(s.tsa_token, seal_message(tenant, month, s.seq, s.head, s.time), ca_file)
-        except tsa.TimestampError as e:
-            out.append(f"{tenant}/{month}: seal {number}: time stamp does not verify: {e}")
-    return checked, out
-
-
 def run_verify(*, store, store_lock, keys, tenant: str, budget: float = VERIFY_SECONDS,
                clock=time.monotonic, tsa_ca_file=None) -> dict:
     """`mailtresor verify` for one tenant's shards: verify_shard (chain,
@@ -261,7 +230,7 @@ def run_verify(*, store, store_lock, keys, tenant: str, budget: float = VERIFY_S
     "problem_count", "shards": [{"shard", "records", "problems"}],
     "skipped": [months not checked], "seal_keys": bool, "timestamps_checked":
     int or None (no CA configured)}."""
-    from mailtresor.archive import index
+    from mailtresor.archive import index, tsa
     from mailtresor.archive.store import verify_shard
     from mailtresor.keys import crypto
     try:
@@ -285,7 +254,7 @@ def run_verify(*, store, store_lock, keys, tenant: str, budget: float = VERIFY_S
             indexed = index.ids(shard.index_dir)
             seals = shard.seals_from(1) if tsa_ca_file is not None else []
         lines = [str(p) for p in found]
-        stamped, bad = _timestamps(tenant, m, seals, tsa_ca_file) if seals else (0, [])
+        stamped, bad = tsa.check_seals(tenant, m, seals, tsa_ca_file) if seals else (0, [])
         lines += bad
         timestamps += stamped
         lines += [f"{tenant}/{m}: {x}: not in the index" for x in sorted(live - indexed)]

@@ -197,6 +197,23 @@ class Shard:
                 done.append(aid_hex)
         return done
 
+    def tombstones(self, txn=None) -> dict[bytes, bytes]:
+        """Every tombstone the shard keeps: id (20 bytes) -> the tomb JSON
+        as stored (verify checks each against its chain entry; evidence
+        lists them).  In `txn` if given (a reader's consistent view)."""
+        if txn is None:
+            with self.env.begin() as t:
+                return self.tombstones(t)
+        out = {}
+        cur = txn.cursor(db=self.state)
+        if cur.set_range(b"tomb:"):
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(b"tomb:"):
+                    break
+                out[k[5:]] = bytes(v)
+        return out
+
     def tombstone(self, aid_hex: str) -> dict | None:
         """The tombstone of a deleted record (None if it was never deleted)."""
         with self.env.begin() as txn:

@@ -147,14 +147,7 @@ def _check_tombstones(txn, shard: Shard, name: str, tombs: dict) -> list[Problem
     without a delete entry was put there by hand; a delete entry without
     its tombstone lost its proof of why."""
     problems = []
-    stored = {}
-    cur = txn.cursor(db=shard.state)
-    if cur.set_range(b"tomb:"):
-        for k, v in cur:
-            k = bytes(k)
-            if not k.startswith(b"tomb:"):
-                break
-            stored[k[5:]] = bytes(v)
+    stored = shard.tombstones(txn)
     for aid, blob in stored.items():
         if aid not in tombs:
             problems.append(Problem(name, aid.hex(), "tombstone is not in the chain (inserted)"))
