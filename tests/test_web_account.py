@@ -91,11 +91,9 @@ def assert_never_written(world, secrets_):
 
 def submit(b, button_css):
     """Click a form's button and wait for the answer's page (not the old one)."""
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
     old = b.find("html")
     b.find(button_css).click()
-    WebDriverWait(b.driver, 10).until(EC.staleness_of(old))
+    b.wait_gone(old)
 
 
 def no_sideways_scroll(b):

@@ -90,6 +90,25 @@ class Browser:
             raise AssertionError(f"not at {prefix}: at {self.driver.current_url}\n"
                                  f"{self.driver.page_source[:2000]}") from None
 
+    def wait_gone(self, element, timeout: float = TIMEOUT) -> None:
+        """Wait until `element` is no longer in the document (the page it
+        was on has been replaced).  During the navigation chromedriver may
+        answer "Node with given id does not belong to the document" (a
+        WebDriverException, not StaleElementReferenceException, which is
+        what EC.staleness_of expects): that is gone too."""
+        from selenium.common.exceptions import WebDriverException
+
+        def gone(_):
+            try:
+                element.is_enabled()
+            except WebDriverException:          # StaleElementReferenceException is one
+                return True
+            return False
+        try:
+            WebDriverWait(self.driver, timeout).until(gone)
+        except Exception:
+            raise AssertionError(f"the old page is still there at {self.driver.current_url}") from None
+
     def wait_url_has(self, text: str) -> None:
         """Wait until the page's URL contains `text` (a search answered in
         place changes only its query string)."""
