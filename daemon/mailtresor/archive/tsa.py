@@ -53,18 +53,7 @@ def timestamp(url: str, message: bytes, ca_file: Path | None = None, timeout: fl
 
 def verify(reply: bytes, message: bytes, ca_file: Path) -> str:
     """Check a reply against `message` and the TSA's CA; returns the time it states."""
-    fd, path = tempfile.mkstemp(prefix="mailtresor-tsr-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(reply)
-        _openssl(["-verify", "-in", path, "-data", "/dev/stdin", "-CAfile", str(ca_file)], message)
-        text = _openssl(["-reply", "-in", path, "-text"]).decode(errors="replace")
-    finally:
-        os.unlink(path)
-    for line in text.splitlines():
-        if line.startswith("Time stamp:"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    return _stated_time(reply, ["-verify", "-data", "/dev/stdin", "-CAfile", str(ca_file)], message)
 
 
 def reply_time(reply: bytes) -> str:
@@ -72,10 +61,19 @@ def reply_time(reply: bytes) -> str:
     ts -reply -text` prints it, e.g. "Dec  3 12:00:00 2026 GMT"), without
     checking it against a CA (verify() does that); "" if it states none.
     Raises TimestampError for a reply openssl cannot read."""
+    return _stated_time(reply)
+
+
+def _stated_time(reply: bytes, check: list[str] | None = None, message: bytes = b"") -> str:
+    """The reply in a private temporary file for openssl: first `check`
+    (`openssl ts` arguments, `-in` added; `message` on its stdin) if given,
+    then the time the reply states ("" if none)."""
     fd, path = tempfile.mkstemp(prefix="mailtresor-tsr-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(reply)
+        if check is not None:
+            _openssl([check[0], "-in", path, *check[1:]], message)
         text = _openssl(["-reply", "-in", path, "-text"]).decode(errors="replace")
     finally:
         os.unlink(path)

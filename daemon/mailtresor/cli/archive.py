@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from mailtresor.cli.common import (EXIT_USAGE, UserError, archive_section, fetching_keys, known_tenant,
-                                   minute)
+from mailtresor.cli.common import (EXIT_USAGE, UserError, archive_section, backup_source, fetching_keys,
+                                   known_tenant, minute)
 
 # The store, index, spool and archiver are imported inside each command:
 # every command builds the whole parser (this module's register() too), and
@@ -216,11 +216,7 @@ class _writer:
 def run_restore(cfg, args) -> int:
     from mailtresor.archive.store import BackupDirectory, restore
     a = archive_section(cfg)
-    src = Path(args.backup) if args.backup else a.backup_directory
-    if src is None:
-        raise UserError("no backup directory: give --from or set archive.backup_directory")
-    if not Path(src).is_dir():
-        raise UserError(f"{src}: no such backup directory")
+    src = backup_source(a, args.backup)
     target = Path(args.to) if args.to else a.directory
     tenant = known_tenant(cfg, args.tenant) if args.tenant else None
     with _writer(target):

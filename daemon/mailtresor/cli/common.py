@@ -28,6 +28,18 @@ def archive_section(cfg):
     return cfg.archive
 
 
+def backup_source(a, given):
+    """The backup directory a command reads: --from, else [archive]
+    backup_directory; UserError naming what is missing."""
+    from pathlib import Path
+    src = Path(given) if given else a.backup_directory
+    if src is None:
+        raise UserError("no backup directory: give --from or set archive.backup_directory")
+    if not Path(src).is_dir():
+        raise UserError(f"{src}: no such backup directory")
+    return Path(src)
+
+
 def known_tenant(cfg, name: str) -> str:
     """`name` if the configuration has that tenant, else a UserError that
     lists the configured ones."""

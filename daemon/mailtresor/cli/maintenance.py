@@ -94,19 +94,13 @@ def run_compact(cfg, args) -> int:
 
 
 def run_verify_backup(cfg, args) -> int:
-    from pathlib import Path
-
     from mailtresor.archive.store import BackupDirectory
     from mailtresor.archive.store.backup import verify_log
-    from mailtresor.cli.common import UserError, archive_section, fetching_keys, known_tenant
+    from mailtresor.cli.common import UserError, archive_section, backup_source, fetching_keys, known_tenant
     from mailtresor.keys import crypto
     from mailtresor.keys.ring import KeyUnavailable
     a = archive_section(cfg)
-    src = Path(args.backup) if args.backup else a.backup_directory
-    if src is None:
-        raise UserError("no backup directory: give --from or set archive.backup_directory")
-    if not Path(src).is_dir():
-        raise UserError(f"{src}: no such backup directory")
+    src = backup_source(a, args.backup)
     tenant = known_tenant(cfg, args.tenant) if args.tenant else None
     try:
         publics = {crypto.ed25519_public(seed) for seed in fetching_keys(cfg).seal_seeds()}
