@@ -13,12 +13,13 @@ RUNTIME_DEBS := python3-twisted python3-milter python3-xapian python3-lmdb \
 	python3-systemd python3-openssl python3-cryptography python3-zstandard \
 	python3-ldap3 python3-argon2 python3-service-identity python3-seccomp \
 	python3-pyotp python3-bleach python3-html5lib python3-prometheus-client python3-jsonschema python3-jinja2 \
-	python3-babel python3-qrcode
+	python3-babel python3-qrcode python3-paramiko xapian-tools
 DEV_DEBS := python3-venv python3-pip python3-setuptools python3-pytest \
 	postfix swaks openssl notmuch python3-notmuch2 poppler-utils cryptsetup-bin e2fsprogs \
 	libsasl2-modules procps iproute2 util-linux \
 	systemd build-essential dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject \
-	lintian slapd ldap-utils chromium chromium-driver python3-selenium zbar-tools
+	lintian slapd ldap-utils chromium chromium-driver python3-selenium zbar-tools \
+	openssh-server openssh-client
 
 .PHONY: all deps run test test-fast bench bench-archive clean distclean deb
 
