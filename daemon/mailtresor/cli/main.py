@@ -26,7 +26,7 @@ from mailtresor.cli.common import EXIT_FAIL, EXIT_USAGE, UserError  # noqa: F401
 # The command modules, in the order their commands appear in --help.  A
 # part that adds commands writes mailtresor/cli/<name>.py with register()
 # and adds its name here.
-COMMAND_MODULES = ["status", "read", "archive", "audit", "user", "gdpr", "retention", "tags", "holds", "maintenance"]
+COMMAND_MODULES = ["status", "read", "archive", "audit", "user", "gdpr", "retention", "tags", "holds", "maintenance", "setup"]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     no_core_dumps()                       # some commands hold tenant keys and mail
     private_umask()                       # reindex/restore/import from a root shell: private files
     args = build_parser().parse_args(argv)
+    if getattr(args, "without_config", False):
+        # `mailtresor setup` writes the configuration: it cannot need one.
+        return run(None, args)
     from mailtresor import config as configmod     # here: --help and usage errors need none of it
     try:
         cfg = configmod.load(configmod.locate(args.config))
