@@ -107,7 +107,7 @@ class Asker:
             try:
                 return check(given)
             except ValueError as e:
-                raise UserError(f"{flag}: {e}", EXIT_USAGE) from None
+                raise UserError(f"{flag.split(' or ')[0]}: {e}", EXIT_USAGE) from None
         if self.yes:
             if default is None:
                 raise UserError(f"{label}: no default; give {flag}", EXIT_USAGE)
@@ -119,6 +119,9 @@ class Asker:
             if not line:
                 raise UserError(f"{label}: no answer (standard input ended); give {flag} or --yes", EXIT_USAGE)
             text = line.strip()
+            if not _isatty(self.stdin):
+                # Answers from a pipe are not echoed by a terminal: keep the transcript readable.
+                self.out.write(text + "\n")
             if not text:
                 if default is None:
                     self.out.write("  an answer is needed\n")
@@ -128,6 +131,13 @@ class Asker:
                 return check(text)
             except ValueError as e:
                 self.out.write(f"  {e}\n")
+
+
+def _isatty(f) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _ask_all(args, ask: Asker) -> A.Answers:
@@ -160,7 +170,7 @@ def _ask_all(args, ask: Asker) -> A.Answers:
         dom = A.default_domain(host)
         while len(tenants) < 100:
             tname = ask("Tenant name (an organisation whose mail is archived)", "--tenant",
-                        None, A.default_name(dom.replace(".", "-")) if not tenants else None, A.tenant_name)
+                        None, A.default_name(dom) if not tenants else None, A.tenant_name)
             doms = ask(f"Mail domains of tenant {tname} (comma-separated)", "--tenant", None,
                        dom if not tenants else None, A.domains)
             tenants.append(A.Tenant(tname, doms))
@@ -331,6 +341,11 @@ def run_setup(cfg, args) -> int:
     ask = Asker(args)
     a = _ask_all(args, ask)
     volumes = {VOLUME_NAME: a.volume_dirs} if a.volume_dirs else {}
+    sock = lay.milter_socket(a.mta)
+    if a.milter and len(os.fsencode(sock)) > 107:
+        # sun_path holds 108 bytes: the milter could not listen there.
+        raise UserError(f"the milter socket {sock} is longer than a unix socket path may be (107 bytes): "
+                        "use a shorter --root, or --no-milter", EXIT_USAGE)
     plan = Plan()
     tls = lay.tls_file
 

@@ -124,7 +124,7 @@ def check_pair(cert_path: Path, key_path: Path, what: str, *, host: str | None =
 def check_ca(path: Path, what: str) -> bytes:
     try:
         pem = Path(path).read_bytes()
-        x509.load_pem_x509_certificates(pem)
+        x509.load_pem_x509_certificate(pem)         # the first one: enough to tell a PEM certificate
     except OSError as e:
         raise ValueError(f"{what} {path}: {e.strerror}") from None
     except ValueError:
