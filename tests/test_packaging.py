@@ -618,11 +618,30 @@ def test_lintian(built_deb):
         print(t)
 
 
+def _port_base() -> int:
+    """A base for the e2e test's three ports (BASE+25, +443, +444), all free
+    now: the overlay shares this machine's network."""
+    import socket
+    for _ in range(50):
+        base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
+        try:
+            for off in (25, 443, 444):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + off))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports for the e2e test")
+
+
 @pytest.mark.slow
 def test_deb_installs_upgrades_and_purges(built_deb):
     """dpkg -i into an overlay of this machine's root (changes vanish with
     the mount namespace), then the autopkgtest smoke test against the
-    installed files, a reinstall (the upgrade path) and a purge."""
+    installed files, a reinstall (the upgrade path) and a purge; then the
+    package installed again and the autopkgtest e2e test (setup --trial,
+    control endpoint and daemon, a message through the relay found through
+    the API), bounded to 120 s."""
     if os.geteuid() != 0:
         pytest.skip("needs root for mount namespaces")
     unshare = tool("unshare")
@@ -639,6 +658,8 @@ def test_deb_installs_upgrades_and_purges(built_deb):
         mount -t tmpfs tmpfs "$R/tmp"
         cp "$1" "$R/tmp/mailtresor.deb"
         cp "$2" "$R/tmp/smoke"
+        cp "$4" "$R/tmp/e2e"
+        echo "$5" > "$R/tmp/e2e-port-base"
         chroot "$R" /bin/sh -eu <<'EOF'
         dpkg -i /tmp/mailtresor.deb >/dev/null
         echo "users: $(getent passwd mailtresor | cut -d: -f1,7) $(getent group mailtresor-milter | cut -d: -f1)"
@@ -649,13 +670,21 @@ def test_deb_installs_upgrades_and_purges(built_deb):
         dpkg --purge mailtresor >/dev/null
         test ! -e /etc/mailtresor && echo "purge: /etc/mailtresor removed"
         test -d /var/spool/mailtresor && echo "purge: spool kept"
+        dpkg -i /tmp/mailtresor.deb >/dev/null
+        if MAILTRESOR_E2E_PORT_BASE=$(cat /tmp/e2e-port-base) AUTOPKGTEST_TMP=$(mktemp -d) \
+                timeout 120 sh /tmp/e2e >/tmp/e2e.out 2>&1; then
+            echo "e2e: ok"
+        else
+            echo "e2e: FAILED"; cat /tmp/e2e.out
+        fi
         EOF
     """)
     accounts = Path("/etc/passwd").read_bytes(), Path("/etc/group").read_bytes()
     scratch = tempfile.mkdtemp(prefix="mt-overlay-", dir="/tmp")
     try:
         r = run([unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh",
-                 str(built_deb), str(DEBIAN / "tests" / "smoke"), scratch], timeout=300)
+                 str(built_deb), str(DEBIAN / "tests" / "smoke"), scratch, str(DEBIAN / "tests" / "e2e"),
+                 str(_port_base())], timeout=420)
     finally:
         os.rmdir(scratch)  # the tmpfs on it went with the namespace
     out = r.stdout
@@ -665,7 +694,7 @@ def test_deb_installs_upgrades_and_purges(built_deb):
     assert "stat: /var/spool/postfix/mailtresor 2750 mailtresor:mailtresor-milter" in out, out
     assert "stat: /etc/mailtresor/tls 750 root:mailtresor" in out, out
     assert "stat: /etc/mailtresor/mailtresor.toml 644 root:root" in out, out
-    for line in ("smoke: ok", "reinstall: ok", "purge: /etc/mailtresor removed", "purge: spool kept"):
+    for line in ("smoke: ok", "reinstall: ok", "purge: /etc/mailtresor removed", "purge: spool kept", "e2e: ok"):
         assert line in out, out
     # Nothing reached the real system.
     assert (Path("/etc/passwd").read_bytes(), Path("/etc/group").read_bytes()) == accounts

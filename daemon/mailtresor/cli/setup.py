@@ -328,7 +328,7 @@ def run_setup(cfg, args) -> int:
         return run_check(target)
     lay = render.Layout.under(root, target, args.spool_dir and Path(args.spool_dir).absolute(),
                               args.state_dir and Path(args.state_dir).absolute())
-    if lay.config.exists() and not args.force and not args.dry_run:
+    if lay.config.exists() and not args.force and not args.dry_run and not _shipped_example(lay.config):
         raise UserError(f"{lay.config} exists: not overwritten (add --force to replace it; the old file is "
                         "kept as a .bak-TIMESTAMP copy)", EXIT_USAGE)
     if args.trial and (args.relay_cert or args.appliance_cert or args.make_certs == "no"):
@@ -409,7 +409,7 @@ def run_setup(cfg, args) -> int:
         raise UserError(f"the configuration made from these answers does not pass the check: {e}") from None
     plan.add(lay.config, text.encode())
     if not args.force and not args.dry_run:
-        clash = [p for p, *_ in plan.files if p.exists()]
+        clash = [p for p, *_ in plan.files if p.exists() and not (p == lay.config and _shipped_example(p))]
         if clash:
             raise UserError(f"{clash[0]} exists: not overwritten (add --force; old files are kept as "
                             ".bak-TIMESTAMP copies)", EXIT_USAGE)
@@ -492,6 +492,26 @@ def _volume_step_trial(lay: render.Layout, a: A.Answers, names: list[str]) -> li
     if not problems:
         print(f"  volumes encrypted: {', '.join(names)}")
     return problems
+
+
+def _shipped_example(path: Path) -> bool:
+    """Is PATH the package's conffile, unchanged?  `apt install` leaves the
+    example in /etc/mailtresor/mailtresor.toml; setup replaces it without
+    --force (keeping a copy), but never a file the admin has edited."""
+    if str(path) != CONFIG_PATH:
+        return False
+    import hashlib
+    import subprocess
+    try:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Conffiles}", "mailtresor"], capture_output=True, text=True,
+                           timeout=30)
+    except OSError:
+        return False
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == CONFIG_PATH:
+            return hashlib.md5(path.read_bytes()).hexdigest() == parts[1]
+    return False
 
 
 def _existing(text: str) -> Path:
