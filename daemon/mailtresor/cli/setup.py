@@ -21,7 +21,6 @@ parts; this module asks and writes.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import grp
 import os
@@ -293,12 +292,6 @@ def _cli(lay: render.Layout) -> str:
     return "mailtresor" if str(lay.config) == CONFIG_PATH else f"mailtresor --config {lay.config}"
 
 
-def _key_names_of(cfg) -> list[str]:
-    vols = [v.name for v in getattr(cfg, "volume", ()) or ()]
-    return (["spool", "seal", "access"] + [f"tenant.{t.name}" for t in cfg.tenant]
-            + [f"volume.{v}" for v in vols])
-
-
 def run_check(target: Path) -> int:
     from mailtresor import config as configmod
     try:
@@ -310,7 +303,8 @@ def run_check(target: Path) -> int:
     except (OSError, ValueError) as e:
         raise UserError(f"[control] cert_file {cfg.control.cert_file}: {getattr(e, 'strerror', None) or e}") from None
     print(f"checking the enrolment of {cfg.appliance.name!r} (certificate name {cn!r}) at {cfg.control.url}")
-    result = control.check_enrolment(cfg, _key_names_of(cfg), cn)
+    result = control.check_enrolment(
+        cfg, render.key_names([t.name for t in cfg.tenant], [v.name for v in getattr(cfg, "volume", ()) or ()]), cn)
     for line in result.lines:
         print(f"  {line}")
     if not result.ok:
@@ -451,7 +445,7 @@ def run_setup(cfg, args) -> int:
         if not lay.master_key.exists():
             control.new_master_secret(lay.master_key, lambda p, d, private: _write(p, d, 0o600, "root", stamp))
         made = control.make_trial_keys(lay.control_state / "keystore.json", lay.control_state / "audit.log",
-                                       lay.master_key, a.name, render.key_names(a, list(volumes)))
+                                       lay.master_key, a.name, render.key_names([t.name for t in a.tenants], list(volumes)))
         ids = _ids("mailtresor-control")
         if ids:
             for p in lay.control_state.iterdir():
@@ -529,7 +523,7 @@ def _show_dry_run(a, lay, plan, text, appliance, relay, own_ca, volumes) -> int:
     if a.trial:
         print(f"  {lay.master_key}  0600 (a new random master secret)")
         print(f"  {lay.control_state}/keystore.json, audit.log (keys: "
-              f"{', '.join(render.key_names(a, list(volumes)))})")
+              f"{', '.join(render.key_names([t.name for t in a.tenants], list(volumes)))})")
     print(f"\n--- {lay.config} ---")
     print(text, end="")
     print("---\n")

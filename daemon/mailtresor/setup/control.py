@@ -121,7 +121,8 @@ def check_enrolment(cfg, names: list[str], appliance_cn: str) -> CheckResult:
 def volumes_supported() -> str | None:
     """None if this installation has `mailtresor volume` and [[volume]]; else why not."""
     from mailtresor import config as configmod
-    if importlib.util.find_spec("mailtresor.cli.volume") is None or "volume" not in configmod.Config.__dataclass_fields__:
+    if (importlib.util.find_spec("mailtresor.cli.volume") is None
+            or "volume" not in configmod.Config.__dataclass_fields__):
         return ("this installation has no encrypted volumes (no `mailtresor volume` command, no [[volume]] "
                 "configuration)")
     return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +102,10 @@ def q(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def key_names(a: Answers, volumes: list[str]) -> list[str]:
-    """Every key the appliance fetches from the control endpoint."""
-    return (["spool", "seal", "access"] + [f"tenant.{t.name}" for t in a.tenants]
-            + [f"volume.{v}" for v in volumes])
+def key_names(tenants: list[str], volumes: list[str]) -> list[str]:
+    """Every key an appliance with these tenants and volumes fetches from
+    the control endpoint: what enrolment creates and --check fetches."""
+    return ["spool", "seal", "access"] + [f"tenant.{t}" for t in tenants] + [f"volume.{v}" for v in volumes]
 
 
 def control_url(a: Answers) -> str:
@@ -237,7 +236,7 @@ def enrolment_text(a: Answers, lay: Layout, appliance_cn: str, fingerprint: str,
     step += 1
     out += [f"  {step}. Create its keys (the same identity and credential as the service,",
             "     see mailtresor-control.service):", ""]
-    for k in key_names(a, volumes):
+    for k in key_names([t.name for t in a.tenants], volumes):
         out.append(f"       mailtresor-control --config {cfg} keys create --if-missing {a.name} {k}")
     out += ["", f"  {step + 1}. Restart mailtresor-control (it reads [control_server] at start).", "",
             "Then, here:  mailtresor setup --check   (fetches the keys over mutual TLS)"]
@@ -315,13 +314,11 @@ def next_text(a: Answers, lay: Layout, cli: str) -> str:
     if not a.trial:
         out.append(f"  {cli} setup --check                       # once the control host's admin is done")
     out += [f"  systemctl enable --now {units}",
-            f"  {cli} user add --tenant {t.name} --role auditor auditor    # asks for a password; auditors search all of the tenant's mail",
+            f"  {cli} user add --tenant {t.name} --role auditor auditor    # asks for a password",
+            "      (an auditor searches all of the tenant's mail; add --role admin to manage users too)",
             f"  swaks --server {a.hostname}:{port} {tls} --tls-verify --tls-ca-path {lay.tls_file('ca.pem')} \\",
-            f"        --from setup-test@{t.domains[0]} --to postmaster@{t.domains[0]} --header 'Subject: first archived message'",
+            f"        --from setup-test@{t.domains[0]} --to postmaster@{t.domains[0]} "
+            "--header 'Subject: first archived message'",
             f"  {cli} search --tenant {t.name} 'subject:first'",
             f"  the web UI: https://{a.api_listen}/ (log in as auditor, organisation {t.name})"]
     return "\n".join(out)
-
-
-def display(path: Path) -> str:
-    return os.fspath(path)
