@@ -381,6 +381,7 @@ def run_setup(cfg, args) -> int:
     if a.trial:
         plan.add(tls("control-ca.pem"), ca_cert)
         ctl = certs.issue(ca, "mailtresor-control", server_names=("127.0.0.1", "localhost"))
+        plan.add(lay.control_dir / "clients-ca.pem", ca_cert)
         plan.add(lay.control_dir / "control.pem", ctl.cert_pem)
         plan.add(lay.control_dir / "control.key", ctl.key_pem, private=True, owner="mailtresor-control")
         plan.add(lay.control_config, render.control_text(a, lay, appliance_cn).encode())
@@ -412,7 +413,14 @@ def run_setup(cfg, args) -> int:
         return _show_dry_run(a, lay, plan, text, appliance, relay, own_ca, volumes)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+    # Directories first, with the modes the services need to traverse them
+    # (the command runs under umask 077: parents made on the way would be
+    # root's only).
+    _mkdir(lay.config.parent, 0o755)
     _mkdir(lay.tls, 0o750, "root", "mailtresor")
+    if a.trial:
+        _mkdir(lay.control_dir, 0o750, "root", "mailtresor-control")
+        _mkdir(lay.dropin.parent, 0o755)
     backups = []
     for path, data, mode, owner in plan.files:
         b = _write(path, data, mode, owner, stamp)
