@@ -121,6 +121,20 @@ def test_hash_is_argon2id_and_file_encrypted(db, tmp_path):
         UserDB(db.path, KEY).list("acme")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as root into another user's directory")
+def test_root_writes_the_file_for_the_directory_owner(tmp_path):
+    """`mailtresor user add` runs as root; the daemon reads users.db as
+    mailtresor: the file (and its lock) belong to the directory's owner."""
+    access = tmp_path / "access"
+    access.mkdir(mode=0o700)
+    os.chown(access, 65534, 65534)
+    db = UserDB(access / "users.db", KEY)
+    db.add("acme", "alice", PW, {"user"}, ["alice@acme.example"])
+    for name in ("users.db", "users.db.lock"):
+        st = os.stat(access / name)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600), name
+
+
 def test_tenants_are_separate(authn, db):
     db.add("acme", "bob", PW, {"user"})
     with pytest.raises(LoginFailed):
