@@ -236,3 +236,8 @@ def test_the_variables_are_unset_even_when_ignored():
     env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x", "OTHER": "y"}
     a = activation.from_environment(env)
     assert env == {"OTHER": "y"} and a.names == {} and "meant for process 1" in a.note
+
+
+def test_ipv4_clients_on_a_dual_stack_socket_match_ipv4_networks():
+    from mailtresor.ingest.relay import _ip
+    assert str(_ip("::ffff:192.0.2.7")) == "192.0.2.7" and str(_ip("2001:db8::1")) == "2001:db8::1"
