@@ -241,3 +241,36 @@ def test_the_variables_are_unset_even_when_ignored():
 def test_ipv4_clients_on_a_dual_stack_socket_match_ipv4_networks():
     from mailtresor.ingest.relay import _ip
     assert str(_ip("::ffff:192.0.2.7")) == "192.0.2.7" and str(_ip("2001:db8::1")) == "2001:db8::1"
+
+
+def test_a_child_started_plainly_sees_no_variables(tmp_path):
+    """from_environment() under the real protocol: the socket is found by
+    name, and a child started with the default environment (C environ and
+    os.environ alike) sees none of the variables.  The daemon's own children
+    get a filtered (relay worker) or minimal (parse worker) environment
+    anyway; this is what keeps anything else it starts clean."""
+    port = free_port()
+    script = ("import os, subprocess, sys; from mailtresor import activation; "
+              "a = activation.from_environment(); "
+              "fd, fam = a.take('systemd:name=probe', activation.INET, 'probe'); "
+              "print('fd', fd, flush=True); "
+              "subprocess.run(['/usr/bin/env'], check=True); "
+              "print('py', sorted(k for k in os.environ if k.startswith('LISTEN_')), flush=True)")
+    proc = subprocess.Popen(["/usr/bin/systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=probe",
+                             sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    text = out.decode()
+    assert "fd 3" in text and "py []" in text, text
+    assert "LISTEN_" not in text, text
