@@ -22,7 +22,7 @@ import pytest
 from mailtresor import config as configmod
 
 MAN = Path(__file__).resolve().parent.parent / "docs" / "man"
-PAGES = ("mailtresor.1", "mailtresor.toml.5", "mailtresord.8")
+PAGES = ("mailtresor.1", "mailtresor.toml.5", "mailtresord.8", "mailtresor-control.8")
 DEBIAN = Path(__file__).resolve().parent.parent / "debian"
 
 
@@ -139,16 +139,15 @@ def subsection_of_sh(page: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
-# --- mailtresord(8): every option of its parser ---------------------------------------------
+# --- mailtresord(8), mailtresor-control(8): every option of their parsers ---------------------
 
-def test_every_option_of_mailtresord_is_in_mailtresord_8():
-    from mailtresor import service
+def parser_of(main) -> argparse.ArgumentParser:
+    """The parser a main() builds inside itself, taken where it parses."""
     captured = {}
 
     class Stop(Exception):
         pass
 
-    # The parser is built inside main(): take it where it parses.
     original = argparse.ArgumentParser.parse_args
 
     def grab(self, args=None, namespace=None):
@@ -157,10 +156,31 @@ def test_every_option_of_mailtresord_is_in_mailtresord_8():
     argparse.ArgumentParser.parse_args = grab
     try:
         with pytest.raises(Stop):
-            service.main([])
+            main([])
     finally:
         argparse.ArgumentParser.parse_args = original
-    opts = options(captured["parser"])
+    return captured["parser"]
+
+
+def test_every_command_and_option_of_mailtresor_control_is_in_its_page():
+    from mailtresor.control import server
+    parser = parser_of(server.main)
+    sections = subsections("mailtresor-control.8")
+    missing = []
+    for path, sub in commands(parser, "mailtresor-control"):
+        heading = next((h for h in sections if h == path or h.startswith(path + " ")), None)
+        if heading is None:
+            missing.append(f"{path}: no .SS")
+            continue
+        missing += [f"{path}: option {o} has no .TP" for o in sorted(options(sub) - tags(sections[heading]))]
+    missing += [f"global option {o}" for o in options(parser) - tags(subsection_of_sh("mailtresor-control.8",
+                                                                                     "OPTIONS"))]
+    assert not missing, "mailtresor-control(8) lacks:\n" + "\n".join(missing)
+
+
+def test_every_option_of_mailtresord_is_in_mailtresord_8():
+    from mailtresor import service
+    opts = options(parser_of(service.main))
     assert {"--config", "--check-config"} <= opts
     documented = tags(subsection_of_sh("mailtresord.8", "OPTIONS"))
     assert not opts - documented, f"mailtresord(8) OPTIONS lacks {sorted(opts - documented)}"
