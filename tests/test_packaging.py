@@ -596,6 +596,8 @@ def test_deb_contents(built_deb):
         assert f"/usr/lib/python3/dist-packages/mailtresor/web/{asset.relative_to(web).as_posix()}" in files, asset
     for unit in UNITS + SOCKETS:
         assert {f"/lib/systemd/system/{unit}", f"/usr/lib/systemd/system/{unit}"} & files, unit
+    for page in (REPO / "docs/man").iterdir():       # debian/mailtresor.manpages
+        assert f"/usr/share/man/man{page.suffix[1]}/{page.name}.gz" in files, page
     # No virtualenv, no /usr/local, no setup.py install layout, no tests.
     for f in files:
         assert not f.startswith("/usr/local") and "site-packages" not in f and "pyvenv.cfg" not in f, f
