@@ -314,7 +314,7 @@ class Daemon:
             if private is not None:
                 from mailtresor.activation import forward_factory
                 self._adopt(self.sockets["milter"], forward_factory(self.reactor, str(private))).addCallbacks(
-                    self.milter_ports.append, lambda f: log.error("milter: %s", f.getErrorMessage()))
+                    self.milter_ports.append, self._milter_cannot_listen)
         if self.api is not None:
             # Not fatal: mail is still taken and archived without the API.
             self.api.start().addErrback(lambda f: log.error("api: cannot listen on %s: %s", cfg.api.listen,
@@ -502,6 +502,13 @@ class Daemon:
                 self._expiry = task.LoopingCall(self.archiver.expire_keys, self.cfg.control.key_cache_seconds)
                 self._expiry.clock = self.reactor
                 self._expiry.start(60, now=False)
+
+    def _milter_cannot_listen(self, f):
+        # As for a relay listener: a daemon without its milter socket
+        # would leave the MTA tempfailing with nothing said here.
+        log.error("cannot listen: milter %s: %s", self.cfg.milter.listen, f.getErrorMessage())
+        self.exit_code = 1
+        self.reactor.stop()
 
     def _milter_exited(self, error):
         if self.state not in ("stopping", "stopped"):
