@@ -312,3 +312,11 @@ def test_the_unit_can_drop_its_capability(tmp_path):
     r = subprocess.run([analyze, "verify", "--man=no", "mailtresor.service"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+
+def test_malformed_variables_are_an_error_not_a_crash(monkeypatch):
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "x")
+    with pytest.raises(activation.ActivationError, match="LISTEN_FDS='x'"):
+        activation.from_environment()
+    assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ

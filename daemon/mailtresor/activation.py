@@ -164,7 +164,11 @@ def from_environment(environ=None) -> Activated:
         except ImportError:
             by_fd = _parse(seen)
         else:
-            by_fd = listen_fds_with_names(unset_environment=True)
+            try:
+                by_fd = listen_fds_with_names(unset_environment=True)
+            except OSError as e:        # libsystemd's -EINVAL etc. for malformed variables
+                raise ActivationError(f"LISTEN_FDS={seen['LISTEN_FDS']!r}, LISTEN_FDNAMES="
+                                      f"{seen['LISTEN_FDNAMES']!r}: {e.strerror or e}") from None
         names: dict[str, list[int]] = {}
         for fd, name in sorted(by_fd.items()):
             names.setdefault(name, []).append(fd)

@@ -630,7 +630,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mailtresor import activation
     # Read and unset at once: no child (relay or parse worker) sees them.
-    activated = activation.from_environment()
+    try:
+        activated = activation.from_environment()
+    except activation.ActivationError as e:      # malformed variables: said if a setting needs them
+        activated = activation.Activated(note=f"the variables systemd set are unusable: {e}")
     from mailtresor import no_core_dumps, private_umask
     no_core_dumps()
     private_umask()                       # the spool, store, index and backup: the daemon's user's only
