@@ -135,6 +135,8 @@ def test_relay_api_and_milter_on_activated_sockets(workdir):
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
             assert not [v for v in env if v.startswith(b"LISTEN_")], (pid, env)
         assert any(b"--worker" in open(f"/proc/{p}/cmdline", "rb").read() for p in children)
+        # The relay worker accepts on systemd's socket as on one the daemon bound.
+        assert "relay worker 1 accepting on systemd:name=smtp (starttls TLS)" in st.log()
         assert st.stop_daemon() == 0
     finally:
         if pf is not None:
