@@ -37,6 +37,8 @@ DEBIAN = REPO / "debian"
 EXAMPLE_CONFIG = CONF / "mailtresor.toml"
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 UNITS = ("mailtresor.service", "mailtresor-control.service")
+# Socket activation (docs/SYSTEMD.md): installed, never enabled on install.
+SOCKETS = ("mailtresor-relay.socket", "mailtresor-api.socket", "mailtresor-milter.socket")
 
 # systemd-analyze security's scale runs from 0 (locked down) to 10 (no
 # sandbox); 2.0 is well inside its "OK" band.  mailtresord is an Internet-
@@ -215,12 +217,14 @@ def stub_units(tmp_path) -> Path:
         stubbed, n = re.subn(r"^(ExecStart=)/usr/bin/", rf"\g<1>{bindir}/", text, flags=re.M)
         assert n == 1, f"{unit}: expected one ExecStart=/usr/bin/..., found {n}"
         (tmp_path / unit).write_text(stubbed)
+    for unit in SOCKETS:
+        (tmp_path / unit).write_text((PACKAGING / unit).read_text())
     return tmp_path
 
 
 def test_units_pass_systemd_analyze_verify(stub_units):
     analyze = tool("systemd-analyze")
-    r = run([analyze, "verify", "--man=no", *UNITS], cwd=stub_units)
+    r = run([analyze, "verify", "--man=no", *UNITS, *SOCKETS], cwd=stub_units)
     # verify exits 0 on unknown or misspelt settings and only warns
     # ("Unknown key name ..."), so any output at all is a failure.
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
@@ -255,7 +259,9 @@ def test_daemon_unit_matches_the_daemon_and_its_configuration(tmp_path, daemon_u
     bad = tmp_path / "bad.toml"
     bad.write_text(EXAMPLE_CONFIG.read_text().replace("[spool]\n", "[spool]\nno_such_key = 1\n"))
     from mailtresor import service
-    assert service.main(["--config", str(bad)]) == int(one(u, "Service.RestartPreventExitStatus"))
+    assert str(service.main(["--config", str(bad)])) in one(u, "Service.RestartPreventExitStatus").split()
+    # ... nor when a systemd:name= socket is missing (its .socket unit not enabled).
+    assert str(service.EXIT_ACTIVATION) in one(u, "Service.RestartPreventExitStatus").split()
     assert seconds(one(u, "Service.WatchdogSec")) == 30
     # SIGTERM: transactions get shutdown_timeout, then the spool's last commit.
     stop = seconds(one(u, "Service.TimeoutStopSec"))
@@ -303,17 +309,42 @@ def test_control_unit_matches_the_control_service(control_unit):
     assert one(u, "Unit.ConditionPathExists") == config_path
 
 
+def test_socket_units(cfg):
+    """Each .socket unit passes one named listening socket to the daemon
+    (systemd:name=NAME finds it by name), the milter's where the shipped
+    configuration and Postfix's chroot put it, for the same group only."""
+    names = {}
+    for sock in SOCKETS:
+        u = read_unit(PACKAGING / sock)
+        assert one(u, "Socket.Service") == "mailtresor.service"
+        assert one(u, "Socket.Accept") == "no"
+        assert len(u["Socket.ListenStream"]) == 1, sock
+        names[sock] = one(u, "Socket.FileDescriptorName")
+        assert one(u, "Install.WantedBy") == "sockets.target"
+    assert names == {"mailtresor-relay.socket": "relay", "mailtresor-api.socket": "api",
+                     "mailtresor-milter.socket": "milter"}
+    m = read_unit(PACKAGING / "mailtresor-milter.socket")
+    assert Path(one(m, "Socket.ListenStream")) == milter_socket_path(cfg)
+    assert one(m, "Socket.SocketMode") == "0660" and one(m, "Socket.SocketUser") == "mailtresor"
+    assert ("g", one(m, "Socket.SocketGroup")) in sysusers_entries(PACKAGING / "mailtresor.sysusers")
+    assert one(read_unit(PACKAGING / "mailtresor-api.socket"), "Socket.ListenStream") == "127.0.0.1:8443"
+    assert cfg.api.listen == "ssl:8443:interface=127.0.0.1"
+
+
 def test_units_are_installed_by_debhelper_from_packaging():
     # One copy of each file: debian/ links to packaging/.
     for link, target in {"mailtresor.service": "mailtresor.service",
                          "mailtresor.mailtresor-control.service": "mailtresor-control.service",
                          "mailtresor.sysusers": "mailtresor.sysusers",
-                         "mailtresor.tmpfiles": "mailtresor.tmpfiles"}.items():
+                         "mailtresor.tmpfiles": "mailtresor.tmpfiles",
+                         **{f"mailtresor.{s}": s for s in SOCKETS}}.items():
         path = DEBIAN / link
         assert path.is_symlink() and path.resolve() == (PACKAGING / target).resolve(), link
     rules = (DEBIAN / "rules").read_text()
     assert "dh $@ --with python3 --buildsystem=pybuild" in rules
     assert "--name=mailtresor-control" in rules
+    for sock in SOCKETS:
+        assert f"dh_installsystemd --no-enable --name={sock.removesuffix('.socket')}\n" in rules, sock
     assert "dh-sequence-installsysusers" in (DEBIAN / "control").read_text()
 
 
@@ -563,8 +594,10 @@ def test_deb_contents(built_deb):
     web = REPO / "daemon/mailtresor/web"
     for asset in [*web.glob("templates/*"), *web.glob("static/*"), *web.glob("locale/*/*.po")]:
         assert f"/usr/lib/python3/dist-packages/mailtresor/web/{asset.relative_to(web).as_posix()}" in files, asset
-    for unit in UNITS:
+    for unit in UNITS + SOCKETS:
         assert {f"/lib/systemd/system/{unit}", f"/usr/lib/systemd/system/{unit}"} & files, unit
+    for page in (REPO / "docs/man").iterdir():       # debian/mailtresor.manpages
+        assert f"/usr/share/man/man{page.suffix[1]}/{page.name}.gz" in files, page
     # No virtualenv, no /usr/local, no setup.py install layout, no tests.
     for f in files:
         assert not f.startswith("/usr/local") and "site-packages" not in f and "pyvenv.cfg" not in f, f
@@ -572,7 +605,7 @@ def test_deb_contents(built_deb):
     # The units shipped are packaging/'s, byte for byte.
     x = built_deb.parent / "x"
     assert run(["dpkg-deb", "-x", str(built_deb), str(x)]).returncode == 0
-    for unit in UNITS:
+    for unit in UNITS + SOCKETS:
         shipped = next(p for p in (x / "lib/systemd/system" / unit, x / "usr/lib/systemd/system" / unit)
                        if p.exists())
         assert shipped.read_bytes() == (PACKAGING / unit).read_bytes()
@@ -603,7 +636,7 @@ def test_deb_contents(built_deb):
     assert postinst.index("systemd-sysusers") < postinst.index("systemd-tmpfiles") \
         < postinst.index("/etc/mailtresor/tls")  # users before the files they own
     # dh_installsystemd --no-enable: a unit is enabled only if it was before.
-    assert postinst.count("if deb-systemd-helper debian-installed") == len(UNITS)
+    assert postinst.count("if deb-systemd-helper debian-installed") == len(UNITS) + len(SOCKETS)
 
 
 @pytest.mark.slow

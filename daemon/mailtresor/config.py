@@ -26,6 +26,8 @@ from typing import Literal
 # Defined in the package, where the CLI's --help finds them without this module.
 from mailtresor import CONFIG_ENV_VAR as ENV_VAR, CONFIG_PATH as DEFAULT_PATH, RUNTIME_DIRECTORY
 
+from . import activation
+
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,55}$")   # "tenant." + this is a key name
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
@@ -316,7 +318,8 @@ class Api:
     also answers it on RUNTIME_DIRECTORY/api.sock for root and its own user."""
 
     enabled: bool = True
-    # A Twisted endpoint string, ssl: only (e.g. ssl:8443:interface=192.0.2.1).
+    # A Twisted endpoint string, ssl: only (e.g. ssl:8443:interface=192.0.2.1),
+    # or systemd:name=NAME (a socket from mailtresor-api.socket; TLS added here).
     listen: str = "ssl:8443:interface=127.0.0.1"
     # Default: the [tls] certificate and key.  With neither, the API is
     # answered on the unix socket only (the `mailtresor` command's way in).
@@ -669,9 +672,17 @@ def _check(cfg: Config, source: Path) -> None:
     for i, lst in enumerate(cfg.relay.listener):
         if ":" not in lst.endpoint:
             fail(f"relay.listener[{i}].endpoint", f"{lst.endpoint!r} is not a Twisted endpoint (e.g. tcp:25:interface=192.0.2.1)")
+        if activation.is_activated(lst.endpoint):
+            try:
+                activation.endpoint_name(lst.endpoint)
+            except ValueError as e:
+                fail(f"relay.listener[{i}].endpoint", str(e))
     if cfg.milter is not None and cfg.milter.enabled:
         try:
-            milter_socket(cfg.milter.listen)
+            if activation.is_activated(cfg.milter.listen):
+                activation.endpoint_name(cfg.milter.listen)
+            else:
+                milter_socket(cfg.milter.listen)
         except ValueError as e:
             fail("milter.listen", str(e))
     if cfg.archive is not None:
@@ -749,7 +760,10 @@ def _check_api(cfg: "Config", fail) -> None:
     if not a.enabled:
         return
     try:
-        api_listen(a.listen)
+        if activation.is_activated(a.listen):
+            activation.endpoint_name(a.listen)      # TLS is added by the daemon, as for ssl:
+        else:
+            api_listen(a.listen)
     except ValueError as e:
         fail("api.listen", str(e))
     if (a.cert_file is None) != (a.key_file is None):

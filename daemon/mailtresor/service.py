@@ -25,6 +25,11 @@ from mailtresor.system import notify, setup_logging
 
 log = logging.getLogger("mailtresor")
 
+# A systemd:name= endpoint without its socket (sd_listen_fds(3)): LSB's 6,
+# "not configured", which systemctl status shows as NOTCONFIGURED; 1 is any
+# other failure to start, 2 a configuration that does not load.
+EXIT_ACTIVATION = 6
+
 
 class _WorkerProcess:
     """A relay worker as the main process sees it (a Twisted ProcessProtocol)."""
@@ -78,13 +83,16 @@ class Daemon:
     stdin closes because the main process is gone.
     """
 
-    def __init__(self, cfg: configmod.Config, reactor, *, worker: int = 0, listen_fds: list[int] = ()):
+    def __init__(self, cfg: configmod.Config, reactor, *, worker: int = 0, listen_fds: list[int] = (),
+                 sockets: dict | None = None):
         from mailtresor.keys.ring import KeyFetcher
 
         self.cfg = cfg
         self.reactor = reactor
         self.worker = worker
         self.listen_fds = list(listen_fds)
+        # Sockets systemd passed, by setting (mailtresor.activation.resolve).
+        self.sockets = dict(sockets or {})
         self.ring = assemble.build_ring()
         self.spool = assemble.build_spool(cfg, self.ring)
         self.processes = cfg.relay.processes or (os.cpu_count() or 1) + 1
@@ -127,6 +135,7 @@ class Daemon:
         self.ports = []
         self.workers: list[_WorkerProcess] = []
         self.milter = None
+        self.milter_ports = []          # an activated milter socket, forwarded to libmilter's
         self.state = "starting"
         self.status = "starting"
         self.listening = False
@@ -283,14 +292,29 @@ class Daemon:
         self.set_status("starting: waiting for the spool key")
         cfg = self.cfg
         listens = []
-        for lst, factory in self._relay_factories():
+        for i, (lst, factory) in enumerate(self._relay_factories()):
+            if ("relay", i) in self.sockets:
+                listens.append(self._adopt(self.sockets[("relay", i)], factory).addCallback(self._listening, lst))
+                continue
             ep = endpoints.serverFromString(self.reactor, lst.endpoint)
             listens.append(_listen_retrying(self.reactor, ep, factory).addCallback(self._listening, lst))
         if cfg.milter is not None and cfg.milter.enabled:
             from mailtresor_milter import MilterServer
+            private = None
+            if "milter" in self.sockets:
+                # libmilter opens its socket itself and cannot take one
+                # (docs/SYSTEMD.md): it listens on a private socket of the
+                # daemon's own, and the activated one is forwarded to it.
+                private = cfg.appliance.runtime_directory / "milter.private.sock"
             self.milter = MilterServer(self.spool, cfg.milter, hostname=cfg.appliance.hostname,
-                                       on_exit=self._milter_exited)
+                                       on_exit=self._milter_exited,
+                                       socket=f"unix:{private}" if private else None,
+                                       socket_mode=0o600 if private else None)
             self.milter.start()
+            if private is not None:
+                from mailtresor.activation import forward_factory
+                self._adopt(self.sockets["milter"], forward_factory(self.reactor, str(private))).addCallbacks(
+                    self.milter_ports.append, self._milter_cannot_listen)
         if self.api is not None:
             # Not fatal: mail is still taken and archived without the API.
             self.api.start().addErrback(lambda f: log.error("api: cannot listen on %s: %s", cfg.api.listen,
@@ -329,6 +353,23 @@ class Daemon:
             self._trail_sealer = task.LoopingCall(self._seal_trail)
             self._trail_sealer.clock = self.reactor
             self._trail_sealer.start(self.cfg.archive.seal_interval if self.cfg.archive else 300.0, now=False)
+
+    def _adopt(self, sock, factory):
+        """Listen on a socket systemd passed: a Deferred of the port, as an
+        endpoint's listen() gives (the port holds a duplicate; systemd keeps
+        its own, for the next start)."""
+        from twisted.internet import defer
+        fd, family = sock
+        try:
+            # Twisted needs it non-blocking (systemd passes it blocking): a
+            # blocking accept() would hang the reactor once the backlog is empty.
+            os.set_blocking(fd, False)
+            port = self.reactor.adoptStreamPort(fd, family, factory)
+        except Exception as e:  # noqa: BLE001 - said as "cannot listen"
+            return defer.fail(e)
+        finally:
+            os.close(fd)
+        return defer.succeed(port)
 
     def _start_worker(self):
         import socket as socketmod
@@ -385,7 +426,8 @@ class Daemon:
         for i, fd in enumerate(fds):
             child_fds[3 + i] = fd
         env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                            "LISTEN_FDNAMES")}
         args = [_sys.executable, "-m", "mailtresor.service", "--config", str(self.cfg.source),
                 "--worker", str(w.index), "--listen-fds", ",".join(str(3 + i) for i in range(len(fds)))]
         self.reactor.spawnProcess(w.protocol, _sys.executable, args, env=env, childFDs=child_fds)
@@ -461,6 +503,13 @@ class Daemon:
                 self._expiry.clock = self.reactor
                 self._expiry.start(60, now=False)
 
+    def _milter_cannot_listen(self, f):
+        # As for a relay listener: a daemon without its milter socket
+        # would leave the MTA tempfailing with nothing said here.
+        log.error("cannot listen: milter %s: %s", self.cfg.milter.listen, f.getErrorMessage())
+        self.exit_code = 1
+        self.reactor.stop()
+
     def _milter_exited(self, error):
         if self.state not in ("stopping", "stopped"):
             log.error("the milter stopped on its own (%s); shutting down", error or "no error")
@@ -484,7 +533,7 @@ class Daemon:
         waits = []
         if self.api is not None:
             waits.append(self.api.stop())       # no new requests; those under way finish
-        for port in self.ports:
+        for port in self.ports + self.milter_ports:
             port.stopListening()
         if self.milter is not None:
             self.milter.begin_shutdown()
@@ -579,10 +628,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{cfg.source}: configuration OK")
         return 0
+    from mailtresor import activation
+    # Read and unset at once: no child (relay or parse worker) sees them.
+    try:
+        activated = activation.from_environment()
+    except activation.ActivationError as e:      # malformed variables: said if a setting needs them
+        activated = activation.Activated(note=f"the variables systemd set are unusable: {e}")
     from mailtresor import no_core_dumps, private_umask
     no_core_dumps()
     private_umask()                       # the spool, store, index and backup: the daemon's user's only
     setup_logging(cfg.service.log_level)
+    try:
+        sockets = activation.resolve(cfg, activated) if not args.worker else {}
+    except activation.ActivationError as e:
+        log.error("cannot start: %s", e)
+        return EXIT_ACTIVATION
+    for name in activated.unused():
+        log.warning("systemd passed a socket named %r that no setting uses (systemd:name=%s); ignored",
+                    name, name)
     # The one place that takes the global reactor; everything else is given it.
     from twisted.internet import reactor
 
@@ -590,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         daemon = Daemon(cfg, reactor, worker=args.worker,
-                        listen_fds=[int(x) for x in args.listen_fds.split(",") if x])
+                        listen_fds=[int(x) for x in args.listen_fds.split(",") if x], sockets=sockets)
     except (OSError, IdentityUnusable) as e:
         log.error("cannot start: %s", e)
         return 1

@@ -229,12 +229,17 @@ class MilterServer:
     """Runs libmilter in a thread of its own."""
 
     def __init__(self, spool, settings: configmod.Milter, *, hostname: str = "",
-                 name: str = "mailtresor", on_exit=None):
+                 name: str = "mailtresor", on_exit=None, socket: str | None = None,
+                 socket_mode: int | None = None):
+        """`socket` (libmilter's syntax) and `socket_mode` override
+        settings.listen and settings.socket_mode: with socket activation
+        libmilter listens on a private socket the daemon forwards to."""
         self.spool = spool
         self.settings = settings
         self.name = name
         self.hostname = hostname
-        self.socket = configmod.milter_socket(settings.listen)
+        self.socket = socket or configmod.milter_socket(settings.listen)
+        self.socket_mode = settings.socket_mode if socket_mode is None else socket_mode
         self.on_exit = on_exit or (lambda error: None)
         # Give up on a commit a little before the MTA gives up on us.
         self.commit_timeout = max(5, settings.timeout - 5)
@@ -289,7 +294,7 @@ class MilterServer:
                                 negotiate=Milter.negotiate_callback)
             _libmilter.opensocket(True)
             if self.socket.startswith("unix:"):
-                os.chmod(self.socket[5:], self.settings.socket_mode)
+                os.chmod(self.socket[5:], self.socket_mode)
             log.info("milter listening on %s (on_failure=%s)", self.socket, self.settings.on_failure)
             _libmilter.main()
         except Exception as e:  # noqa: BLE001 - reported to the daemon

@@ -133,6 +133,32 @@ class Stack:
             devstack.wait_port("127.0.0.1", self.smtp_port, proc=self.daemon)
         return self.daemon
 
+    def start_activated(self, sockets: list[tuple[str, str]], *, wrapper: list[str] = ()) -> subprocess.Popen:
+        """mailtresord under systemd's own systemd-socket-activate: the real
+        LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES protocol.  `sockets` are
+        (address, FileDescriptorName) pairs; the tool binds them all, then
+        (as a .socket unit with Accept=no) starts the daemon on the first
+        connection to any of them, in its own process (`wrapper`, e.g. a
+        shell that changes the environment, is exec'd first).  Returns once
+        the sockets are bound; the daemon is not waited for."""
+        import time
+        f = open(self.log_path, "ab")
+        self._logs.append(f)
+        start = self.log_path.stat().st_size
+        cmd = ["/usr/bin/systemd-socket-activate"]
+        for address, _ in sockets:
+            cmd += ["-l", address]
+        cmd += ["--fdname=" + ":".join(name for _, name in sockets), "-E", f"NOTIFY_SOCKET={self.notify.path}",
+                *wrapper, str(devstack.VENV_BIN / "mailtresord"), "--config", str(self.config_path)]
+        self.daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        deadline = time.monotonic() + 10
+        while self.log_path.read_bytes()[start:].count(b"Listening on ") < len(sockets):
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"systemd-socket-activate did not bind: {self.log()[start:]}")
+            time.sleep(0.02)
+        return self.daemon
+
     def stop_daemon(self, timeout: float = 30.0) -> int | None:
         rc = devstack.stop(self.daemon, timeout)
         self.daemon = None

@@ -1011,6 +1011,14 @@ class ApiServer:
         if cert is None:
             log.warning("api: no certificate (api.cert_file or [tls]): HTTPS is off, only %s answers", self.path)
             d1 = defer.succeed(None)
+        elif "api" in getattr(self.daemon, "sockets", {}):
+            # A socket from mailtresor-api.socket: TLS added here, as for ssl:.
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+            factory = TLSMemoryBIOFactory(_tls_context(cert, key), False,
+                                          self.api.factory(max_connections=a.max_connections,
+                                                           max_per_client=a.max_connections_per_client, **kw))
+            d1 = self.daemon._adopt(self.daemon.sockets["api"], factory)
+            d1.addCallback(listening, f"{a.listen} (HTTPS)")
         else:
             port, interface = configmod.api_listen(a.listen)
             tcp = endpoints.SSL4ServerEndpoint(self.reactor, port, _tls_context(cert, key), interface=interface)

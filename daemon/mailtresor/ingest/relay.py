@@ -231,9 +231,12 @@ class Gate:
 
 def _ip(address: str):
     try:
-        return ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return None
+    # On a dual-stack socket (a .socket unit's ListenStream=25) an IPv4
+    # client is ::ffff:a.b.c.d: the connector networks are written in IPv4.
+    return (ip.ipv4_mapped or ip) if ip.version == 6 else ip
 
 
 # --- DATA -------------------------------------------------------------------------------------
