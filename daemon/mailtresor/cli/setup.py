@@ -61,7 +61,8 @@ def register(subparsers) -> None:
     q.add_argument("--trial", action="store_true",
                    help="a control endpoint on this machine (for a trial only: a stolen disk carries the keys)")
     q.add_argument("--control-url", metavar="URL", help="the control endpoint, https://HOST:PORT")
-    q.add_argument("--control-ca", metavar="FILE", help="CA certificate that signed the control endpoint's")
+    q.add_argument("--control-ca", metavar="FILE",
+                   help="the CA certificate that signed the control endpoint's certificate")
     q.add_argument("--control-port", metavar="PORT", help="--trial: the local control endpoint's port (8444)")
     q.add_argument("--name", help="the appliance's name at the control endpoint")
     q.add_argument("--hostname", help="the appliance's fully qualified host name")
@@ -78,10 +79,10 @@ def register(subparsers) -> None:
     q.add_argument("--exchange-cert-name", metavar="CN", help="Exchange Server: its client certificate's CN")
     q.add_argument("--journal-address", metavar="ADDR", help="Exchange: the journal rule's address")
     q.add_argument("--make-certs", choices=("yes", "no"), help="make the certificates (no: give files)")
-    q.add_argument("--relay-cert", metavar="FILE")
-    q.add_argument("--relay-key", metavar="FILE")
+    q.add_argument("--relay-cert", metavar="FILE", help="the relay's certificate (with --make-certs no)")
+    q.add_argument("--relay-key", metavar="FILE", help="the relay certificate's private key")
     q.add_argument("--appliance-cert", metavar="FILE", help="the client certificate for the control endpoint")
-    q.add_argument("--appliance-key", metavar="FILE")
+    q.add_argument("--appliance-key", metavar="FILE", help="the client certificate's private key")
     q.add_argument("--spool-dir", metavar="DIR", help="the spool (default /var/spool/mailtresor)")
     q.add_argument("--state-dir", metavar="DIR", help="store, index, users (default /var/lib/mailtresor)")
     q.add_argument("--volume-dir", nargs="+", metavar="DIR", default=[],
