@@ -271,3 +271,75 @@ def test_target_down_the_daemon_archives_on_reports_the_lag_and_catches_up(world
         cli(world, "backup", "status", check=0)
     finally:
         world.stop_daemon()
+
+
+# --- pure: the URL and the configuration's checks (no target needed) ---------------------------
+
+def test_the_remote_url_is_parsed_strictly():
+    from mailtresor.archive.store.remote import parse_remote
+    u = parse_remote("sftp://mt-t1@backup.example.net:2222/srv/backup/")
+    assert (u.user, u.host, u.port, u.path) == ("mt-t1", "backup.example.net", 2222, "/srv/backup")
+    assert parse_remote("sftp://mt@[2001:db8::1]/b").port == 22
+    assert str(parse_remote("sftp://mt@[2001:db8::1]/b")) == "sftp://mt@[2001:db8::1]:22/b"
+    for bad, why in [("https://mt@h/b", "not an SFTP URL"), ("sftp://h/b", "not an SFTP URL"),
+                     ("sftp://mt:secret@h/b", "no password in the URL"), ("sftp://mt@h:70000/b", "out of range"),
+                     ("sftp://mt@h/", "not its root"), ("sftp://mt@h/a/../b", "no '.' or '..'")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_remote(bad)
+
+
+BASE = """
+[appliance]
+name = "a"
+[control]
+url = "https://127.0.0.1:1"
+ca_file = "ca.pem"
+cert_file = "c.pem"
+key_file = "c.key"
+[spool]
+directory = "spool"
+[archive]
+directory = "store"
+backup_directory = "backup"
+"""
+
+
+@pytest.mark.parametrize("section, message", [
+    ('remote = "sftp://mt@h/b"\nidentity_file = "k"', "backup.known_hosts: required with backup.remote"),
+    ('remote = "sftp://mt@h/b"\nknown_hosts = "kh"', "backup.identity_file: required with backup.remote"),
+    ('remote = "ftp://h/b"\nknown_hosts = "kh"\nidentity_file = "k"', "backup.remote: 'ftp://h/b' is not an SFTP URL"),
+    ('remote = "sftp://mt@h/b"\nknown_hosts = "kh"\nidentity_file = "credential:"', "credential: needs a name"),
+    ('interval = 0.5', "backup.interval: 0.5 seconds: must be between 1 and 86400"),
+    ('io_timeout = 100000', "backup.io_timeout"),
+    ('bogus = 1', "backup.bogus: unknown key"),
+])
+def test_backup_configuration_errors_name_the_key(tmp_path, section, message):
+    from mailtresor import config
+    p = tmp_path / "m.toml"
+    p.write_text(BASE + "[backup]\n" + section + "\n")
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.load(p)
+    p.write_text(BASE.replace('backup_directory = "backup"\n', "")
+                 + '[backup]\nremote = "sftp://mt@h/b"\nknown_hosts = "kh"\nidentity_file = "k"\n')
+    with pytest.raises(config.ConfigError, match="needs \\[archive\\] backup_directory"):
+        config.load(p)
+
+
+def test_a_target_that_never_answers_fails_within_the_timeout(world, tmp_path):
+    """A port that accepts and then says nothing (a hung target, a tarpit):
+    the push gives up after connect_timeout, with a line naming the target."""
+    import socket
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        port = srv.getsockname()[1]
+        try:
+            world.reconfigure(backup_section(world.target, remote=f"sftp://nobody@127.0.0.1:{port}/backup",
+                                             connect_timeout=2.0))
+            t0 = time.monotonic()
+            p = cli(world, "backup", "push", check=1)
+            assert time.monotonic() - t0 < 30
+            err = p.stderr.decode()
+            assert f"127.0.0.1:{port}: no SSH answer within 2 s" in err and "Traceback" not in err, err
+        finally:
+            world.reconfigure(backup_section(world.target))

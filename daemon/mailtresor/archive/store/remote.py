@@ -56,6 +56,9 @@ from mailtresor.archive.store.backup import _FRAME, FRAME_MAGIC, BackupDirectory
 from mailtresor.archive.store.fs import FILE_MODE, fsync_parent, private_dir
 
 log = logging.getLogger("mailtresor.archive.store.remote")
+# paramiko logs its transport thread's failures with tracebacks; every
+# failure is reported here as one line naming the target instead.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 CHUNK = 1 << 20                  # bytes read and written at a time
 STATE_FILE = "backup-remote.json"
@@ -299,6 +302,9 @@ class SftpTarget:
                                   f"{u.user!r} (is its public key in that account's authorized_keys?)") from None
             except paramiko.SSHException as e:
                 text = str(e)
+                if "banner" in text or "No existing session" in text:
+                    raise RemoteError(f"{where}: no SSH answer within {self.connect_timeout:g} s "
+                                      "(not an SSH server, or hung)") from None
                 if "not found in known_hosts" in text:
                     raise RemoteError(f"{where} has no host key pinned in {self.known_hosts}: refusing to "
                                       "connect (add its key, checked out of band: ssh-keyscan, then compare "
@@ -729,11 +735,6 @@ class Scheduler:
         self.remote.stopping.set()
         if self._call is not None and self._call.active():
             self._call.cancel()
-
-    def push_soon(self) -> None:
-        """A push now (e.g. after a compaction rewrote a log), unless one runs."""
-        if not self.running and not self._stopped:
-            self._schedule(0)
 
     def _schedule(self, delay: float) -> None:
         if self._call is not None and self._call.active():
