@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -211,10 +212,13 @@ def test_a_tampered_or_truncated_log_on_the_target_is_reported_on_pull(world, tm
     frames = list(read_frames(rlog))
     last = 17 + len(frames[-1][2]) + 4                 # the last frame's size
     mid = len(good) // 2
+    other = sorted(p for p in (world.target.root / "acme").glob("*.log") if p != rlog)[0]
     cases = {"flipped": good[:mid] + bytes([good[mid] ^ 1]) + good[mid + 1:],
              "torn": good[:-7],
-             "cut at a frame boundary": good[:-last]}
-    expected = {"flipped": "damaged", "torn": "damaged or torn", "cut at a frame boundary": "shorter on the target"}
+             "cut at a frame boundary": good[:-last],
+             "another month's log under this name": other.read_bytes()}
+    expected = {"flipped": "damaged", "torn": "damaged or torn", "cut at a frame boundary": "shorter on the target",
+                "another month's log under this name": "signature does not verify"}
     try:
         for i, (name, data) in enumerate(cases.items()):
             rlog.write_bytes(data)
@@ -274,6 +278,16 @@ def test_target_down_the_daemon_archives_on_reports_the_lag_and_catches_up(world
 
 
 # --- pure: the URL and the configuration's checks (no target needed) ---------------------------
+
+def test_the_identity_file_may_be_a_systemd_credential(monkeypatch, tmp_path):
+    from mailtresor.archive.store.remote import RemoteError, resolve_identity
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert resolve_identity("credential:backup-identity") == tmp_path / "backup-identity"
+    assert resolve_identity("/etc/k") == Path("/etc/k")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(RemoteError, match="CREDENTIALS_DIRECTORY is not set"):
+        resolve_identity("credential:backup-identity")
+
 
 def test_the_remote_url_is_parsed_strictly():
     from mailtresor.archive.store.remote import parse_remote

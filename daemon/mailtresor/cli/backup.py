@@ -17,6 +17,10 @@ import time
 from mailtresor.cli.common import UserError, archive_section, minute, plural
 
 
+IDENTITY_HELP = ("private key to log in with, instead of [backup] identity_file (which, as credential:NAME, "
+                 "exists only inside the daemon's unit)")
+
+
 def register(subparsers) -> None:
     b = subparsers.add_parser(
         "backup", help="the remote copy of the backup directory (SFTP): push, status, pull",
@@ -30,6 +34,7 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                    help="wait this long for a push of the daemon's that is under way (default 120)")
+    s.add_argument("--identity", metavar="FILE", help=IDENTITY_HELP)
     s.set_defaults(func=run_push)
     s = sub.add_parser("status", help="the last push, the lag and the last error (no network)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -41,16 +46,20 @@ def register(subparsers) -> None:
                                    "YYYY-MM.log.damaged, which restore does not read; exit 1 then. "
                                    "Next: mailtresor restore --from DIR, then mailtresor reindex.")
     s.add_argument("dir", metavar="DIR", help="where to put the logs (new or empty)")
+    s.add_argument("--identity", metavar="FILE", help=IDENTITY_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=run_pull)
 
 
-def _remote(cfg):
+def _remote(cfg, args=None):
     from mailtresor.archive.store.remote import from_config
     archive_section(cfg)
     if not cfg.backup.remote:
         raise UserError(f"{cfg.source}: no [backup] remote: this appliance has no remote backup target")
-    return from_config(cfg)
+    rb = from_config(cfg)
+    if getattr(args, "identity", None):
+        rb.target.identity = args.identity
+    return rb
 
 
 def _size(n: int) -> str:
@@ -63,7 +72,7 @@ def _size(n: int) -> str:
 
 def run_push(cfg, args) -> int:
     from mailtresor.archive.store.remote import RemoteError, exclusive
-    rb = _remote(cfg)
+    rb = _remote(cfg, args)
     try:
         with exclusive(rb.state_dir, wait=args.wait):
             out = rb.push()
@@ -131,7 +140,7 @@ def run_pull(cfg, args) -> int:
     from mailtresor.cli.common import fetching_keys
     from mailtresor.keys import crypto
     from mailtresor.keys.ring import KeyUnavailable
-    rb = _remote(cfg)
+    rb = _remote(cfg, args)
     try:
         publics = {crypto.ed25519_public(seed) for seed in fetching_keys(cfg).seal_seeds()}
     except KeyUnavailable as e:
