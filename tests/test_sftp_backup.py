@@ -233,6 +233,31 @@ def test_a_tampered_or_truncated_log_on_the_target_is_reported_on_pull(world, tm
         rlog.write_bytes(good)
 
 
+def test_a_replacement_cut_short_leaves_the_old_log_whole_on_the_target(world, tmp_path, monkeypatch):
+    """The upload of a rewritten log fails half-way: the target still has
+    the old log, byte for byte, and no partial file under its name."""
+    from mailtresor.archive.store import remote
+    before = world.target.files()
+    local = tmp_path / "backup"
+    (local / "acme").mkdir(parents=True)
+    logs = sorted((world.cfg.archive.backup_directory / "acme").glob("*.log"))
+    (local / "acme" / f"{MONTH}.log").write_bytes(b"".join(p.read_bytes() for p in reversed(logs)))
+    rb = remote.RemoteBackup(BackupDirectory(local), remote.from_config(world.cfg).target, tmp_path / "state")
+    real = remote.RemoteBackup._send
+
+    def cut(self, sftp, rf, f, start, end):
+        f.seek(start)
+        rf.write(f.read((end - start) // 2))
+        rf.flush()
+        raise OSError(104, "Connection reset by peer (test)")
+
+    monkeypatch.setattr(remote.RemoteBackup, "_send", cut)
+    with pytest.raises(remote.RemoteError, match="Connection reset"):
+        rb.push()
+    assert world.target.files() == before
+    monkeypatch.setattr(remote.RemoteBackup, "_send", real)
+
+
 def status_remote(stack) -> dict | None:
     try:
         return json.loads((stack.cfg.appliance.runtime_directory / "status.json").read_text()).get("backup_remote")

@@ -562,12 +562,19 @@ class RemoteBackup:
     def _replace(self, sftp, f, tenant: str, month: str, end: int) -> tuple[int, int]:
         tmp, final = self._remote(tenant, month, temp=True), self._remote(tenant, month)
         key = f"{tenant}/{month}"
-        with sftp.open(tmp, "wb") as rf:
-            rf.set_pipelined(True)
-            sent, frames = self._send(sftp, rf, f, 0, end)
-        got = _remote_size(sftp, tmp)
-        if got != end:
-            raise RemoteError(f"{tmp} on the target is {got} bytes after the upload, not {end}")
+        try:
+            with sftp.open(tmp, "wb") as rf:
+                rf.set_pipelined(True)
+                sent, frames = self._send(sftp, rf, f, 0, end)
+            got = _remote_size(sftp, tmp)
+            if got != end:
+                raise RemoteError(f"{tmp} on the target is {got} bytes after the upload, not {end}")
+        except BaseException:
+            # The old log is untouched; the partial upload goes if the
+            # link still allows (else the next replacement overwrites it).
+            with contextlib.suppress(Exception):
+                sftp.remove(tmp)
+            raise
         try:
             sftp.posix_rename(tmp, final)
         except OSError as e:
