@@ -258,6 +258,15 @@ def test_a_replacement_cut_short_leaves_the_old_log_whole_on_the_target(world, t
     monkeypatch.setattr(remote.RemoteBackup, "_send", real)
 
 
+def scrape(stack) -> str:
+    """/metrics over HTTPS from loopback (allowed without a login by default)."""
+    import urllib.request
+    ctx = stack.client_context()
+    ctx.check_hostname = False
+    with urllib.request.urlopen(f"https://127.0.0.1:{stack.api_port}/metrics", context=ctx, timeout=10) as r:
+        return r.read().decode()
+
+
 def status_remote(stack) -> dict | None:
     try:
         return json.loads((stack.cfg.appliance.runtime_directory / "status.json").read_text()).get("backup_remote")
@@ -293,6 +302,9 @@ def test_target_down_the_daemon_archives_on_reports_the_lag_and_catches_up(world
         assert b"Remote:" in p.stdout and b"FAILING" in p.stdout
         p = cli(world, "backup", "status", check=1)
         assert b"last error" in p.stdout and b"frame" in p.stdout
+        metrics = scrape(world)
+        assert "mailtresor_backup_remote_failing 1.0" in metrics
+        assert re.search(r"mailtresor_backup_remote_lag_frames [1-9]", metrics), metrics
         world.target.start()
         wait_for(lambda: (st := status_remote(world)) and not st["last_error"] and st["lag"]["frames"] == 0,
                  "the daemon catching up")
@@ -312,6 +324,18 @@ def test_the_identity_file_may_be_a_systemd_credential(monkeypatch, tmp_path):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(RemoteError, match="CREDENTIALS_DIRECTORY is not set"):
         resolve_identity("credential:backup-identity")
+
+
+def test_pull_writes_only_backup_log_names_whatever_the_target_lists():
+    """A hostile target lists names that would put files outside the pull's
+    directory, or that are not logs: none is taken."""
+    from mailtresor.archive.store.remote import pulled_month
+    assert pulled_month("acme", "2002-08.log") == "2002-08"
+    for tenant, name in [("..", "2002-08.log"), (".", "2002-08.log"), (".hidden", "2002-08.log"),
+                         ("a/../..", "2002-08.log"), ("acme", "../2002-08.log"), ("acme", ".2002-08.log.uploading"),
+                         ("acme", "2002-08.log.damaged"), ("acme", "2002-8.log"), ("acme", "/etc/passwd"),
+                         ("", "2002-08.log"), ("acme\n", "2002-08.log")]:
+        assert pulled_month(tenant, name) is None, (tenant, name)
 
 
 def test_the_remote_url_is_parsed_strictly():

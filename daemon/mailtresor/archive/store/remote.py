@@ -46,7 +46,6 @@ import os
 import re
 import socket
 import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -333,6 +332,18 @@ def _remote_size(sftp, path: str) -> int | None:
         if getattr(e, "errno", None) == errno.ENOENT:
             return None
         raise
+
+
+def pulled_month(tenant: str, name: str) -> str | None:
+    """The month of a file the target lists as `TENANT/NAME`, if it is a
+    backup log that pull may write (`YYYY-MM.log` of a tenant whose name
+    could be configured); None for anything else -- dot files, temporary
+    uploads, and names a hostile target makes up to write outside the
+    pull's directory (`..`, `/`).  Pure."""
+    if not _TENANT.fullmatch(tenant):
+        return None
+    month = name[:-4] if name.endswith(".log") else ""
+    return month if _MONTH.fullmatch(month) else None
 
 
 # --- push and pull -----------------------------------------------------------------------------
@@ -622,15 +633,15 @@ class RemoteBackup:
                 except FileNotFoundError:
                     raise RemoteError(f"{self.target.url}: no such directory on the target") from None
                 for tenant in tenants:
-                    if not _TENANT.fullmatch(tenant) or tenant.startswith("."):
+                    if pulled_month(tenant, "0000-00.log") is None:
                         continue
                     try:
                         names = sorted(sftp.listdir(f"{root}/{tenant}"))
                     except OSError:
                         continue          # a file, not a tenant's directory
                     for name in names:
-                        month = name[:-4] if name.endswith(".log") else ""
-                        if not _MONTH.fullmatch(month):
+                        month = pulled_month(tenant, name)
+                        if month is None:
                             continue
                         key = f"{tenant}/{month}"
                         seen.add(key)
