@@ -106,7 +106,7 @@ def test_push_mirrors_the_logs_byte_for_byte_with_no_key_and_no_plaintext(world)
 
     out = push(world)
     local = local_logs(world)
-    assert out["replaced"] == len(local) >= 2 and out["bytes_sent"] == sum(map(len, local.values()))
+    assert out["created"] == len(local) >= 2 and out["bytes_sent"] == sum(map(len, local.values()))
     assert out["fsync"] is True
     remote = world.target.files()
     assert remote == local                             # byte for byte, nothing else on the target
@@ -204,6 +204,16 @@ def test_a_changed_or_unknown_host_key_is_refused(world, tmp_path):
         assert wrong.read_bytes() == pinned and empty.read_text() == ""       # nothing added, ever
     finally:
         world.reconfigure(backup_section(world.target))
+
+
+def test_one_push_at_a_time(world):
+    """A push while another holds the lock (the daemon's, here this test's)
+    waits, then says so; it does not push beside it."""
+    from mailtresor.archive.store.remote import exclusive
+    with exclusive(world.cfg.appliance.state_directory, wait=5):
+        p = cli(world, "backup", "push", "--wait", "0.5", check=1)
+    assert b"another push or pull is under way" in p.stderr
+    assert push(world)["unchanged"] >= 2
 
 
 def test_a_tampered_or_truncated_log_on_the_target_is_reported_on_pull(world, tmp_path):

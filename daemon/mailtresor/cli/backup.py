@@ -81,7 +81,7 @@ def run_push(cfg, args) -> int:
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
-    parts = [f"{out[k]} {k}" for k in ("appended", "replaced", "unchanged") if out[k]]
+    parts = [f"{out[k]} {k}" for k in ("created", "appended", "replaced", "unchanged") if out[k]]
     if out["repaired"]:
         parts.append(f"{out['repaired']} of them replaced because the target's copy differed")
     fsync = {True: "fsynced on the target", False: "the target does not fsync", None: "nothing written"}[out["fsync"]]

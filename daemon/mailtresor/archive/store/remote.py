@@ -70,6 +70,10 @@ class RemoteError(Exception):
     names the target and the problem (no traceback, no secret)."""
 
 
+class Busy(RemoteError):
+    """Another process pushes or pulls right now (the lock is held)."""
+
+
 # --- the target's address ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -218,7 +222,7 @@ def exclusive(state_dir: Path, wait: float):
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise RemoteError("another push or pull is under way (the daemon's, or a "
+                    raise Busy("another push or pull is under way (the daemon's, or a "
                                       "`mailtresor backup` command's); try again when it is done") from None
                 time.sleep(0.1)
         yield
@@ -361,6 +365,7 @@ class RemoteBackup:
         # Running SHA-256 of what the target holds, per log, so a push after
         # the first one in this process does not read each log again.
         self._hashers: dict[str, tuple[int, int, object]] = {}
+        self._last_reason = ""            # why the last log was uploaded whole
 
     # --- the target's paths ---
 
@@ -392,13 +397,14 @@ class RemoteBackup:
 
     def push(self) -> dict:
         """Make the target hold every local log, whole frames only.  Returns
-        {"logs", "appended", "replaced", "unchanged", "bytes_sent",
-        "frames_sent", "repaired", "fsync", "seconds"}; RemoteError when the
+        {"logs", "created", "appended", "replaced", "unchanged", "bytes_sent",
+        "frames_sent", "repaired", "fsync", "seconds"} ("repaired": replaced
+        because the target's copy differed); RemoteError when the
         target cannot be reached or refuses (what was pushed before that is
         recorded)."""
         t0 = time.monotonic()
-        out = {"logs": 0, "appended": 0, "replaced": 0, "unchanged": 0, "bytes_sent": 0, "frames_sent": 0,
-               "repaired": 0}
+        out = {"logs": 0, "created": 0, "appended": 0, "replaced": 0, "unchanged": 0, "bytes_sent": 0,
+               "frames_sent": 0, "repaired": 0}
         # Read again: a `mailtresor backup push` may have pushed since.
         self.record = rec = PushRecord(self.state_dir / STATE_FILE)
         rec.doc["last_attempt"] = time.time()
@@ -441,8 +447,6 @@ class RemoteBackup:
         rec.save()
         return out
 
-    _last_reason = ""
-
     def _mkdirs(self, sftp, path: str) -> None:
         try:
             if not stat.S_ISDIR(sftp.stat(path).st_mode):
@@ -479,6 +483,8 @@ class RemoteBackup:
                 return "appended", sent, frames
             sent, frames = self._replace(sftp, f, tenant, month, end)
             self.record.logs[key] = self._entry(st, end, key)
+            if self._last_reason == "new on the target":
+                return "created", sent, frames
             log.info("remote backup: %s replaced on the target (%s), %d bytes", key, self._last_reason, sent)
             return "replaced", sent, frames
 
@@ -769,11 +775,17 @@ class Scheduler:
         d.addCallbacks(self._done, self._failed)
 
     def _attempt(self):
-        with exclusive(self.remote.state_dir, wait=0):
-            return self.remote.push()
+        try:
+            with exclusive(self.remote.state_dir, wait=0):
+                return self.remote.push()
+        except Busy:
+            return None                   # a `mailtresor backup` command is at it: not a failure
 
     def _done(self, summary) -> None:
         self.running = False
+        if summary is None:
+            self._schedule(self.retry_initial)
+            return
         if self.failures:
             log.info("remote backup: %s reachable again; pushed %d bytes", self.remote.target.url,
                      summary["bytes_sent"])
