@@ -296,11 +296,25 @@ def wait_for(cond, what: str, timeout: float = 30.0):
 
 def test_target_down_the_daemon_archives_on_reports_the_lag_and_catches_up(world):
     world.reconfigure(backup_section(world.target, interval=1.0, retry_initial=1.0, connect_timeout=2.0))
+    if world.daemon is not None:
+        world.stop_daemon()                            # run alone: the fixture's daemon has no [backup]
     world.start_daemon()
     try:
         wait_for(lambda: (st := status_remote(world)) and st["last_push"] and not st["last_error"]
                  and st["lag"] and st["lag"]["frames"] == 0, "a first push by the daemon")
-        world.target.stop()
+        # Hung first: connections accepted by the kernel, never answered.
+        # The pushes wait on a pool thread, bounded by connect_timeout.
+        world.target.pause()
+        try:
+            with world.smtp() as s:
+                for i in range(2):
+                    s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"While hung {i}"))
+            wait_archived(world)                       # archiving goes on
+            wait_for(lambda: (st := status_remote(world)) and "no SSH answer" in (st["last_error"] or ""),
+                     "the hang reported")
+        finally:
+            world.target.resume()
+        world.target.stop()                            # then down
         with world.smtp() as s:
             for i in range(4):
                 s.sendmail("alice@globex.example", ["bob@acme.example"], msg(f"While down {i}"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -140,7 +141,17 @@ LogLevel VERBOSE
             except OSError:
                 return
 
+    def pause(self) -> None:
+        """SIGSTOP the listener: a hung target (the kernel still accepts
+        connections into the backlog; nothing answers)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
