@@ -313,6 +313,9 @@ class SftpTarget:
                                       "connect (add its key, checked out of band: ssh-keyscan, then compare "
                                       "the fingerprint with the target's)") from None
                 raise RemoteError(f"{where}: SSH failed: {text}") from None
+            except paramiko.ssh_exception.NoValidConnectionsError as e:
+                why = sorted({x.strerror or str(x) for x in e.errors.values()})
+                raise RemoteError(f"{where}: cannot connect: {'; '.join(why)}") from None
             except socket.timeout:
                 raise RemoteError(f"{where}: no answer within {self.connect_timeout:g} s") from None
             except OSError as e:
