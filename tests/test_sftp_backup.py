@@ -202,6 +202,14 @@ def test_a_changed_or_unknown_host_key_is_refused(world, tmp_path):
         assert world.target.files() == before
         assert not (tmp_path / "pulled").exists() or not any((tmp_path / "pulled").rglob("*.log"))
         assert wrong.read_bytes() == pinned and empty.read_text() == ""       # nothing added, ever
+        world.reconfigure(backup_section(world.target))
+        p = cli(world, "backup", "push", "--identity", str(other), check=1)    # a key the target does not know
+        assert f"refused the key of {other} for user 'nobody'" in p.stderr.decode()
+        locked = tmp_path / "locked"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(locked)],
+                       check=True, timeout=30)
+        p = cli(world, "backup", "push", "--identity", str(locked), check=1)
+        assert "is protected by a passphrase" in p.stderr.decode()
     finally:
         world.reconfigure(backup_section(world.target))
 

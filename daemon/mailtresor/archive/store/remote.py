@@ -40,6 +40,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -223,7 +224,7 @@ def exclusive(state_dir: Path, wait: float):
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise Busy("another push or pull is under way (the daemon's, or a "
-                                      "`mailtresor backup` command's); try again when it is done") from None
+                               "`mailtresor backup` command's); try again when it is done") from None
                 time.sleep(0.1)
         yield
     finally:
@@ -261,16 +262,14 @@ class SftpTarget:
             text = path.read_text()
         except OSError as e:
             raise RemoteError(f"identity file {path}: {e.strerror or e}") from None
-        errors = []
         for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
             try:
-                import io
                 return cls.from_private_key(io.StringIO(text))
             except paramiko.PasswordRequiredException:
                 raise RemoteError(f"identity file {path} is protected by a passphrase: the daemon runs "
                                   "unattended; keep a key without one in a systemd credential") from None
-            except (paramiko.SSHException, ValueError) as e:
-                errors.append(str(e))
+            except (paramiko.SSHException, ValueError):
+                continue
         raise RemoteError(f"identity file {path}: not an Ed25519, ECDSA or RSA private key in OpenSSH or PEM form")
 
     @contextlib.contextmanager
