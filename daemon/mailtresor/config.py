@@ -435,6 +435,31 @@ class ControlServer:
     idle_timeout: float = 30.0
 
 
+# --- sftp ---
+@dataclass(frozen=True)
+class Backup:
+    """[backup]: a copy of the backup directory ([archive] backup_directory)
+    on a remote target that holds no keys (archive/store/remote.py,
+    docs/BACKUP.md)."""
+
+    # "sftp://USER@HOST:PORT/PATH"; empty: no remote backup.
+    remote: str = ""
+    # The target's host key, pinned (OpenSSH known_hosts format, "[HOST]:PORT
+    # KEY" for a port other than 22).  A key not in it is refused.
+    known_hosts: Path | None = None
+    # The private key this appliance logs in with: a path, or
+    # "credential:NAME" for a systemd credential (LoadCredential=).
+    identity_file: str = ""
+    # Seconds between pushes (the first one shortly after the daemon starts).
+    interval: float = 300.0
+    # Seconds to connect (TCP, SSH banner, authentication), and to wait for
+    # any answer once connected.
+    connect_timeout: float = 10.0
+    io_timeout: float = 30.0
+    # Seconds before the first retry after a failed push; doubles up to interval.
+    retry_initial: float = 10.0
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole file."""
@@ -453,6 +478,7 @@ class Config:
     api: Api = field(default_factory=Api)
     audit: Audit = field(default_factory=Audit)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    backup: Backup = field(default_factory=Backup)
     source: Path = Path("")
 
 
@@ -710,6 +736,7 @@ def _check(cfg: Config, source: Path) -> None:
         fail("audit.directory", "must be a directory of its own (not the spool)")
     _check_access(cfg, fail)
     _check_api(cfg, fail)
+    _check_sftp(cfg, fail)
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]
@@ -812,3 +839,30 @@ def milter_socket(endpoint: str) -> str:
 
 def tenant_for_domain(cfg: Config) -> dict[str, str]:
     return {d: t.name for t in cfg.tenant for d in t.domains}
+
+
+def _check_sftp(cfg: "Config", fail) -> None:
+    """[backup]: a remote needs a backup directory to mirror, a pinned
+    host key and an identity; times within bounds."""
+    b = cfg.backup
+    for key in ("interval", "connect_timeout", "io_timeout", "retry_initial"):
+        v = getattr(b, key)
+        if not 1 <= v <= 86400:
+            fail(f"backup.{key}", f"{v:g} seconds: must be between 1 and 86400")
+    if not b.remote:
+        return
+    from .archive.store.remote import parse_remote
+    try:
+        parse_remote(b.remote)
+    except ValueError as e:
+        fail("backup.remote", str(e))
+    if cfg.archive is None or cfg.archive.backup_directory is None:
+        fail("backup.remote", "needs [archive] backup_directory: the remote is a copy of that directory")
+    if b.known_hosts is None:
+        fail("backup.known_hosts", "required with backup.remote: the target's host key, pinned "
+                                   "(ssh-keyscan -p PORT HOST, checked out of band)")
+    if not b.identity_file:
+        fail("backup.identity_file", "required with backup.remote: the private key to log in with "
+                                     "(a path or credential:NAME)")
+    if b.identity_file.startswith("credential:") and not b.identity_file[len("credential:"):].strip():
+        fail("backup.identity_file", "credential: needs a name (credential:NAME, from LoadCredential=)")

@@ -101,6 +101,7 @@ class Daemon:
         self.fetcher = None
         self.trail = self.audit_error = None
         self.archiver = None
+        self.remote_backup = None
         if not worker:
             # One client to the control endpoint for the whole process: the
             # spool key's fetcher uses its Deferred face, the archiver's
@@ -127,6 +128,12 @@ class Daemon:
                     self.trail.log.keys = keys
                 # A pause (full disk, missing key) and its end are in status.json at once.
                 self.archiver.on_change = self.write_status
+                if cfg.backup.remote:
+                    # The backup directory mirrored to the SFTP target, on a pool thread.
+                    from mailtresor.archive.store.remote import Scheduler, from_config
+                    self.remote_backup = Scheduler(reactor, from_config(cfg), cfg.backup.interval,
+                                                   cfg.backup.retry_initial, first=min(5.0, cfg.backup.interval),
+                                                   on_change=self.write_status)
         self.api = None
         if not worker and cfg.api.enabled:
             from mailtresor.access.api import ApiServer
@@ -195,7 +202,8 @@ class Daemon:
                 "archive": self.archiver.status() if self.archiver is not None else None,
                 "audit": (self.trail.log.status() if self.trail is not None
                           else {"error": self.audit_error} if self.audit_error else None),
-                "api": self.api.status() if self.api is not None else None}
+                "api": self.api.status() if self.api is not None else None,
+                "backup_remote": self.remote_backup.status() if self.remote_backup is not None else None}
 
     def health(self) -> tuple[bool, str]:
         """/healthz: ready when the spool key is held and the spool takes mail."""
@@ -226,6 +234,12 @@ class Daemon:
             facts.update({k: st[k] for k in ("archived", "failed", "set_aside", "duplicates")})
             if depth and st.get("last_batch"):
                 facts["index_lag"] = max(0.0, now - st["last_batch"])
+        if self.remote_backup is not None:
+            rb = self.remote_backup.status()
+            lag = rb.get("lag") or {}
+            facts.update({"backup_remote_lag_frames": lag.get("frames"), "backup_remote_lag_bytes": lag.get("bytes"),
+                          "backup_remote_last_push": rb.get("last_push"),
+                          "backup_remote_failing": 1 if rb.get("last_error") else 0})
         return facts
 
     def write_status(self) -> None:
@@ -502,6 +516,8 @@ class Daemon:
                 self._expiry = task.LoopingCall(self.archiver.expire_keys, self.cfg.control.key_cache_seconds)
                 self._expiry.clock = self.reactor
                 self._expiry.start(60, now=False)
+                if self.remote_backup is not None:
+                    self.remote_backup.start()
 
     def _milter_cannot_listen(self, f):
         # As for a relay listener: a daemon without its milter socket
@@ -549,6 +565,8 @@ class Daemon:
         if self.archiver is not None:
             if getattr(self, "_expiry", None) is not None and self._expiry.running:
                 self._expiry.stop()
+            if self.remote_backup is not None:
+                self.remote_backup.stop()      # a push under way ends at its next log (or its timeouts)
             # The batch in hand finishes (or is repeated at the next start:
             # every step is idempotent); changed shards are sealed.
             waits.append(self.archiver.stop())

@@ -18,6 +18,8 @@ The facts callable returns a dict with any of:
                        the same batch as the store
     keys               [{"name", "version", "current", "age"}] keys held
     ready              1 when the daemon accepts mail (keys held, spool writable)
+    backup_remote_lag_frames, backup_remote_lag_bytes   what the remote backup target lacks
+    backup_remote_last_push    epoch seconds of the last good push; backup_remote_failing 1/0
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ _GAUGES = (("spool_depth", "mailtresor_spool_depth", "Entries waiting in the spo
            ("archive_lag", "mailtresor_archive_lag_seconds", "Age of the oldest entry waiting in the spool"),
            ("index_lag", "mailtresor_index_lag_seconds",
             "Seconds since the archiver last finished a batch while entries wait"),
-           ("ready", "mailtresor_ready", "1 when the daemon holds its keys and its spool takes mail"))
+           ("ready", "mailtresor_ready", "1 when the daemon holds its keys and its spool takes mail"),
+           ("backup_remote_lag_frames", "mailtresor_backup_remote_lag_frames",
+            "Backup frames the remote target lacks (archive/store/remote.py)"),
+           ("backup_remote_lag_bytes", "mailtresor_backup_remote_lag_bytes", "Backup bytes the remote target lacks"),
+           ("backup_remote_last_push", "mailtresor_backup_remote_last_push_timestamp_seconds",
+            "When the last push to the remote target succeeded"),
+           ("backup_remote_failing", "mailtresor_backup_remote_failing", "1 when the last push attempt failed"))
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mailtresor.cli.common import EXIT_NOT_RUNNING, UserError, plural
+from mailtresor.cli.common import EXIT_NOT_RUNNING, UserError, minute, plural
 
 
 def register(subparsers) -> None:
@@ -56,6 +56,7 @@ def daemon_status(cfg) -> dict:
         for name in ("keys", "listeners", "milter", "relay_processes", "api"):
             doc[name] = published.get(name)
         doc["archiver"] = published.get("archive")
+        doc["backup_remote"] = published.get("backup_remote")       # [backup] remote (cli/backup.py)
     spool = cfg.spool.directory
     names = sorted(n for n in _list(spool / "new") if not n.startswith("."))
     doc["spool"] = {"directory": str(spool), "ready": len(names),
@@ -208,6 +209,12 @@ def render(doc: dict) -> str:
     ar = doc.get("archiver") if running else None
     if ar:
         _archiver(ar, line)
+    rb = doc.get("backup_remote") if running else None
+    if rb:
+        lag = rb.get("lag") or {}
+        line("Remote", f"{rb['remote']}: last push {minute(rb['last_push']) if rb.get('last_push') else 'never'}"
+             + (f", lag {lag.get('frames', 0)} frame(s) / {lag.get('bytes', 0)} bytes" if lag else "")
+             + (f"; FAILING: {rb['last_error']}" if rb.get("last_error") else ""))
     if doc.get("tenants") is not None:
         _tenants_lines(doc["tenants"], line)
     shards = doc.get("shards") or []
