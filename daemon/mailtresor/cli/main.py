@@ -26,7 +26,7 @@ from mailtresor.cli.common import EXIT_FAIL, EXIT_USAGE, UserError  # noqa: F401
 # The command modules, in the order their commands appear in --help.  A
 # part that adds commands writes mailtresor/cli/<name>.py with register()
 # and adds its name here.
-COMMAND_MODULES = ["status", "read", "archive", "audit", "user", "gdpr", "retention", "tags", "holds", "maintenance"]
+COMMAND_MODULES = ["status", "read", "archive", "audit", "user", "gdpr", "retention", "tags", "holds", "maintenance", "volume"]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
