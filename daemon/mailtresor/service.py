@@ -583,6 +583,16 @@ def main(argv: list[str] | None = None) -> int:
     no_core_dumps()
     private_umask()                       # the spool, store, index and backup: the daemon's user's only
     setup_logging(cfg.service.log_level)
+    if cfg.volume and not args.worker:
+        # Before anything is opened or made: on a locked volume the daemon
+        # could not write; on an absent one (file system not mounted) it
+        # would write mail in the clear on the disk beneath.
+        from mailtresor.volumes import unlocked_problems
+        problems = unlocked_problems(cfg)
+        if problems:
+            log.error("cannot start: %s (run `mailtresor volume unlock --all`, or see "
+                      "`systemctl status mailtresor-unlock`)", "; ".join(problems))
+            return 2
     # The one place that takes the global reactor; everything else is given it.
     from twisted.internet import reactor
 
