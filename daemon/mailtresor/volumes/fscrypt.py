@@ -313,7 +313,12 @@ class FscryptVolume(Volume):
             text = str(e)
             state = UNINITIALISED if "is not encrypted" in text else ABSENT
             return self._status(state, text.split(": ", 1)[1])
-        fd = self._root()
+        try:
+            fd = self._root()
+        except VolumeError:
+            # The daemon's user may not open the mount point (mode 0700):
+            # for a status question the directory itself does as well.
+            fd = self._open(self.directories[0])
         try:
             st = key_status(fd, ident)
         except OSError as e:
