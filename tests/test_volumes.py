@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from mailtresor import config as configmod
 from mailtresor.volumes import (ABSENT, BUSY, LOCKED, UNINITIALISED, UNLOCKED, Busy, VolumeError, WrongKey,
                                 fscrypt, luks, open_volume, volume_secret)
-from tests.harness import devstack, tomlw
+
 from tests.harness.loopfs import loop_available, loop_ext4
 from tests.harness.stack import Stack
 
