@@ -458,6 +458,51 @@ class Backup:
     io_timeout: float = 30.0
     # Seconds before the first retry after a failed push; doubles up to interval.
     retry_initial: float = 10.0
+# --- volumes ---
+@dataclass(frozen=True)
+class Volume:
+    """[[volume]]: an encrypted volume whose key (`volume.NAME`) the control
+    endpoint holds (mailtresor/volumes/, docs/VOLUMES.md)."""
+
+    name: str
+    kind: Literal["fscrypt", "luks"] = "fscrypt"
+    # fscrypt: empty directories on one ext4 file system with the encrypt feature.
+    directories: tuple[Path, ...] = ()
+    # luks: the block device and where its file system is mounted.
+    device: Path | None = None
+    mountpoint: Path | None = None
+
+
+def _check_volumes(cfg: "Config", fail) -> None:
+    seen, dirs = set(), {}
+    for i, v in enumerate(cfg.volume):
+        where = f"volume[{i}]"
+        if not _TENANT_NAME.match(v.name):
+            fail(f"{where}.name", f"{v.name!r}: use lower-case letters, digits, '-' and '_', starting with a "
+                 "letter or digit, at most 56 characters (it names the key volume.NAME)")
+        if v.name in seen:
+            fail(f"{where}.name", f"volume {v.name!r} is defined twice")
+        seen.add(v.name)
+        if v.kind == "fscrypt":
+            if v.device is not None or v.mountpoint is not None:
+                fail(where, "an fscrypt volume has directories, not device/mountpoint (those are for kind = \"luks\")")
+            if not v.directories:
+                fail(f"{where}.directories", "an fscrypt volume needs at least one directory")
+            for j, d in enumerate(v.directories):
+                if not d.is_absolute():
+                    fail(f"{where}.directories[{j}]", f"{str(d)!r} is not an absolute path")
+                if d in dirs:
+                    fail(f"{where}.directories[{j}]", f"{d} is also in volume {dirs[d]!r}")
+                dirs[d] = v.name
+        else:
+            if v.directories:
+                fail(f"{where}.directories", "a luks volume has device and mountpoint, not directories "
+                     "(those are for kind = \"fscrypt\")")
+            if v.device is None or v.mountpoint is None:
+                fail(where, "a luks volume needs both device (e.g. \"/dev/sdb1\") and mountpoint")
+            for key in ("device", "mountpoint"):
+                if not getattr(v, key).is_absolute():
+                    fail(f"{where}.{key}", f"{str(getattr(v, key))!r} is not an absolute path")
 
 
 @dataclass(frozen=True)
@@ -479,6 +524,7 @@ class Config:
     audit: Audit = field(default_factory=Audit)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     backup: Backup = field(default_factory=Backup)
+    volume: tuple[Volume, ...] = ()
     source: Path = Path("")
 
 
@@ -737,6 +783,7 @@ def _check(cfg: Config, source: Path) -> None:
     _check_access(cfg, fail)
     _check_api(cfg, fail)
     _check_sftp(cfg, fail)
+    _check_volumes(cfg, fail)
     if cfg.control_server is not None:
         m = cfg.control_server.master_key
         kind = m.split(":", 1)[0]

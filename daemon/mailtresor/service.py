@@ -664,6 +664,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in activated.unused():
         log.warning("systemd passed a socket named %r that no setting uses (systemd:name=%s); ignored",
                     name, name)
+    if cfg.volume and not args.worker:
+        # Before anything is opened or made: on a locked volume the daemon
+        # could not write; on an absent one (file system not mounted) it
+        # would write mail in the clear on the disk beneath.
+        from mailtresor.volumes import unlocked_problems
+        problems = unlocked_problems(cfg)
+        if problems:
+            log.error("cannot start: %s (run `mailtresor volume unlock --all`, or see "
+                      "`systemctl status mailtresor-unlock`)", "; ".join(problems))
+            return 2
     # The one place that takes the global reactor; everything else is given it.
     from twisted.internet import reactor
 

@@ -27,7 +27,7 @@ from mailtresor.cli.common import EXIT_FAIL, EXIT_USAGE, UserError  # noqa: F401
 # part that adds commands writes mailtresor/cli/<name>.py with register()
 # and adds its name here.
 COMMAND_MODULES = ["setup", "status", "read", "archive", "audit", "user", "gdpr", "retention", "tags", "holds",
-                   "maintenance", "backup"]
+                   "maintenance", "backup", "volume"]
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -121,7 +121,7 @@ def _databases(cfg):
     except KeyRefused as e:
         if e.status == 404:
             raise UserError(f"the control endpoint holds no key 'access' for appliance {cfg.appliance.name!r} "
-                            f"(create it there: mailtresor-control key create {cfg.appliance.name} access)")
+                            f"(create it there: mailtresor-control keys create {cfg.appliance.name} access)")
         raise
 
 
