@@ -111,4 +111,4 @@ def test_no_access_key_at_the_control_endpoint(stack):
     store._modify(drop)
     stack.start_control()
     p = mt(stack, "user", "list", "--tenant", "acme")
-    assert p.returncode == 1 and "no key 'access'" in p.stderr and "key create t1 access" in p.stderr
+    assert p.returncode == 1 and "no key 'access'" in p.stderr and "mailtresor-control keys create t1 access" in p.stderr
