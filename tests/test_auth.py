@@ -125,14 +125,15 @@ def test_hash_is_argon2id_and_file_encrypted(db, tmp_path):
 def test_root_writes_the_file_for_the_directory_owner(tmp_path):
     """`mailtresor user add` runs as root; the daemon reads users.db as
     mailtresor: the file (and its lock) belong to the directory's owner."""
-    access = tmp_path / "access"
-    access.mkdir(mode=0o700)
-    os.chown(access, 65534, 65534)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    access = state / "access"               # made by root's first write
     db = UserDB(access / "users.db", KEY)
     db.add("acme", "alice", PW, {"user"}, ["alice@acme.example"])
-    for name in ("users.db", "users.db.lock"):
+    for name in ("", "users.db", "users.db.lock"):
         st = os.stat(access / name)
-        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600), name
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600 if name else 0o700), name
 
 
 def test_tenants_are_separate(authn, db):

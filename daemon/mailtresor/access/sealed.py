@@ -78,7 +78,13 @@ class SealedFile:
 
     @contextlib.contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _owned_like_directory(dfd, self.path.parent.parent)
+            finally:
+                os.close(dfd)
         fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             _owned_like_directory(fd, self.path.parent)
@@ -118,7 +124,8 @@ class SealedFile:
 
 def _owned_like_directory(fd: int, directory: Path) -> None:
     """Root writing the file (`mailtresor user add`, `mailtresor hold ...`
-    run by the administrator) gives it to the directory's owner, the
+    run by the administrator) gives it (and a directory it makes) to the
+    directory's owner, the
     daemon's user: a root-owned 0600 users.db would lock every user out
     of a daemon running as mailtresor until the next start's
     StateDirectory= chown -- and there is none without systemd."""

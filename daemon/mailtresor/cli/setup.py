@@ -463,6 +463,7 @@ def run_setup(cfg, args) -> int:
               f"({len(made)} keys made: {', '.join(made) or 'none new'})")
         if volumes:
             vol_problems = _volume_step_trial(lay, a, list(volumes))
+    _give_to_daemon(lay.spool, lay.state)
     print()
     if a.trial:
         print("WARNING " + render.TRIAL_WARNING)
@@ -479,6 +480,22 @@ def run_setup(cfg, args) -> int:
     for p in vol_problems:
         print(f"mailtresor: {p}", file=sys.stderr)
     return EXIT_FAIL if vol_problems else 0
+
+
+def _give_to_daemon(*dirs: Path) -> None:
+    """The spool and state directories belong to the daemon's user, mode
+    0700, as tmpfiles.d and StateDirectory= make the default ones: a
+    directory given with --spool-dir/--state-dir (often the empty root of a
+    volume, made by root) would otherwise stop mailtresord at its first
+    write.  Only as root, and only if the package's user exists."""
+    ids = _ids("mailtresor")
+    for d in dirs:
+        if ids is None or not d.is_dir():
+            continue
+        st = d.stat()
+        if (st.st_uid, st.st_gid) != ids:
+            os.chown(d, *ids)
+        os.chmod(d, 0o700)
 
 
 def _volume_step_trial(lay: render.Layout, a: A.Answers, names: list[str]) -> list[str]:
