@@ -50,6 +50,22 @@ def peer_names(transport) -> list[str]:
     return [v.decode("utf-8", "replace") for k, v in cert.get_subject().get_components() if k == b"CN"]
 
 
+def _nodelay(transport) -> None:
+    """TCP_NODELAY on the TCP connection under `transport` (under TLS too):
+    Xapian's remote protocol is many small requests and answers, and Nagle's
+    algorithm with delayed acknowledgements would add ~40 ms to each."""
+    seen = 0
+    while transport is not None and seen < 4:
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
+
+
 def _where(transport) -> str:
     p = transport.getPeer()
     return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
@@ -93,6 +109,7 @@ class ServeProtocol(_Pipe):
         self.timer = None
 
     def connectionMade(self):
+        _nodelay(self.transport)
         self.timer = self.fed.reactor.callLater(LINE_TIMEOUT, self._too_slow)
 
     def _too_slow(self):
@@ -147,6 +164,7 @@ class ServeProtocol(_Pipe):
             _OneFactory(back))
 
         def connected(_):
+            _nodelay(back.transport)
             self.transport.write(b"ok\n")
             back.other = self
             self.join(back)
@@ -200,6 +218,7 @@ class _Remote(_Pipe):
         self.ready = False
 
     def connectionMade(self):
+        _nodelay(self.transport)
         self.transport.write(MAGIC + self.local.tenant.encode() + b"\n")
 
     def dataReceived(self, data):
@@ -241,6 +260,7 @@ class LocalProtocol(_Pipe):
 
     def connectionMade(self):
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        _nodelay(self.transport)
         host, _, port = self.peer.address.rpartition(":")
         ep = wrapClientTLS(self.fed.client_options(self.peer),
                            HostnameEndpoint(self.fed.reactor, host.strip("[]"), int(port),
