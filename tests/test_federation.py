@@ -314,3 +314,75 @@ def test_peer_down_is_a_flagged_partial_answer(world):
     assert r.status == 200, r.data
     recs = [x for x in r.json()["records"] if (x.get("detail") or {}).get("unavailable")]
     assert recs and recs[-1]["detail"]["unavailable"] == ["b"]
+
+
+# --- the parts alone ---------------------------------------------------------------
+
+def _control(world, *args):
+    return subprocess.run([str(Path(sys.executable).parent / "mailtresor-control"), "--config",
+                           str(world.a.config_path), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_key_share_is_for_tenant_keys_within_the_endpoint_and_audited(world):
+    r = _control(world, "keys", "share", "a", "spool", "b")
+    assert r.returncode == 1 and "only tenant keys (tenant.NAME) are shared" in r.stderr
+    r = _control(world, "keys", "share", "a", "tenant.acme", "elsewhere")
+    assert r.returncode == 1 and "'elsewhere' is not served by this control endpoint" in r.stderr
+    r = _control(world, "keys", "share", "a", "tenant.acme", "b")
+    assert r.returncode == 0 and "had every version already" in r.stdout
+    # b has a tenant key of its own: never replaced.
+    assert _control(world, "keys", "create", "b", "tenant.newco").returncode == 0
+    assert _control(world, "keys", "create", "a", "tenant.newco").returncode == 0
+    r = _control(world, "keys", "share", "a", "tenant.newco", "b")
+    assert r.returncode == 1 and "has a different key 'tenant.newco'" in r.stderr
+    # A rotation on a reaches c at the next share: every version, the older ones unchanged.
+    assert _control(world, "keys", "rotate", "a", "tenant.globex").returncode == 0
+    r = _control(world, "keys", "share", "a", "tenant.globex", "c")
+    assert r.returncode == 0 and "version(s) 2" in r.stdout, r.stdout + r.stderr
+    rows = {(x["appliance"], x["name"]): x for x in json.loads(_control(world, "keys", "list", "--json").stdout)}
+    assert rows[("c", "tenant.globex")]["versions"] == [1, 2] and rows[("c", "tenant.globex")]["current"] == 2
+    audit = [json.loads(x) for x in (world.a.dir / "control" / "audit.log").read_text().splitlines()]
+    shares = [x for x in audit if x["event"] in ("share", "share-refused")]
+    assert [(x["event"], x["key"], x["to"]) for x in shares[-5:]] == [
+        ("share-refused", "spool", "b"), ("share-refused", "tenant.acme", "elsewhere"), ("share", "tenant.acme", "b"),
+        ("share-refused", "tenant.newco", "b"), ("share", "tenant.globex", "c")]
+    assert not any("key" in x and isinstance(x.get("key"), str) and len(x["key"]) > 40 for x in audit)
+    assert _control(world, "audit", "verify").returncode == 0
+
+
+def test_config_keeps_peers_in_the_region(world):
+    from mailtresor import config as configmod
+    import tomllib
+    raw = tomllib.loads(world.a.config_path.read_text())
+
+    def check(peer=None, **fed):
+        doc = json.loads(json.dumps(raw))
+        doc["federation"].update(fed)
+        if peer is not None:
+            doc["federation"]["peer"][0].update(peer)
+        with pytest.raises(configmod.ConfigError) as e:
+            configmod.parse(doc, Path("m.toml"))
+        return str(e.value)
+
+    assert configmod.parse(json.loads(json.dumps(raw)), Path("m.toml")).federation.peer[0].name == "b"
+    assert "peers only within a region" in check({"region": "us"})
+    assert "peers only within a region" in check({"region": ""})
+    assert "'initech' is not a configured tenant" in check({"tenants": ["initech"]})
+    assert "HOST:PORT" in check({"address": "b.example"})
+    assert "is this appliance or is defined twice" in check({"name": "a"})
+    assert "a tcp: endpoint" in check(serve="ssl:7443")
+    assert "no federation.serve endpoint" in check(serve="")
+
+
+def test_tunnel_line_and_stub_are_checked():
+    from mailtresor.federation.tcpsrv import stub_text
+    from mailtresor.federation.tunnel import parse_request
+    assert parse_request(b"mailtresor-federation/1 acme") == "acme"
+    for bad in (b"acme", b"mailtresor-federation/1 ", b"mailtresor-federation/1 ../x", b"mailtresor-federation/1 A",
+                b"mailtresor-federation/2 acme", b"mailtresor-federation/1 acme globex", b"\xff" * 30):
+        assert parse_request(bad) is None, bad
+    assert stub_text(["/s/acme/2024-01/xapian"]) == "glass /s/acme/2024-01/xapian\n"
+    with pytest.raises(ValueError):
+        stub_text(["relative/xapian"])
+    with pytest.raises(ValueError):
+        stub_text(["/s/a\nremote :evil:1"])
