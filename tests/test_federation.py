@@ -300,6 +300,24 @@ def test_a_new_shard_on_the_peer_is_searched(world):
     world.n += 1
 
 
+def test_local_tunnel_end_serves_only_the_daemon(world):
+    """a's tunnel end for b listens on 127.0.0.1; another local process
+    (this test) connecting to it is cut off before anything reaches b."""
+    import re
+    m = re.search(r"acme on b \(via 127\.0\.0\.1:(\d+)\)", world.a.log())
+    assert m, world.a.log()[-2000:]
+    served_before = world.b.log().count("searches tenant acme")
+    with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10) as s:
+        s.settimeout(10)
+        try:
+            got = s.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""                       # cut off at once: no Xapian greeting from b
+    assert "not made by this process" in world.a.log()
+    assert world.b.log().count("searches tenant acme") == served_before
+
+
 def test_peer_down_is_a_flagged_partial_answer(world):
     aud = world.clients[("a", "aud")]
     local_total = sum(1 for r in _walk(aud, "", "date-desc", 200)[1] if "appliance" not in r)
@@ -431,3 +449,4 @@ def test_postfix_transport_example_routes_each_tenant_to_its_appliance(tmp_path)
     # The journal copy's address is in the tenant's own domain: the relay's
     # routing by recipient domain (mailtresor.toml [[tenant]] domains) gives the tenant.
     assert q("@acme.example", "mailtresor-bcc") == "mailtresor-journal@acme.example"
+

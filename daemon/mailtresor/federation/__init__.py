@@ -119,7 +119,8 @@ class Federation:
                 self.ports.append(port)
                 self._local[(p.name, t)] = port.getHost().port
         if self._local:
-            log.info("federation: searching %s", ", ".join(f"{t} on {p}" for p, t in sorted(self._local)))
+            log.info("federation: searching %s", ", ".join(f"{t} on {p} (via 127.0.0.1:{port})"
+                                                           for (p, t), port in sorted(self._local.items())))
         return defer.gatherResults(waits, consumeErrors=True)
 
     def remotes(self, tenant: str) -> list:

@@ -21,6 +21,7 @@ one-line answer are all it adds to Xapian's.
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 from twisted.internet.protocol import Factory, Protocol
@@ -64,6 +65,39 @@ def _nodelay(transport) -> None:
             return
         transport = getattr(transport, "transport", None)
         seen += 1
+
+
+def socket_owned_here(client_port: int, server_port: int, proc: str = "/proc") -> bool:
+    """Whether the loopback TCP connection 127.0.0.1:client_port ->
+    127.0.0.1:server_port was made by this process: its socket's inode (in
+    /proc/net/tcp) is one of this process's file descriptors.  The tunnel's
+    local ends listen on 127.0.0.1, where any local process could connect;
+    only this process's own Xapian may use them."""
+    want = (f"0100007F:{client_port:04X}", f"0100007F:{server_port:04X}")
+    inode = None
+    try:
+        with open(f"{proc}/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 9 and (cols[1], cols[2]) == want:
+                    inode = cols[9]
+                    break
+    except OSError:
+        return False
+    if not inode or inode == "0":
+        return False
+    target = f"socket:[{inode}]"
+    try:
+        for fd in os.listdir(f"{proc}/self/fd"):
+            try:
+                if os.readlink(f"{proc}/self/fd/{fd}") == target:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
 
 
 def _where(transport) -> str:
@@ -260,6 +294,13 @@ class LocalProtocol(_Pipe):
 
     def connectionMade(self):
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        client, server = self.transport.getPeer(), self.transport.getHost()
+        if not socket_owned_here(client.port, server.port):
+            self.fed.refused += 1
+            log.warning("federation: refused a local connection to the tunnel end of %s/%s from "
+                        "127.0.0.1:%d: not made by this process", self.peer.name, self.tenant, client.port)
+            self.transport.abortConnection()
+            return
         _nodelay(self.transport)
         host, _, port = self.peer.address.rpartition(":")
         ep = wrapClientTLS(self.fed.client_options(self.peer),
