@@ -16,6 +16,7 @@ not served; and b stopped: a's answer is partial and says so.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -68,7 +69,11 @@ def world(tmp_path_factory):
                             # acme's other half is on b; b is also (wrongly) said to hold globex,
                             # which b does not serve to a: a tenant not allowed.
                             {"name": "b", "address": f"127.0.0.1:{pb}", "tenants": ["acme", "globex"],
-                             "serve": ["acme"], "region": "eu"}])}, milter=False)
+                             "serve": ["acme"], "region": "eu"},
+                            # "d" is said to be at b's address: b's certificate does not name d,
+                            # so a does not talk to it (a server posing as a peer).
+                            {"name": "d", "address": f"127.0.0.1:{pb}", "tenants": ["globex"], "region": "eu"}])},
+              milter=False)
     pki = a.pki
     for n in ("a", "b", "c"):
         _issue(pki, n)
@@ -267,8 +272,12 @@ def test_tenant_not_served_is_flagged(world):
     a: b refuses (and logs it), a answers with its own and names b."""
     gaud = api_login(world.a, "globex", "gaud", PW["aud"])
     doc = _search(gaud, "")
-    assert doc["total"] == 0 and doc["unavailable"] == ["b"]
+    assert doc["total"] == 0 and doc["unavailable"] == ["b", "d"]
     assert "tenant globex is not served to a" in world.b.log()
+    # "d" answered with b's certificate: a refused it before sending the tenant line.
+    assert "tenant globex is not served to d" not in world.b.log()
+    assert re.search(r"peer d \(127\.0\.0\.1:\d+\) for tenant globex: .*(hostname|certificate|verif)",
+                     world.a.log(), re.I), world.a.log()[-2000:]
 
 
 def test_facets_count_the_peers_matches(world):
@@ -307,13 +316,12 @@ def test_local_tunnel_end_serves_only_the_daemon(world):
     m = re.search(r"acme on b \(via 127\.0\.0\.1:(\d+)\)", world.a.log())
     assert m, world.a.log()[-2000:]
     served_before = world.b.log().count("searches tenant acme")
-    with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10) as s:
-        s.settimeout(10)
-        try:
+    try:
+        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10) as s:
             got = s.recv(100)
-        except ConnectionResetError:
-            got = b""
-        assert got == b""                       # cut off at once: no Xapian greeting from b
+    except ConnectionResetError:                # the reset may come before connect() returns
+        got = b""
+    assert got == b""                           # cut off at once: no Xapian greeting from b
     assert "not made by this process" in world.a.log()
     assert world.b.log().count("searches tenant acme") == served_before
 
