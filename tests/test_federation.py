@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from mailtresor.access.auth import open_databases
-from mailtresor.control import server as control
 from mailtresor.keys.client import control_fetcher
 from mailtresor.keys.pki import CA
 
@@ -312,7 +311,6 @@ def test_a_new_shard_on_the_peer_is_searched(world):
 def test_local_tunnel_end_serves_only_the_daemon(world):
     """a's tunnel end for b listens on 127.0.0.1; another local process
     (this test) connecting to it is cut off before anything reaches b."""
-    import re
     m = re.search(r"acme on b \(via 127\.0\.0\.1:(\d+)\)", world.a.log())
     assert m, world.a.log()[-2000:]
     served_before = world.b.log().count("searches tenant acme")

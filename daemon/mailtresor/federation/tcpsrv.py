@@ -89,9 +89,9 @@ class TcpServer:
     def refresh(self) -> None:
         """Bring the stub up to the shards on disk (before each forwarded
         connection: cheap, one directory listing)."""
-        if write_stub(self.stub, shard_indexes(self.store_root, self.tenant)):
-            log.info("federation: %s now serves %d shard index(es) of %s",
-                     self.stub.name, len(shard_indexes(self.store_root, self.tenant)), self.tenant)
+        paths = shard_indexes(self.store_root, self.tenant)
+        if write_stub(self.stub, paths):
+            log.info("federation: serving %d shard index(es) of %s", len(paths), self.tenant)
 
     def start(self) -> None:
         from twisted.internet.protocol import ProcessProtocol
