@@ -279,6 +279,19 @@ def test_tenant_not_served_is_flagged(world):
                      world.a.log(), re.I), world.a.log()[-2000:]
 
 
+def test_export_names_what_peers_hold(world):
+    """An export carries this appliance's messages (bodies do not cross);
+    the job says how many matches each peer holds, never silently less."""
+    aud = world.clients[("a", "aud")]
+    rows = _walk(aud, "from:spamassassin.taint.org", "date-desc", 200)[1]
+    on_b = sum(1 for r in rows if r.get("appliance") == "b")
+    assert 0 < on_b < len(rows)
+    r = aud.request("POST", "/api/v1/exports", {"format": "mbox", "query": "from:spamassassin.taint.org"})
+    assert r.status == 202, r.data
+    job = r.json()
+    assert job["total"] == len(rows) - on_b and job["elsewhere"] == {"b": on_b}
+
+
 def test_facets_count_the_peers_matches(world):
     for q in ("", "linux"):
         got = [world.clients[(n, "aud")].request("GET", "/api/v1/search?" + urllib.parse.urlencode(

@@ -252,6 +252,9 @@ class _Job:
     # Files a zip carries beside the messages (name -> bytes), e.g. the
     # processing report of a GDPR subject access (lifecycle/gdpr.py).
     extra: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # Matches of the query held by peer appliances (federation), which an
+    # export here does not carry: appliance -> count (None: not reachable).
+    elsewhere: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -264,6 +267,8 @@ class _Job:
              "created": iso(self.created), "expires": iso(self.created + EXPORT_TTL), "query": self.query}
         if self.error:
             d["error"] = self.error
+        if self.elsewhere:
+            d["elsewhere"] = dict(self.elsewhere)
         return d
 
 
@@ -793,23 +798,39 @@ class Core:
                 except index.QueryError as e:
                     raise BadQuery(f"bad query: {e}") from None
                 items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
+            elsewhere = self._held_elsewhere(t, prepared) if ids is None else {}
+            if elsewhere:
+                # Not a silent partial export: the job and its audit record name them.
+                detail["elsewhere"] = elsewhere
             jid = secrets.token_hex(16)
             job = _Job(id=jid, owner=owner(who), tenant=t, format=format, query=query, items=items,
-                       scope=scope, created=self.clock(), extra=extra,
+                       scope=scope, created=self.clock(), extra=extra, elsewhere=elsewhere,
                        path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
             return job, jid
         # The job runs only once its audit record is written: an export the
         # trail could not record never produces a file.
+        detail = {"format": format if format in FORMATS else "invalid",
+                  "ids": len(ids) if isinstance(ids, list) else None}
         job = self._audited(who, "export", run, asked=tenant, terms=_terms(query),
-                             gate=lambda: self._read_scope(who, export=True),
-                             detail={"format": format if format in FORMATS else "invalid",
-                                     "ids": len(ids) if isinstance(ids, list) else None})
+                             gate=lambda: self._read_scope(who, export=True), detail=detail)
         with self._jobs_lock:
             self._jobs[job.id] = job
         job.thread = threading.Thread(target=self._run_export, args=(job,), name=f"export-{job.id[:8]}",
                                       daemon=True)
         job.thread.start()
         return job.public()
+
+    def _held_elsewhere(self, tenant: str, prepared: index.Prepared) -> dict[str, int | None]:
+        """Matches of an export's query on each peer holding the tenant
+        (None: not reachable); an export carries this appliance's messages
+        only (message bodies do not cross appliances)."""
+        out: dict[str, int | None] = {}
+        for r in self._remotes(tenant):
+            down: set[str] = set()
+            n, _ = index.search([r], prepared, limit=0, unavailable=down)
+            if down or n:
+                out[r.appliance] = None if down else n
+        return out
 
     def _keep_room(self, who_owner: str) -> None:
         """Forget the owner's oldest finished exports (and remove their
