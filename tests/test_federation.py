@@ -469,3 +469,71 @@ def test_postfix_transport_example_routes_each_tenant_to_its_appliance(tmp_path)
     # routing by recipient domain (mailtresor.toml [[tenant]] domains) gives the tenant.
     assert q("@acme.example", "mailtresor-bcc") == "mailtresor-journal@acme.example"
 
+
+
+def test_index_search_leaves_out_a_peer_that_fails(tmp_path):
+    """index.search with a Remote: a peer that dies after the database
+    opened (during the search) and one that never answers are left out and
+    named; the local shard's matches are still the answer."""
+    import dataclasses
+    import os
+    import signal
+
+    import xapian
+
+    from mailtresor.archive import index
+    from mailtresor.federation.tcpsrv import free_port
+
+    def shard(path, aid, when):
+        db = xapian.WritableDatabase(str(path), xapian.DB_CREATE_OR_OPEN)
+        doc = xapian.Document()
+        doc.set_data(aid)
+        doc.add_boolean_term("Q" + aid)
+        doc.add_value(index.SLOT_DATE, xapian.sortable_serialise(when))
+        doc.add_value(index.SLOT_SIZE, xapian.sortable_serialise(10))
+        doc.add_value(index.SLOT_MONTH, "2024-01")
+        db.add_document(doc)
+        db.commit()
+        db.close()
+
+    shard(tmp_path / "local", "a" * 40, 1.7e9)
+    shard(tmp_path / "remote", "b" * 40, 1.8e9)
+    port = free_port()
+    srv = subprocess.Popen(["xapian-tcpsrv", "--one-shot", "--quiet", "--interface", "127.0.0.1", "--port",
+                            str(port), str(tmp_path / "remote")])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        srv.wait(5)         # that probe was the one shot: start it again for the search
+        srv = subprocess.Popen(["xapian-tcpsrv", "--one-shot", "--quiet", "--interface", "127.0.0.1", "--port",
+                                str(port), str(tmp_path / "remote")])
+        time.sleep(0.5)
+
+        @dataclasses.dataclass(frozen=True)
+        class Dying(index.Remote):
+            def open(self):
+                db = super().open()
+                os.kill(srv.pid, signal.SIGKILL)       # the peer dies once the search has begun
+                srv.wait()
+                return db
+
+        down: set[str] = set()
+        total, hits = index.search([str(tmp_path / "local"), Dying("p", "127.0.0.1", port, timeout=5)], "",
+                                   unavailable=down)
+        assert down == {"p"} and total == 1 and [h.archive_id for h in hits] == ["a" * 40]
+        assert srv.returncode == -signal.SIGKILL        # it did open, then died: the mid-search path
+        down = set()
+        total, hits = index.search([str(tmp_path / "local"), index.Remote("q", "127.0.0.1", free_port(),
+                                                                        connect_timeout=1)], "",
+                                   order="relevance", unavailable=down)
+        assert down == {"q"} and total == 1
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()

@@ -1204,6 +1204,11 @@ def _opened(paths: list, readers: Readers | None, down: set[str] | None = None):
         for p, db in zip(shards, dbs):
             if readers is not None and not isinstance(p, Remote):
                 readers.give(p, db)
+            elif isinstance(p, Remote):
+                try:
+                    db.close()
+                except xapian.Error:
+                    pass                # a peer gone meanwhile: nothing to close there
             else:
                 db.close()
 
