@@ -337,6 +337,28 @@ def test_local_tunnel_end_serves_only_the_daemon(world):
     assert world.b.log().count("searches tenant acme") == served_before
 
 
+def test_tcpsrv_is_supervised(world):
+    """b's xapian-tcpsrv killed: the daemon starts it again (on a new port)
+    and a's searches reach b again; meanwhile they say b is unavailable."""
+    import os
+    import signal
+    b = world.b
+    main = [p for p in b.daemon_processes() if b"xapian-tcpsrv" in Path(f"/proc/{p}/cmdline").read_bytes()
+            and int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == b.daemon.pid]
+    assert len(main) == 1, main
+    os.kill(main[0], signal.SIGKILL)
+    aud = world.clients[("a", "aud")]
+    deadline = time.monotonic() + 20
+    while True:
+        doc = _search(aud, "", limit=1)
+        if doc["unavailable"] == [] and doc["total"] == world.n:
+            break
+        assert doc["unavailable"] == ["b"], doc
+        assert time.monotonic() < deadline, b.log()[-2000:]
+        time.sleep(0.2)
+    assert "xapian-tcpsrv for acme exited" in b.log()
+
+
 def test_peer_down_is_a_flagged_partial_answer(world):
     aud = world.clients[("a", "aud")]
     local_total = sum(1 for r in _walk(aud, "", "date-desc", 200)[1] if "appliance" not in r)
