@@ -559,3 +559,14 @@ def test_index_search_leaves_out_a_peer_that_fails(tmp_path):
         if srv.poll() is None:
             srv.kill()
             srv.wait()
+
+
+def test_a_certificate_that_cannot_serve_both_ways_is_named(world):
+    import types
+    from mailtresor.federation import Federation
+    cfg = world.a.cfg
+    fed = Federation(cfg, reactor=None)
+    assert fed.certificate_problem() is None
+    client_only = types.SimpleNamespace(**{**vars(cfg.federation), "cert_file": world.pki / "appliance-a.pem"})
+    fed = Federation(types.SimpleNamespace(federation=client_only, control=cfg.control), reactor=None)
+    assert "lacks the extended key usage serverAuth" in fed.certificate_problem()

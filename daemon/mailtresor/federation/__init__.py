@@ -73,6 +73,34 @@ class Federation:
                 cert_names(peer)[0], trustRoot=self._ca_cert(), clientCertificate=self._mine())
         return opts
 
+    def certificate_problem(self) -> str | None:
+        """Why this appliance's certificate cannot serve the tunnel both
+        ways (None if it can): it needs the serverAuth and clientAuth
+        usages and its common name as a DNS name, which peers check."""
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        try:
+            cert = x509.load_pem_x509_certificate(Path(self._cert).read_bytes())
+        except (OSError, ValueError) as e:
+            return f"cannot read {self._cert}: {e}"
+        cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        try:
+            usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        except x509.ExtensionNotFound:
+            usages = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+        try:
+            dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.DNSName)
+        except x509.ExtensionNotFound:
+            dns = []
+        missing = [n for n, oid in (("serverAuth", ExtendedKeyUsageOID.SERVER_AUTH),
+                                    ("clientAuth", ExtendedKeyUsageOID.CLIENT_AUTH)) if oid not in usages]
+        if missing:
+            return f"{self._cert} lacks the extended key usage {' and '.join(missing)}"
+        if not set(cns) & set(dns):
+            return f"{self._cert}: its common name {cns} is not among its DNS names {dns}"
+        return None
+
     def peer_by_cert(self, names: list[str]):
         """The configured peer one of these certificate names identifies, or None."""
         for p in self.cfg.peer:
@@ -91,6 +119,12 @@ class Federation:
 
         served = sorted({t for p in self.cfg.peer for t in p.serve})
         waits = []
+        why = self.certificate_problem()
+        if why is not None:
+            # Not fatal (mail is archived, local search works), but said plainly:
+            # peers will refuse this appliance and it cannot serve them.
+            log.error("federation: %s; set [federation] cert_file/key_file to a certificate with both "
+                      "usages (docs/SCALING.md)", why)
         if served and self.full.archive is not None:
             rundir = Path(self.full.appliance.runtime_directory) / "federation"
             rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
