@@ -458,6 +458,8 @@ class Backup:
     io_timeout: float = 30.0
     # Seconds before the first retry after a failed push; doubles up to interval.
     retry_initial: float = 10.0
+
+
 # --- volumes ---
 @dataclass(frozen=True)
 class Volume:
@@ -505,6 +507,53 @@ def _check_volumes(cfg: "Config", fail) -> None:
                     fail(f"{where}.{key}", f"{str(getattr(v, key))!r} is not an absolute path")
 
 
+# --- federation ---
+@dataclass(frozen=True)
+class FederationPeer:
+    """[[federation.peer]]: another appliance of the same region that holds
+    (some of) the archive of `tenants`, or that this appliance serves."""
+
+    name: str
+    # HOST:PORT of the peer's [federation] serve endpoint (mutual TLS).
+    address: str = ""
+    # Tenants whose shards the peer holds: searched there too (the searching side).
+    tenants: tuple[str, ...] = ()
+    # Tenants whose shards this appliance serves to the peer (the serving side).
+    serve: tuple[str, ...] = ()
+    # Certificate subject common names that identify the peer (default:
+    # "appliance-NAME"); the peer's certificate must also be issued by
+    # federation.ca_file.  Checked both ways: as client and as server.
+    cert_names: tuple[str, ...] = ()
+    # The peer's region; must equal federation.region when that is set.
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class Federation:
+    """[federation]: search across the appliances of one region through
+    Xapian's remote backend, over a mutual-TLS tunnel (docs/SCALING.md)."""
+
+    # Twisted server endpoint of the TLS tunnel offered to peers, e.g.
+    # "tcp:7443:interface=192.0.2.10" (TLS is added by the daemon); "" = serve nothing.
+    serve: str = ""
+    # The certificate this appliance shows its peers, both as server and as
+    # client (extended key usage serverAuth and clientAuth, a DNS name equal
+    # to its common name); default: the control client certificate.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The CA that issues the appliances' certificates; default: control.ca_file.
+    ca_file: Path | None = None
+    # This appliance's region; every peer must name the same one.
+    region: str = ""
+    peer: tuple[FederationPeer, ...] = ()
+    # The Xapian remote server (package xapian-tools), run by the daemon
+    # on 127.0.0.1, one per served tenant.
+    tcpsrv: str = "xapian-tcpsrv"
+    # Seconds a peer may take to answer one step of a search / to connect.
+    timeout: float = 10.0
+    connect_timeout: float = 3.0
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole file."""
@@ -525,6 +574,7 @@ class Config:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     backup: Backup = field(default_factory=Backup)
     volume: tuple[Volume, ...] = ()
+    federation: Federation = field(default_factory=Federation)
     source: Path = Path("")
 
 
@@ -781,6 +831,7 @@ def _check(cfg: Config, source: Path) -> None:
     if cfg.audit.directory == cfg.spool.directory:
         fail("audit.directory", "must be a directory of its own (not the spool)")
     _check_access(cfg, fail)
+    _check_federation(cfg, fail)
     _check_api(cfg, fail)
     _check_sftp(cfg, fail)
     _check_volumes(cfg, fail)
@@ -913,3 +964,37 @@ def _check_sftp(cfg: "Config", fail) -> None:
                                      "(a path or credential:NAME)")
     if b.identity_file.startswith("credential:") and not b.identity_file[len("credential:"):].strip():
         fail("backup.identity_file", "credential: needs a name (credential:NAME, from LoadCredential=)")
+def _check_federation(cfg: "Config", fail) -> None:
+    """A peer is named once, has an address when it is searched, names only
+    configured tenants, and lives in this appliance's region."""
+    fed = cfg.federation
+    tenants = {t.name for t in cfg.tenant}
+    if fed.serve and not fed.serve.startswith(("tcp:", "tcp6:")):
+        fail("federation.serve", f"{fed.serve!r}: a tcp: endpoint (TLS is added by the daemon)")
+    if (fed.cert_file is None) != (fed.key_file is None):
+        fail("federation.cert_file", "cert_file and key_file go together")
+    if not 0.1 <= fed.timeout <= 600 or not 0.1 <= fed.connect_timeout <= 600:
+        fail("federation.timeout", "timeout and connect_timeout must be between 0.1 and 600 seconds")
+    seen = set()
+    for i, p in enumerate(fed.peer):
+        where = f"federation.peer[{i}]"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", p.name):
+            fail(f"{where}.name", f"{p.name!r}: lower-case letters, digits, '.', '_', '-'")
+        if p.name in seen or p.name == cfg.appliance.name:
+            fail(f"{where}.name", f"peer {p.name!r} is this appliance or is defined twice")
+        seen.add(p.name)
+        if fed.region and p.region != fed.region:
+            # Region pinning: a tenant's data (its index terms, its listings)
+            # never leaves its region, so no peer outside it is configured at all.
+            fail(f"{where}.region", f"peer {p.name!r} is in region {p.region or '(none)'!r}, "
+                                    f"this appliance in {fed.region!r}: peers only within a region")
+        for key in ("tenants", "serve"):
+            for t in getattr(p, key):
+                if t not in tenants:
+                    fail(f"{where}.{key}", f"{t!r} is not a configured tenant")
+        if p.tenants:
+            host, sep, port = p.address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                fail(f"{where}.address", f"{p.address!r}: HOST:PORT of the peer's federation.serve endpoint")
+        if p.serve and not fed.serve:
+            fail(f"{where}.serve", "this appliance serves tenants but has no federation.serve endpoint")

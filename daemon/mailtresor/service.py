@@ -138,6 +138,13 @@ class Daemon:
         if not worker and cfg.api.enabled:
             from mailtresor.access.api import ApiServer
             self.api = ApiServer(cfg, reactor, self)
+        # Search across appliances (docs/SCALING.md): the peers' shards join the core's searches.
+        self.federation = None
+        if not worker and cfg.federation.peer:
+            from mailtresor.federation import Federation
+            self.federation = Federation(cfg, reactor)
+            if self.api is not None and self.api.api.core is not None:
+                self.api.api.core.federation = self.federation
         self.factories = []
         self.ports = []
         self.workers: list[_WorkerProcess] = []
@@ -333,6 +340,8 @@ class Daemon:
             # Not fatal: mail is still taken and archived without the API.
             self.api.start().addErrback(lambda f: log.error("api: cannot listen on %s: %s", cfg.api.listen,
                                                             f.getErrorMessage()))
+        if self.federation is not None:
+            self.federation.start()         # not fatal either: errors are logged, local search goes on
         d = defer.gatherResults(listens, consumeErrors=True)
 
         def listened(ports):
@@ -549,6 +558,8 @@ class Daemon:
         waits = []
         if self.api is not None:
             waits.append(self.api.stop())       # no new requests; those under way finish
+        if self.federation is not None:
+            waits.append(self.federation.stop())
         for port in self.ports + self.milter_ports:
             port.stopListening()
         if self.milter is not None:

@@ -116,6 +116,16 @@ class NotFound(AccessError):
         super().__init__(reason)
 
 
+class HeldElsewhere(NotFound):
+    """404 for a message this appliance finds only in a peer's shards
+    (mailtresor.federation): the reason names the appliance to read it on.
+    Message bodies are not carried between appliances."""
+
+    def __init__(self, appliance: str):
+        super().__init__(f"this message is held by appliance {appliance}: read it there")
+        self.appliance = appliance
+
+
 def iso(t: float | None) -> str | None:
     """ISO 8601 UTC, to the second."""
     if t is None:
@@ -242,6 +252,9 @@ class _Job:
     # Files a zip carries beside the messages (name -> bytes), e.g. the
     # processing report of a GDPR subject access (lifecycle/gdpr.py).
     extra: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # Matches of the query held by peer appliances (federation), which an
+    # export here does not carry: appliance -> count (None: not reachable).
+    elsewhere: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -254,6 +267,8 @@ class _Job:
              "created": iso(self.created), "expires": iso(self.created + EXPORT_TTL), "query": self.query}
         if self.error:
             d["error"] = self.error
+        if self.elsewhere:
+            d["elsewhere"] = dict(self.elsewhere)
         return d
 
 
@@ -294,6 +309,9 @@ class Core:
         # the access key is there: hold:NAME in searches and the holds in
         # the message view, for principals who may see holds.  None: none.
         self.lifecycle = None
+        # mailtresor.federation.Federation, set by the daemon when peers hold
+        # shards of some tenant: their shards are searched too (remotes()).
+        self.federation = None
         from mailtresor.archive.store import private_dir
         private_dir(self.exports_dir)
         self._sweep_files()
@@ -456,6 +474,10 @@ class Core:
             months = self.store.months(tenant, check=False)
             return self.store.index_paths(tenant, months_in(months, prepared.bounds))
 
+    def _remotes(self, tenant: str) -> list:
+        """The peers' shards of the tenant (index.Remote), [] without federation."""
+        return self.federation.remotes(tenant) if self.federation is not None else []
+
     def search(self, who: Principal, *, tenant: str | None = None, query: str = "", cursor: str | None = None,
                limit: int = 50, order: str = "date-desc", facets: bool = False) -> dict:
         """One page of the matches of `query` (the CLI's query language,
@@ -464,7 +486,14 @@ class Core:
         Row: id, date (ISO 8601 UTC), from, to (the first To: addresses),
         to_count (how many To: addresses), subject, size, message_id,
         has_attachments, flags, tags.  `hold:NAME` finds what a hold
-        covers, for principals who may see holds (lifecycle-read)."""
+        covers, for principals who may see holds (lifecycle-read).
+
+        A tenant with shards on peer appliances (federation) is searched
+        there too, in the same query; their rows carry "appliance", and
+        the answer "unavailable": the peers that could not be searched
+        ([] when all answered; the audit record names them too)."""
+        detail = {"order": order if order in ORDERS else "invalid", "page": bool(cursor)}
+
         def run(t: str):
             if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
                 raise BadRequest(f"limit must be a number from 1 to {MAX_PAGE}")
@@ -473,30 +502,39 @@ class Core:
             scope = self._read_scope(who)
             prepared = self._prepared(query, scope, self._hold_resolver(who, t))
             offset = self._offset(cursor, who, t, query, order) if cursor else 0
-            paths = self._paths(t, prepared)
+            remotes = self._remotes(t)
+            paths = self._paths(t, prepared) + remotes
+            down: set[str] = set()
             try:
                 total, hits = index.search(paths, prepared, offset=offset, limit=limit, order=order,
-                                           readers=self.readers)
+                                           readers=self.readers, unavailable=down)
                 doc = {"total": total, "results": [self._row(t, h) for h in hits]}
                 doc["next_cursor"] = (self._cursor(who, t, query, order, offset + limit)
                                       if hits and offset + limit < total else None)
                 if facets:
-                    doc["facets"] = index.facets(paths, prepared, readers=self.readers)
+                    doc["facets"] = index.facets(paths, prepared, readers=self.readers, unavailable=down)
+                if remotes:
+                    # Never a silent partial answer: the peers not searched are named.
+                    doc["unavailable"] = sorted(down)
+                    if down:
+                        detail["unavailable"] = sorted(down)
                 if scope is not None:
                     _hide_case_tags(doc)
             except index.QueryError as e:
                 raise BadQuery(f"bad query: {e}") from None
             return doc, None
         return self._audited(who, "search", run, asked=tenant, terms=_terms(query),
-                             gate=lambda: self._read_scope(who),
-                             detail={"order": order if order in ORDERS else "invalid", "page": bool(cursor)})
+                             gate=lambda: self._read_scope(who), detail=detail)
 
     def _row(self, tenant: str, h: index.Hit) -> dict:
         from mailtresor.archive.store import index_listing
-        month = os.path.basename(os.path.dirname(h.shard_path))
-        sm = index_listing(h.listing, tenant, month, h.archive_id, self.keys)
+        month = h.month if h.appliance is not None else os.path.basename(os.path.dirname(h.shard_path))
+        sm = index_listing(h.listing, tenant, month or "", h.archive_id, self.keys)
         meta = None
-        if sm is None or h.flags is None:
+        if h.appliance is not None:
+            # A peer's hit: its store is not here; what the index holds is all.
+            sm = sm if sm is not None else {}
+        elif sm is None or h.flags is None:
             with self._store_lock:
                 meta = self.store.shard(tenant, month).get_meta(h.archive_id, self.keys) or {}
             sm = sm if sm is not None else (meta.get("summary") or {})
@@ -514,7 +552,8 @@ class Core:
                 "has_attachments": h.has_attachments if h.has_attachments is not None
                 else bool(summary.get("attachments")),
                 "flags": list(h.flags) if h.flags is not None else sorted(summary.get("flags") or []),
-                "tags": list(h.tags) if h.tags is not None else []}
+                "tags": list(h.tags) if h.tags is not None else [],
+                **({"appliance": h.appliance} if h.appliance is not None else {})}
 
     # --- one message -----------------------------------------------------------
 
@@ -526,26 +565,45 @@ class Core:
             raise NotFound()
         aid = aid.lower()           # as `mailtresor show` takes it
         if scope is not None and not self._indexed_in_scope(tenant, aid, scope):
+            self._elsewhere(tenant, aid, scope)
             raise NotFound()
-        with self._store_lock:
-            try:
-                if not self.store.has_archive(tenant):
-                    raise NotFound()
-                month = self.store.locate(tenant, aid)
-                if month is None:
-                    raise NotFound()
-                raw, meta = self.store.shard(tenant, month).get(aid, self.keys)
-            except NotFound:
-                raise
-            except Exception as e:
-                from mailtresor.archive.store import RecordCorrupt, StoreError
-                if isinstance(e, StoreError) and not isinstance(e, RecordCorrupt) and "no message" in str(e):
-                    raise NotFound() from None
-                raise
+        try:
+            with self._store_lock:
+                try:
+                    if not self.store.has_archive(tenant):
+                        raise NotFound()
+                    month = self.store.locate(tenant, aid)
+                    if month is None:
+                        raise NotFound()
+                    raw, meta = self.store.shard(tenant, month).get(aid, self.keys)
+                except NotFound:
+                    raise
+                except Exception as e:
+                    from mailtresor.archive.store import RecordCorrupt, StoreError
+                    if isinstance(e, StoreError) and not isinstance(e, RecordCorrupt) and "no message" in str(e):
+                        raise NotFound() from None
+                    raise
+        except NotFound:
+            # Not here: perhaps on a peer (federation), outside the store lock.
+            self._elsewhere(tenant, aid, scope)
+            raise
         head = parse.headers(raw)
         if scope is not None and not self._visible(scope, meta, head):
             raise NotFound()
         return month, raw, meta, head
+
+    def _elsewhere(self, tenant: str, aid: str, scope: frozenset[str] | None) -> None:
+        """Raise HeldElsewhere if a peer's shards hold `aid` (within the
+        caller's scope); return quietly if none does or none answers."""
+        remotes = self._remotes(tenant)
+        if not remotes:
+            return
+        prepared = index.prepare(f"aid:{aid}")
+        if scope is not None:
+            prepared = index.restrict(prepared, index.address_filter(scope))
+        _, hits = index.search(remotes, prepared, limit=1, unavailable=set())
+        if hits:
+            raise HeldElsewhere(hits[0].appliance)
 
     def _indexed_in_scope(self, tenant: str, aid: str, scope: frozenset[str]) -> bool:
         """Whether the index has `aid` within a user's scope.  Asked before
@@ -740,23 +798,39 @@ class Core:
                 except index.QueryError as e:
                     raise BadQuery(f"bad query: {e}") from None
                 items = [(h.archive_id, os.path.basename(os.path.dirname(h.shard_path))) for h in hits]
+            elsewhere = self._held_elsewhere(t, prepared) if ids is None else {}
+            if elsewhere:
+                # Not a silent partial export: the job and its audit record name them.
+                detail["elsewhere"] = elsewhere
             jid = secrets.token_hex(16)
             job = _Job(id=jid, owner=owner(who), tenant=t, format=format, query=query, items=items,
-                       scope=scope, created=self.clock(), extra=extra,
+                       scope=scope, created=self.clock(), extra=extra, elsewhere=elsewhere,
                        path=self.exports_dir / f"{jid}.{'mbox' if format == 'mbox' else 'zip'}")
             return job, jid
         # The job runs only once its audit record is written: an export the
         # trail could not record never produces a file.
+        detail = {"format": format if format in FORMATS else "invalid",
+                  "ids": len(ids) if isinstance(ids, list) else None}
         job = self._audited(who, "export", run, asked=tenant, terms=_terms(query),
-                             gate=lambda: self._read_scope(who, export=True),
-                             detail={"format": format if format in FORMATS else "invalid",
-                                     "ids": len(ids) if isinstance(ids, list) else None})
+                             gate=lambda: self._read_scope(who, export=True), detail=detail)
         with self._jobs_lock:
             self._jobs[job.id] = job
         job.thread = threading.Thread(target=self._run_export, args=(job,), name=f"export-{job.id[:8]}",
                                       daemon=True)
         job.thread.start()
         return job.public()
+
+    def _held_elsewhere(self, tenant: str, prepared: index.Prepared) -> dict[str, int | None]:
+        """Matches of an export's query on each peer holding the tenant
+        (None: not reachable); an export carries this appliance's messages
+        only (message bodies do not cross appliances)."""
+        out: dict[str, int | None] = {}
+        for r in self._remotes(tenant):
+            down: set[str] = set()
+            n, _ = index.search([r], prepared, limit=0, unavailable=down)
+            if down or n:
+                out[r.appliance] = None if down else n
+        return out
 
     def _keep_room(self, who_owner: str) -> None:
         """Forget the owner's oldest finished exports (and remove their

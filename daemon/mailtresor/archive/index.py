@@ -180,6 +180,31 @@ class Hit:
     has_attachments: bool | None = None
     flags: tuple[str, ...] | None = None
     tags: tuple[str, ...] | None = None
+    # A hit from a peer appliance's shards (Remote): that appliance's name
+    # and the hit's shard month (SLOT_MONTH: there is no local shard path).
+    appliance: str | None = None
+    month: str | None = None
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A peer appliance's shard indexes of one tenant, as one database of
+    Xapian's remote backend (mailtresor.federation: xapian-tcpsrv on the
+    peer, reached through the local end of a mutual-TLS tunnel at
+    host:port).  search() and facets() take it among their paths: one
+    query then runs over the local shards and the peer's with global
+    statistics.  Timeouts in seconds."""
+    appliance: str
+    host: str
+    port: int
+    timeout: float = 10.0
+    connect_timeout: float = 3.0
+
+    def open(self) -> xapian.Database:
+        """Raises xapian.NetworkError (or another xapian.Error) when the peer
+        cannot be reached or refuses."""
+        return xapian.remote_open(self.host, self.port, int(self.timeout * 1000),
+                                  int(self.connect_timeout * 1000))
 
 
 # --- terms -----------------------------------------------------------------
@@ -1090,8 +1115,9 @@ class Readers:
             d.close()
 
 
-def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, limit: int = 50,
-           order: str = "date-desc", readers: Readers | None = None) -> tuple[int, list[Hit]]:
+def search(paths: list, query: str | Prepared, *, offset: int = 0, limit: int = 50,
+           order: str = "date-desc", readers: Readers | None = None,
+           unavailable: set[str] | None = None) -> tuple[int, list[Hit]]:
     """Search several shard indexes as one: (number of matches, hits).
 
     `query` is a search string or what prepare() made of one.  The number
@@ -1099,37 +1125,75 @@ def search(paths: list[Path | str], query: str | Prepared, *, offset: int = 0, l
     matches (an estimate beyond).  Paths without an index (a month with no
     mail) are skipped.  With `readers`, the shards are taken from and given
     back to that cache instead of being opened and closed here.  Raises
-    QueryError."""
+    QueryError.
+
+    A path may be a Remote (a peer's shards): a peer that cannot be reached,
+    or that fails during the search, is left out and its name added to
+    `unavailable` (pass a set to learn it: the caller must say that the
+    answer is partial)."""
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {', '.join(_ORDERS)}, not {order!r}")
     if offset < 0 or limit < 0:
         raise ValueError("offset and limit must not be negative")
     q = query.query if isinstance(query, Prepared) else parse_query(query)
-    for attempt in range(3):
+    down = unavailable if unavailable is not None else set()
+    for attempt in range(3 + sum(isinstance(p, Remote) for p in paths)):
+        live = [p for p in paths if not (isinstance(p, Remote) and p.appliance in down)]
         try:
-            with _opened(paths, readers) as (shards, dbs):
-                if not shards:
-                    return 0, []
-                if order == "relevance":
-                    return _by_relevance(shards, dbs, q, offset, limit)
-                return _by_date(shards, dbs, q, offset, limit, descending=(order == "date-desc"))
+            with _opened(live, readers, down) as (shards, dbs):
+                try:
+                    if not shards:
+                        return 0, []
+                    if order == "relevance":
+                        return _by_relevance(shards, dbs, q, offset, limit)
+                    return _by_date(shards, dbs, q, offset, limit, descending=(order == "date-desc"))
+                except xapian.NetworkError:
+                    if not _find_dead(shards, dbs, down):
+                        raise
         except xapian.WildcardError as e:
             raise QueryError(f"{_user_wildcard_message(e.get_msg())}: "
                              "make the wildcard longer") from None
         except xapian.DatabaseModifiedError:
-            if attempt == 2:
+            if attempt >= 2:
                 raise
     raise AssertionError("unreachable")
 
 
+def _find_dead(shards: list, dbs: list, down: set[str]) -> bool:
+    """After a network error in a search: add the peers that no longer
+    answer to `down`; whether there was one (else the error is not a peer's)."""
+    found = False
+    for p, db in zip(shards, dbs):
+        if isinstance(p, Remote):
+            try:
+                db.keep_alive()
+            except xapian.Error:
+                log.warning("peer %s failed during a search; answering without it", p.appliance)
+                down.add(p.appliance)
+                found = True
+    return found
+
+
 @contextlib.contextmanager
-def _opened(paths: list[Path | str], readers: Readers | None):
+def _opened(paths: list, readers: Readers | None, down: set[str] | None = None):
     """(shards, databases) of the paths that have an index (a month
     without mail has none), taken from `readers` or opened here, and given
-    back or closed on the way out."""
+    back or closed on the way out.  A Remote that does not open is left
+    out and named in `down`."""
     dbs, shards = [], []
     try:
         for p in paths:
+            if isinstance(p, Remote):
+                try:
+                    dbs.append(p.open())
+                except xapian.Error as e:
+                    log.warning("peer %s (%s:%d) is unavailable: %s", p.appliance, p.host, p.port,
+                                e.get_msg() if hasattr(e, "get_msg") else e)
+                    if down is not None:
+                        down.add(p.appliance)
+                    continue
+                shards.append(p)
+                continue
             try:
                 dbs.append(readers.take(p) if readers is not None else _open_reader(p))
             except xapian.DatabaseNotFoundError:
@@ -1138,8 +1202,13 @@ def _opened(paths: list[Path | str], readers: Readers | None):
         yield shards, dbs
     finally:
         for p, db in zip(shards, dbs):
-            if readers is not None:
+            if readers is not None and not isinstance(p, Remote):
                 readers.give(p, db)
+            elif isinstance(p, Remote):
+                try:
+                    db.close()
+                except xapian.Error:
+                    pass                # a peer gone meanwhile: nothing to close there
             else:
                 db.close()
 
@@ -1150,18 +1219,22 @@ _FACET_SLOTS = {"month": SLOT_MONTH, "sender_domain": SLOT_SENDER_DOMAIN,
 FACET_TOP = 100          # values kept per facet (the most frequent; months and years: all)
 
 
-def facets(paths: list[Path | str], query: str | Prepared, *, readers: Readers | None = None,
-           top: int = FACET_TOP) -> dict[str, dict[str, int]]:
+def facets(paths: list, query: str | Prepared, *, readers: Readers | None = None,
+           top: int = FACET_TOP, unavailable: set[str] | None = None) -> dict[str, dict[str, int]]:
     """Counts of the matches of `query` over several shard indexes, per
     value of each facet (FACETS): {"year": {"2024": 12}, "month": {"2024-03": 4},
     "sender_domain": {...}, "has_attachment": {"true": n, "false": m},
     "tag": {...}, "flag": {...}}.  Exact: every match is counted, by
     Xapian's ValueCountMatchSpy over the format-2 value slots (documents of
     an older index have none and are counted nowhere: `reindex`).  A tag
-    or flag counts each message that has it.  Raises QueryError."""
+    or flag counts each message that has it.  Raises QueryError.  Paths
+    may be Remote, as in search(); an unreachable peer is left out and
+    named in `unavailable`."""
     q = query.query if isinstance(query, Prepared) else parse_query(query)
     out: dict[str, dict[str, int]] = {f: {} for f in FACETS}
-    with _opened(paths, readers) as (shards, dbs):
+    down = unavailable if unavailable is not None else set()
+    paths = [p for p in paths if not (isinstance(p, Remote) and p.appliance in down)]
+    with _opened(paths, readers, down) as (shards, dbs):
         if not shards:
             return out
         db = xapian.Database()
@@ -1173,6 +1246,11 @@ def facets(paths: list[Path | str], query: str | Prepared, *, readers: Readers |
             enq.add_matchspy(spy)
         try:
             enq.get_mset(0, 0, db.get_doccount())
+        except xapian.NetworkError:
+            if not _find_dead(shards, dbs, down):
+                raise
+            return facets([p for p in paths if not (isinstance(p, Remote) and p.appliance in down)],
+                          query, readers=readers, top=top, unavailable=down)
         except xapian.WildcardError as e:
             raise QueryError(f"{_user_wildcard_message(e.get_msg())}: make the wildcard longer") from None
         counts = {name: [(_text(item.term), item.termfreq) for item in spy.values()]
@@ -1197,11 +1275,15 @@ def facets(paths: list[Path | str], query: str | Prepared, *, readers: Readers |
     return out
 
 
-def _hit(doc: xapian.Document, path: Path, rank: int) -> Hit:
+def _hit(doc: xapian.Document, path, rank: int) -> Hit:
     aid, listing = split_data(doc.get_data())
     has_att = _text(doc.get_value(SLOT_HAS_ATTACHMENT))
     new = bool(has_att)          # a format-2 document always has "0" or "1" there
-    return Hit(archive_id=aid, listing=listing, shard_path=Path(path), rank=rank,
+    remote = isinstance(path, Remote)
+    return Hit(archive_id=aid, listing=listing, rank=rank,
+               shard_path=Path() if remote else Path(path),
+               appliance=path.appliance if remote else None,
+               month=_text(doc.get_value(SLOT_MONTH)) if remote else None,
                date=xapian.sortable_unserialise(doc.get_value(SLOT_DATE)),
                size=int(xapian.sortable_unserialise(doc.get_value(SLOT_SIZE))),
                has_attachments=(has_att == "1") if new else None,

@@ -195,6 +195,36 @@ class KeyStore:
             return v
         return self._modify(do)
 
+    def share(self, source: str, name: str, target: str) -> list[int]:
+        """Give `target` the same key `name` as `source`, every version
+        (search across appliances: both open the tenant's listings; a
+        tenant moved to `target` keeps its archive ids).  Only tenant keys
+        are shared.  A key `target` holds already must be the same key
+        (versions it has equal to `source`'s): then the newer versions are
+        added; a different one is never replaced.  The versions given."""
+        _check_names(source, name)
+        _check_names(target, name)
+        if not name.startswith("tenant."):
+            raise ControlError(f"only tenant keys (tenant.NAME) are shared between appliances, not {name!r}")
+        if source == target:
+            raise ControlError("the appliances to share between are the same")
+
+        def do(data):
+            entry = data.get(source, {}).get(name)
+            if entry is None:
+                raise ControlError(f"appliance {source!r} has no key {name!r}")
+            have = data.get(target, {}).get(name)
+            if have is not None:
+                for v, ver in have["versions"].items():
+                    if entry["versions"].get(v, {}).get("key") != ver["key"]:
+                        raise ControlError(f"appliance {target!r} has a different key {name!r} (version {v}): "
+                                           "refusing to replace it (what it encrypted would be lost)")
+            given = sorted(int(v) for v in entry["versions"]
+                           if have is None or v not in have["versions"])
+            data.setdefault(target, {})[name] = json.loads(json.dumps(entry))
+            return given
+        return self._modify(do)
+
     def get(self, appliance: str, name: str, version: int | None = None):
         entry = self.load().get(appliance, {}).get(name)
         if entry is None:
@@ -647,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     kr = keys.add_parser("rotate", help="add a new current version (older versions stay readable)")
     kr.add_argument("appliance")
     kr.add_argument("name")
+    ks = keys.add_parser("share", help="give another appliance of this control endpoint the same tenant key "
+                                       "(every version): search across appliances, moving a tenant")
+    ks.add_argument("appliance", help="the appliance that holds the key")
+    ks.add_argument("name", help="a tenant key: tenant.NAME")
+    ks.add_argument("to", help="the appliance to give it to")
     kl = keys.add_parser("list", help="list keys (names and versions, never material)")
     kl.add_argument("appliance", nargs="?")
     kl.add_argument("--json", action="store_true")
@@ -696,6 +731,23 @@ def main(argv: list[str] | None = None) -> int:
             v = store.rotate(args.appliance, args.name)
             audit_log.append("rotate", appliance=args.appliance, key=args.name, version=v)
             print(f"rotated {args.appliance}/{args.name}: current version is now {v}")
+        elif args.kcmd == "share":
+            known = {a.name for a in cs.appliance}
+            try:
+                for who in (args.appliance, args.to):
+                    # Region pinning: one control endpoint per region; an
+                    # appliance it does not serve is another region's.
+                    if who not in known:
+                        raise ControlError(f"appliance {who!r} is not served by this control endpoint "
+                                           "([[control_server.appliance]]): keys are shared only within it")
+                given = store.share(args.appliance, args.name, args.to)
+            except ControlError as e:
+                audit_log.append("share-refused", appliance=args.appliance, key=args.name, to=args.to,
+                                 reason=str(e))
+                raise
+            audit_log.append("share", appliance=args.appliance, key=args.name, to=args.to, versions=given)
+            print(f"shared {args.appliance}/{args.name} with {args.to}: "
+                  + (f"version(s) {', '.join(map(str, given))}" if given else "it had every version already"))
         elif args.kcmd == "list":
             rows = [r for r in store.listing() if args.appliance in (None, r["appliance"])]
             if args.json:
