@@ -291,11 +291,16 @@ def test_the_unit_can_drop_its_capability(tmp_path):
     dropin = re.search(r"drop-in \(`systemctl edit mailtresor`\):\n\s*```ini\n(.*?)```", doc, re.S).group(1)
     dropin = "\n".join(line.strip() for line in dropin.splitlines()) + "\n"
     (tmp_path / "bin").mkdir()
-    stub = tmp_path / "bin" / "mailtresord"
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(0o755)
-    unit = (repo / "packaging" / "mailtresor.service").read_text().replace("ExecStart=/usr/bin/", f"ExecStart={tmp_path}/bin/")
-    (tmp_path / "mailtresor.service").write_text(unit)
+    for name in ("mailtresord", "mailtresor"):
+        stub = tmp_path / "bin" / name
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
+    # mailtresor.service Requires= the unlock unit: verify needs it beside it.
+    for name in ("mailtresor.service", "mailtresor-unlock.service"):
+        unit = (repo / "packaging" / name).read_text()
+        for key in ("ExecStart", "ExecStop"):
+            unit = unit.replace(f"{key}=/usr/bin/", f"{key}={tmp_path}/bin/")
+        (tmp_path / name).write_text(unit)
 
     def capabilities():
         import json

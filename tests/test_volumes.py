@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -466,7 +467,7 @@ def test_units_order_the_unlock_before_the_daemon():
     from tests.test_packaging import PACKAGING, read_unit
     u = read_unit(PACKAGING / "mailtresor-unlock.service")
     assert u["Service.Type"] == ["oneshot"] and u["Service.RemainAfterExit"] == ["yes"]
-    assert u["Service.ExecStart"] == ["/usr/bin/mailtresor --config /etc/mailtresor/mailtresor.toml volume unlock --all"]
+    assert u["Service.ExecStart"] == ["/usr/bin/mailtresor --config /etc/mailtresor/mailtresor.toml volume unlock --all --wait 240"]
     assert u["Service.ExecStop"] == ["/usr/bin/mailtresor --config /etc/mailtresor/mailtresor.toml volume lock --all"]
     assert "mailtresor.service" in u["Unit.Before"] and "Service.User" not in u       # root
     d = read_unit(PACKAGING / "mailtresor.service")
@@ -474,3 +475,41 @@ def test_units_order_the_unlock_before_the_daemon():
     assert "--name=mailtresor-unlock" in (REPO / "debian" / "rules").read_text()
     assert (REPO / "debian" / "mailtresor.mailtresor-unlock.service").read_bytes() == \
         (PACKAGING / "mailtresor-unlock.service").read_bytes()
+
+
+def test_cli_unlock_waits_for_a_control_endpoint_that_comes_up_late(vstack):
+    """At boot the control endpoint may start after the appliance:
+    `unlock --wait` tries again (one line each time) and unlocks once it
+    answers; without --wait it ends at once."""
+    create_key(vstack, "state")
+    assert cli(vstack, "init", "state").returncode == 0
+    assert cli(vstack, "lock", "--all").returncode == 0
+    vstack.stop_control()
+    r = cli(vstack, "unlock", "--all")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "trying again" not in r.stderr
+    cmd = [str(VENV_BIN / "mailtresor"), "--config", str(vstack.config_path), "volume", "unlock", "--all",
+           "--wait", "60"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)                       # it has failed and said so at least once by now
+        assert p.poll() is None, p.communicate()
+        vstack.start_control()
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "volume state: unlocked" in out
+    assert "trying again in" in err and "Traceback" not in err
+    assert cli(vstack, "status").returncode == 0
+
+
+def test_cli_unlock_does_not_wait_on_a_refusal(vstack):
+    """--wait is for an endpoint that does not answer; a wrong key (or a
+    403/404) is an answer, and ends the unlock at once."""
+    create_key(vstack, "state")
+    fs_volume("state", *vstack.vdirs).init(os.urandom(32))
+    fs_volume("state", *vstack.vdirs).lock()
+    r = subprocess.run([str(VENV_BIN / "mailtresor"), "--config", str(vstack.config_path), "volume", "unlock",
+                        "--all", "--wait", "60"], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 1 and "wrong key" in r.stderr and "trying again" not in r.stderr

@@ -35,7 +35,9 @@ from pathlib import Path
 from mailtresor import CONFIG_PATH
 from mailtresor.cli.common import EXIT_FAIL, EXIT_USAGE, UserError
 from mailtresor.setup import answers as A
-from mailtresor.setup import certs, control, render
+# certs, control and render (cryptography, the control client) are imported
+# where they are used: `mailtresor search` builds this parser too, and must
+# stay light (tests/test_read.py::test_the_client_path_imports_no_archive_code).
 
 VOLUME_NAME = "state"          # the one volume setup makes: key volume.state
 
@@ -294,6 +296,7 @@ def _cli(lay: render.Layout) -> str:
 
 
 def run_check(target: Path) -> int:
+    from mailtresor.setup import certs, control, render
     from mailtresor import config as configmod
     try:
         cfg = configmod.load(target)
@@ -317,6 +320,7 @@ def run_check(target: Path) -> int:
 
 
 def run_setup(cfg, args) -> int:
+    from mailtresor.setup import certs, control, render
     root = Path(args.root)
     target = Path(args.setup_config or args.config or (root / CONFIG_PATH.lstrip("/")))
     if args.check:
@@ -501,6 +505,7 @@ def _give_to_daemon(*dirs: Path) -> None:
 def _volume_step_trial(lay: render.Layout, a: A.Answers, names: list[str]) -> list[str]:
     """`mailtresor volume init` for the volumes, with the trial control
     endpoint started for the step (the key comes from it, as at boot)."""
+    from mailtresor.setup import control
     try:
         proc = control.start_trial_control(lay.control_config, lay.master_key.parent, a.control_port)
     except RuntimeError as e:
@@ -542,6 +547,7 @@ def _existing(text: str) -> Path:
 
 
 def _show_dry_run(a, lay, plan, text, appliance, relay, own_ca, volumes) -> int:
+    from mailtresor.setup import certs, render
     print("Dry run: nothing is written.  Would write:")
     for path, _data, mode, owner in plan.files:
         exists = " (exists: replaced with --force, old copy kept)" if path.exists() else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
         g = a.add_mutually_exclusive_group(required=True)
         g.add_argument("name", metavar="NAME", nargs="?")
         g.add_argument("--all", action="store_true", help="every configured volume")
+        if action == "unlock":
+            a.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                           help="keep trying this long while the control endpoint is unreachable or "
+                                "answers 5xx (mailtresor-unlock.service: 240); a refusal ends at once")
         a.set_defaults(func=run_unlock if action == "unlock" else run_lock)
     st = sub.add_parser("status", help="each volume's state: uninitialised, locked, unlocked, absent, busy",
                         description="Exit 0 when every configured volume is unlocked, 1 otherwise.")
@@ -64,14 +69,20 @@ def _client(cfg):
 
 
 def _with_key(cfg, client, vcfg, do) -> None:
-    """Fetch the volume's key, call do(volume, key), wipe the key."""
-    from mailtresor.keys.ring import KeyUnavailable
+    """Fetch the volume's key, call do(volume, key), wipe the key.  A
+    failure that may pass (no answer, a 5xx) is a VolumeError marked
+    `transient`."""
+    from mailtresor.keys.ring import ControlUnreachable, KeyRefused, KeyUnavailable
     from mailtresor.volumes import VolumeError, fetch_key, key_name, open_volume, wipe
     volume = open_volume(vcfg)
     try:
         key = fetch_key(client, vcfg.name)
     except KeyUnavailable as e:
-        raise VolumeError(f"volume {vcfg.name}: cannot get its key {key_name(vcfg.name)}: {e}") from None
+        passing = isinstance(e, ControlUnreachable) or (
+            isinstance(e, KeyRefused) and e.status is not None and e.status >= 500)
+        err = VolumeError(f"volume {vcfg.name}: cannot get its key {key_name(vcfg.name)}: {e}")
+        err.transient = passing
+        raise err from None
     try:
         do(volume, key)
     finally:
@@ -110,14 +121,31 @@ def _each(cfg, args, action: str, one) -> int:
 
 
 def run_unlock(cfg, args) -> int:
-    from mailtresor.volumes import UNLOCKED, open_volume
+    """At boot the control endpoint may come up after the appliance (a
+    power cut takes both): with --wait, an unreachable endpoint or a 5xx
+    is tried again with backoff (as the daemon waits for its spool key),
+    one line on stderr each time; a 403/404 or a wrong key ends at once."""
+    from mailtresor.volumes import UNLOCKED, VolumeError, open_volume
     client = _client(cfg)
+    wait = getattr(args, "wait", 0.0) or 0.0
+    deadline = time.monotonic() + max(0.0, wait)
 
     def one(vcfg):
         if open_volume(vcfg).status()["state"] == UNLOCKED:
             return f"volume {vcfg.name}: already unlocked"
-        _with_key(cfg, client, vcfg, lambda volume, key: volume.unlock(key))
-        return f"volume {vcfg.name}: unlocked"
+        delay = 1.0
+        while True:
+            try:
+                _with_key(cfg, client, vcfg, lambda volume, key: volume.unlock(key))
+                return f"volume {vcfg.name}: unlocked"
+            except VolumeError as e:
+                left = deadline - time.monotonic()
+                if not getattr(e, "transient", False) or left <= 0:
+                    raise
+                pause = min(delay, left)
+                print(f"mailtresor: {e}; trying again in {pause:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(pause)
+                delay = min(delay * 2, 15.0)
     return _each(cfg, args, "unlock", one)
 
 

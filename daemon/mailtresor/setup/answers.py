@@ -13,7 +13,6 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailtresor.keys.ring import KEY_NAME
 
 # Names the control endpoint accepts for an appliance and a key
 # (mailtresor.keys.ring.KEY_NAME); a tenant's name must also be a
@@ -53,6 +52,7 @@ class Answers:
 
 def appliance_name(text: str) -> str:
     """The appliance's name at the control endpoint (its keys' owner)."""
+    from mailtresor.keys.ring import KEY_NAME     # not at import: the CLI's parser loads this module
     t = text.strip()
     if not KEY_NAME.match(t):
         raise ValueError(f"{t!r}: use lower-case letters, digits, '.', '_' and '-', starting with a "
