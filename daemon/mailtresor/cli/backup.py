@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from mailtresor.cli.common import UserError, archive_section, minute, plural
+from mailtresor.cli.common import UserError, archive_section, minute, plural, size
 
 
 IDENTITY_HELP = ("private key to log in with, instead of [backup] identity_file (which, as credential:NAME, "
@@ -62,14 +62,6 @@ def _remote(cfg, args=None):
     return rb
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def run_push(cfg, args) -> int:
     from mailtresor.archive.store.remote import RemoteError, exclusive
     rb = _remote(cfg, args)
@@ -86,7 +78,7 @@ def run_push(cfg, args) -> int:
         parts.append(f"{out['repaired']} of them replaced because the target's copy differed")
     fsync = {True: "fsynced on the target", False: "the target does not fsync", None: "nothing written"}[out["fsync"]]
     print(f"backup push: {plural(out['logs'], 'log')} ({', '.join(parts) or 'none'}); "
-          f"{plural(out['frames_sent'], 'frame')}, {_size(out['bytes_sent'])} sent to {rb.target.url} "
+          f"{plural(out['frames_sent'], 'frame')}, {size(out['bytes_sent'])} sent to {rb.target.url} "
           f"in {out['seconds']:.1f} s; {fsync}", file=sys.stderr)
     return 0
 
@@ -105,7 +97,7 @@ def run_status(cfg, args) -> int:
           + (f" ({_age(st['last_push'])} ago)" if st["last_push"] else ""))
     if st["last_error"]:
         print(f"last error  {minute(st['last_attempt'])}: {st['last_error']}")
-    print(f"lag         {plural(lag['frames'], 'frame')}, {_size(lag['bytes'])} in {plural(lag['logs'], 'log')}"
+    print(f"lag         {plural(lag['frames'], 'frame')}, {size(lag['bytes'])} in {plural(lag['logs'], 'log')}"
           + (" (the target has everything)" if not lag["frames"] else ""))
     print(f"logs pushed {st['logs_pushed']}")
     if daemon is not None:
@@ -159,7 +151,7 @@ def run_pull(cfg, args) -> int:
             for p in problems:
                 print(f"{key}: {p}")
     bad = len(out["problems"])
-    print(f"backup pull: {plural(out['logs'], 'log')}, {_size(out['bytes'])} from {rb.target.url} into {args.dir}: "
+    print(f"backup pull: {plural(out['logs'], 'log')}, {size(out['bytes'])} from {rb.target.url} into {args.dir}: "
           + ("all good; next: mailtresor restore --from " + args.dir + ", then mailtresor reindex" if not bad else
              f"{plural(bad, 'log')} with problems, kept as YYYY-MM.log.damaged (restore does not read them); "
              "do not restore from this copy without looking at them"), file=sys.stderr)

@@ -75,3 +75,12 @@ def clip(text, n: int) -> str:
 def plural(n: int, one: str, many: str | None = None) -> str:
     """`1 record`, `2 records` (`many` where the plural is not one + "s")."""
     return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def size(n: int) -> str:
+    """A byte count for people: "512 B", "3.2 MiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -38,24 +38,17 @@ def register(subparsers) -> None:
     s.set_defaults(func=run_verify_backup)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def describe(m: dict) -> str:
     """One line for one month of a compaction's answer.  Pure."""
+    from mailtresor.cli.common import size
     name = f"{m['tenant']}/{m['month']}"
     if m["status"] != "compacted":
         return f"{name}: {m['status']}: {m.get('reason', '')}"
-    line = (f"{name}: compacted, LMDB {_size(m['lmdb_before'])} -> {_size(m['lmdb_after'])}, "
-            f"Xapian {_size(m['xapian_before'])} -> {_size(m['xapian_after'])}")
+    line = (f"{name}: compacted, LMDB {size(m['lmdb_before'])} -> {size(m['lmdb_after'])}, "
+            f"Xapian {size(m['xapian_before'])} -> {size(m['xapian_after'])}")
     b = m.get("backup")
     if b:
-        line += f", backup log {_size(b['bytes_before'])} -> {_size(b['bytes_after'])}"
+        line += f", backup log {size(b['bytes_before'])} -> {size(b['bytes_after'])}"
     return line
 
 
