@@ -187,6 +187,26 @@ def test_serve_refuses_a_damaged_audit_log(control):
     assert r.returncode == 1 and "audit log" in r.stderr and "damaged" in r.stderr
 
 
+def test_serve_names_an_unreadable_or_broken_tls_file(control):
+    """A wrong client_ca_file (missing, unreadable to the service's user,
+    not a certificate) is one line naming the setting, not a traceback."""
+    control.stop_control()
+    text = control.config_path.read_text()
+    at = text.rindex("client_ca_file = ")             # [control_server]'s, after [tls]'s
+    line = text[at:text.index("\n", at)]
+    garbage = control.dir / "not-a-cert.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    try:
+        for bad, why in ((control.dir / "missing-ca.pem", "cannot read"), (garbage, "not a PEM certificate")):
+            control.config_path.write_text(text[:at] + f'client_ca_file = "{bad}"' + text[at + len(line):])
+            r = cli(control, "serve")
+            assert r.returncode == 1, r.stderr
+            assert "control_server.client_ca_file" in r.stderr and why in r.stderr and str(bad) in r.stderr
+            assert "Traceback" not in r.stderr
+    finally:
+        control.config_path.write_text(text)
+
+
 # --- issue 12: the control endpoint under attack ------------------------------------------------
 
 

@@ -608,6 +608,33 @@ def _fd_budget(wanted: int) -> int:
     return max(2, min(wanted, soft - 64))
 
 
+def _tls_files(cs):
+    """(certificate with key, client CA) of [control_server]; a
+    ControlError naming the setting and the file that cannot be read or is
+    not what it should be (not a traceback: a trial setup or a hand-edited
+    configuration gets these wrong)."""
+    from twisted.internet import ssl as tssl
+
+    def read(key: str) -> bytes:
+        path = getattr(cs, key)
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ControlError(f"control_server.{key}: cannot read {path}: {e.strerror}") from None
+    cert, key, client_ca = read("cert_file"), read("key_file"), read("client_ca_file")
+    try:
+        me = tssl.PrivateCertificate.loadPEM(cert + key)
+    except Exception as e:
+        raise ControlError(f"control_server.cert_file/key_file ({cs.cert_file}, {cs.key_file}): not a PEM "
+                           f"certificate and its private key ({type(e).__name__})") from None
+    try:
+        ca = tssl.Certificate.loadPEM(client_ca)
+    except Exception as e:
+        raise ControlError(f"control_server.client_ca_file {cs.client_ca_file}: not a PEM certificate "
+                           f"({type(e).__name__})") from None
+    return me, ca
+
+
 def serve(cfg: configmod.Config, reactor) -> int:
     """Run the HTTPS key service on `reactor` until it stops."""
     from twisted.internet import endpoints
@@ -626,8 +653,7 @@ def serve(cfg: configmod.Config, reactor) -> int:
         raise ControlError(f"audit log {cs.audit_log} is damaged: {problems[0]}")
     appliances = {cn: a.name for a in cs.appliance for cn in a.cert_names}
     site = make_site(store, audit, appliances, idle_timeout=cs.idle_timeout, reactor=reactor)
-    me = tssl.PrivateCertificate.loadPEM(Path(cs.cert_file).read_bytes() + Path(cs.key_file).read_bytes())
-    ca = tssl.Certificate.loadPEM(Path(cs.client_ca_file).read_bytes())
+    me, ca = _tls_files(cs)
     options = tssl.CertificateOptions(privateKey=me.privateKey.original, certificate=me.original,
                                       verify=True, caCerts=[ca.original], requireCertificate=True,
                                       raiseMinimumTo=tssl.TLSVersion.TLSv1_2)
