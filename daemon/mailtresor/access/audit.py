@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailtresor.durable import fsync_dir, write_all
+from mailtresor.durable import fsync_dir, own_like_directory, write_all
 from mailtresor.keys import crypto
 from mailtresor.keys.ring import KeyUnavailable
 from mailtresor.archive.store import KeyMissing, private_dir
@@ -551,7 +551,7 @@ class AuditLog:
         self.name = name                 # the principal of the trail's own records (cuts)
         private_dir(self.directory)
         self._lock_fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._own(self._lock_fd)
+        own_like_directory(self._lock_fd, self.directory)
         self._mu = threading.Lock()      # the queue
         self._io = threading.Lock()      # one writer in this process
         self._queue: list[_Pending] = []
@@ -666,14 +666,6 @@ class AuditLog:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _own(self, fd: int) -> None:
-        """A file root makes (the CLI) belongs to whoever owns the
-        directory (the daemon's user), who must go on writing it."""
-        if os.geteuid() == 0:
-            st = os.stat(self.directory)
-            if (st.st_uid, st.st_gid) != (0, 0):
-                os.fchown(fd, st.st_uid, st.st_gid)
-
     def _sync(self) -> _Pending | None:
         """Under the flock: catch up with what other processes wrote (the
         last segment, its last record); cut a torn tail.  Returns the
@@ -724,7 +716,7 @@ class AuditLog:
         except OSError as e:
             raise AuditError(f"cannot open {path}: {e.strerror}") from None
         if create:
-            self._own(self._fd)
+            own_like_directory(self._fd, self.directory)
             fsync_dir(self.directory)
         self._seg, self._size = path, os.fstat(self._fd).st_size
 

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from mailtresor.durable import fsync_dir
+from mailtresor.durable import fsync_dir, own_like_directory
 from mailtresor.keys import crypto
 # The control key "access" and how the file key comes from it (one home: keys/derive.py).
 from mailtresor.keys.derive import ACCESS_KEY_NAME, ACCESS_KEY_VERSION, access_file_key as file_key  # noqa: F401
@@ -82,12 +82,12 @@ class SealedFile:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                _owned_like_directory(dfd, self.path.parent.parent)
+                own_like_directory(dfd, self.path.parent.parent)
             finally:
                 os.close(dfd)
         fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            _owned_like_directory(fd, self.path.parent)
+            own_like_directory(fd, self.path.parent)
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -108,7 +108,7 @@ class SealedFile:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _owned_like_directory(fd, self.path.parent)
+            own_like_directory(fd, self.path.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
                 f.flush()
@@ -120,17 +120,3 @@ class SealedFile:
             raise
         fsync_dir(self.path.parent)
         self._data, self._stamp = data, self._stat()
-
-
-def _owned_like_directory(fd: int, directory: Path) -> None:
-    """Root writing the file (`mailtresor user add`, `mailtresor hold ...`
-    run by the administrator) gives it (and a directory it makes) to the
-    directory's owner, the
-    daemon's user: a root-owned 0600 users.db would lock every user out
-    of a daemon running as mailtresor until the next start's
-    StateDirectory= chown -- and there is none without systemd."""
-    if os.geteuid() != 0:
-        return
-    st = os.stat(directory)
-    if st.st_uid != 0:
-        os.fchown(fd, st.st_uid, st.st_gid)

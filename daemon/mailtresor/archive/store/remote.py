@@ -54,6 +54,7 @@ from pathlib import Path
 
 from mailtresor.archive.store.backup import _FRAME, FRAME_MAGIC, BackupDirectory, verify_log
 from mailtresor.archive.store.fs import FILE_MODE, fsync_parent, private_dir
+from mailtresor.durable import own_like_directory, write_all
 
 log = logging.getLogger("mailtresor.archive.store.remote")
 # paramiko logs its transport thread's failures with tracebacks; every
@@ -192,13 +193,11 @@ class PushRecord:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
-            data = memoryview(json.dumps(self.doc, indent=1, sort_keys=True).encode())
-            while data:
-                data = data[os.write(fd, data):]
+            write_all(fd, json.dumps(self.doc, indent=1, sort_keys=True).encode())
             os.fsync(fd)
+            own_like_directory(fd, self.path.parent)
         finally:
             os.close(fd)
-        _owned_like_parent(tmp)
         os.replace(tmp, self.path)
 
     @property
@@ -215,7 +214,7 @@ def exclusive(state_dir: Path, wait: float):
     lock = Path(state_dir) / ".backup-remote.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
-        _owned_like_parent(lock)
+        own_like_directory(fd, state_dir)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -229,17 +228,6 @@ def exclusive(state_dir: Path, wait: float):
         yield
     finally:
         os.close(fd)
-
-
-def _owned_like_parent(path: Path) -> None:
-    """A file a `mailtresor backup` command run by root makes in the state
-    directory gets that directory's owner: the daemon's user must go on
-    reading and replacing it."""
-    if os.geteuid() == 0:
-        parent = os.stat(Path(path).parent)
-        st = os.stat(path)
-        if (st.st_uid, st.st_gid) != (parent.st_uid, parent.st_gid):
-            os.chown(path, parent.st_uid, parent.st_gid)
 
 
 # --- the SSH connection ------------------------------------------------------------------------
